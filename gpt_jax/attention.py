@@ -1,0 +1,67 @@
+"""Causal multi-head attention as one function with an implementation switch.
+
+- `reference`: plain einsum + mask + softmax in float32; the yardstick in tests.
+- `xla`: `jax.nn.dot_product_attention(implementation="xla")`, any backend.
+- `cudnn`: the same API with cuDNN's fused flash attention (NVIDIA GPUs, bf16/fp16).
+- `splash`: the TPU Pallas splash-attention kernel (TPU backends only).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+
+def attend(q_BTHK: jax.Array, k_BSHK: jax.Array, v_BSHK: jax.Array, *, impl: str,
+           mask_BTS: jax.Array | None = None) -> jax.Array:
+    """softmax(q k^T / sqrt(K)) v; causal when `mask_BTS` is None (T == S), else `mask_BTS`."""
+    if impl == "reference":
+        return reference_attention(q_BTHK, k_BSHK, v_BSHK, mask_BTS)
+    if impl in ("xla", "cudnn"):
+        if mask_BTS is not None or impl == "xla":
+            # cuDNN takes causal masks only; an explicit mask (the KV-cache path) goes to XLA.
+            mask_B1TS = None if mask_BTS is None else mask_BTS[:, None]
+            return jax.nn.dot_product_attention(q_BTHK, k_BSHK, v_BSHK, mask=mask_B1TS,
+                                                is_causal=mask_BTS is None, implementation="xla")
+        return jax.nn.dot_product_attention(q_BTHK, k_BSHK, v_BSHK, is_causal=True,
+                                            implementation="cudnn")
+    if impl == "splash":
+        if mask_BTS is not None:
+            return reference_attention(q_BTHK, k_BSHK, v_BSHK, mask_BTS)
+        return splash_attention(q_BTHK, k_BSHK, v_BSHK)
+    raise ValueError(f"attention_impl={impl!r} is not one of reference, xla, cudnn, splash")
+
+
+def reference_attention(q_BTHK, k_BSHK, v_BSHK, mask_BTS=None):
+    T, S, K = q_BTHK.shape[1], k_BSHK.shape[1], q_BTHK.shape[-1]
+    if mask_BTS is None:
+        mask_BTS = jnp.tril(jnp.ones((T, S), bool))[None]
+    scores_BHTS = jnp.einsum("bthk,bshk->bhts", q_BTHK, k_BSHK,
+                             preferred_element_type=jnp.float32) / jnp.sqrt(jnp.float32(K))
+    scores_BHTS = jnp.where(mask_BTS[:, None], scores_BHTS, jnp.finfo(jnp.float32).min)
+    probs_BHTS = jax.nn.softmax(scores_BHTS, axis=-1)
+    out_BTHK = jnp.einsum("bhts,bshk->bthk", probs_BHTS, v_BSHK.astype(jnp.float32))
+    return out_BTHK.astype(q_BTHK.dtype)
+
+
+def splash_attention(q_BTHK, k_BSHK, v_BSHK):
+    """Causal splash attention (Pallas, TPU only); heads go through the kernel, batch via vmap."""
+    if jax.devices()[0].platform != "tpu":
+        raise ValueError("attention_impl='splash' runs on TPU only (this backend is "
+                         f"{jax.devices()[0].platform!r}); use 'xla' here")
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+    B, T, H, K = q_BTHK.shape
+    kernel = _splash_kernel(H, T, sk, sm)
+    q_BHTK = jnp.swapaxes(q_BTHK, 1, 2) / jnp.sqrt(jnp.float32(K)).astype(q_BTHK.dtype)
+    out_BHTK = jax.vmap(kernel)(q_BHTK, jnp.swapaxes(k_BSHK, 1, 2), jnp.swapaxes(v_BSHK, 1, 2))
+    return jnp.swapaxes(out_BHTK, 1, 2)
+
+
+@functools.lru_cache(maxsize=None)
+def _splash_kernel(num_heads, seq_len, sk, sm):
+    mask = sm.MultiHeadMask([sm.CausalMask((seq_len, seq_len)) for _ in range(num_heads)])
+    return sk.make_splash_mha(mask, head_shards=1, q_seq_shards=1)

@@ -1,0 +1,49 @@
+"""Flags and start-up steps that several commands share."""
+
+from __future__ import annotations
+
+import os
+
+from absl import flags
+from ml_collections import config_flags
+
+
+def define_config_flag(default_preset: str = "default") -> None:
+    """--config=path/to/config.py (default: the shipped preset), overridable per field."""
+    from gpt_jax.config import preset_path
+
+    config_flags.DEFINE_config_file("config", preset_path(default_preset),
+                                    "A config file with get_config(); override fields with "
+                                    "--config.section.field=value.", lock_config=True)
+
+
+def define_distributed_flags() -> None:
+    flags.DEFINE_string("coordinator_address", None,
+                        "host:port of process 0, for multi-process runs off TPU VMs.")
+    flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs).")
+    flags.DEFINE_integer("process_id", None, "This process's index (multi-process runs).")
+
+
+def init_distributed() -> None:
+    """jax.distributed.initialize() before any device is touched.
+
+    On TPU VMs it discovers the slice by itself; elsewhere it needs the explicit flags (or the
+    GPT_JAX_COORDINATOR / _NUM_PROCESSES / _PROCESS_ID environment variables).
+    """
+    import jax
+
+    f = flags.FLAGS
+    address = f.coordinator_address or os.environ.get("GPT_JAX_COORDINATOR")
+    num = f.num_processes or int(os.environ.get("GPT_JAX_NUM_PROCESSES", "0")) or None
+    pid = f.process_id if f.process_id is not None else os.environ.get("GPT_JAX_PROCESS_ID")
+    if address:
+        if num is None or pid is None:
+            raise SystemExit("--coordinator_address needs --num_processes and --process_id")
+        pid = int(pid)
+        if not 0 <= pid < num:
+            raise SystemExit(f"--process_id={pid} must be in [0, {num}) for --num_processes={num}")
+        if jax.config.jax_platforms in (None, "", "cpu") or "cpu" in str(jax.config.jax_platforms):
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(address, num_processes=num, process_id=pid)
+    elif os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("MEGASCALE_COORDINATOR_ADDRESS"):
+        jax.distributed.initialize()

@@ -1,0 +1,271 @@
+"""Config schema: defaults for every section, preset lookup and validation.
+
+A config is an `ml_collections.ConfigDict` with the sections `model`, `data`, `train`, `optim`,
+`mesh`, `checkpoint` and `sample`. Files in `configs/` start from `base_config()` and change what
+they need; `validate()` checks the result once, with one clear line per problem.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import os
+from typing import Any
+
+import ml_collections
+
+MESH_AXES = ("data", "fsdp", "tensor")
+ATTENTION_IMPLS = ("xla", "cudnn", "reference", "splash")
+REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch")
+POSITIONS = ("learned", "rope")
+NORMS = ("layernorm", "rmsnorm")
+MLPS = ("gelu", "swiglu")
+DTYPES = ("float32", "bfloat16", "float16")
+SCHEDULES = ("cosine", "linear", "constant", "wsd")
+DATA_SOURCES = ("python_stdlib", "text_files", "tfds")
+TOKENIZERS = ("sentencepiece", "byte", "char")
+
+# Logical axis -> mesh axes. Parameters use the plain names, activations the `act_` ones, so
+# that `batch` and `embed` may both map to `fsdp` without one constraint using an axis twice.
+DEFAULT_LOGICAL_AXIS_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv", None),
+    ("mlp", "tensor"),
+    ("layers", None),
+    ("norm", None),
+    ("length", None),
+    ("act_batch", ("data", "fsdp")),
+    ("act_length", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_kv", None),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+)
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the field and what is allowed."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every field with its default: a small GPT on the built-in corpus, trainable on a CPU."""
+    c = ml_collections.ConfigDict()
+
+    c.model = m = ml_collections.ConfigDict()
+    m.vocab_size = 4096
+    m.block_size = 256  # context length
+    m.n_layer = 4
+    m.n_head = 4
+    m.n_embd = 256
+    m.mlp = "gelu"
+    m.mlp_ratio = 4.0
+    m.norm = "layernorm"
+    m.norm_eps = 1e-5
+    m.position = "learned"
+    m.rope_theta = 10_000.0
+    m.tie_embeddings = True
+    m.use_bias = True
+    m.dropout = 0.0
+    m.dtype = "float32"  # compute dtype
+    m.param_dtype = "float32"
+    m.attention_impl = "xla"
+    m.scan_layers = False
+    m.remat_policy = "none"
+    m.init_std = 0.02
+
+    c.data = d = ml_collections.ConfigDict()
+    d.source = "python_stdlib"  # python_stdlib | text_files | tfds
+    d.paths = ""  # text_files: comma-separated files, directories or globs
+    d.extensions = ".txt,.md,.py,.rst"  # text_files: which files a directory contributes
+    d.include_tests = False  # python_stdlib: also the test/ folders
+    d.tfds_name = ""  # tfds: e.g. tiny_shakespeare, lm1b, c4/en
+    d.text_field = "text"
+    d.train_split = "train"
+    d.eval_split = "validation"
+    d.data_dir = ""  # TFDS data_dir (local path or gs://); "" = ~/.cache/gpt_jax/tfds
+    d.validation_fraction = 0.02  # text_files / python_stdlib split, by hash of the path
+    d.tokenizer = "sentencepiece"  # sentencepiece | byte | char
+    d.spm_model = ""  # an existing .model file; "" = train one on the training split
+    d.spm_type = "bpe"  # bpe | unigram
+    d.spm_sample_bytes = 4_000_000  # how much training text the tokenizer is trained on
+    d.cache_dir = ""  # token cache; "" = ~/.cache/gpt_jax/tokens
+    d.prefetch = 2
+
+    c.train = t = ml_collections.ConfigDict()
+    t.seed = 0
+    t.global_batch_size = 32
+    t.microbatches = 1  # gradient accumulation steps inside one train step
+    t.num_steps = 1000
+    t.log_every = 25
+    t.eval_every = 250
+    t.eval_batches = 20
+    t.z_loss = 0.0
+    t.skip_nonfinite = False  # skip an update with a non-finite loss/grad instead of stopping
+    t.init_from = ""  # a run directory or checkpoint to fine-tune from
+
+    c.optim = o = ml_collections.ConfigDict()
+    o.lr = 1e-3
+    o.schedule = "cosine"
+    o.warmup_steps = 100
+    o.decay_steps = -1  # -1: train.num_steps
+    o.min_lr_ratio = 0.1
+    o.wsd_decay_fraction = 0.2
+    o.b1 = 0.9
+    o.b2 = 0.95
+    o.eps = 1e-8
+    o.weight_decay = 0.1
+    o.decay_embeddings = False
+    o.clip_norm = 1.0  # 0 disables clipping
+
+    c.mesh = ms = ml_collections.ConfigDict()
+    ms.data = -1  # -1: the devices the other axes leave
+    ms.fsdp = 1
+    ms.tensor = 1
+    ms.logical_axis_rules = DEFAULT_LOGICAL_AXIS_RULES
+
+    c.checkpoint = ck = ml_collections.ConfigDict()
+    ck.every = 250
+    ck.keep = 3
+    ck.keep_period = 0  # >0: also keep every step divisible by this
+    ck.async_save = True
+
+    c.sample = s = ml_collections.ConfigDict()
+    s.max_new_tokens = 200
+    s.temperature = 0.8
+    s.top_k = 40
+    s.top_p = 1.0
+    s.num_samples = 1
+    s.seed = 0
+    s.prompt = ""
+    return c
+
+
+def _configs_dir() -> str:
+    import configs  # the presets ship as a package next to gpt_jax
+
+    return os.path.dirname(configs.__file__)
+
+
+def preset_path(name: str) -> str:
+    """The file of a preset in `configs/`, e.g. 'gpt2_124m' -> .../configs/gpt2_124m.py."""
+    path = os.path.join(_configs_dir(), f"{name}.py")
+    if not os.path.exists(path):
+        raise ConfigError(f"unknown preset {name!r}; available: {', '.join(list_presets())}")
+    return path
+
+
+def list_presets() -> list[str]:
+    return sorted(f[:-3] for f in os.listdir(_configs_dir())
+                  if f.endswith(".py") and not f.startswith("_"))
+
+
+def load_preset(name: str) -> ml_collections.ConfigDict:
+    """`get_config()` of configs/<name>.py, validated."""
+    preset_path(name)
+    config = importlib.import_module(f"configs.{name}").get_config()
+    validate(config)
+    return config
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise ConfigError(message)
+
+
+def _check_choice(value: Any, field: str, allowed: tuple[str, ...]) -> None:
+    _check(value in allowed, f"{field}={value!r} is not one of {', '.join(allowed)}")
+
+
+def _check_positive(section: ml_collections.ConfigDict, prefix: str, names: tuple[str, ...]):
+    for name in names:
+        value = section[name]
+        _check(value > 0, f"{prefix}.{name}={value!r} must be > 0")
+
+
+def resolve_mesh_shape(mesh: ml_collections.ConfigDict, num_devices: int) -> tuple[int, ...]:
+    """(data, fsdp, tensor) sizes with the one -1 replaced by the devices left over."""
+    sizes = [mesh[a] for a in MESH_AXES]
+    spec = ", ".join(f"{a}={s}" for a, s in zip(MESH_AXES, sizes))
+    _check(all(s == -1 or s >= 1 for s in sizes), f"mesh ({spec}): sizes must be >= 1 or -1")
+    _check(sizes.count(-1) <= 1, f"mesh ({spec}): at most one axis may be -1")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        _check(num_devices % known == 0,
+               f"mesh ({spec}) does not divide the {num_devices} devices")
+        sizes[sizes.index(-1)] = num_devices // known
+    _check(math.prod(sizes) == num_devices,
+           f"mesh ({spec}) has {math.prod(sizes)} devices but {num_devices} are available")
+    return tuple(sizes)
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
+    """Raise ConfigError naming the first field that cannot work."""
+    m, t, o = config.model, config.train, config.optim
+    _check_positive(m, "model", ("vocab_size", "block_size", "n_layer", "n_head", "n_embd",
+                                 "mlp_ratio", "norm_eps"))
+    _check(m.n_embd % m.n_head == 0,
+           f"model.n_embd={m.n_embd} is not divisible by model.n_head={m.n_head}")
+    if m.position == "rope":
+        _check((m.n_embd // m.n_head) % 2 == 0,
+               f"model.position='rope' needs an even head size, got {m.n_embd // m.n_head}")
+    _check(0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout!r} must be in [0, 1)")
+    _check_choice(m.attention_impl, "model.attention_impl", ATTENTION_IMPLS)
+    _check_choice(m.remat_policy, "model.remat_policy", REMAT_POLICIES)
+    _check_choice(m.position, "model.position", POSITIONS)
+    _check_choice(m.norm, "model.norm", NORMS)
+    _check_choice(m.mlp, "model.mlp", MLPS)
+    _check_choice(m.dtype, "model.dtype", DTYPES)
+    _check_choice(m.param_dtype, "model.param_dtype", DTYPES)
+
+    _check_choice(config.data.source, "data.source", DATA_SOURCES)
+    _check_choice(config.data.tokenizer, "data.tokenizer", TOKENIZERS)
+
+    _check_positive(t, "train", ("global_batch_size", "microbatches", "num_steps", "log_every",
+                                 "eval_every", "eval_batches"))
+    _check(t.global_batch_size % t.microbatches == 0,
+           f"train.global_batch_size={t.global_batch_size} is not divisible by "
+           f"train.microbatches={t.microbatches}")
+    _check(o.lr > 0, f"optim.lr={o.lr!r} must be > 0")
+    _check_choice(o.schedule, "optim.schedule", SCHEDULES)
+    _check(o.warmup_steps >= 0, f"optim.warmup_steps={o.warmup_steps} must be >= 0")
+    _check(o.clip_norm >= 0, f"optim.clip_norm={o.clip_norm} must be >= 0 (0 disables)")
+    _check(0 < config.sample.top_p <= 1, f"sample.top_p={config.sample.top_p} must be in (0, 1]")
+    _check(config.checkpoint.keep >= 1, f"checkpoint.keep={config.checkpoint.keep} must be >= 1")
+
+    if num_devices is not None:
+        data, fsdp, tensor = resolve_mesh_shape(config.mesh, num_devices)
+        rows = t.global_batch_size // t.microbatches
+        _check(rows % (data * fsdp) == 0,
+               f"train.global_batch_size/microbatches={rows} is not divisible by the "
+               f"data*fsdp={data * fsdp} devices it is split over")
+        _check(m.n_head % tensor == 0,
+               f"model.n_head={m.n_head} is not divisible by mesh.tensor={tensor}")
+
+
+def to_json(config: ml_collections.ConfigDict) -> str:
+    return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=list)
+
+
+def from_json(text: str) -> ml_collections.ConfigDict:
+    """Inverse of `to_json`, with tuples restored where the schema keeps tuples."""
+    raw = json.loads(text)
+    config = base_config()
+    _merge(config, raw)
+    return config
+
+
+def _merge(config: ml_collections.ConfigDict, raw: dict) -> None:
+    for key, value in raw.items():
+        if key not in config:
+            config[key] = value  # fields newer/older than this schema are kept as written
+        elif isinstance(config[key], ml_collections.ConfigDict):
+            _merge(config[key], value)
+        elif key == "logical_axis_rules":
+            config[key] = tuple((n, tuple(a) if isinstance(a, list) else a) for n, a in value)
+        else:
+            config[key] = value

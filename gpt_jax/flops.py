@@ -1,0 +1,39 @@
+"""Parameter counts and training FLOPs per token (for tokens/s -> MFU)."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from gpt_jax.model import GPT, ModelConfig
+
+
+def param_shapes(cfg: ModelConfig) -> dict:
+    """The params pytree as ShapeDtypeStructs: nothing is allocated."""
+    import flax.linen as nn
+
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    return nn.unbox(jax.eval_shape(lambda r: GPT(cfg).init(r, tokens)["params"],
+                                   jax.random.key(0)))
+
+
+def count_params(cfg: ModelConfig) -> int:
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(param_shapes(cfg)))
+
+
+def count_position_params(cfg: ModelConfig) -> int:
+    return cfg.block_size * cfg.n_embd if cfg.position == "learned" else 0
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> float:
+    """Training FLOPs per token, PaLM appendix B: 6N + 12 L D T.
+
+    N counts the matmul weights a token passes through: every parameter except the position
+    table (a tied embedding counts once, as the LM head). 12 L D T is attention's QK^T and
+    AV (forward + backward) for context T, without discounting the causal half.
+    """
+    seq_len = seq_len or cfg.block_size
+    n = count_params(cfg) - count_position_params(cfg)
+    return 6 * n + 12 * cfg.n_layer * cfg.n_embd * seq_len

@@ -1,0 +1,276 @@
+"""The GPT: token (+ learned) embeddings, N pre-norm blocks, final norm, LM head.
+
+Functional use: `params = model.init(rng, tokens_BT)["params"]`, then
+`logits_BTV = model.apply({"params": params}, tokens_BT)`. With a `KVCache` (see
+`init_kv_cache`) the same call also writes keys/values at `positions_BT` and returns
+`(logits_BTV, kv_cache)`; the sampler uses that for prefill and decoding.
+Every parameter has logical axis names; `gpt_jax.sharding` maps them onto the mesh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from gpt_jax import attention
+
+Dtype = jnp.dtype
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The `model` section of a config, frozen so that modules can hold it."""
+    vocab_size: int = 50257
+    block_size: int = 1024
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    mlp: str = "gelu"
+    mlp_ratio: float = 4.0
+    norm: str = "layernorm"
+    norm_eps: float = 1e-5
+    position: str = "learned"
+    rope_theta: float = 10_000.0
+    tie_embeddings: bool = True
+    use_bias: bool = True
+    dropout: float = 0.0
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    attention_impl: str = "xla"
+    scan_layers: bool = False
+    remat_policy: str = "none"
+    init_std: float = 0.02
+
+    @classmethod
+    def from_config(cls, model_config) -> "ModelConfig":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in dict(model_config).items() if k in fields})
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def mlp_dim(self) -> int:
+        return int(round(self.mlp_ratio * self.n_embd))
+
+
+class KVCache(NamedTuple):
+    """Keys and values of every layer at every cache slot; slot s holds position s."""
+    k_LBSHK: jax.Array
+    v_LBSHK: jax.Array
+
+
+KV_CACHE_AXES = ("layers", "act_batch", "act_length", "act_heads", "act_kv")
+
+
+def init_kv_cache(cfg: ModelConfig, batch_size: int, max_len: int | None = None,
+                  dtype: str | None = None) -> KVCache:
+    shape = (cfg.n_layer, batch_size, max_len or cfg.block_size, cfg.n_head, cfg.head_dim)
+    zeros = jnp.zeros(shape, dtype or cfg.dtype)
+    return KVCache(zeros, zeros)
+
+
+def _param(init, axes):
+    return nn.with_logical_partitioning(init, axes)
+
+
+class Dense(nn.Module):
+    """x @ W (+ b) contracting `in_axes` of x; W has logical names `axes` (inputs, outputs)."""
+    features: tuple[int, ...]
+    axes: tuple
+    cfg: ModelConfig
+    in_axes: tuple[int, ...] = (-1,)
+    std: float | None = None
+    use_bias: bool | None = None
+
+    @nn.compact
+    def __call__(self, x):
+        cfg, n_in = self.cfg, len(self.in_axes)
+        in_shape = tuple(x.shape[a] for a in self.in_axes)
+        kernel = self.param("kernel", _param(nn.initializers.normal(self.std or cfg.init_std),
+                                             self.axes), in_shape + self.features,
+                            cfg.param_dtype)
+        contract = (tuple(a % x.ndim for a in self.in_axes), tuple(range(n_in)))
+        y = jax.lax.dot_general(x.astype(cfg.dtype), kernel.astype(cfg.dtype), (contract, ((), ())))
+        if cfg.use_bias if self.use_bias is None else self.use_bias:
+            bias = self.param("bias", _param(nn.initializers.zeros, self.axes[n_in:]),
+                              self.features, cfg.param_dtype)
+            y = y + bias.astype(cfg.dtype)
+        return y
+
+
+def _dense(features, axes, cfg: ModelConfig, *, axis=-1, std=None, name=None, bias=None):
+    features = (features,) if isinstance(features, int) else tuple(features)
+    in_axes = (axis,) if isinstance(axis, int) else tuple(axis)
+    return Dense(features, axes, cfg, in_axes, std, bias, name=name)
+
+
+def _norm(cfg: ModelConfig, name=None):
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(epsilon=cfg.norm_eps, dtype=jnp.float32, param_dtype=cfg.param_dtype,
+                          scale_init=_param(nn.initializers.ones, ("norm",)), name=name)
+    return nn.LayerNorm(epsilon=cfg.norm_eps, use_bias=cfg.use_bias, dtype=jnp.float32,
+                        param_dtype=cfg.param_dtype,
+                        scale_init=_param(nn.initializers.ones, ("norm",)),
+                        bias_init=_param(nn.initializers.zeros, ("norm",)), name=name)
+
+
+def apply_rope(x_BTHK: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Array:
+    """Rotary position embedding (rotate-half form) at each token's absolute position."""
+    half = x_BTHK.shape[-1] // 2
+    freqs_F = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angles_BTF = positions_BT[..., None].astype(jnp.float32) * freqs_F
+    sin_BT1F, cos_BT1F = jnp.sin(angles_BTF)[:, :, None], jnp.cos(angles_BTF)[:, :, None]
+    x1, x2 = jnp.split(x_BTHK.astype(jnp.float32), 2, axis=-1)
+    rotated = jnp.concatenate([x1 * cos_BT1F - x2 * sin_BT1F, x2 * cos_BT1F + x1 * sin_BT1F], -1)
+    return rotated.astype(x_BTHK.dtype)
+
+
+class CausalSelfAttention(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BTD, positions_BT, layer_cache):
+        cfg = self.cfg
+        qkv_BT3HK = _dense((3, cfg.n_head, cfg.head_dim), ("embed", None, "heads", "kv"), cfg,
+                           name="qkv")(x_BTD)
+        q_BTHK, k_BTHK, v_BTHK = (qkv_BT3HK[:, :, i] for i in range(3))
+        if cfg.position == "rope":
+            q_BTHK = apply_rope(q_BTHK, positions_BT, cfg.rope_theta)
+            k_BTHK = apply_rope(k_BTHK, positions_BT, cfg.rope_theta)
+        axes = ("act_batch", "act_length", "act_heads", "act_kv")
+        q_BTHK = nn.with_logical_constraint(q_BTHK, axes)
+        if layer_cache is None:
+            out_BTHK = attention.attend(q_BTHK, k_BTHK, v_BTHK, impl=cfg.attention_impl)
+        else:
+            k_BSHK, v_BSHK = layer_cache
+            rows_B1 = jnp.arange(x_BTD.shape[0])[:, None]
+            k_BSHK = k_BSHK.at[rows_B1, positions_BT].set(k_BTHK.astype(k_BSHK.dtype))
+            v_BSHK = v_BSHK.at[rows_B1, positions_BT].set(v_BTHK.astype(v_BSHK.dtype))
+            layer_cache = (k_BSHK, v_BSHK)
+            # A query at position p sees slots 0..p: what the prompt and earlier steps wrote.
+            mask_BTS = jnp.arange(k_BSHK.shape[1])[None, None] <= positions_BT[:, :, None]
+            out_BTHK = attention.attend(q_BTHK, k_BSHK.astype(q_BTHK.dtype),
+                                        v_BSHK.astype(q_BTHK.dtype), impl=cfg.attention_impl,
+                                        mask_BTS=mask_BTS)
+        out_BTHK = nn.with_logical_constraint(out_BTHK, axes)
+        std = cfg.init_std / (2 * cfg.n_layer) ** 0.5  # GPT-2's scaled residual init
+        y_BTD = _dense(cfg.n_embd, ("heads", "kv", "embed"), cfg, axis=(-2, -1), std=std,
+                       name="proj")(out_BTHK)
+        return y_BTD, layer_cache
+
+
+class MLP(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BTD):
+        cfg = self.cfg
+        h_BTF = _dense(cfg.mlp_dim, ("embed", "mlp"), cfg, name="fc")(x_BTD)
+        if cfg.mlp == "swiglu":
+            gate_BTF = _dense(cfg.mlp_dim, ("embed", "mlp"), cfg, name="gate")(x_BTD)
+            h_BTF = nn.silu(gate_BTF) * h_BTF
+        else:
+            h_BTF = nn.gelu(h_BTF, approximate=True)  # GPT-2's tanh approximation
+        h_BTF = nn.with_logical_constraint(h_BTF, ("act_batch", "act_length", "act_mlp"))
+        std = cfg.init_std / (2 * cfg.n_layer) ** 0.5
+        return _dense(cfg.n_embd, ("mlp", "embed"), cfg, std=std, name="proj")(h_BTF)
+
+
+class Block(nn.Module):
+    """x + attn(norm(x)), then x + mlp(norm(x)). Call signature fits `nn.scan`."""
+    cfg: ModelConfig
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x_BTD, positions_BT, layer_cache):
+        cfg = self.cfg
+        drop = nn.Dropout(cfg.dropout, deterministic=self.deterministic)
+        h_BTD = _norm(cfg, "ln_1")(x_BTD).astype(cfg.dtype)
+        a_BTD, layer_cache = CausalSelfAttention(cfg, name="attn")(h_BTD, positions_BT,
+                                                                    layer_cache)
+        x_BTD = x_BTD + drop(a_BTD)
+        h_BTD = _norm(cfg, "ln_2")(x_BTD).astype(cfg.dtype)
+        x_BTD = x_BTD + drop(MLP(cfg, name="mlp")(h_BTD))
+        x_BTD = nn.with_logical_constraint(x_BTD, ("act_batch", "act_length", "act_embed"))
+        return x_BTD, layer_cache
+
+
+REMAT_POLICIES = {
+    "full": None,  # save nothing: recompute the whole block in the backward pass
+    "save_dots": jax.checkpoint_policies.checkpoint_dots,
+    "save_dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+def _block_class(cfg: ModelConfig):
+    if cfg.remat_policy == "none":
+        return Block
+    return nn.remat(Block, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=not cfg.scan_layers)
+
+
+class GPT(nn.Module):
+    cfg: ModelConfig
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, tokens_BT, positions_BT=None, kv_cache: KVCache | None = None):
+        cfg = self.cfg
+        B, T = tokens_BT.shape
+        if positions_BT is None:
+            positions_BT = jnp.broadcast_to(jnp.arange(T), (B, T))
+        wte = nn.Embed(cfg.vocab_size, cfg.n_embd, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                       embedding_init=_param(nn.initializers.normal(cfg.init_std),
+                                             ("vocab", "embed")), name="wte")
+        x_BTD = wte(tokens_BT)
+        if cfg.position == "learned":
+            wpe = nn.Embed(cfg.block_size, cfg.n_embd, dtype=cfg.dtype,
+                           param_dtype=cfg.param_dtype, name="wpe",
+                           embedding_init=_param(nn.initializers.normal(0.01), (None, "embed")))
+            x_BTD = x_BTD + wpe(positions_BT)
+        x_BTD = nn.Dropout(cfg.dropout, deterministic=self.deterministic)(x_BTD)
+        x_BTD = nn.with_logical_constraint(x_BTD, ("act_batch", "act_length", "act_embed"))
+
+        block = _block_class(cfg)
+        if cfg.scan_layers:
+            x_BTD, kv_cache = self._scan_blocks(block, x_BTD, positions_BT, kv_cache)
+        else:
+            x_BTD, kv_cache = self._loop_blocks(block, x_BTD, positions_BT, kv_cache)
+
+        x_BTD = _norm(cfg, "ln_f")(x_BTD).astype(cfg.dtype)
+        if cfg.tie_embeddings:
+            logits_BTV = wte.attend(x_BTD)
+        else:
+            logits_BTV = _dense(cfg.vocab_size, ("embed", "vocab"), cfg, bias=False,
+                                name="lm_head")(x_BTD)
+        logits_BTV = nn.with_logical_constraint(logits_BTV, ("act_batch", "act_length",
+                                                             "act_vocab"))
+        return logits_BTV if kv_cache is None else (logits_BTV, kv_cache)
+
+    def _loop_blocks(self, block, x_BTD, positions_BT, kv_cache):
+        new_k, new_v = [], []
+        for i in range(self.cfg.n_layer):
+            layer_cache = None if kv_cache is None else (kv_cache.k_LBSHK[i], kv_cache.v_LBSHK[i])
+            x_BTD, layer_cache = block(self.cfg, self.deterministic, name=f"h_{i}")(
+                x_BTD, positions_BT, layer_cache)
+            if layer_cache is not None:
+                new_k.append(layer_cache[0])
+                new_v.append(layer_cache[1])
+        if kv_cache is not None:
+            kv_cache = KVCache(jnp.stack(new_k), jnp.stack(new_v))
+        return x_BTD, kv_cache
+
+    def _scan_blocks(self, block, x_BTD, positions_BT, kv_cache):
+        scanned = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True,
+                                                                          "dropout": True},
+                          in_axes=(nn.broadcast, 0), length=self.cfg.n_layer,
+                          metadata_params={nn.PARTITION_NAME: "layers"})
+        layer_caches = None if kv_cache is None else (kv_cache.k_LBSHK, kv_cache.v_LBSHK)
+        x_BTD, layer_caches = scanned(self.cfg, self.deterministic, name="h")(
+            x_BTD, positions_BT, layer_caches)
+        return x_BTD, None if kv_cache is None else KVCache(*layer_caches)

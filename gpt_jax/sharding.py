@@ -1,0 +1,87 @@
+"""The device mesh, logical-axis rules -> NamedShardings, and directly-sharded initialisation."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from gpt_jax.config import MESH_AXES, resolve_mesh_shape
+
+
+def make_mesh(mesh_config, devices: list | None = None) -> Mesh:
+    """A (data, fsdp, tensor) mesh over `devices` (default: all), -1 meaning 'the rest'."""
+    devices = jax.devices() if devices is None else devices
+    shape = resolve_mesh_shape(mesh_config, len(devices))
+    if devices == jax.devices():
+        return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(shape))
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES,
+                axis_types=(AxisType.Auto,) * len(shape))
+
+
+def logical_rules(config) -> tuple:
+    return tuple((name, tuple(axes) if isinstance(axes, list) else axes)
+                 for name, axes in config.mesh.logical_axis_rules)
+
+
+@contextlib.contextmanager
+def activate(mesh: Mesh, rules):
+    """The context in which the model's logical constraints resolve against `mesh`."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        yield
+
+
+def logical_to_shardings(boxed_tree, mesh: Mesh, rules):
+    """NamedShardings for a tree of `nn.LogicallyPartitioned` leaves (plain leaves: replicated)."""
+    specs = nn.get_partition_spec(boxed_tree)
+    return nn.logical_to_mesh_sharding(specs, mesh, rules)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Rows of a [batch, length] array split over data and fsdp, columns whole."""
+    return NamedSharding(mesh, P(("data", "fsdp"), None))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def init_sharded(init_fn: Callable[[jax.Array], Any], rng: jax.Array, mesh: Mesh, rules):
+    """Run `init_fn(rng)` (returning boxed params) so that every leaf is born sharded.
+
+    `jax.eval_shape` gives the boxes without allocating; their logical names give the
+    shardings; `jax.jit(..., out_shardings=...)` then creates each shard on its own device.
+    Returns (params, shardings), both plain (unboxed) pytrees.
+    """
+    boxed_shapes = jax.eval_shape(init_fn, rng)
+    shardings = nn.unbox(logical_to_shardings(boxed_shapes, mesh, rules))
+
+    def unboxed_init(rng):
+        return nn.unbox(init_fn(rng))
+
+    with activate(mesh, rules):
+        params = jax.jit(unboxed_init, out_shardings=shardings)(rng)
+    return params, shardings
+
+
+def param_shardings(model: nn.Module, mesh: Mesh, rules, seq_len: int = 1):
+    """Shardings of `model`'s params, derived from shapes only (no parameter is created)."""
+    tokens = jnp.zeros((1, seq_len), jnp.int32)
+    boxed = jax.eval_shape(lambda r: model.init(r, tokens)["params"], jax.random.key(0))
+    return nn.unbox(logical_to_shardings(boxed, mesh, rules))
+
+
+def init_params(model: nn.Module, rng: jax.Array, mesh: Mesh, rules, seq_len: int = 1):
+    """Sharded `params` of a GPT (a plain pytree) and their shardings."""
+    tokens = jnp.zeros((1, seq_len), jnp.int32)
+    return init_sharded(lambda r: model.init(r, tokens)["params"], rng, mesh, rules)
+
+
+def shard_like(tree, shardings):
+    """Place an existing (host or single-device) pytree onto the given shardings."""
+    return jax.tree.map(lambda x, s: jax.device_put(x, s), tree, shardings)
