@@ -1,0 +1,7 @@
+"""Benchmarks behind `gpt-jax bench <kind>`: one module per kind, each with `run(argv)`."""
+
+KINDS = {
+    "train": "step time, tokens/s, TFLOP/s and MFU of a training step",
+    "sample": "tokens/s of the KV-cached sampler against a no-cache baseline",
+    "data": "loader throughput in tokens/s and token-cache build time",
+}
