@@ -42,6 +42,8 @@ def run(argv: list[str] | None = None) -> None:
               file=sys.stderr)
         sys.exit(2)
     module = importlib.import_module(f"gpt_jax.commands.{COMMANDS[name][0]}")
+    if hasattr(module, "define_flags_for"):  # e.g. bench: the kind's module defines the flags
+        module.define_flags_for(argv[2:])
     from absl import app
 
     app.run(module.main, argv=[f"gpt-jax {name}"] + argv[2:])
