@@ -1,0 +1,176 @@
+"""Orbax checkpoints of a run: save (async, keep-N), resume with fallback, params-only load.
+
+Layout: `<workdir>/checkpoints/<step>/{params,opt_state,meta,config,tokenizer}`. `meta` holds
+the step, the RNG and the data loader's state; `tokenizer` holds the tokenizer's files so that
+one checkpoint directory is enough to sample from.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+
+from gpt_jax import config as config_lib
+
+ITEMS = ("params", "opt_state", "meta", "config", "tokenizer")
+
+
+class NoCheckpointError(FileNotFoundError):
+    """A path that holds no checkpoint (or a run directory that holds none)."""
+
+
+def checkpoint_dir(workdir: str) -> str:
+    return os.path.join(workdir, "checkpoints")
+
+
+def _manager(directory: str, options: ocp.CheckpointManagerOptions | None = None):
+    return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_names=ITEMS)
+
+
+class Checkpointer:
+    """Saves a run's TrainState every N steps and restores the newest one that reads back."""
+
+    def __init__(self, workdir: str, ckpt_config):
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=ckpt_config.keep, keep_period=ckpt_config.keep_period or None,
+            enable_async_checkpointing=ckpt_config.async_save, create=True)
+        self.directory = checkpoint_dir(workdir)
+        self.workdir = workdir
+        self.manager = _manager(self.directory, options)
+
+    def save(self, state: dict, data_state: dict, config, force: bool = False) -> bool:
+        step = int(jax.device_get(state["step"]))
+        if step in self.manager.all_steps():
+            return False
+        meta = {"step": step, "rng": np.asarray(jax.device_get(state["rng"])).tolist(),
+                "data": data_state}
+        args = ocp.args.Composite(
+            params=ocp.args.StandardSave(state["params"]),
+            opt_state=ocp.args.StandardSave(state["opt_state"]),
+            meta=ocp.args.JsonSave(meta),
+            config=ocp.args.JsonSave(config.to_dict()),
+            tokenizer=ocp.args.JsonSave(_read_tokenizer_files(self.workdir)))
+        return self.manager.save(step, args=args, force=force)
+
+    def restore_latest(self, abstract_state: dict) -> tuple[dict, dict] | None:
+        """(state, meta) of the newest readable checkpoint, None if there is none at all.
+
+        An unreadable newest checkpoint (cut off mid-write, corrupted) is skipped with a
+        warning; if checkpoints exist but none reads back, this raises rather than let the
+        run silently start again from scratch.
+        """
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        errors = []
+        for step in steps:
+            try:
+                return self._restore(step, abstract_state)
+            except Exception as e:  # noqa: BLE001 -- any unreadable checkpoint falls back
+                logging.warning("checkpoint %d in %s is unreadable (%s: %s); trying an older one",
+                                step, self.directory, type(e).__name__, str(e).splitlines()[0])
+                errors.append(f"step {step}: {type(e).__name__}")
+        if steps:
+            raise RuntimeError(f"no checkpoint in {self.directory} could be restored "
+                               f"({'; '.join(errors)}); move them away to start from scratch")
+        return None
+
+    def _restore(self, step: int, abstract_state: dict) -> tuple[dict, dict]:
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(abstract_state["params"]),
+            opt_state=ocp.args.StandardRestore(abstract_state["opt_state"]),
+            meta=ocp.args.JsonRestore()))
+        meta = restored["meta"]
+        rng = jax.device_put(np.asarray(meta["rng"], np.uint32),
+                             abstract_state["rng"].sharding)
+        step_arr = jax.device_put(np.int32(meta["step"]), abstract_state["step"].sharding)
+        state = {"step": step_arr, "params": restored["params"],
+                 "opt_state": restored["opt_state"], "rng": rng}
+        return state, meta
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def _read_tokenizer_files(workdir: str) -> dict:
+    folder = os.path.join(workdir, "tokenizer")
+    if not os.path.isdir(folder):
+        return {}
+    return {name: base64.b64encode(open(os.path.join(folder, name), "rb").read()).decode()
+            for name in sorted(os.listdir(folder))
+            if os.path.isfile(os.path.join(folder, name))}
+
+
+def _resolve(path: str) -> tuple[str, int]:
+    """(checkpoints directory, step) for a run directory, its checkpoints/ or one step's dir."""
+    path = os.path.abspath(path)
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        path = os.path.join(path, "checkpoints")
+    base = os.path.basename(path.rstrip("/"))
+    if base.isdigit() and os.path.isdir(os.path.join(path, "params")):
+        return os.path.dirname(path), int(base)
+    if not os.path.isdir(path):
+        raise NoCheckpointError(f"{path} does not exist; expected a run directory or a "
+                                "checkpoint directory")
+    steps = ocp.utils.checkpoint_steps(path) if os.path.isdir(path) else []
+    if not steps:
+        raise NoCheckpointError(f"no checkpoint found in {path}; train one with "
+                                "`gpt-jax train --workdir=...` first")
+    return path, max(steps)
+
+
+def load_config(path: str):
+    """The resolved config saved with a checkpoint (run dir, checkpoints/ or a step dir)."""
+    directory, step = _resolve(path)
+    raw = _manager(directory).restore(step, args=ocp.args.Composite(
+        config=ocp.args.JsonRestore()))["config"]
+    return config_lib.from_json(json.dumps(raw))
+
+
+def restore_tokenizer_files(path: str, dest: str) -> str:
+    """Write the tokenizer files stored in a checkpoint into `dest`; returns `dest`."""
+    directory, step = _resolve(path)
+    files = _manager(directory).restore(step, args=ocp.args.Composite(
+        tokenizer=ocp.args.JsonRestore()))["tokenizer"]
+    os.makedirs(dest, exist_ok=True)
+    for name, data in (files or {}).items():
+        with open(os.path.join(dest, name), "wb") as f:
+            f.write(base64.b64decode(data))
+    return dest
+
+
+def load_params(path: str, mesh=None, shardings: Any = None):
+    """(config, params) from a run directory or checkpoint, for inference or fine-tuning.
+
+    Params land on `shardings` if given, else sharded for `mesh` by the config's logical rules,
+    else on the first device; the mesh may differ from the one the run was trained on.
+    """
+    from jax.sharding import SingleDeviceSharding
+
+    from gpt_jax import sharding as sharding_lib
+    from gpt_jax.flops import param_shapes
+    from gpt_jax.model import GPT, ModelConfig
+
+    directory, step = _resolve(path)
+    config = load_config(os.path.join(directory, str(step)))
+    model = GPT(ModelConfig.from_config(config.model))
+    shapes = param_shapes(model.cfg)
+    if shardings is None and mesh is None:
+        shardings = jax.tree.map(lambda _: SingleDeviceSharding(jax.devices()[0]), shapes)
+    elif shardings is None:
+        shardings = sharding_lib.param_shardings(model, mesh, sharding_lib.logical_rules(config))
+    abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                            shapes, shardings)
+    params = _manager(directory).restore(step, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(abstract)))["params"]
+    return config, params
+

@@ -1,0 +1,51 @@
+"""`gpt-jax eval --workdir=runs/demo`: validation loss / perplexity of a run's checkpoint."""
+
+from __future__ import annotations
+
+import json
+
+from absl import flags
+
+from gpt_jax.commands import common
+
+common.define_distributed_flags()
+flags.DEFINE_string("workdir", None, "A run directory or one checkpoint step directory.",
+                    required=True)
+flags.DEFINE_integer("eval_batches", None, "Validation batches (default: the run's config).")
+FLAGS = flags.FLAGS
+
+
+def main(argv: list[str]) -> None:
+    common.init_distributed()
+    import jax
+
+    from gpt_jax import checkpoint, data, sharding, train
+    from gpt_jax.step import Trainer
+
+    try:
+        config = checkpoint.load_config(FLAGS.workdir)
+    except FileNotFoundError as e:
+        raise SystemExit(f"gpt-jax eval: {e}") from None
+    if FLAGS.eval_batches:
+        config.train.eval_batches = FLAGS.eval_batches
+    config.mesh.update(data=-1, fsdp=1, tensor=1)
+    mesh = sharding.make_mesh(config.mesh)
+    trainer = Trainer.create(config, mesh)
+    _, params = checkpoint.load_params(FLAGS.workdir,
+                                       shardings=trainer.state_shardings["params"])
+    tokenizer = data.load_tokenizer(run_dir(FLAGS.workdir))
+    val = data.TokenDataset(config, tokenizer, split="validation")
+    with sharding.activate(mesh, trainer.rules):
+        result = train.evaluate(trainer, trainer.jit_eval_step(), params, val, config)
+    if jax.process_index() == 0:
+        print(json.dumps({"workdir": FLAGS.workdir, **result}))
+
+
+def run_dir(path: str) -> str:
+    """The run directory of a run dir, its checkpoints/ folder or one step inside it."""
+    import os
+
+    path = os.path.abspath(path)
+    while path != "/" and not os.path.isdir(os.path.join(path, "tokenizer")):
+        path = os.path.dirname(path)
+    return path

@@ -1,0 +1,127 @@
+"""Metrics out of a run: metrics.jsonl, TensorBoard, a console progress bar; peak FLOPs for MFU."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+import jax
+
+# Dense bf16 peak FLOP/s per device (chip; per GPU), from the vendors' published spec sheets.
+PEAK_FLOPS = {
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,  # v5e
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v5": 459e12,
+    "TPU v6 lite": 918e12,  # v6e (Trillium)
+    "TPU v6e": 918e12,
+    "NVIDIA H100": 989e12,  # SXM; dense (no sparsity)
+    "NVIDIA H200": 989e12,
+    "NVIDIA A100": 312e12,
+}
+
+
+def peak_flops(device_kind: str) -> float | None:
+    """Peak FLOP/s of one device of this kind, None where unknown (CPUs: MFU is n/a)."""
+    for prefix in sorted(PEAK_FLOPS, key=len, reverse=True):
+        if device_kind.startswith(prefix):
+            return PEAK_FLOPS[prefix]
+    return None
+
+
+def read_metrics(workdir: str) -> list[dict]:
+    """Every event of metrics.jsonl; for a step logged twice (a resumed run), the last wins."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    events: dict[tuple, dict] = {}
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                event = json.loads(line)
+                events[(event.get("step"), tuple(sorted(event)))] = event
+    return sorted(events.values(), key=lambda e: e.get("step", 0))
+
+
+class MetricsWriter:
+    """Writes on process 0 only; other processes get a writer that does nothing."""
+
+    def __init__(self, workdir: str, total_steps: int, start_step: int, enabled: bool = True):
+        self.enabled = enabled and jax.process_index() == 0
+        self.total_steps = total_steps
+        self._bar = None
+        self._tb = None
+        if not self.enabled:
+            return
+        os.makedirs(workdir, exist_ok=True)
+        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
+        try:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        except ImportError:  # TensorBoard is optional
+            self._tb = None
+        from tqdm import tqdm
+
+        self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
+                         mininterval=1.0, smoothing=0.1, disable=None)
+
+    def write(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        clean = {k: (float(v) if isinstance(v, (int, float)) or hasattr(v, "item") else v)
+                 for k, v in metrics.items()}
+        self._jsonl.write(json.dumps({"step": step, **clean}) + "\n")
+        if self._tb is not None:
+            for k, v in clean.items():
+                if isinstance(v, float) and math.isfinite(v):
+                    self._tb.add_scalar(k, v, step)
+        if self._bar is not None:
+            shown = {k: clean[k] for k in ("loss", "eval_loss", "tokens_per_s", "mfu")
+                     if k in clean and isinstance(clean[k], float)}
+            self._bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
+
+    def advance(self, steps: int = 1) -> None:
+        if self._bar is not None:
+            self._bar.update(steps)
+
+    def message(self, text: str) -> None:
+        """A console line that does not break the progress bar (process 0 only)."""
+        if self.enabled:
+            (self._bar.write if self._bar is not None else print)(text)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.close()
+        if self._tb is not None:
+            self._tb.close()
+        self._jsonl.close()
+
+
+class Throughput:
+    """Tokens/s, step time and MFU over the steps since the last call."""
+
+    def __init__(self, tokens_per_step: int, flops_per_token: float):
+        self.tokens_per_step = tokens_per_step
+        self.flops_per_token = flops_per_token
+        peak = peak_flops(jax.devices()[0].device_kind)
+        self.peak_total = peak * jax.device_count() if peak else None
+        self._t, self._steps = time.perf_counter(), 0
+
+    def tick(self, steps: int = 1) -> None:
+        self._steps += steps
+
+    def read(self) -> dict:
+        now = time.perf_counter()
+        elapsed, steps = now - self._t, max(self._steps, 1)
+        self._t, self._steps = now, 0
+        tokens_per_s = self.tokens_per_step * steps / elapsed
+        out = {"step_time_s": elapsed / steps, "tokens_per_s": tokens_per_s}
+        if self.peak_total:
+            out["mfu"] = tokens_per_s * self.flops_per_token / self.peak_total
+        return out

@@ -1,0 +1,152 @@
+"""Train state, loss, and the jitted (sharded, donated) train and eval steps."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from gpt_jax import sharding
+from gpt_jax.model import GPT, ModelConfig
+from gpt_jax.optim import lr_schedule, make_optimizer
+
+TrainState = dict  # {"step": int32[], "params": pytree, "opt_state": pytree, "rng": uint32[2]}
+
+
+def cross_entropy(logits_BTV, targets_BT, weights_BT=None, z_loss: float = 0.0):
+    """(sum of per-token losses, sum of weights); fp32 whatever the logits' dtype."""
+    logits_BTV = logits_BTV.astype(jnp.float32)
+    lse_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
+    target_logit_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], -1)[..., 0]
+    loss_BT = lse_BT - target_logit_BT
+    if z_loss:
+        loss_BT = loss_BT + z_loss * jnp.square(lse_BT)
+    if weights_BT is None:
+        weights_BT = jnp.ones_like(loss_BT)
+    weights_BT = weights_BT.astype(jnp.float32)
+    return jnp.sum(loss_BT * weights_BT), jnp.sum(weights_BT)
+
+
+@dataclasses.dataclass
+class Trainer:
+    """Everything the steps close over: model, optimizer, mesh, shardings. Built once per run."""
+    config: Any
+    mesh: Mesh
+    model_cfg: ModelConfig
+    model: GPT
+    train_model: GPT
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    rules: tuple
+    state_shardings: dict
+    batch_sharding: NamedSharding
+
+    @classmethod
+    def create(cls, config, mesh: Mesh) -> "Trainer":
+        model_cfg = ModelConfig.from_config(config.model)
+        rules = sharding.logical_rules(config)
+        num_steps = config.train.num_steps
+        tx = make_optimizer(config.optim, num_steps)
+        model = GPT(model_cfg)
+        param_sh = sharding.param_shardings(model, mesh, rules)
+        params_abs = jax.eval_shape(lambda: _init_params(model, jax.random.PRNGKey(0)))
+        opt_abs = jax.eval_shape(tx.init, params_abs)
+        repl = sharding.replicated(mesh)
+        opt_sh = optax.tree_map_params(tx, lambda _, s: s, opt_abs, param_sh,
+                                       transform_non_params=lambda _: repl)
+        state_sh = {"step": repl, "params": param_sh, "opt_state": opt_sh, "rng": repl}
+        return cls(config, mesh, model_cfg, model, GPT(model_cfg, deterministic=False), tx,
+                   lr_schedule(config.optim, num_steps), rules, state_sh,
+                   sharding.batch_sharding(mesh))
+
+    def abstract_state(self) -> TrainState:
+        """ShapeDtypeStructs with shardings: the target for restoring a checkpoint."""
+        shapes = jax.eval_shape(self._init_state, jax.random.PRNGKey(0))
+        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                            shapes, self.state_shardings)
+
+    def _init_state(self, rng) -> TrainState:
+        params = _init_params(self.model, rng)
+        return {"step": jnp.zeros((), jnp.int32), "params": params,
+                "opt_state": self.tx.init(params), "rng": jax.random.fold_in(rng, 1)}
+
+    def init_state(self, seed: int, params=None) -> TrainState:
+        """A fresh state born sharded; with `params` (fine-tuning), those params and a new optimizer."""
+        with sharding.activate(self.mesh, self.rules):
+            state = jax.jit(self._init_state, out_shardings=self.state_shardings)(
+                jax.random.PRNGKey(seed))
+            if params is not None:
+                params = sharding.shard_like(params, self.state_shardings["params"])
+                state["params"] = params
+                state["opt_state"] = jax.jit(self.tx.init, out_shardings=self.state_shardings[
+                    "opt_state"])(params)
+        return state
+
+    # -- the steps ------------------------------------------------------------------------
+
+    def loss_sums(self, params, batch, rng, model: GPT):
+        logits_BTV = model.apply({"params": params}, batch["inputs"], rngs={"dropout": rng})
+        return cross_entropy(logits_BTV, batch["targets"], batch.get("weights"),
+                             self.config.train.z_loss)
+
+    def _grads(self, params, batch, rng):
+        """Gradient of the mean token loss, accumulated over microbatches with lax.scan."""
+        k = self.config.train.microbatches
+
+        def micro(carry, mb):
+            (loss_sum, count), g = jax.value_and_grad(
+                lambda p: self.loss_sums(p, mb, jax.random.fold_in(rng, carry[2]),
+                                         self.train_model), has_aux=True)(params)
+            grad_acc, acc_loss, i, acc_count = carry
+            grad_acc = jax.tree.map(jnp.add, grad_acc, g)
+            return (grad_acc, acc_loss + loss_sum, i + 1, acc_count + count), None
+
+        # Row r goes to microbatch r % k, so every microbatch keeps an even share per device.
+        rows_sharded = NamedSharding(self.mesh, P(None, ("data", "fsdp")))
+        micro_batches = jax.tree.map(
+            lambda x: jax.lax.with_sharding_constraint(
+                jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1), rows_sharded),
+            batch)
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        init = (zeros, jnp.float32(0), jnp.int32(0), jnp.float32(0))
+        (grad_sum, loss_sum, _, count), _ = jax.lax.scan(micro, init, micro_batches)
+        count = jnp.maximum(count, 1.0)
+        return loss_sum / count, jax.tree.map(lambda g: g / count, grad_sum)
+
+    def _train_step(self, state: TrainState, batch) -> tuple[TrainState, dict]:
+        rng = jax.random.fold_in(state["rng"], state["step"])
+        loss, grads = self._grads(state["params"], batch, rng)
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        # A non-finite step never reaches the state: it is skipped (or the loop stops on it).
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        new_state = {"step": state["step"] + 1, "params": keep(params, state["params"]),
+                     "opt_state": keep(opt_state, state["opt_state"]), "rng": state["rng"]}
+        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": self.schedule(state["step"]),
+                   "finite": finite}
+        return new_state, metrics
+
+    def jit_train_step(self) -> Callable:
+        return jax.jit(self._train_step, in_shardings=(self.state_shardings, self.batch_sharding),
+                       out_shardings=(self.state_shardings, sharding.replicated(self.mesh)),
+                       donate_argnums=(0,))
+
+    def _eval_step(self, params, batch):
+        return self.loss_sums(params, batch, jax.random.PRNGKey(0), self.model)
+
+    def jit_eval_step(self) -> Callable:
+        return jax.jit(self._eval_step,
+                       in_shardings=(self.state_shardings["params"], self.batch_sharding),
+                       out_shardings=sharding.replicated(self.mesh))
+
+
+def _init_params(model: GPT, rng):
+    import flax.linen as nn
+
+    return nn.unbox(model.init(rng, jnp.zeros((1, 1), jnp.int32))["params"])

@@ -1,0 +1,214 @@
+"""The training loop: set up a run, resume it, step, evaluate, log, checkpoint, stop cleanly.
+
+`train(config, workdir)` is what `gpt-jax train` calls. Restarting it on the same workdir
+continues from the newest checkpoint; SIGTERM/SIGINT save a checkpoint and return.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import signal
+import time
+
+import jax
+import numpy as np
+from absl import logging
+
+from gpt_jax import checkpoint as ckpt_lib
+from gpt_jax import config as config_lib
+from gpt_jax import data, flops, sharding
+from gpt_jax.metrics import MetricsWriter, Throughput
+from gpt_jax.step import Trainer
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training hit a NaN/inf loss or gradient (and the config says stop, not skip)."""
+
+
+class StopSignal:
+    """Turns SIGTERM/SIGINT into 'save and stop' at the next step boundary.
+
+    Several processes must stop at the same step: there JAX's preemption sync point (fed by
+    the coordination service's SIGTERM notifier) decides; one process decides alone.
+    """
+
+    def __init__(self):
+        self.received = None
+        self._previous = {}
+        signals = [signal.SIGINT] + ([signal.SIGTERM] if jax.process_count() == 1 else [])
+        for sig in signals:
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+
+    def should_stop(self, step: int) -> bool:
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            if multihost_utils.reached_preemption_sync_point(step):
+                self.received = self.received or "SIGTERM"
+        return self.received is not None
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def setup_tokenizer(config, workdir: str):
+    """The run's tokenizer; a fine-tune inherits its parent's. Fixes byte/char vocab sizes."""
+    own = os.path.join(workdir, "tokenizer")
+    if config.train.init_from and not os.path.isdir(own) and jax.process_index() == 0:
+        parent = config.train.init_from
+        if os.path.isdir(os.path.join(parent, "tokenizer")):
+            shutil.copytree(os.path.join(parent, "tokenizer"), own)
+        else:
+            ckpt_lib.restore_tokenizer_files(parent, own)
+    tokenizer = data.build_tokenizer(config, workdir)
+    if config.data.tokenizer in ("byte", "char") or config.train.init_from:
+        config.model.vocab_size = max(config.model.vocab_size, tokenizer.vocab_size) \
+            if config.train.init_from else tokenizer.vocab_size
+    if tokenizer.vocab_size > config.model.vocab_size:
+        raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but "
+                         f"model.vocab_size={config.model.vocab_size}")
+    return tokenizer
+
+
+def initial_state(trainer: Trainer, checkpointer, config):
+    """(state, start_step): resumed from the workdir, else fine-tune params, else fresh."""
+    restored = checkpointer.restore_latest(trainer.abstract_state())
+    if restored is not None:
+        state, meta = restored
+        logging.info("resumed from %s at step %d", checkpointer.directory, meta["step"])
+        return state, meta["step"]
+    params = None
+    if config.train.init_from:
+        _, params = ckpt_lib.load_params(config.train.init_from,
+                                         shardings=trainer.state_shardings["params"])
+        logging.info("fine-tuning from the params of %s", config.train.init_from)
+    return trainer.init_state(config.train.seed, params), 0
+
+
+def to_global(host_batch: dict, batch_sharding) -> dict:
+    """This process's rows -> global arrays sharded over the mesh's batch axes."""
+    return {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(v))
+            for k, v in host_batch.items()}
+
+
+def evaluate(trainer: Trainer, eval_step, params, val_data, config) -> dict:
+    """Mean token loss and perplexity over the fixed validation batches."""
+    t = config.train
+    loss_sum, count = 0.0, 0.0
+    for host_batch in val_data.eval_batches(t.eval_batches, t.global_batch_size,
+                                            config.model.block_size, jax.process_index(),
+                                            jax.process_count()):
+        batch = to_global(host_batch, trainer.batch_sharding)
+        s, c = jax.device_get(eval_step(params, batch))
+        loss_sum, count = loss_sum + float(s), count + float(c)
+    loss = loss_sum / max(count, 1.0)
+    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
+
+
+def describe_run(config, trainer: Trainer, workdir: str, n_params: int, log) -> None:
+    mesh = trainer.mesh
+    log(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind} "
+        f"({jax.process_count()} process(es)); mesh {dict(mesh.shape)}")
+    log(f"model: {n_params:,} parameters; {config.model.n_layer} layers, width "
+        f"{config.model.n_embd}, context {config.model.block_size}, vocab "
+        f"{config.model.vocab_size}")
+    log(f"tokens per step: {config.train.global_batch_size * config.model.block_size:,} "
+        f"({config.train.global_batch_size} x {config.model.block_size}, "
+        f"{config.train.microbatches} microbatch(es)); steps: {config.train.num_steps}")
+    log(f"checkpoints: {ckpt_lib.checkpoint_dir(workdir)} (every {config.checkpoint.every}, "
+        f"keep {config.checkpoint.keep}); metrics: {os.path.join(workdir, 'metrics.jsonl')}")
+
+
+def train(config, workdir: str) -> dict:
+    """Train (or resume) the run in `workdir`; returns the last logged metrics."""
+    config_lib.validate(config, num_devices=jax.device_count())
+    os.makedirs(workdir, exist_ok=True)
+    tokenizer = setup_tokenizer(config, workdir)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config_lib.to_json(config))
+
+    mesh = sharding.make_mesh(config.mesh)
+    trainer = Trainer.create(config, mesh)
+    train_data = data.TokenDataset(config, tokenizer, split="train")
+    val_data = data.TokenDataset(config, tokenizer, split="validation")
+    checkpointer = ckpt_lib.Checkpointer(workdir, config.checkpoint)
+    t, seq_len = config.train, config.model.block_size
+    with sharding.activate(mesh, trainer.rules):
+        state, start_step = initial_state(trainer, checkpointer, config)
+        train_step, eval_step = trainer.jit_train_step(), trainer.jit_eval_step()
+        writer = MetricsWriter(workdir, t.num_steps, start_step)
+        n_params = flops.count_params(trainer.model_cfg)
+        describe_run(config, trainer, workdir, n_params, writer.message)
+        throughput = Throughput(t.global_batch_size * seq_len,
+                                flops.flops_per_token(trainer.model_cfg, seq_len))
+        loader = data.BatchLoader(train_data, t.global_batch_size, seq_len, t.seed, mesh,
+                                  start_step=start_step, prefetch=config.data.prefetch)
+        stop = StopSignal()
+        try:
+            last = _loop(state, start_step, train_step, eval_step, loader, val_data, trainer,
+                         checkpointer, writer, throughput, stop, config)
+        finally:
+            stop.restore()
+            loader.close()
+            checkpointer.close()
+            writer.close()
+    return last
+
+
+def _loop(state, step, train_step, eval_step, loader, val_data, trainer, checkpointer, writer,
+          throughput, stop, config) -> dict:
+    t = config.train
+    pending, last = [], {}
+    for step, batch in loader:
+        if step >= t.num_steps:
+            break
+        state, metrics = train_step(state, batch)
+        pending.append((step, metrics))
+        throughput.tick()
+        writer.advance()
+        done = step + 1
+        if done % t.log_every == 0 or done == t.num_steps:
+            last = _log(pending, throughput, writer, config, checkpointer)
+            pending = []
+        if done % t.eval_every == 0 or done == t.num_steps:
+            evaluation = evaluate(trainer, eval_step, state["params"], val_data, config)
+            writer.write(done, evaluation)
+            last = {**last, **evaluation}
+        data_state = {"step": done, "seed": t.seed}  # the batch of step s is f(seed, s)
+        if done % config.checkpoint.every == 0 or done == t.num_steps:
+            checkpointer.save(state, data_state, config)
+        if stop.should_stop(done):
+            _log(pending, throughput, writer, config, checkpointer)
+            checkpointer.save(state, data_state, config, force=True)
+            writer.message(f"{stop.received}: saved a checkpoint at step {done}; exiting")
+            break
+    return last
+
+
+def _log(pending, throughput, writer, config, checkpointer) -> dict:
+    """Fetch the pending steps' metrics (one device->host sync), check them, write them."""
+    if not pending:
+        return {}
+    host = jax.device_get([m for _, m in pending])
+    for (step, _), m in zip(pending, host):
+        if not bool(m["finite"]):
+            if config.train.skip_nonfinite:
+                writer.message(f"step {step}: non-finite loss/grad; update skipped")
+                continue
+            checkpointer.wait()
+            kept = checkpointer.manager.latest_step()
+            raise NonFiniteLossError(f"non-finite loss ({float(m['loss'])}) or grad norm at "
+                                     f"step {step}; the state was not updated and the last "
+                                     f"good checkpoint is step {kept}")
+    step, m = pending[-1][0], host[-1]
+    event = {"loss": float(np.mean([h["loss"] for h in host])),
+             "grad_norm": float(m["grad_norm"]), "lr": float(m["lr"]), **throughput.read()}
+    writer.write(step + 1, event)
+    return event
