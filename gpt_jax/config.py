@@ -25,6 +25,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 SCHEDULES = ("cosine", "linear", "constant", "wsd")
 DATA_SOURCES = ("python_stdlib", "text_files", "tfds")
 TOKENIZERS = ("sentencepiece", "byte", "char")
+SPM_TYPES = ("bpe", "unigram")
 
 # Logical axis -> mesh axes. Parameters use the plain names, activations the `act_` ones, so
 # that `batch` and `embed` may both map to `fsdp` without one constraint using an axis twice.
@@ -87,14 +88,17 @@ def base_config() -> ml_collections.ConfigDict:
     d.text_field = "text"
     d.train_split = "train"
     d.eval_split = "validation"
-    d.data_dir = ""  # TFDS data_dir (local path or gs://); "" = ~/.cache/gpt_jax/tfds
+    d.data_dir = ""  # TFDS data_dir (local or gs://); "" = ~/.cache/gpt_jax/tfds (tfds: TFDS's own)
     d.validation_fraction = 0.02  # text_files / python_stdlib split, by hash of the path
+    d.max_files = 0  # text_files / python_stdlib: use only the first N files (0 = all)
     d.tokenizer = "sentencepiece"  # sentencepiece | byte | char
     d.spm_model = ""  # an existing .model file; "" = train one on the training split
     d.spm_type = "bpe"  # bpe | unigram
     d.spm_sample_bytes = 4_000_000  # how much training text the tokenizer is trained on
+    d.spm_special_tokens = ""  # extra comma-separated specials, e.g. "<|im_start|>,<|im_end|>"
+    d.spm_byte_fallback = True  # unknown characters become UTF-8 byte pieces
     d.cache_dir = ""  # token cache; "" = ~/.cache/gpt_jax/tokens
-    d.prefetch = 2
+    d.prefetch = 2  # batches a background thread prepares ahead (0: none, synchronous)
 
     c.train = t = ml_collections.ConfigDict()
     t.seed = 0
@@ -203,6 +207,26 @@ def resolve_mesh_shape(mesh: ml_collections.ConfigDict, num_devices: int) -> tup
     return tuple(sizes)
 
 
+def _validate_data(d: ml_collections.ConfigDict) -> None:
+    _check_choice(d.source, "data.source", DATA_SOURCES)
+    _check_choice(d.tokenizer, "data.tokenizer", TOKENIZERS)
+    _check_choice(d.spm_type, "data.spm_type", SPM_TYPES)
+    if d.source == "text_files":
+        _check(bool(d.paths.strip()), "data.source='text_files' needs data.paths (comma-separated "
+               "files, directories or globs)")
+    if d.source == "tfds":
+        _check(bool(d.tfds_name), "data.source='tfds' needs data.tfds_name, e.g. tiny_shakespeare")
+    else:
+        for field in ("train_split", "eval_split"):
+            _check(d[field] in ("train", "validation"), f"data.{field}={d[field]!r} is not one of "
+                   f"train, validation (the splits of data.source={d.source!r})")
+    _check(0.0 < d.validation_fraction < 1.0,
+           f"data.validation_fraction={d.validation_fraction!r} must be in (0, 1)")
+    _check(d.max_files >= 0, f"data.max_files={d.max_files} must be >= 0 (0 = all)")
+    _check(d.spm_sample_bytes > 0, f"data.spm_sample_bytes={d.spm_sample_bytes} must be > 0")
+    _check(d.prefetch >= 0, f"data.prefetch={d.prefetch} must be >= 0 (0 = no thread)")
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
     """Raise ConfigError naming the first field that cannot work."""
     m, t, o = config.model, config.train, config.optim
@@ -222,8 +246,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     _check_choice(m.dtype, "model.dtype", DTYPES)
     _check_choice(m.param_dtype, "model.param_dtype", DTYPES)
 
-    _check_choice(config.data.source, "data.source", DATA_SOURCES)
-    _check_choice(config.data.tokenizer, "data.tokenizer", TOKENIZERS)
+    _validate_data(config.data)
 
     _check_positive(t, "train", ("global_batch_size", "microbatches", "num_steps", "log_every",
                                  "eval_every", "eval_batches"))
