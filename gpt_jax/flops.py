@@ -15,8 +15,8 @@ def param_shapes(cfg: ModelConfig) -> dict:
     import flax.linen as nn
 
     tokens = jnp.zeros((1, 1), jnp.int32)
-    return nn.unbox(jax.eval_shape(lambda r: GPT(cfg).init(r, tokens)["params"],
-                                   jax.random.key(0)))
+    return jax.eval_shape(lambda r: nn.unbox(GPT(cfg).init(r, tokens)["params"]),
+                          jax.random.key(0))
 
 
 def count_params(cfg: ModelConfig) -> int:
@@ -31,9 +31,12 @@ def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> float:
     """Training FLOPs per token, PaLM appendix B: 6N + 12 L D T.
 
     N counts the matmul weights a token passes through: every parameter except the position
-    table (a tied embedding counts once, as the LM head). 12 L D T is attention's QK^T and
-    AV (forward + backward) for context T, without discounting the causal half.
+    table and, when untied, the input embedding table (both are lookups; a tied embedding
+    counts once, as the LM head). 12 L D T is attention's QK^T and AV (forward + backward)
+    for context T, without discounting the causal half.
     """
     seq_len = seq_len or cfg.block_size
     n = count_params(cfg) - count_position_params(cfg)
+    if not cfg.tie_embeddings:
+        n -= cfg.vocab_size * cfg.n_embd  # the input table is looked up, not multiplied
     return 6 * n + 12 * cfg.n_layer * cfg.n_embd * seq_len

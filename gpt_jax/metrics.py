@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -79,10 +80,16 @@ class MetricsWriter:
             for k, v in clean.items():
                 if isinstance(v, float) and math.isfinite(v):
                     self._tb.add_scalar(k, v, step)
-        if self._bar is not None:
-            shown = {k: clean[k] for k in ("loss", "eval_loss", "tokens_per_s", "mfu")
-                     if k in clean and isinstance(clean[k], float)}
+        shown = {k: clean[k] for k in ("loss", "eval_loss", "tokens_per_s", "mfu")
+                 if k in clean and isinstance(clean[k], float)}
+        if self._bar is not None and not self._bar.disable:
             self._bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
+        else:  # no terminal (a log file): one line per event, with the ETA
+            eta = ""
+            if "step_time_s" in clean:
+                eta = f"  eta {_duration((self.total_steps - step) * clean['step_time_s'])}"
+            print(f"step {step}/{self.total_steps}  "
+                  + "  ".join(f"{k} {v:.4g}" for k, v in shown.items()) + eta, flush=True)
 
     def advance(self, steps: int = 1) -> None:
         if self._bar is not None:
@@ -103,6 +110,12 @@ class MetricsWriter:
         self._jsonl.close()
 
 
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
 class Throughput:
     """Tokens/s, step time and MFU over the steps since the last call."""
 
@@ -111,15 +124,24 @@ class Throughput:
         self.flops_per_token = flops_per_token
         peak = peak_flops(jax.devices()[0].device_kind)
         self.peak_total = peak * jax.device_count() if peak else None
-        self._t, self._steps = time.perf_counter(), 0
+        self._t, self._steps, self._excluded = time.perf_counter(), 0, 0.0
 
     def tick(self, steps: int = 1) -> None:
         self._steps += steps
 
+    @contextlib.contextmanager
+    def excluded(self):
+        """Time spent inside (compilation, eval, checkpointing) does not count as step time."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._excluded += time.perf_counter() - start
+
     def read(self) -> dict:
         now = time.perf_counter()
-        elapsed, steps = now - self._t, max(self._steps, 1)
-        self._t, self._steps = now, 0
+        elapsed, steps = max(now - self._t - self._excluded, 1e-9), max(self._steps, 1)
+        self._t, self._steps, self._excluded = now, 0, 0.0
         tokens_per_s = self.tokens_per_step * steps / elapsed
         out = {"step_time_s": elapsed / steps, "tokens_per_s": tokens_per_s}
         if self.peak_total:

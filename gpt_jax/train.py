@@ -150,6 +150,8 @@ def train(config, workdir: str) -> dict:
                                 flops.flops_per_token(trainer.model_cfg, seq_len))
         loader = data.BatchLoader(train_data, t.global_batch_size, seq_len, t.seed, mesh,
                                   start_step=start_step, prefetch=config.data.prefetch)
+        if config.train.init_from and start_step == 0:  # where the fine-tune starts from
+            writer.write(0, evaluate(trainer, eval_step, state["params"], val_data, config))
         stop = StopSignal()
         try:
             last = _loop(state, start_step, train_step, eval_step, loader, val_data, trainer,
@@ -166,24 +168,35 @@ def _loop(state, step, train_step, eval_step, loader, val_data, trainer, checkpo
           throughput, stop, config) -> dict:
     t = config.train
     pending, last = [], {}
+    first = True
     for step, batch in loader:
         if step >= t.num_steps:
             break
-        state, metrics = train_step(state, batch)
+        if first:  # the first call compiles: time it apart from the steady state
+            with throughput.excluded():
+                start = time.perf_counter()
+                state, metrics = jax.block_until_ready(train_step(state, batch))
+                writer.message(f"compiled and ran the first step in "
+                               f"{time.perf_counter() - start:.1f} s")
+            first = False
+        else:
+            state, metrics = train_step(state, batch)
+            throughput.tick()
         pending.append((step, metrics))
-        throughput.tick()
         writer.advance()
         done = step + 1
         if done % t.log_every == 0 or done == t.num_steps:
             last = _log(pending, throughput, writer, config, checkpointer)
             pending = []
         if done % t.eval_every == 0 or done == t.num_steps:
-            evaluation = evaluate(trainer, eval_step, state["params"], val_data, config)
+            with throughput.excluded():
+                evaluation = evaluate(trainer, eval_step, state["params"], val_data, config)
             writer.write(done, evaluation)
             last = {**last, **evaluation}
         data_state = {"step": done, "seed": t.seed}  # the batch of step s is f(seed, s)
         if done % config.checkpoint.every == 0 or done == t.num_steps:
-            checkpointer.save(state, data_state, config)
+            with throughput.excluded():
+                checkpointer.save(state, data_state, config)
         if stop.should_stop(done):
             _log(pending, throughput, writer, config, checkpointer)
             checkpointer.save(state, data_state, config, force=True)

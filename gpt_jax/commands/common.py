@@ -47,3 +47,11 @@ def init_distributed() -> None:
         jax.distributed.initialize(address, num_processes=num, process_id=pid)
     elif os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("MEGASCALE_COORDINATOR_ADDRESS"):
         jax.distributed.initialize()
+
+
+def quiet_logging() -> None:
+    """Keep the console to our own lines: absl INFO from TFDS/Orbax only with --verbosity=0."""
+    from absl import logging
+
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
