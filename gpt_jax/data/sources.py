@@ -214,8 +214,10 @@ class Corpus:
         source = self.split(split)
         for start in range(0, len(source), chunk):
             ids = list(range(start, min(start + chunk, len(source))))
-            records = source.__getitems__(ids) if hasattr(source, "__getitems__") else [
-                source[i] for i in ids]
+            try:
+                records = source.__getitems__(ids)
+            except (AttributeError, TypeError):  # no batched reads (e.g. under mock_data)
+                records = [source[i] for i in ids]
             for record in records:
                 value = record[self.text_field]
                 yield decode_utf8(value)[0] if isinstance(value, bytes) else str(value)
@@ -269,7 +271,8 @@ def _open_tfds(d) -> Corpus:
         builder = tfds.builder(name, data_dir=d.data_dir or None, file_format="array_record")
     except tfds.core.registered.DatasetNotFoundError:
         base = name.split("/")[0].split(":")[0]
-        close = difflib.get_close_matches(base, tfds.list_builders(), n=3)
+        close = difflib.get_close_matches(
+            base, tfds.list_builders(with_community_datasets=False), n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else "; see tfds.list_builders()"
         raise DataError(f"data.tfds_name={name!r} is not a registered TFDS dataset{hint}") from None
     except Exception as e:  # a bad config or version inside the name

@@ -1,0 +1,222 @@
+"""Token cache, packing, determinism across restarts and process layouts, sharded batches."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+
+from gpt_jax import data
+from gpt_jax.config import base_config
+from gpt_jax.data import cache as cache_lib
+from gpt_jax.sharding import batch_sharding, make_mesh
+from test_data_common import make_config, private_cache, write_corpus  # noqa: F401
+
+T = 16  # seq_len
+
+
+@pytest.fixture
+def setup(tmp_path):
+    texts = write_corpus(tmp_path / "corpus", n_files=10, lines=30)
+    config = make_config(tmp_path, str(tmp_path / "corpus"))
+    tok = data.ByteTokenizer()
+    return config, tok, texts
+
+
+def reference_tokens(corpus, split, texts, tok) -> list[int]:
+    """Plain-python packing of the split: bos + utf-8 bytes + eos per file, in source order."""
+    out = []
+    for record in corpus.split(split):
+        rel = record["path"].decode()
+        out += [tok.bos_id] + list(texts[rel].encode("utf-8")) + [tok.eos_id]
+    return out
+
+
+def test_cache_matches_plain_python_packing(setup):
+    config, tok, texts = setup
+    corpus = data.open_corpus(config.data)
+    for split in ("train", "validation"):
+        ds = data.TokenDataset(config, tok, split, corpus=corpus)
+        assert ds.tokens.tolist() == reference_tokens(corpus, split, texts, tok)
+        assert ds.tokens.dtype == np.uint16
+
+
+def test_an_epoch_covers_every_window_once_and_targets_are_shifted(setup):
+    config, tok, texts = setup
+    ds = data.TokenDataset(config, tok, "train")
+    flat = reference_tokens(data.open_corpus(config.data), "train", texts, tok)
+    windows = (len(flat) - 1) // T
+    batch = 4
+    steps = -(-windows // batch)
+    rows = [ds.host_batch(s, batch, T) for s in range(steps)]
+    inputs = np.concatenate([r["inputs"] for r in rows])[:windows]
+    targets = np.concatenate([r["targets"] for r in rows])[:windows]
+    assert inputs.shape == (windows, T) and inputs.dtype == np.int32
+    got = sorted(map(tuple, inputs.tolist()))
+    slack = len(flat) - 1 - windows * T
+    offsets = [o for o in range(slack + 1)
+               if got == sorted(tuple(flat[o + i * T:o + (i + 1) * T]) for i in range(windows))]
+    assert len(offsets) >= 1, "an epoch is not a permutation of contiguous windows"
+    for x, y in zip(inputs.tolist(), targets.tolist()):
+        start = next(i for i in range(len(flat)) if flat[i:i + T] == x)
+        assert y == flat[start + 1:start + T + 1]
+    second = np.concatenate([ds.host_batch(s, batch, T)["inputs"]
+                             for s in range(steps, 2 * steps)])
+    assert not np.array_equal(second[:windows // 2], inputs[:windows // 2])  # reshuffled
+
+
+def test_different_seeds_give_different_batches(setup):
+    config, tok, _ = setup
+    ds = data.TokenDataset(config, tok, "train")
+    a = ds.host_batch(3, 8, T, seed=0)["inputs"]
+    assert np.array_equal(a, ds.host_batch(3, 8, T, seed=0)["inputs"])
+    assert not np.array_equal(a, ds.host_batch(3, 8, T, seed=1)["inputs"])
+
+
+WORKER = textwrap.dedent("""
+    import json, sys, numpy as np
+    from gpt_jax import data
+    from gpt_jax.config import from_json
+    config = from_json(open(sys.argv[1]).read())
+    ds = data.TokenDataset(config, data.ByteTokenizer(), "train")
+    pi, pc, first, last, out = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), \\
+        int(sys.argv[5]), sys.argv[6]
+    b = [ds.host_batch(s, 8, 16, pi, pc)["inputs"] for s in range(first, last)]
+    np.save(out, np.stack(b))
+""")
+
+
+def test_fresh_processes_and_two_hosts_reproduce_the_stream(setup, tmp_path):
+    config, tok, _ = setup
+    ds = data.TokenDataset(config, tok, "train")
+    mesh = make_mesh(base_config().mesh)
+    with data.BatchLoader(ds, 8, T, config.train.seed, mesh, prefetch=2) as loader:
+        uninterrupted = [np.asarray(b["inputs"]) for _, (_, b) in zip(range(12), loader)]
+    (tmp_path / "config.json").write_text(json.dumps(config.to_dict()))
+    (tmp_path / "w.py").write_text(WORKER)
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.getcwd())
+    runs = {"fresh": (0, 1), "host0": (0, 2), "host1": (1, 2)}
+    procs = {name: subprocess.Popen(
+        [sys.executable, str(tmp_path / "w.py"), str(tmp_path / "config.json"), str(pi),
+         str(pc), "7", "12", str(tmp_path / f"{name}.npy")], env=env)
+        for name, (pi, pc) in runs.items()}
+    assert all(p.wait(timeout=90) == 0 for p in procs.values())
+    got = {name: np.load(tmp_path / f"{name}.npy") for name in runs}
+    expected = np.stack(uninterrupted[7:12])
+    np.testing.assert_array_equal(got["fresh"], expected)  # resume at step 7
+    np.testing.assert_array_equal(np.concatenate([got["host0"], got["host1"]], axis=1), expected)
+    assert got["host0"].shape[1] == got["host1"].shape[1] == 4  # no row duplicated or dropped
+
+
+def test_loader_builds_sharded_global_arrays_on_8_devices(setup):
+    config, tok, _ = setup
+    ds = data.TokenDataset(config, tok, "train")
+    config.mesh.update(data=4, fsdp=2)
+    mesh = make_mesh(config.mesh)
+    assert len(jax.devices()) == 8
+    loader = data.BatchLoader(ds, 16, T, seed=5, mesh=mesh, start_step=3, prefetch=3)
+    for want, (step, batch) in zip(range(3, 6), loader):
+        assert step == want
+        expected = ds.host_batch(step, 16, T, seed=5)
+        for key in ("inputs", "targets"):
+            array = batch[key]
+            assert array.shape == (16, T) and array.sharding == batch_sharding(mesh)
+            np.testing.assert_array_equal(np.asarray(array), expected[key])
+            for shard in array.addressable_shards:  # each device holds its own 2 rows
+                assert shard.data.shape == (2, T)
+                np.testing.assert_array_equal(np.asarray(shard.data), expected[key][shard.index])
+    assert loader.state() == {"step": 6, "seed": 5, "global_batch_size": 16, "seq_len": T}
+    loader.close()
+    with pytest.raises(data.DataError, match="global_batch_size=12 is not divisible"):
+        data.BatchLoader(ds, 12, T, seed=0, mesh=mesh)
+
+
+def test_loader_error_in_thread_reaches_the_consumer(setup):
+    config, tok, _ = setup
+    ds = data.TokenDataset(config, tok, "train")
+    loader = data.BatchLoader(ds, 8, T, 0, make_mesh(base_config().mesh), prefetch=2)
+    ds.tokens = ds.tokens[:5]  # shorter than a window: the producer fails
+    with pytest.raises(data.DataError, match="seq_len=16 is too long"):
+        for _ in zip(range(100), loader):
+            pass
+    loader.close()
+
+
+def test_eval_batches_are_sequential_and_repeatable(setup):
+    config, tok, texts = setup
+    val = data.TokenDataset(config, tok, "validation")
+    flat = reference_tokens(data.open_corpus(config.data), "validation", texts, tok)
+    windows = (len(flat) - 1) // T
+    batches = list(val.eval_batches(None, 4, T))
+    assert len(batches) == -(-windows // 4)
+    inputs = np.concatenate([b["inputs"] for b in batches])
+    for w in range(windows):
+        assert inputs[w].tolist() == flat[w * T:(w + 1) * T]
+    assert inputs[windows:].tolist() == [flat[w * T:(w + 1) * T]
+                                         for w in range(len(inputs) - windows)]  # wraps
+    halves = [list(val.eval_batches(2, 4, T, p, 2)) for p in range(2)]
+    for b in range(2):
+        joined = np.concatenate([halves[0][b]["inputs"], halves[1][b]["inputs"]])
+        np.testing.assert_array_equal(joined, batches[b]["inputs"])
+
+
+def test_other_tokenizer_gets_its_own_cache_and_tampering_rebuilds(setup):
+    config, tok, texts = setup
+    byte_ds = data.TokenDataset(config, tok, "validation")
+    char = data.CharTokenizer.from_texts(texts.values())
+    char_ds = data.TokenDataset(config, char, "validation")
+    assert char_ds.path != byte_ds.path
+    corpus = data.open_corpus(config.data)
+    expected = []
+    for record in corpus.split("validation"):
+        expected += [char.bos_id] + char.encode(texts[record["path"].decode()]) + [char.eos_id]
+    assert char_ds.tokens.tolist() == expected
+    meta_path = char_ds.path[:-len(".tokens")] + ".json"
+    meta = json.load(open(meta_path))
+    meta["tokenizer_fingerprint"] = tok.fingerprint  # claims another tokenizer: never reused
+    json.dump(meta, open(meta_path, "w"))
+    with open(char_ds.path, "r+b") as f:
+        f.write(b"\xff\xff")
+    assert data.TokenDataset(config, char, "validation").tokens.tolist() == expected
+
+
+def test_interrupted_build_is_detected_and_rebuilt(setup, monkeypatch):
+    config, tok, texts = setup
+    corpus = data.open_corpus(config.data)
+    calls = []
+
+    def dying_encode(batch):
+        calls.append(1)
+        raise KeyboardInterrupt  # e.g. the job was killed mid-build
+
+    monkeypatch.setattr(tok, "encode_batch", dying_encode)
+    with pytest.raises(KeyboardInterrupt):
+        data.TokenDataset(config, tok, "train", corpus=corpus)
+    tokens_path, meta_path = cache_lib.cache_paths(corpus, "train", tok, config.data.cache_dir)
+    assert not os.path.exists(meta_path) and not os.path.exists(tokens_path)
+    with open(tokens_path + ".partial-999999", "wb") as f:  # a killed process's leftovers
+        f.write(b"\x01\x02")
+    monkeypatch.undo()
+    ds = data.TokenDataset(config, tok, "train", corpus=corpus)
+    assert ds.tokens.tolist() == reference_tokens(corpus, "train", texts, tok)
+    assert not any(".partial-" in f for f in os.listdir(os.path.dirname(tokens_path)))
+
+
+def test_seq_len_longer_than_split_and_empty_corpus(tmp_path, setup):
+    config, tok, _ = setup
+    val = data.TokenDataset(config, tok, "validation")
+    with pytest.raises(data.DataError, match=f"seq_len={val.num_tokens} is too long for "
+                                             "text_files/validation"):
+        val.host_batch(0, 2, val.num_tokens)
+    (tmp_path / "empty").mkdir()
+    for i in range(3):
+        (tmp_path / "empty" / f"e{i}.txt").write_text("")
+    empty = make_config(tmp_path, str(tmp_path / "empty"))
+    with pytest.raises(data.DataError, match="split 'train' of text_files is empty"):
+        data.TokenDataset(empty, tok, "train")
