@@ -1,0 +1,94 @@
+"""`gpt-jax bench data`: default-corpus cache build time and loader throughput (tokens/s).
+
+Builds everything from scratch in a temporary cache (TFDS prepare of the stdlib corpus,
+tokenizer training, token caches), then times `host_batch` (numpy rows of one process) and the
+`BatchLoader` (global jax.Arrays on this host's devices, prefetch thread included).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+import time
+
+from absl import flags
+
+from gpt_jax.commands.common import define_config_flag
+
+if "config" not in flags.FLAGS:
+    define_config_flag("default")
+flags.DEFINE_integer("bench_batches", 300, "Batches to time for each loader measurement.")
+flags.DEFINE_integer("bench_batch_size", 0, "Global batch size (0: the config's).")
+flags.DEFINE_integer("bench_seq_len", 0, "Sequence length (0: the config's block size).")
+flags.DEFINE_string("bench_cache", "", "Cache folder to build in ('': a fresh temporary one).")
+
+FLAGS = flags.FLAGS
+
+
+def _timed(fn):
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
+
+
+def measure(config, cache: str, batches: int, batch_size: int, seq_len: int) -> dict:
+    """The numbers of this benchmark as a dict (see module docstring)."""
+    import jax
+
+    from gpt_jax import data
+    from gpt_jax.sharding import make_mesh
+
+    os.environ["GPT_JAX_CACHE"] = cache
+    config.data.update(data_dir="", cache_dir="")
+    start = time.perf_counter()
+    corpus, t_prepare = _timed(lambda: data.open_corpus(config.data))
+    tok, t_tok = _timed(lambda: data.build_tokenizer(config, os.path.join(cache, "run"), 0))
+    train, t_train = _timed(lambda: data.TokenDataset(config, tok, "train", corpus=corpus))
+    val, t_val = _timed(lambda: data.TokenDataset(config, tok, "validation", corpus=corpus))
+    t_total = time.perf_counter() - start
+
+    tokens = batches * batch_size * seq_len
+    _, t_host = _timed(lambda: [train.host_batch(s, batch_size, seq_len) for s in range(batches)])
+    mesh = make_mesh(config.mesh)
+    loader = data.BatchLoader(train, batch_size, seq_len, config.train.seed, mesh,
+                              prefetch=max(1, config.data.prefetch))
+    next(loader)  # thread started, first batch made
+
+    def consume():
+        for _, (_, batch) in zip(range(batches), loader):
+            batch["inputs"].block_until_ready()
+
+    _, t_loader = _timed(consume)
+    loader.close()
+    return {
+        "corpus": corpus.name, "python": platform.python_version(),
+        "corpus_files": corpus.metadata.get("num_files"), "tokenizer": tok.kind,
+        "vocab_size": tok.vocab_size, "train_tokens": train.num_tokens,
+        "validation_tokens": val.num_tokens, "prepare_s": round(t_prepare, 2),
+        "tokenizer_s": round(t_tok, 2), "train_cache_s": round(t_train, 2),
+        "validation_cache_s": round(t_val, 2), "cache_build_total_s": round(t_total, 2),
+        "batch_size": batch_size, "seq_len": seq_len, "devices": jax.device_count(),
+        "host_batch_tokens_per_s": round(tokens / t_host),
+        "loader_tokens_per_s": round(tokens / t_loader), "cpu_count": os.cpu_count(),
+    }
+
+
+def run(argv: list[str]) -> None:
+    del argv
+    config = FLAGS.config
+    batch_size = FLAGS.bench_batch_size or config.train.global_batch_size
+    seq_len = FLAGS.bench_seq_len or config.model.block_size
+    with tempfile.TemporaryDirectory(prefix="gpt_jax_bench_data_") as tmp:
+        r = measure(config, FLAGS.bench_cache or tmp, FLAGS.bench_batches, batch_size, seq_len)
+    print(f"corpus: {r['corpus']} (Python {r['python']}, {r['corpus_files']} files), "
+          f"{r['tokenizer']} tokenizer, vocab {r['vocab_size']}")
+    print(f"cache build from scratch: {r['cache_build_total_s']:.1f}s (TFDS prepare "
+          f"{r['prepare_s']:.1f}s, tokenizer {r['tokenizer_s']:.1f}s, train tokens "
+          f"{r['train_cache_s']:.1f}s, validation tokens {r['validation_cache_s']:.1f}s); "
+          f"{r['train_tokens']:,} train / {r['validation_tokens']:,} validation tokens")
+    print(f"host_batch ({batch_size}x{seq_len}): {r['host_batch_tokens_per_s']:,.0f} tokens/s")
+    print(f"BatchLoader -> global jax.Array on {r['devices']} device(s): "
+          f"{r['loader_tokens_per_s']:,.0f} tokens/s")
+    print(json.dumps({"bench": "data", **r}, sort_keys=True))
