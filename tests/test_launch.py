@@ -1,0 +1,486 @@
+"""launch/: TPU launcher dry runs and validation, the remote scripts, the preemption supervisor,
+the local multi-host launcher, the GKE JobSet example, and a 2-host kill-and-resume run."""
+
+from __future__ import annotations
+
+import json
+import os
+import py_compile
+import shlex
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import time
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from launch import gcloud, local_multihost, supervisor, tpu, tpu_types  # noqa: E402
+
+PY = sys.executable
+WHERE = ["--name=my-tpu", "--project=my-proj", "--zone=us-west4-a"]
+WHERE_FLAGS = ["--project=my-proj", "--zone=us-west4-a"]
+
+
+@pytest.fixture(autouse=True)
+def no_real_gcloud(tmp_path_factory, monkeypatch):
+    """Every test sees a `gcloud` on PATH that fails loudly: the real one never runs."""
+    bindir = tmp_path_factory.mktemp("guard")
+    guard = bindir / "gcloud"
+    guard.write_text("#!/bin/sh\necho 'real gcloud called in a test' >&2\nexit 99\n")
+    guard.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
+
+
+class Recorder:
+    """A fake runner: records every argv; `respond(argv)` picks the Result."""
+
+    def __init__(self, respond=None):
+        self.calls: list[list[str]] = []
+        self.respond = respond or (lambda argv: gcloud.Result(0))
+
+    def __call__(self, argv):
+        self.calls.append(list(argv))
+        return self.respond(argv)
+
+
+def dry_run(capsys, *argv: str) -> list[list[str]]:
+    """Run tpu.main(... --dry-run) and return the printed commands as argv lists."""
+    argv = list(argv)
+    at = argv.index("--") if "--" in argv else len(argv)
+    assert tpu.main(argv[:at] + ["--dry-run"] + argv[at:]) == 0
+    out = capsys.readouterr().out
+    return [shlex.split(line) for line in out.splitlines() if line and not line.startswith("#")]
+
+
+def remote_command(argv: list[str]) -> str:
+    (cmd,) = [a for a in argv if a.startswith("--command=")]
+    return cmd[len("--command="):]
+
+
+# ---------------------------------------------------------------- accelerator table
+
+
+@pytest.mark.parametrize("name,chips,hosts,runtime", [
+    ("v4-8", 4, 1, "tpu-ubuntu2204-base"), ("v4-32", 16, 4, "tpu-ubuntu2204-base"),
+    ("v5litepod-8", 8, 1, "v2-alpha-tpuv5-lite"), ("v5e-32", 32, 8, "v2-alpha-tpuv5-lite"),
+    ("v5p-8", 4, 1, "v2-alpha-tpuv5"), ("v6e-8", 8, 1, "v2-alpha-tpuv6e"),
+    ("v6e-16", 16, 4, "v2-alpha-tpuv6e")])
+def test_accelerator_table(name, chips, hosts, runtime):
+    acc = tpu_types.accelerator(name)
+    assert (acc.chips, acc.hosts, acc.runtime_version) == (chips, hosts, runtime)
+
+
+# ---------------------------------------------------------------- dry runs
+
+
+def test_create_on_demand_dry_run(capsys):
+    (cmd,) = dry_run(capsys, "create", *WHERE, "--accelerator=v5litepod-8")
+    assert cmd == ["gcloud", "compute", "tpus", "tpu-vm", "create", "my-tpu", *WHERE_FLAGS,
+                   "--accelerator-type=v5litepod-8", "--version=v2-alpha-tpuv5-lite"]
+
+
+def test_create_queued_spot_dry_run(capsys):
+    (cmd,) = dry_run(capsys, "create", *WHERE[:2], "--zone=us-central2-b", "--queued", "--spot",
+                     "--accelerator=v4-32")
+    assert cmd == ["gcloud", "compute", "tpus", "queued-resources", "create", "my-tpu",
+                   "--project=my-proj", "--zone=us-central2-b", "--accelerator-type=v4-32",
+                   "--runtime-version=tpu-ubuntu2204-base", "--node-id=my-tpu", "--spot"]
+
+
+@pytest.mark.parametrize("tier", ["--preemptible", "--reserved", "--spot"])
+def test_create_tiers_and_version_override(capsys, tier):
+    (cmd,) = dry_run(capsys, "create", *WHERE, "--accelerator=v6e-8", tier, "--version=v2-custom",
+                     "--gcloud-arg=--network=my-net")
+    assert cmd[-3:] == ["--version=v2-custom", tier, "--network=my-net"]
+
+
+def test_install_dry_run_ships_source_and_installs_tpu_extra(capsys):
+    tar, scp, ssh = dry_run(capsys, "install", *WHERE)
+    assert tar[:2] == ["tar", "-czf"] and tar[-2:] == [REPO, "."]
+    assert scp[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "scp", tar[2]]
+    assert scp[6] == "my-tpu:gpt_jax-src.tar.gz" and "--worker=all" in scp
+    assert ssh[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "my-tpu"]
+    assert "--worker=all" in ssh and "--zone=us-west4-a" in ssh and "--project=my-proj" in ssh
+    script = remote_command(ssh)
+    assert '--python 3.11 "$HOME/gpt_jax_venv"' in script
+    assert 'pip install -q --python "$HOME/gpt_jax_venv/bin/python" -e "$HOME/gpt_jax[tpu]"' in script
+
+
+def test_install_from_pip_spec(capsys):
+    (ssh,) = dry_run(capsys, "install", *WHERE, "--pip=gpt_jax[tpu] @ git+https://x/gpt_jax")
+    assert "'gpt_jax[tpu] @ git+https://x/gpt_jax'" in remote_command(ssh)
+
+
+def test_train_dry_run(capsys):
+    (ssh,) = dry_run(capsys, "train", *WHERE, "--accelerator=v4-32", "--workdir=gs://bkt/runs/a/",
+                     "--env=LIBTPU_INIT_ARGS=--xla_tpu_x=1", "--",
+                     "--config=configs/gpt2_124m.py", "--config.train.num_steps=5")
+    assert ssh[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "my-tpu"]
+    assert "--worker=all" in ssh and "--zone=us-west4-a" in ssh
+    script = remote_command(ssh)
+    inner = shlex.split(script.split("nohup bash -c ", 1)[1])[0]
+    assert ("env -u JAX_PLATFORMS LIBTPU_INIT_ARGS=--xla_tpu_x=1 \"$HOME/gpt_jax_venv/bin/gpt-jax\""
+            " train --workdir=gs://bkt/runs/a --config=configs/gpt2_124m.py "
+            "--config.train.num_steps=5 &") in inner
+    assert script.endswith('>> "$HOME/gpt_jax_logs/train.log" 2>&1 < /dev/null &')
+
+
+@pytest.mark.parametrize("queued", [False, True])
+def test_logs_stop_status_delete_dry_run(capsys, queued):
+    q = ["--queued"] if queued else []
+    (logs,) = dry_run(capsys, "logs", *WHERE, *q, "--lines=20")
+    assert "--worker=0" in logs
+    assert remote_command(logs) == 'tail -n 20 -F "$HOME/gpt_jax_logs/train.log"'
+    (stop,) = dry_run(capsys, "stop", *WHERE, *q)
+    assert "--worker=all" in stop and "kill -TERM" in remote_command(stop)
+    (status,) = dry_run(capsys, "status", *WHERE, *q)
+    (delete,) = dry_run(capsys, "delete", *WHERE, *q)
+    if queued:
+        assert status[3:6] == ["queued-resources", "describe", "my-tpu"]
+        assert status[-1] == "--format=value(state.state)"
+        assert delete == ["gcloud", "compute", "tpus", "queued-resources", "delete", "my-tpu",
+                          *WHERE_FLAGS, "--force", "--quiet"]
+    else:
+        assert status[-1] == "--format=value(state)"
+        assert delete == ["gcloud", "compute", "tpus", "tpu-vm", "delete", "my-tpu",
+                          *WHERE_FLAGS, "--quiet"]
+
+
+def test_supervise_dry_run_lists_the_plan(capsys):
+    cmds = dry_run(capsys, "supervise", *WHERE, "--queued", "--spot", "--accelerator=v5e-32",
+                   "--workdir=gs://bkt/run", "--skip-install", "--", "--config=configs/tiny.py")
+    verbs = [c[3:5] for c in cmds]
+    assert verbs == [["queued-resources", "describe"], ["queued-resources", "create"],
+                     ["tpu-vm", "ssh"], ["tpu-vm", "ssh"], ["queued-resources", "delete"]]
+    assert "--accelerator-type=v5litepod-32" in cmds[1] and "--spot" in cmds[1]
+
+
+def fake_gcloud(tmp_path, rc: int = 0) -> str:
+    """A `gcloud` on PATH that appends its argv (JSON) to calls.jsonl and exits with rc."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir(exist_ok=True)
+    script = bindir / "gcloud"
+    script.write_text(f"#!{PY}\nimport json, sys\n"
+                      f"open({str(tmp_path / 'calls.jsonl')!r}, 'a').write("
+                      f"json.dumps(sys.argv[1:]) + '\\n')\nsys.exit({rc})\n")
+    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    return f"{bindir}{os.pathsep}{os.environ['PATH']}"
+
+
+def calls(tmp_path) -> list[list[str]]:
+    path = tmp_path / "calls.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_cli_dry_run_runs_nothing_and_real_run_probes_workdir_first(tmp_path):
+    env = dict(os.environ, PATH=fake_gcloud(tmp_path))
+    argv = [PY, os.path.join(REPO, "launch", "tpu.py"), "train", *WHERE, "--accelerator=v4-8",
+            "--workdir=gs://bkt/run", "--", "--config=configs/tiny.py"]
+    dry = argv[:-2] + ["--dry-run"] + argv[-2:]
+    out = subprocess.run(dry, env=env, capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.startswith("gcloud compute tpus tpu-vm ssh my-tpu")
+    assert calls(tmp_path) == []
+    out = subprocess.run(argv, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    made = calls(tmp_path)
+    assert [c[:2] for c in made] == [["storage", "cp"], ["storage", "rm"], ["compute", "tpus"]]
+    assert made[0][-1] == made[1][-1] == "gs://bkt/run/.gpt_jax_write_probe"
+
+
+# ---------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["create", *WHERE, "--accelerator=v9-8"], "unknown accelerator type 'v9-8'; known types: v4-"),
+    (["create", "--name=my-tpu", "--zone=us-west4-a", "--accelerator=v4-8"], "missing --project"),
+    (["create", "--name=my-tpu", "--project=my-proj", "--accelerator=v4-8"], "missing --zone"),
+    (["create", *WHERE[:2], "--zone=uswest4", "--accelerator=v4-8"], "--zone='uswest4' is not"),
+    (["create", *WHERE, "--queued", "--preemptible", "--accelerator=v4-8"], "use --spot"),
+    (["create", *WHERE, "--spot", "--reserved", "--accelerator=v4-8"], "not allowed with"),
+    (["train", *WHERE, "--accelerator=v4-32", "--workdir=/tmp/run"], "must be a gs://bucket"),
+    (["train", *WHERE, "--accelerator=v4-32"], "missing --workdir"),
+    (["train", *WHERE, "--accelerator=v4-32", "--workdir=gs://bkt/r", "--", "--num_processes=2"],
+     "process count mismatch: --num_processes=2 but v4-32 has 4 host(s)"),
+    (["train", *WHERE, "--accelerator=v4-8", "--workdir=gs://bkt/r", "--",
+      "--coordinator_address=1.2.3.4:1"], "--coordinator_address is set by the TPU runtime"),
+    (["train", *WHERE, "--accelerator=v4-8", "--workdir=gs://bkt/r", "--env=1X=2"], "NAME=value"),
+    (["install", *WHERE, "--source=/nonexistent"], "is not a gpt_jax checkout"),
+    (["logs", *WHERE, "--bogus"], "unrecognized arguments: --bogus"),
+    (["train", *WHERE, "--accelerator=v4-8", "--workdir=gs://bkt/r", "--", "--dry-run"],
+     "put --dry-run before --"),
+])
+def test_bad_input_is_one_line_before_any_gcloud_call(capsys, monkeypatch, argv, message):
+    monkeypatch.delenv("CLOUDSDK_CORE_PROJECT", raising=False)
+    monkeypatch.delenv("CLOUDSDK_COMPUTE_ZONE", raising=False)
+    runner = Recorder()
+    assert tpu.main(argv, run=runner) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("tpu.py: error: ") and message in err, err
+    assert runner.calls == []
+
+
+def test_unwritable_workdir_stops_before_anything_is_created(capsys):
+    runner = Recorder(lambda argv: gcloud.Result(1 if argv[1] == "storage" else 0))
+    argv = ["supervise", *WHERE, "--queued", "--accelerator=v4-8", "--workdir=gs://bkt/ro"]
+    assert tpu.main(argv, run=runner, sleep=lambda s: None) == 2
+    assert "--workdir=gs://bkt/ro is not writable" in capsys.readouterr().err
+    assert [c[:2] for c in runner.calls] == [["gcloud", "storage"]]
+
+
+# ---------------------------------------------------------------- the remote scripts, for real
+
+
+def fake_worker_home(tmp_path) -> dict[str, str]:
+    """A HOME with a fake gpt-jax that logs its argv/env and checkpoints on SIGTERM."""
+    home = tmp_path / "home"
+    (home / "gpt_jax_venv" / "bin").mkdir(parents=True)
+    fake = home / "gpt_jax_venv" / "bin" / "gpt-jax"
+    fake.write_text(f"#!{PY}\nimport os, signal, sys, time\n"
+                    "print('argv', sys.argv[1:], 'JAX_PLATFORMS', os.environ.get('JAX_PLATFORMS'),"
+                    " 'FOO', os.environ.get('FOO'), flush=True)\n"
+                    "signal.signal(signal.SIGTERM, lambda *a: (print('saved', flush=True),"
+                    " sys.exit(0)))\ntime.sleep(60)\n")
+    fake.chmod(0o755)
+    return dict(os.environ, HOME=str(home), JAX_PLATFORMS="cpu")
+
+
+def read(path) -> str:
+    return path.read_text() if path.exists() else ""
+
+
+def wait_for(predicate, timeout=20.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_train_and_stop_scripts_run_under_bash(tmp_path):
+    env = fake_worker_home(tmp_path)
+    logs = tmp_path / "home" / "gpt_jax_logs"
+    script = gcloud.train_script("gs://b/r", ["--config=configs/tiny.py", "--x=it's"], {"FOO": "a b"})
+    assert subprocess.run(["bash", "-c", script], env=env, timeout=20).returncode == 0
+    assert wait_for(lambda: "argv" in read(logs / "train.log"))
+    log = (logs / "train.log").read_text()
+    assert "['train', '--workdir=gs://b/r', '--config=configs/tiny.py', \"--x=it's\"]" in log
+    assert "JAX_PLATFORMS None FOO a b" in log
+    again = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True)
+    assert again.returncode == 1 and "already running" in again.stderr
+    status = ["bash", "-c", gcloud.exit_status_script()]
+    assert subprocess.run(status, env=env, capture_output=True, text=True).stdout == "running\n"
+    subprocess.run(["bash", "-c", gcloud.stop_script()], env=env, check=True)
+    assert wait_for(lambda: read(logs / "train.exit"))
+    assert (logs / "train.exit").read_text() == "0\n" and "saved" in (logs / "train.log").read_text()
+    tail = subprocess.run(["bash", "-c", gcloud.logs_script(1, follow=False)], env=env,
+                          capture_output=True, text=True)
+    assert tail.stdout == "saved\n"
+
+
+TRAIN_SCRIPT = gcloud.train_script("gs://b/r", ["--config=configs/tiny.py"], {"A": "1"})
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None,
+                    reason="shellcheck is not installed (apt-get install shellcheck)")
+@pytest.mark.parametrize("script", [
+    gcloud.install_script(None, "3.11"), gcloud.install_script("gpt_jax[tpu]", "3.11"),
+    TRAIN_SCRIPT, shlex.split(TRAIN_SCRIPT.split("nohup bash -c ", 1)[1])[0],
+    gcloud.stop_script(), gcloud.logs_script(10, True), gcloud.exit_status_script()])
+def test_remote_scripts_pass_shellcheck(script):
+    # SC2016: the script for `bash -c '...'` is single-quoted on purpose (it expands remotely);
+    # the inner script is checked on its own (the 4th case).
+    out = subprocess.run(["shellcheck", "-s", "bash", "--exclude=SC2016", "-"], input=script,
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout
+
+
+def test_launch_modules_compile():
+    for name in os.listdir(os.path.join(REPO, "launch")):
+        if name.endswith(".py"):
+            py_compile.compile(os.path.join(REPO, "launch", name), doraise=True)
+
+
+# ---------------------------------------------------------------- preemption supervisor
+
+
+class FakeCloud:
+    """Scripted gcloud: describe answers from `states`, worker 0's exit status from `exits`."""
+
+    def __init__(self, states: list[str], exits: list[str]):
+        self.states, self.exits, self.log = list(states), list(exits), []
+
+    def __call__(self, argv):
+        verb = argv[4] if argv[:3] == ["gcloud", "compute", "tpus"] else argv[0]
+        if verb == "ssh" and "train.exit" in remote_command(argv):
+            self.log.append(("exit", argv))
+            return gcloud.Result(0, self.exits.pop(0) + "\n")
+        self.log.append((verb, argv))
+        if verb == "describe":
+            s = self.states.pop(0)
+            return gcloud.Result(0, s + "\n") if s else gcloud.Result(1, "", "NOT_FOUND")
+        return gcloud.Result(0)
+
+    def kinds(self) -> list[str]:
+        return [k for k, _ in self.log]
+
+
+def plan(**kw) -> supervisor.Plan:
+    t = gcloud.Target("my-tpu", "my-proj", "us-west4-a", queued=True)
+    kw.setdefault("install", [["install"]])
+    return supervisor.Plan(target=t, create=["gcloud", "compute", "tpus", "queued-resources",
+                                             "create", "my-tpu"],
+                           train=gcloud.ssh_cmd(t, "all", "TRAIN"), poll_seconds=5,
+                           backoff_seconds=7, **kw)
+
+
+def test_supervisor_recreates_after_preemption_and_reruns_the_same_command():
+    cloud = FakeCloud(["", "WAITING_FOR_RESOURCES", "ACTIVE", "ACTIVE", "SUSPENDED", "",
+                       "ACTIVE", "ACTIVE", "ACTIVE"], ["running", "0", "0"])
+    sleeps = []
+    assert supervisor.supervise(plan(), cloud, sleeps.append) == 0
+    assert cloud.kinds() == ["describe", "create", "describe", "describe", "install", "ssh",
+                             "describe", "exit", "describe", "delete", "describe", "create",
+                             "describe", "install", "ssh", "describe", "exit", "describe", "exit"]
+    trains = [argv for kind, argv in cloud.log if kind == "ssh"]
+    assert trains[0] == trains[1] and remote_command(trains[0]) == "TRAIN"
+    assert 7 in sleeps and cloud.states == [] and cloud.exits == []
+
+
+def test_supervisor_gives_up_after_max_restarts():
+    cloud = FakeCloud(["PREEMPTED"] * 10, [])
+    sleeps = []
+    assert supervisor.supervise(plan(max_restarts=2), cloud, sleeps.append) == 1
+    assert cloud.kinds().count("delete") == 2 and sleeps == [7, 14]  # exponential backoff
+
+
+def test_supervisor_relaunches_a_crashed_run_without_recreating():
+    cloud = FakeCloud(["READY"] * 6, ["1", "0", "0"])
+    assert supervisor.supervise(plan(install=[]), cloud, lambda s: None) == 0
+    assert cloud.kinds().count("ssh") == 2 and "delete" not in cloud.kinds()
+
+
+# ---------------------------------------------------------------- local multi-host launcher
+
+CHILD = """
+from absl import app
+from gpt_jax.commands import common
+
+common.define_distributed_flags()
+
+
+def main(_):
+    common.init_distributed()
+    import jax
+    import numpy as np
+    from jax.experimental import multihost_utils
+    got = multihost_utils.process_allgather(np.array([jax.process_index()]))
+    print(f"index={jax.process_index()} count={jax.process_count()} global={jax.device_count()} "
+          f"local={jax.local_device_count()} gathered={np.asarray(got).ravel().tolist()}")
+
+
+app.run(main)
+"""
+
+
+def launch_local(*argv: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    cmd = [PY, os.path.join(REPO, "launch", "local_multihost.py"), *argv]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+def test_local_multihost_runs_jax_distributed_over_127_0_0_1(tmp_path):
+    child = tmp_path / "child.py"
+    child.write_text(CHILD)
+    out = launch_local("--num_processes=2", "--devices_per_process=4", "--", PY, str(child))
+    assert out.returncode == 0, out.stdout + out.stderr
+    for i in range(2):
+        assert f"[p{i}] index={i} count=2 global=8 local=4 gathered=[0, 1]" in out.stdout
+    assert "Connecting to JAX distributed service on 127.0.0.1:" in out.stdout
+
+
+def test_local_multihost_one_failure_stops_the_others(tmp_path):
+    code = ("import os, sys, time\npid = int(os.environ['GPT_JAX_PROCESS_ID'])\n"
+            "print('up', flush=True)\nsys.exit(3) if pid == 1 else time.sleep(60)\n")
+    start = time.monotonic()
+    out = launch_local("--num_processes=3", "--env_only", "--grace_seconds=5", "--",
+                       PY, "-c", code)
+    assert out.returncode == 3 and time.monotonic() - start < 30
+    assert "[p1] up" in out.stdout.splitlines()  # the others may be stopped before printing
+
+
+def test_local_multihost_forwards_sigterm_to_every_process(tmp_path):
+    code = ("import os, signal, sys, time\npid = os.environ['GPT_JAX_PROCESS_ID']\n"
+            "signal.signal(signal.SIGTERM, lambda *a: (print('got SIGTERM', flush=True),"
+            " sys.exit(0)))\nprint('ready', sys.argv[1:], flush=True)\ntime.sleep(60)\n")
+    proc = subprocess.Popen([PY, os.path.join(REPO, "launch", "local_multihost.py"),
+                             "--num_processes=2", "--", PY, "-c", code],
+                            stdout=subprocess.PIPE, text=True)
+    lines = [proc.stdout.readline() for _ in range(2)]
+    proc.send_signal(signal.SIGTERM)
+    rest, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0
+    assert sorted(lines)[0].startswith("[p0] ready ['--coordinator_address=127.0.0.1:")
+    assert "'--num_processes=2', '--process_id=1']" in sorted(lines)[1]
+    assert {"[p0] got SIGTERM", "[p1] got SIGTERM"} <= set(rest.splitlines())
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--num_processes=0", "--", "true"], "--num_processes=0 must be >= 1"),
+    (["--devices_per_process=0", "--", "true"], "--devices_per_process=0 must be >= 1"),
+    (["--", "gpt-jax", "train", "--process_id=1"], "the command sets '--process_id=1'"),
+    (["--num_processes=2", "--", "gpt-jax", "train", "--num_processes=4"],
+     "local_multihost sets --num_processes itself (here --num_processes=2)"),
+    ([], "no command given"),
+])
+def test_local_multihost_bad_input(argv, message):
+    out = launch_local(*argv, timeout=30)
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.startswith("local_multihost.py: error: ") and message in out.stderr
+
+
+def test_local_multihost_unwritable_workdir(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    out = launch_local("--", "gpt-jax", "train", f"--workdir={blocker}/run", timeout=30)
+    assert out.returncode == 2 and f"--workdir={blocker}/run is not writable" in out.stderr
+
+
+def test_child_env_replaces_the_device_count():
+    env = local_multihost.child_env({"XLA_FLAGS": "--a=1 --xla_force_host_platform_device_count=8"},
+                                    4, "127.0.0.1:1", 2, 1)
+    assert env["XLA_FLAGS"] == "--a=1 --xla_force_host_platform_device_count=4"
+    assert (env["JAX_PLATFORMS"], env["GPT_JAX_PROCESS_ID"]) == ("cpu", "1")
+
+
+# ---------------------------------------------------------------- GKE JobSet example
+
+
+def test_gke_jobset_matches_a_v5e_32_slice():
+    yaml = pytest.importorskip("yaml")
+    with open(os.path.join(REPO, "launch", "gke", "jobset.yaml")) as f:
+        doc = yaml.safe_load(f)
+    assert doc["apiVersion"] == "jobset.x-k8s.io/v1alpha2" and doc["kind"] == "JobSet"
+    assert (doc["metadata"]["annotations"]["alpha.jobset.sigs.k8s.io/exclusive-topology"]
+            == "cloud.google.com/gke-nodepool")
+    (rjob,) = doc["spec"]["replicatedJobs"]
+    job = rjob["template"]["spec"]
+    pod = job["template"]["spec"]
+    selector = pod["nodeSelector"]
+    assert selector == {"cloud.google.com/gke-tpu-accelerator": "tpu-v5-lite-podslice",
+                        "cloud.google.com/gke-tpu-topology": "4x8"}
+    (container,) = pod["containers"]
+    chips_per_node = container["resources"]["limits"]["google.com/tpu"]
+    a, b = map(int, selector["cloud.google.com/gke-tpu-topology"].split("x"))
+    acc = tpu_types.accelerator("v5e-32")
+    assert a * b == acc.chips and chips_per_node == 4
+    assert job["parallelism"] == job["completions"] == acc.hosts == a * b // chips_per_node
+    assert job["backoffLimit"] == 0 and rjob["replicas"] >= 1
+    assert container["command"][:2] == ["gpt-jax", "train"]
+    workdir = [a for a in container["command"] if a.startswith("--workdir=")]
+    assert len(workdir) == 1 and workdir[0].startswith("--workdir=gs://")
+    assert not any(a.startswith(("--num_processes", "--process_id")) for a in container["command"])
