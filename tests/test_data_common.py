@@ -12,8 +12,8 @@ import pytest
 from gpt_jax.config import base_config
 from gpt_jax.data import files
 
-WORDS = ["héllo", "wörld", "☃", "中文", "naïve", "😀", "the", "cat", "def", "x", "=", "(", ")",
-         "λ", "Ω", "and", "or", "print", "return", "\t", "  "]
+WORDS = ["héllo", "wörld", "☃", "中文", "naïve", "😀", "the", "cat", "def", "x", "=", "(",
+         ")", "λ", "Ω", "and", "or", "print", "return", "\t", "  "]
 
 
 def make_text(seed: int, lines: int = 40) -> str:

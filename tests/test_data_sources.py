@@ -12,6 +12,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from gpt_jax import data
+from gpt_jax.config import base_config
 from gpt_jax.data import sources
 from test_data_common import make_config, private_cache, write_corpus  # noqa: F401
 
@@ -144,3 +145,14 @@ def test_tfds_unknown_name_and_field(tmp_path):
     with tfds.testing.mock_data(num_examples=2):
         with pytest.raises(data.DataError, match="text_field='body' .* available: text"):
             data.open_corpus(config.data)
+
+
+def test_the_real_default_corpus(tmp_path):
+    config = base_config()
+    config.data.data_dir = str(tmp_path / "tfds")
+    corpus = data.open_corpus(config.data)
+    meta = corpus.builder.info.metadata
+    assert meta["num_files"] == len(sources.stdlib_files(False))
+    assert meta["python_version"] == platform.python_version()
+    n_train, n_val = len(corpus.split("train")), len(corpus.split("validation"))
+    assert n_train + n_val == meta["num_files"] and 0 < n_val < 0.05 * meta["num_files"]

@@ -1,4 +1,4 @@
-"""Text corpora as TFDS data sources (ArrayRecord, no TensorFlow): own files, the stdlib, TFDS names.
+"""Text corpora as TFDS data sources (ArrayRecord, no TensorFlow): files, the stdlib, TFDS names.
 
 `open_corpus(config)` returns a `Corpus` whose splits are random-access sequences of documents.
 `text_files` and `python_stdlib` are real TFDS builders; their config name is a fingerprint of the
