@@ -12,6 +12,7 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -484,3 +485,92 @@ def test_gke_jobset_matches_a_v5e_32_slice():
     workdir = [a for a in container["command"] if a.startswith("--workdir=")]
     assert len(workdir) == 1 and workdir[0].startswith("--workdir=gs://")
     assert not any(a.startswith(("--num_processes", "--process_id")) for a in container["command"])
+
+
+# ---------------------------------------------------------------- 2 hosts: kill and resume
+
+TRAIN_FLAGS = ["--config=" + os.path.join(REPO, "configs", "tiny.py"),
+               "--config.train.num_steps=10", "--config.train.log_every=1",
+               "--config.train.eval_every=1000", "--config.checkpoint.every=1000"]
+
+
+def train_two_hosts(workdir, sigterm_at_step: int | None = None) -> tuple[int, str]:
+    """`gpt-jax train` as 2 processes x 4 CPU devices; optionally SIGTERM at a logged step."""
+    gpt_jax = os.path.join(os.path.dirname(PY), "gpt-jax")
+    entry = [gpt_jax] if os.path.exists(gpt_jax) else [PY, "-m", "gpt_jax.cli"]
+    cmd = [PY, os.path.join(REPO, "launch", "local_multihost.py"), "--num_processes=2",
+           "--devices_per_process=4", "--", *entry, "train", *TRAIN_FLAGS, f"--workdir={workdir}"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    watchdog = threading.Timer(300, proc.kill)  # a hung run fails the test instead of hanging it
+    watchdog.start()
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if sigterm_at_step and line.startswith(f"[p0] step {sigterm_at_step}/"):
+                proc.send_signal(signal.SIGTERM)  # local_multihost forwards it to both hosts
+                sigterm_at_step = None
+        proc.wait(timeout=60)
+    finally:
+        watchdog.cancel()
+        if proc.poll() is None:
+            proc.kill()
+    return proc.returncode, "".join(lines)
+
+
+def final_params(workdir):
+    from gpt_jax import checkpoint
+
+    import jax
+    import numpy as np
+
+    _, params = checkpoint.load_params(str(workdir))
+    return [np.asarray(x) for x in jax.tree.leaves(params)]
+
+
+@pytest.mark.slow  # 3 runs of 2 processes: ~80 s of CPU; 150 s wall on a busy 2-core box
+@pytest.mark.skipif(not os.path.exists(os.path.join(REPO, "gpt_jax", "commands", "train.py")),
+                    reason="gpt-jax train is not there yet")
+def test_two_hosts_sigterm_then_resume_matches_an_uninterrupted_run(tmp_path):
+    from gpt_jax.metrics import read_metrics
+
+    import numpy as np
+
+    rc, out = train_two_hosts(tmp_path / "straight")
+    assert rc == 0, out[-3000:]
+    rc, out = train_two_hosts(tmp_path / "killed", sigterm_at_step=2)
+    assert rc == 0, out[-3000:]
+    saved = sorted(int(s) for s in os.listdir(tmp_path / "killed" / "checkpoints") if s.isdigit())
+    assert saved and saved[-1] < 10, (saved, out[-2000:])  # it really stopped early
+    rc, out = train_two_hosts(tmp_path / "killed")
+    assert rc == 0, out[-3000:]
+    assert "[p0] step 10/10" in out and "[p1] step" not in out  # only process 0 logs
+
+    def losses(run):
+        return {e["step"]: e["loss"] for e in read_metrics(str(tmp_path / run)) if "loss" in e}
+
+    straight, resumed = losses("straight"), losses("killed")
+    assert sorted(straight) == sorted(resumed) == list(range(1, 11))
+    np.testing.assert_allclose([resumed[s] for s in range(1, 11)],
+                               [straight[s] for s in range(1, 11)], rtol=1e-6)
+    for a, b in zip(final_params(tmp_path / "straight"), final_params(tmp_path / "killed")):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_every_launcher_command_in_docs_tpu_md_parses(monkeypatch):
+    """The commands in docs/tpu.md are valid launcher input (parsed, nothing run)."""
+    monkeypatch.delenv("CLOUDSDK_CORE_PROJECT", raising=False)
+    monkeypatch.delenv("CLOUDSDK_COMPUTE_ZONE", raising=False)
+    with open(os.path.join(REPO, "docs", "tpu.md")) as f:
+        text = f.read().replace("\\\n", " ").replace("PROJECT", "my-project")
+    env = {}
+    found = 0
+    for line in text.splitlines():
+        line = line.split("  #", 1)[0].strip()
+        if line.startswith('T="'):
+            env["T"] = line[3:-1]
+        if line.startswith("python launch/tpu.py"):
+            argv = shlex.split(line.replace("$T", env.get("T", "")).replace("BUCKET", "bkt"))[2:]
+            tpu.parse(argv)
+            found += 1
+    assert found >= 13
