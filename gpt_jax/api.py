@@ -1,0 +1,163 @@
+"""The Python API: `gpt_jax.load(path)` -> a `LoadedModel` with `generate()`.
+
+    import gpt_jax
+    lm = gpt_jax.load("runs/demo")                  # a run directory or one checkpoint step
+    texts = lm.generate(["def main(", "import "], max_new_tokens=100, temperature=0.8,
+                        top_k=40, num_samples=2, seed=0)
+    # 4 strings, prompt-major: [p0 s0, p0 s1, p1 s0, p1 s1]; completions only
+    gen = lm.generate_tokens(["def main("], max_new_tokens=20, return_logprobs=True)
+
+Arguments left as None take the run's `config.sample` values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from typing import Any, NamedTuple, Sequence
+
+from jax.sharding import Mesh
+
+from gpt_jax import sample as sample_lib
+from gpt_jax.model import ModelConfig
+
+
+class Generation(NamedTuple):
+    """Token-level results, one entry per (prompt, sample), prompt-major."""
+    prompt_tokens: list[list[int]]  # the prompt ids used (after BOS / truncation)
+    tokens: list[list[int]]  # generated ids, up to and including EOS when produced
+    logprobs: list[list[float]] | None  # per generated token, under the model (temperature 1)
+
+
+def special_id(tokenizer, name: str) -> int | None:
+    value = getattr(tokenizer, name, None)
+    return None if value is None or value < 0 else int(value)
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """What sampling needs: the resolved config, params, tokenizer (and optionally a mesh)."""
+    config: Any  # ml_collections.ConfigDict
+    params: Any
+    tokenizer: Any
+    mesh: Mesh | None = None
+
+    def __post_init__(self):
+        self.model_cfg = ModelConfig.from_config(self.config.model)
+        vocab = getattr(self.tokenizer, "vocab_size", None)
+        if vocab is not None and vocab > self.model_cfg.vocab_size:
+            raise ValueError(f"tokenizer vocab_size={vocab} does not fit the checkpoint's "
+                             f"model.vocab_size={self.model_cfg.vocab_size}; the tokenizer "
+                             "must be the one the model was trained with")
+        self.rules = None
+        if self.mesh is not None:
+            from gpt_jax.sharding import logical_rules
+
+            self.rules = logical_rules(self.config)
+
+    def encode(self, prompt: str) -> list[int]:
+        """Token ids of `prompt`; an empty prompt starts from the tokenizer's BOS token."""
+        ids = list(self.tokenizer.encode(prompt)) if prompt else []
+        if not ids:
+            bos = special_id(self.tokenizer, "bos_id")
+            if bos is None:
+                raise ValueError("the prompt is empty and the tokenizer has no bos_id to start "
+                                 "from; pass a non-empty prompt")
+            ids = [bos]
+        return ids
+
+    def generate_tokens(self, prompts: Sequence[str] | Sequence[Sequence[int]] | str, *,
+                        max_new_tokens: int | None = None, temperature: float | None = None,
+                        top_k: int | None = None, top_p: float | None = None,
+                        num_samples: int | None = None, seed: int | None = None,
+                        truncate_prompt: bool = False, stop_at_eos: bool = True,
+                        return_logprobs: bool = False) -> Generation:
+        """Sample from strings or token-id lists; see `gpt_jax.sample.sample_tokens`."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        ids = [self.encode(p) if isinstance(p, str) else [int(t) for t in p] or self.encode("")
+               for p in prompts]
+        s = self.config.sample
+        if max_new_tokens is None:  # the config default, shortened to fit the longest prompt
+            longest = max((len(p) for p in ids), default=0)
+            max_new_tokens = max(1, min(s.max_new_tokens, self.model_cfg.block_size - longest))
+        out = sample_lib.sample_tokens(
+            self.model_cfg, self.params, ids, max_new_tokens=max_new_tokens,
+            temperature=s.temperature if temperature is None else temperature,
+            top_k=s.top_k if top_k is None else top_k,
+            top_p=s.top_p if top_p is None else top_p,
+            num_samples=s.num_samples if num_samples is None else num_samples,
+            seed=s.seed if seed is None else seed,
+            eos_id=special_id(self.tokenizer, "eos_id") if stop_at_eos else None,
+            pad_id=special_id(self.tokenizer, "pad_id") or 0,
+            truncate_prompt=truncate_prompt, mesh=self.mesh, rules=self.rules)
+        per_prompt = len(out.lengths) // len(ids)
+        used = [ids[r // per_prompt][len(ids[r // per_prompt]) - n:]
+                for r, n in enumerate(out.prompt_lengths)]
+        tokens = [row[:n].tolist() for row, n in zip(out.tokens, out.lengths)]
+        logprobs = ([row[:n].tolist() for row, n in zip(out.logprobs, out.lengths)]
+                    if return_logprobs else None)
+        return Generation(used, tokens, logprobs)
+
+    def generate(self, prompts: Sequence[str] | str, *, max_new_tokens: int | None = None,
+                 temperature: float | None = None, top_k: int | None = None,
+                 top_p: float | None = None, num_samples: int | None = None,
+                 seed: int | None = None, truncate_prompt: bool = False) -> list[str]:
+        """Completions (without the prompt, EOS dropped), len(prompts) * num_samples strings."""
+        gen = self.generate_tokens(prompts, max_new_tokens=max_new_tokens,
+                                   temperature=temperature, top_k=top_k, top_p=top_p,
+                                   num_samples=num_samples, seed=seed,
+                                   truncate_prompt=truncate_prompt)
+        eos = special_id(self.tokenizer, "eos_id")
+        return [self.tokenizer.decode(t[:-1] if t and t[-1] == eos else t) for t in gen.tokens]
+
+
+def _run_dir(path: str) -> str | None:
+    """The run directory holding `path` (itself, or two levels up from checkpoints/<step>)."""
+    path = os.path.abspath(path)
+    for candidate in (path, os.path.dirname(path), os.path.dirname(os.path.dirname(path))):
+        if os.path.isdir(os.path.join(candidate, "tokenizer")):
+            return candidate
+    return None
+
+
+def load_tokenizer_for(path: str):
+    """The run's tokenizer: from its tokenizer/ folder, else from the files in the checkpoint."""
+    from gpt_jax import data
+
+    load_tokenizer = getattr(data, "load_tokenizer", None)
+    if load_tokenizer is None:
+        from gpt_jax.data.tokenizers import load_tokenizer
+    run_dir = _run_dir(path)
+    if run_dir is not None:
+        return load_tokenizer(run_dir)
+    from gpt_jax import checkpoint
+
+    tmp = tempfile.mkdtemp(prefix="gpt_jax_tokenizer_")
+    checkpoint.restore_tokenizer_files(path, os.path.join(tmp, "tokenizer"))
+    return load_tokenizer(tmp)
+
+
+def load(path: str, *, mesh: Mesh | None = None, shard: bool = False,
+         tokenizer: Any = None) -> LoadedModel:
+    """Config, params and tokenizer of a run directory or checkpoint step directory.
+
+    `mesh`: sample on it (params and cache sharded by the config's logical rules);
+    `shard=True`: build that mesh from the config's `mesh` section over all devices.
+    Raises FileNotFoundError when `path` holds no checkpoint, ValueError when the tokenizer
+    does not fit the model.
+    """
+    from gpt_jax import checkpoint
+
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} does not exist; expected a run directory (with "
+                                "checkpoints/) or a checkpoint step directory")
+    if shard and mesh is None:
+        from gpt_jax.sharding import make_mesh
+
+        mesh = make_mesh(checkpoint.load_config(path).mesh)
+    config, params = checkpoint.load_params(path, mesh=mesh)
+    if tokenizer is None:
+        tokenizer = load_tokenizer_for(path)
+    return LoadedModel(config, params, tokenizer, mesh)

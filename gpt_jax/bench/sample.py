@@ -1,0 +1,143 @@
+"""`gpt-jax bench sample`: tokens/s of the KV-cached sampler against a no-cache baseline.
+
+Both run greedy on random-init params of the config (default: the GPT-2 124M preset) with
+random prompt ids, all compiled before timing (medians of `--bench_repeats` runs):
+
+- cached: `gpt_jax.sample.sample_tokens` end to end (prefill + compiled decode loop, host
+  transfers included); tokens/s = batch * new tokens / seconds.
+- no-cache: a compiled `fori_loop` that runs the full forward pass over a fixed window of
+  prompt + new tokens for every new token (the static-shape way to sample without a cache).
+  Every step costs the same, so on CPU it is timed over `--bench_baseline_steps` steps and
+  tokens/s = batch * steps / seconds.
+
+Rows: each of `--bench_batch_sizes` at prompt + new tokens, and batch 1 at
+`--bench_long_total` total tokens (prompt = total - new).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import platform
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import flags
+
+from gpt_jax import sample
+from gpt_jax.commands.common import define_config_flag
+from gpt_jax.model import GPT, ModelConfig
+
+if "config" not in flags.FLAGS:
+    define_config_flag("gpt2_124m")
+flags.DEFINE_string("bench_batch_sizes", "", "Comma-separated batch sizes ('': 1,8 on CPU, "
+                    "1,8,64 on an accelerator).")
+flags.DEFINE_integer("bench_prompt_len", 16, "Prompt tokens per row.")
+flags.DEFINE_integer("bench_new_tokens", 128, "New tokens per row.")
+flags.DEFINE_integer("bench_repeats", 3, "Timed runs per measurement (the median is reported).")
+flags.DEFINE_integer("bench_baseline_steps", 0, "No-cache steps timed per run (0: 4 on CPU, "
+                     "all new tokens on an accelerator).")
+flags.DEFINE_integer("bench_long_total", 512, "Also compare at batch 1 with this many total "
+                     "tokens (0: skip).")
+flags.DEFINE_string("bench_json", "", "Also write the results to this JSON file.")
+
+FLAGS = flags.FLAGS
+
+
+def _median_seconds(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _prompts(batch: int, prompt_len: int, vocab_size: int, seed: int = 0) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, vocab_size, (batch, prompt_len)).tolist()
+
+
+def cached_tokens_per_s(cfg, params, batch: int, prompt_len: int, new_tokens: int,
+                        repeats: int) -> float:
+    prompts = _prompts(batch, prompt_len, cfg.vocab_size)
+    run = functools.partial(sample.sample_tokens, cfg, params, prompts,
+                            max_new_tokens=new_tokens, temperature=0.0)
+    out = run()  # compile
+    assert out.tokens.shape == (batch, new_tokens)
+    return batch * new_tokens / _median_seconds(run, repeats)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "steps"))
+def _no_cache_greedy(params, tokens_BL, prompt_len, *, cfg, steps: int):
+    """`steps` greedy tokens, each from a full forward pass over the whole window."""
+    def step(t, tokens_BL):
+        logits_BLV = GPT(cfg).apply({"params": params}, tokens_BL)
+        pos = prompt_len + t - 1
+        next_B = jnp.argmax(jax.lax.dynamic_index_in_dim(logits_BLV, pos, 1, False), -1)
+        return jax.lax.dynamic_update_index_in_dim(tokens_BL, next_B.astype(tokens_BL.dtype),
+                                                   pos + 1, 1)
+
+    return jax.lax.fori_loop(0, steps, step, tokens_BL)
+
+
+def no_cache_tokens_per_s(cfg, params, batch: int, prompt_len: int, new_tokens: int,
+                          steps: int, repeats: int) -> float:
+    tokens_BL = np.zeros((batch, prompt_len + new_tokens), np.int32)
+    tokens_BL[:, :prompt_len] = _prompts(batch, prompt_len, cfg.vocab_size)
+    compiled = _no_cache_greedy.lower(params, tokens_BL, np.int32(prompt_len), cfg=cfg,
+                                      steps=steps).compile()
+    seconds = _median_seconds(
+        lambda: jax.block_until_ready(compiled(params, tokens_BL, np.int32(prompt_len))), repeats)
+    return batch * steps / seconds
+
+
+def measure(config, batch_sizes: list[int], prompt_len: int, new_tokens: int, repeats: int,
+            baseline_steps: int, long_total: int) -> list[dict]:
+    cfg = ModelConfig.from_config(config.model)
+    params = jax.jit(GPT(cfg).init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+    cases = [(b, prompt_len) for b in batch_sizes]
+    if long_total:
+        cases.append((1, long_total - new_tokens))
+    rows = []
+    for batch, plen in cases:
+        steps = min(baseline_steps, new_tokens) if baseline_steps else new_tokens
+        cached = cached_tokens_per_s(cfg, params, batch, plen, new_tokens, repeats)
+        baseline = no_cache_tokens_per_s(cfg, params, batch, plen, new_tokens, steps, repeats)
+        rows.append(dict(batch=batch, prompt=plen, new=new_tokens, total=plen + new_tokens,
+                         cached_tok_s=cached, no_cache_tok_s=baseline,
+                         speedup=cached / baseline, baseline_steps=steps))
+        print(_row(rows[-1]), flush=True)
+    return rows
+
+
+def _row(r: dict) -> str:
+    return (f"| {r['batch']} | {r['prompt']} + {r['new']} = {r['total']} | "
+            f"{r['cached_tok_s']:.1f} | {r['no_cache_tok_s']:.2f} "
+            f"(over {r['baseline_steps']} steps) | {r['speedup']:.1f}x |")
+
+
+def run(argv: list[str]) -> None:
+    del argv
+    on_cpu = jax.devices()[0].platform == "cpu"
+    sizes = FLAGS.bench_batch_sizes or ("1,8" if on_cpu else "1,8,64")
+    batch_sizes = [int(s) for s in sizes.split(",") if s.strip()]
+    baseline_steps = FLAGS.bench_baseline_steps or (4 if on_cpu else 0)
+    config = FLAGS.config
+    print(f"# sampler benchmark: {config.model.n_layer} layers, width {config.model.n_embd}, "
+          f"vocab {config.model.vocab_size}, {config.model.dtype}; {jax.devices()[0].device_kind}"
+          f" x{jax.device_count()}, {platform.processor() or platform.machine()}")
+    print("| batch | prompt + new = total | cached tok/s | no-cache tok/s | cached / no-cache |")
+    print("|---|---|---|---|---|")
+    rows = measure(config, batch_sizes, FLAGS.bench_prompt_len, FLAGS.bench_new_tokens,
+                   FLAGS.bench_repeats, baseline_steps, FLAGS.bench_long_total)
+    by_batch = {r["batch"]: r for r in rows if r["prompt"] == FLAGS.bench_prompt_len}
+    if 1 in by_batch and 8 in by_batch:
+        print(f"batch 8 / batch 1 (cached): "
+              f"{by_batch[8]['cached_tok_s'] / by_batch[1]['cached_tok_s']:.1f}x")
+    if FLAGS.bench_json:
+        with open(FLAGS.bench_json, "w") as f:
+            json.dump(rows, f, indent=2)

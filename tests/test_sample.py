@@ -1,0 +1,238 @@
+"""The sampler against independent references: full forward, numpy filters, one device."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs.tiny import get_config
+from gpt_jax import sample, sampling_filters, sharding
+from gpt_jax.model import GPT, ModelConfig
+
+PROMPTS = [[5, 9, 13], [7, 1, 2, 3, 4, 60, 61, 62, 63]]  # lengths 3 and 9
+
+
+def model_cfg(**overrides) -> ModelConfig:
+    config = get_config()
+    config.model.update(**overrides)
+    return ModelConfig.from_config(config.model)
+
+
+@functools.lru_cache(maxsize=None)
+def init_params(cfg: ModelConfig):
+    return GPT(cfg).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+
+
+BASE = model_cfg()
+
+
+def full_forward_logits(cfg, params, rows: list[list[int]]) -> np.ndarray:
+    """Logits of the whole sequences in one uncached pass (right-padded to block_size)."""
+    tokens_BT = np.zeros((len(rows), cfg.block_size), np.int32)
+    for b, row in enumerate(rows):
+        tokens_BT[b, :len(row)] = row
+    apply = jax.jit(lambda p, t: GPT(cfg).apply({"params": p}, t))
+    return np.asarray(apply(params, tokens_BT), np.float32)
+
+
+# Every option appears at least once (each case is one compile, so not the full product).
+@pytest.mark.parametrize("position,scan_layers,dtype", [
+    ("learned", False, "float32"), ("rope", True, "float32"), ("rope", False, "bfloat16")])
+def test_cached_logits_equal_full_forward(position, scan_layers, dtype):
+    cfg = model_cfg(position=position, scan_layers=scan_layers, dtype=dtype)
+    params = init_params(cfg)
+    new = 12
+    out = sample.sample_tokens(cfg, params, PROMPTS, max_new_tokens=new, temperature=1.0,
+                               seed=3, return_logits=True)
+    assert out.num_steps == new and (out.lengths == new).all()
+    rows = [p + out.tokens[b].tolist() for b, p in enumerate(PROMPTS)]
+    full_BTV = full_forward_logits(cfg, params, rows)
+    tol = 1e-5 if dtype == "float32" else 2e-2
+    for b, prompt in enumerate(PROMPTS):
+        expected_NV = full_BTV[b, len(prompt) - 1:len(prompt) - 1 + new]
+        np.testing.assert_allclose(out.logits[b], expected_NV, atol=tol, rtol=tol)
+        logprobs_N = jax.nn.log_softmax(expected_NV, -1)[np.arange(new), out.tokens[b]]
+        np.testing.assert_allclose(out.logprobs[b], logprobs_N, atol=10 * tol, rtol=tol)
+    assert len({tuple(t) for t in out.tokens.tolist()}) == 2  # really sampled, not constant
+
+
+def test_greedy_is_deterministic_and_top_k_1_is_greedy():
+    params = init_params(BASE)
+    # return_logits=True everywhere on BASE: the same compiled program as the parity test.
+    run = functools.partial(sample.sample_tokens, BASE, params, PROMPTS, max_new_tokens=10,
+                            return_logits=True)
+    greedy = run(temperature=0.0, seed=0)
+    assert np.array_equal(greedy.tokens, run(temperature=0.0, seed=1).tokens)
+    assert np.array_equal(greedy.tokens, run(temperature=1.5, top_k=1, seed=2).tokens)
+    # Greedy picks the argmax of the uncached forward pass at every step.
+    full_BTV = full_forward_logits(BASE, params, [p + greedy.tokens[b].tolist()
+                                                  for b, p in enumerate(PROMPTS)])
+    for b, prompt in enumerate(PROMPTS):
+        argmax_N = full_BTV[b, len(prompt) - 1:len(prompt) + 9].argmax(-1)
+        assert np.array_equal(greedy.tokens[b], argmax_N)
+
+
+def test_seeds_and_num_samples():
+    params = init_params(BASE)
+    run = functools.partial(sample.sample_tokens, BASE, params, [PROMPTS[0]], max_new_tokens=10,
+                            temperature=1.0, num_samples=2, return_logits=True)
+    a, b, c = run(seed=0), run(seed=0), run(seed=1)
+    assert np.array_equal(a.tokens, b.tokens)
+    assert not np.array_equal(a.tokens, c.tokens)
+    assert not np.array_equal(a.tokens[0], a.tokens[1])  # two samples of one prompt differ
+
+
+def test_prompt_result_does_not_depend_on_the_batch():
+    params = init_params(BASE)
+    kw = dict(max_new_tokens=8, temperature=0.9, top_k=20, top_p=0.9, seed=7)
+    target = [3, 1, 4, 1, 5]
+    alone = sample.sample_tokens(BASE, params, [target], **kw)
+    batch = sample.sample_tokens(BASE, params, [[2, 7], target, list(range(1, 21))], **kw)
+    assert np.array_equal(alone.tokens[0], batch.tokens[1])
+    np.testing.assert_allclose(alone.logprobs[0], batch.logprobs[1], atol=1e-5)
+
+
+def _count_compiles():
+    events = []
+
+    def listener(name, *args, **kwargs):
+        if name == "/jax/core/compile/backend_compile_duration":
+            events.append(name)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    return events, lambda: jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def test_same_bucket_does_not_compile_again():
+    params = init_params(BASE)
+    sample.sample_tokens(BASE, params, [[1, 2], [3, 4, 5], list(range(1, 20))], max_new_tokens=9,
+                         temperature=0.7, top_k=5, top_p=0.8, seed=0)
+    events, stop = _count_compiles()
+    try:
+        # Other prompt lengths / max_new_tokens in the same buckets, other filter values & seed.
+        sample.sample_tokens(BASE, params, [list(range(1, 24)), [9], [4, 4, 4, 4]],
+                             max_new_tokens=7, temperature=1.3, top_k=50, top_p=0.5, seed=11,
+                             eos_id=3)
+        assert events == []
+        jax.jit(lambda x: x * 3 + 1)(np.float32(2))  # the counter does see a compilation
+        assert len(events) == 1
+    finally:
+        stop()
+
+
+def test_eos_stops_the_loop_early():
+    params = init_params(BASE)
+    run = functools.partial(sample.sample_tokens, BASE, params, [PROMPTS[1]], max_new_tokens=10,
+                            temperature=0.0, num_samples=2, return_logits=True)
+    free = run()
+    eos = int(free.tokens[0, 2])
+    first = int(np.argmax(free.tokens[0] == eos))  # eos may already occur before step 2
+    stopped = run(eos_id=eos, pad_id=0)
+    assert stopped.num_steps == first + 1 and (stopped.lengths == first + 1).all()
+    assert np.array_equal(stopped.tokens[:, :first + 1], free.tokens[:, :first + 1])
+    assert (stopped.tokens[:, first + 1:] == 0).all() and (stopped.logprobs[:, first + 1:] == 0).all()
+
+
+def test_sharded_sampling_equals_single_device():
+    config = get_config()
+    config.mesh.update(data=2, fsdp=2, tensor=2)
+    mesh, rules = sharding.make_mesh(config.mesh), sharding.logical_rules(config)
+    params, _ = sharding.init_params(GPT(BASE), jax.random.key(1), mesh, rules)
+    spec = sample.cache_sharding(mesh, rules).spec
+    assert tuple(spec)[:4] == (None, ("data", "fsdp"), None, "tensor")
+    assert sample.batch_shards(mesh, rules) == 4
+    kw = dict(max_new_tokens=8, temperature=0.9, top_k=20, top_p=0.9, seed=7)
+    prompts = [[2, 7], [3, 1, 4, 1, 5], list(range(1, 21))]
+    sharded = sample.sample_tokens(BASE, params, prompts, mesh=mesh, rules=rules, **kw)
+    single = sample.sample_tokens(BASE, jax.device_get(params), prompts, **kw)
+    assert np.array_equal(sharded.tokens, single.tokens)
+    np.testing.assert_allclose(sharded.logprobs, single.logprobs, atol=1e-5)
+
+
+# --- filters on hand-made logits against plain numpy --------------------------------------
+
+def numpy_filter(logits_V, temperature, top_k, top_p):
+    x = np.asarray(logits_V, np.float64) / temperature
+    order = np.argsort(-x, kind="stable")
+    keep = np.ones_like(x, bool)
+    if top_k > 0:
+        keep[order[top_k:]] = False
+    if top_p < 1:
+        kept = order[keep[order]]
+        probs = np.exp(x[kept] - x[kept].max())
+        probs /= probs.sum()
+        before = np.cumsum(probs) - probs
+        keep[kept[before >= top_p]] = False
+    return np.where(keep, x, -np.inf)
+
+
+LOGITS_BV = np.array([[2.0, 1.0, 0.5, 3.0, -1.0, 0.0, 1.5, -2.0],
+                      [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]], np.float32)
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [
+    (1.0, 0, 1.0), (1.0, 3, 1.0), (1.0, 0, 0.5), (0.5, 0, 0.9), (2.0, 4, 0.6), (1.0, 1, 1.0),
+    (1.0, 0, 1e-6), (0.7, 8, 0.95)])
+def test_filtered_logits_match_numpy(temperature, top_k, top_p):
+    got_BV = np.asarray(sampling_filters.filtered_logits(jnp.asarray(LOGITS_BV), temperature,
+                                                         top_k, top_p))
+    for b in range(LOGITS_BV.shape[0]):
+        want_V = numpy_filter(LOGITS_BV[b], temperature, top_k, top_p)
+        assert np.array_equal(np.isinf(got_BV[b]), np.isinf(want_V)), (got_BV[b], want_V)
+        finite = np.isfinite(want_V)
+        np.testing.assert_allclose(got_BV[b][finite], want_V[finite], rtol=1e-6)
+
+
+def test_choose_draws_from_the_filtered_distribution():
+    n, temperature, top_k, top_p = 20_000, 0.8, 5, 0.9
+    logits_NV = jnp.broadcast_to(jnp.asarray(LOGITS_BV[0]), (n, LOGITS_BV.shape[1]))
+    keys_N = jax.random.split(jax.random.key(0), n)
+    tokens_N, logprob_N = sampling_filters.choose(
+        keys_N, logits_NV, jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p),
+        k_bucket=sampling_filters.k_bucket_for(top_k, 8), use_top_p=True)
+    want_V = numpy_filter(LOGITS_BV[0], temperature, top_k, top_p)
+    want_V = np.exp(want_V - want_V.max())
+    want_V /= want_V.sum()
+    freq_V = np.bincount(np.asarray(tokens_N), minlength=8) / n
+    np.testing.assert_allclose(freq_V, want_V, atol=0.015)
+    raw = jax.nn.log_softmax(LOGITS_BV[0])
+    np.testing.assert_allclose(logprob_N, raw[np.asarray(tokens_N)], rtol=1e-6)
+
+
+# --- bad input: one clear ValueError naming the value -------------------------------------
+
+@pytest.mark.parametrize("prompts,kwargs,match", [
+    ([[1] * 40], {}, "longer than the context"),
+    ([[1] * 30], {}, "overflows the context"),
+    ([[1, 2]], {"max_new_tokens": 32}, "max_new_tokens=32"),
+    ([[1, 2]], {"max_new_tokens": 0}, "max_new_tokens=0"),
+    ([[]], {}, "prompt 0 is empty"),
+    ([], {}, "prompts is empty"),
+    ([[1, 64]], {}, "token id 64"),
+    ([[1]], {"top_p": 0.0}, r"top_p=0.0 must be in \(0, 1\]"),
+    ([[1]], {"top_p": 1.5}, "top_p=1.5"),
+    ([[1]], {"top_k": -1}, "top_k=-1"),
+    ([[1]], {"temperature": -0.5}, "temperature=-0.5"),
+    ([[1]], {"num_samples": 0}, "num_samples=0"),
+])
+def test_bad_input_raises_clear_value_error(prompts, kwargs, match):
+    kwargs = {"max_new_tokens": 8, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        sample.sample_tokens(BASE, None, prompts, **kwargs)
+
+
+def test_truncation_only_when_asked():
+    params = init_params(BASE)
+    long_prompt = list(range(1, 31))
+    kw = dict(max_new_tokens=16, temperature=0.9, top_k=20, top_p=0.9, seed=7)
+    with pytest.raises(ValueError, match="truncate_prompt=True"):
+        sample.sample_tokens(BASE, params, [long_prompt], **kw)
+    out = sample.sample_tokens(BASE, params, [long_prompt], truncate_prompt=True, **kw)
+    assert out.prompt_lengths.tolist() == [16]
+    again = sample.sample_tokens(BASE, params, [long_prompt[-16:]], **kw)
+    assert np.array_equal(out.tokens, again.tokens)
+
