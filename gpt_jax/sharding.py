@@ -37,9 +37,31 @@ def activate(mesh: Mesh, rules):
 
 
 def logical_to_shardings(boxed_tree, mesh: Mesh, rules):
-    """NamedShardings for a tree of `nn.LogicallyPartitioned` leaves (plain leaves: replicated)."""
+    """NamedShardings for a tree of `nn.LogicallyPartitioned` leaves (plain leaves: replicated).
+
+    A dimension that its mesh axes do not divide (e.g. GPT-2's vocab of 50257 over tensor=2)
+    stays whole rather than failing: uneven shards are not allowed for parameters.
+    """
     specs = nn.get_partition_spec(boxed_tree)
-    return nn.logical_to_mesh_sharding(specs, mesh, rules)
+    shardings = nn.logical_to_mesh_sharding(specs, mesh, rules)
+    shapes = strip_boxes(boxed_tree)
+    return jax.tree.map(lambda sh, x: _divisible(sh, x.shape, mesh), shardings, shapes,
+                        is_leaf=lambda x: isinstance(x, NamedSharding))
+
+
+def strip_boxes(tree):
+    """The values inside `nn.Partitioned` boxes, without applying any sharding constraint."""
+    return jax.tree.map(lambda x: x.value if isinstance(x, nn.Partitioned) else x, tree,
+                        is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+
+def _divisible(named: NamedSharding, shape: tuple[int, ...], mesh: Mesh) -> NamedSharding:
+    spec = []
+    for dim, axes in zip(shape, tuple(named.spec) + (None,) * (len(shape) - len(named.spec))):
+        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        ways = int(np.prod([mesh.shape[a] for a in names])) if names else 1
+        spec.append(axes if dim % ways == 0 else None)
+    return NamedSharding(mesh, P(*spec))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -128,6 +128,14 @@ def describe_run(config, trainer: Trainer, workdir: str, n_params: int, log) -> 
 def train(config, workdir: str) -> dict:
     """Train (or resume) the run in `workdir`; returns the last logged metrics."""
     config_lib.validate(config, num_devices=jax.device_count())
+    stop = StopSignal()  # installed first: a SIGTERM during set-up still ends in a clean save
+    try:
+        return _train(config, workdir, stop)
+    finally:
+        stop.restore()
+
+
+def _train(config, workdir: str, stop: StopSignal) -> dict:
     os.makedirs(workdir, exist_ok=True)
     tokenizer = setup_tokenizer(config, workdir)
     if jax.process_index() == 0:
@@ -152,12 +160,10 @@ def train(config, workdir: str) -> dict:
                                   start_step=start_step, prefetch=config.data.prefetch)
         if config.train.init_from and start_step == 0:  # where the fine-tune starts from
             writer.write(0, evaluate(trainer, eval_step, state["params"], val_data, config))
-        stop = StopSignal()
         try:
             last = _loop(state, start_step, train_step, eval_step, loader, val_data, trainer,
                          checkpointer, writer, throughput, stop, config)
         finally:
-            stop.restore()
             loader.close()
             checkpointer.close()
             writer.close()

@@ -9,3 +9,39 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
+
+
+import pathlib  # noqa: E402
+import sysconfig  # noqa: E402
+
+import pytest  # noqa: E402
+
+CORPUS_FILES = ("json/encoder.py", "json/decoder.py", "textwrap.py", "string.py",
+                "bisect.py", "heapq.py", "colorsys.py", "keyword.py", "this.py", "glob.py")
+
+
+def write_corpus(folder: pathlib.Path) -> pathlib.Path:
+    """A small text corpus (a few stdlib modules, ~100 KB) copied into `folder`."""
+    stdlib = pathlib.Path(sysconfig.get_paths()["stdlib"])
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in CORPUS_FILES:
+        src = stdlib / name
+        if src.exists():
+            (folder / name.replace("/", "_")).write_text(src.read_text(errors="replace"))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def text_corpus(tmp_path_factory) -> pathlib.Path:
+    return write_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+def tiny_run_config(corpus: pathlib.Path, cache: pathlib.Path, **train):
+    """configs/tiny.py on a local text_files corpus, byte tokenizer, caches under `cache`."""
+    from gpt_jax import config as config_lib
+
+    config = config_lib.load_preset("tiny")
+    config.data.update(source="text_files", paths=str(corpus), tokenizer="byte",
+                       cache_dir=str(cache / "tokens"), data_dir=str(cache / "tfds"))
+    config.train.update(train)
+    return config
