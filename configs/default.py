@@ -1,7 +1,17 @@
-"""A small GPT that trains on the built-in corpus (the Python standard library) on a CPU."""
+"""The main job: a small GPT on the built-in corpus (this Python's standard library source).
+
+Sized to train on a 2-core CPU in under 10 minutes, compilation included (see BENCHMARKS.md).
+"""
 
 from gpt_jax.config import base_config
 
 
 def get_config():
-    return base_config()
+    config = base_config()
+    config.model.update(vocab_size=4096, block_size=128, n_layer=4, n_head=6, n_embd=192)
+    config.data.update(source="python_stdlib", tokenizer="sentencepiece")
+    config.train.update(global_batch_size=16, num_steps=1500, log_every=50, eval_every=250,
+                        eval_batches=20)
+    config.optim.update(lr=2e-3, warmup_steps=100, schedule="cosine", min_lr_ratio=0.1)
+    config.checkpoint.update(every=250, keep=3)
+    return config
