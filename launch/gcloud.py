@@ -40,17 +40,19 @@ Runner = Callable[[list[str]], Result]
 
 
 def make_runner(dry_run: bool, out: TextIO | None = None) -> Runner:
-    """Runs argv lists (capturing stdout), or with dry_run prints them as shell lines."""
+    """Runs argv lists (stdout streamed and kept), or with dry_run prints them as shell lines."""
 
     def run(argv: list[str]) -> Result:
         if dry_run:
             print(shlex.join(argv), file=out or sys.stdout, flush=True)
             return Result(0)
         print(f"+ {shlex.join(argv)}", file=sys.stderr, flush=True)
-        proc = subprocess.run(argv, stdout=subprocess.PIPE, text=True)
-        if proc.stdout:
-            print(proc.stdout, end="", flush=True)
-        return Result(proc.returncode, proc.stdout or "")
+        lines = []
+        with subprocess.Popen(argv, stdout=subprocess.PIPE, text=True) as proc:
+            for line in proc.stdout:  # type: ignore[union-attr]
+                print(line, end="", flush=True)  # streamed: `logs` follows the file live
+                lines.append(line)
+        return Result(proc.returncode, "".join(lines))
 
     return run
 

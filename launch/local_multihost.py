@@ -82,6 +82,14 @@ def _pump(proc: subprocess.Popen, prefix: str, lock: threading.Lock) -> None:
             sys.stdout.flush()
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: get SIGKILL if the launcher dies (Linux), so none is orphaned."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, int(signal.SIGKILL))  # 1 = PR_SET_PDEATHSIG
+
+
 def start(command: list[str], num: int, devices: int, add_flags: bool) -> list[subprocess.Popen]:
     address = f"127.0.0.1:{free_port()}"
     procs = []
@@ -91,7 +99,8 @@ def start(command: list[str], num: int, devices: int, add_flags: bool) -> list[s
         procs.append(subprocess.Popen(
             command + extra, env=child_env(dict(os.environ), devices, address, num, i),
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-            start_new_session=True))  # signals reach children only through us
+            start_new_session=True,  # signals reach children only through us
+            preexec_fn=_die_with_parent))
     return procs
 
 

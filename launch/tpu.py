@@ -188,8 +188,7 @@ def dispatch(args: argparse.Namespace, run: gcloud.Runner, sleep=time.sleep) -> 
     if c == "install":
         return run_all(install_commands(args), run)
     if c == "train":
-        if not args.dry_run:
-            check_writable(args, run)
+        check_writable(args, run)  # with --dry-run: prints the probe commands
         return run_all([train_command(args)], run)
     if c == "logs":
         return run_all([gcloud.ssh_cmd(t, args.worker, gcloud.logs_script(args.lines,
@@ -212,10 +211,10 @@ def supervise(args: argparse.Namespace, run: gcloud.Runner, sleep) -> int:
         train=train_command(args), max_restarts=args.max_restarts,
         poll_seconds=args.poll_seconds, backoff_seconds=args.backoff_seconds,
         delete_when_done=args.delete_when_done)
+    check_writable(args, run)
     if args.dry_run:
         supervisor.print_plan(plan, run)
         return 0
-    check_writable(args, run)
     return supervisor.supervise(plan, run, sleep)
 
 

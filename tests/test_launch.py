@@ -118,9 +118,11 @@ def test_install_from_pip_spec(capsys):
 
 
 def test_train_dry_run(capsys):
-    (ssh,) = dry_run(capsys, "train", *WHERE, "--accelerator=v4-32", "--workdir=gs://bkt/runs/a/",
+    cp, rm, ssh = dry_run(capsys, "train", *WHERE, "--accelerator=v4-32", "--workdir=gs://bkt/runs/a/",
                      "--env=LIBTPU_INIT_ARGS=--xla_tpu_x=1", "--",
                      "--config=configs/gpt2_124m.py", "--config.train.num_steps=5")
+    assert cp[:3] == ["gcloud", "storage", "cp"] and cp[-1] == "gs://bkt/runs/a/.gpt_jax_write_probe"
+    assert rm == ["gcloud", "storage", "rm", "gs://bkt/runs/a/.gpt_jax_write_probe"]
     assert ssh[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "my-tpu"]
     assert "--worker=all" in ssh and "--zone=us-west4-a" in ssh
     script = remote_command(ssh)
@@ -155,6 +157,8 @@ def test_logs_stop_status_delete_dry_run(capsys, queued):
 def test_supervise_dry_run_lists_the_plan(capsys):
     cmds = dry_run(capsys, "supervise", *WHERE, "--queued", "--spot", "--accelerator=v5e-32",
                    "--workdir=gs://bkt/run", "--skip-install", "--", "--config=configs/tiny.py")
+    assert [c[:3] for c in cmds[:2]] == [["gcloud", "storage", "cp"], ["gcloud", "storage", "rm"]]
+    cmds = cmds[2:]
     verbs = [c[3:5] for c in cmds]
     assert verbs == [["queued-resources", "describe"], ["queued-resources", "create"],
                      ["tpu-vm", "ssh"], ["tpu-vm", "ssh"], ["queued-resources", "delete"]]
@@ -184,7 +188,8 @@ def test_cli_dry_run_runs_nothing_and_real_run_probes_workdir_first(tmp_path):
             "--workdir=gs://bkt/run", "--", "--config=configs/tiny.py"]
     dry = argv[:-2] + ["--dry-run"] + argv[-2:]
     out = subprocess.run(dry, env=env, capture_output=True, text=True)
-    assert out.returncode == 0 and out.stdout.startswith("gcloud compute tpus tpu-vm ssh my-tpu")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[-1].startswith("gcloud compute tpus tpu-vm ssh my-tpu")
     assert calls(tmp_path) == []
     out = subprocess.run(argv, env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
@@ -390,8 +395,16 @@ app.run(main)
 
 
 def launch_local(*argv: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run local_multihost.py; on timeout SIGTERM it (it forwards) and fail with its output."""
     cmd = [PY, os.path.join(REPO, "launch", "local_multihost.py"), *argv]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+        out, err = proc.communicate(timeout=60)
+        pytest.fail(f"local_multihost timed out after {timeout}s:\n{out}\n{err}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def test_local_multihost_runs_jax_distributed_over_127_0_0_1(tmp_path):
@@ -574,3 +587,22 @@ def test_every_launcher_command_in_docs_tpu_md_parses(monkeypatch):
             tpu.parse(argv)
             found += 1
     assert found >= 13
+
+
+def test_local_multihost_children_die_with_a_killed_launcher():
+    code = "import os, time\nprint('pid', os.getpid(), flush=True)\ntime.sleep(60)\n"
+    proc = subprocess.Popen([PY, os.path.join(REPO, "launch", "local_multihost.py"), "--env_only",
+                             "--", PY, "-c", code], stdout=subprocess.PIPE, text=True)
+    pids = [int(proc.stdout.readline().split()[-1]) for _ in range(2)]
+    proc.kill()  # SIGKILL: no chance to forward anything
+    proc.wait(timeout=10)
+
+    def gone(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        with open(f"/proc/{pid}/stat") as f:  # a zombie waiting for init counts as gone
+            return f.read().split()[2] == "Z"
+
+    assert wait_for(lambda: all(gone(p) for p in pids), timeout=10)
