@@ -50,10 +50,10 @@ def _create_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--version", help="runtime version (default: the one for the accelerator)")
     tier = p.add_mutually_exclusive_group()
     for t in TIERS[1:]:
-        tier.add_argument(f"--{t}", dest="tier", action="store_const", const=t)
+        tier.add_argument(f"--{t}", dest="tier", action="store_const", const=t,
+                          help=f"{t} capacity (default: on-demand)")
     p.add_argument("--gcloud-arg", action="append", default=[],
                    help="extra flag for the create command, e.g. --gcloud-arg=--network=my-net")
-    p.add_argument("--wait", action="store_true", help="create: wait until the TPU is ready")
 
 
 def _train_flags(p: argparse.ArgumentParser, with_accelerator: bool = True) -> None:
@@ -88,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
         _common(p)
         if name in ("create", "supervise"):
             _create_flags(p)
+        if name == "create":
+            p.add_argument("--wait", action="store_true", help="wait until the TPU is ready")
         if name in ("install", "supervise"):
             _install_flags(p)
         if name in ("train", "supervise"):
