@@ -79,12 +79,20 @@ def choose(keys_B: jax.Array, logits_BV: jax.Array, temperature: jax.Array, top_
            top_p: jax.Array, *, k_bucket: int, use_top_p: bool):
     """One token per row (a key per row) and its log-prob under the raw model distribution."""
     logits_BV = logits_BV.astype(jnp.float32)
-    scaled_BC, ids_BC = candidates(logits_BV, temperature, top_k, top_p,
-                                   k_bucket=k_bucket, use_top_p=use_top_p)
-    pick_B = jax.vmap(jax.random.categorical)(keys_B, scaled_BC)
-    if ids_BC is not None:
-        pick_B = jnp.take_along_axis(ids_BC, pick_B[:, None], axis=-1)[:, 0]
-    tokens_B = jnp.where(temperature > 0, pick_B, jnp.argmax(logits_BV, axis=-1))
+
+    def draw(_):
+        scaled_BC, ids_BC = candidates(logits_BV, temperature, top_k, top_p,
+                                       k_bucket=k_bucket, use_top_p=use_top_p)
+        pick_B = jax.vmap(jax.random.categorical)(keys_B, scaled_BC)
+        if ids_BC is not None:
+            pick_B = jnp.take_along_axis(ids_BC, pick_B[:, None], axis=-1)[:, 0]
+        return pick_B.astype(jnp.int32)
+
+    def greedy(_):
+        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+
+    # A branch, not a select: greedy decoding skips the random numbers and the sort.
+    tokens_B = jax.lax.cond(temperature > 0, draw, greedy, None)
     logprobs_BV = jax.nn.log_softmax(logits_BV, axis=-1)
     logprob_B = jnp.take_along_axis(logprobs_BV, tokens_B[:, None], axis=-1)[:, 0]
-    return tokens_B.astype(jnp.int32), logprob_B
+    return tokens_B, logprob_B
