@@ -1,0 +1,274 @@
+"""`gpt-jax compare`: gather run directories into variants, summarise them over seeds, write
+report.md (tables) and PNG plots (gpt_jax.report_plots).
+
+A variant is a sweep member's variant (sweep.json / sweep_member.json), else the parent folder
+of a `seed_<n>` directory, else the run directory's own name. Statistics over seeds are the
+mean and the *sample* standard deviation (ddof=1); one seed has no spread.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import statistics
+from functools import lru_cache
+
+from gpt_jax.metrics import read_metrics
+
+SWEEP_FILE, MEMBER_FILE = "sweep.json", "sweep_member.json"
+
+
+class ReportError(ValueError):
+    """Nothing to compare: the message says which directories and why."""
+
+
+@dataclasses.dataclass
+class Run:
+    path: str
+    variant: str
+    events: list[dict]
+    config: dict  # config.json, flattened ("model.n_layer": 4); {} if missing
+    member: dict  # sweep_member.json; {} if not a sweep member
+
+    @property
+    def evals(self) -> list[tuple[int, float]]:
+        return [(e["step"], e["eval_loss"]) for e in self.events if "eval_loss" in e]
+
+    @property
+    def losses(self) -> list[tuple[int, float]]:
+        return [(e["step"], e["loss"]) for e in self.events if "loss" in e]
+
+    @property
+    def final_step(self) -> int:
+        return max((int(e["step"]) for e in self.events), default=0)
+
+    @property
+    def tokens_per_step(self) -> int | None:
+        c = self.config
+        if "train.global_batch_size" in c and "model.block_size" in c:
+            return int(c["train.global_batch_size"]) * int(c["model.block_size"])
+        return None
+
+    def throughput(self, key: str) -> float | None:
+        """Mean of `key` over the logged intervals, the first left out (it may hold compiling)."""
+        values = [e[key] for e in self.events if key in e]
+        values = values[1:] if len(values) > 1 else values
+        return statistics.fmean(values) if values else None
+
+    @property
+    def wall_s(self) -> float | None:
+        """The sweep's wall time of the member; else the sum of the logged step times."""
+        if self.member.get("wall_s") is not None:
+            return float(self.member["wall_s"])
+        total, previous = 0.0, 0
+        for e in self.events:
+            if "step_time_s" in e:
+                total, previous = total + e["step_time_s"] * (e["step"] - previous), e["step"]
+        return total or None
+
+
+@dataclasses.dataclass
+class VariantStats:
+    name: str
+    runs: list[Run]
+    final: list[float]  # final eval loss of each run
+    best: list[float]
+    params: list[int]
+    tokens: list[int]
+    delta: float | None = None  # mean final eval loss minus the baseline's
+    within_noise: bool | None = None
+
+    @property
+    def n(self) -> int:
+        return len(self.runs)
+
+    @property
+    def final_mean(self) -> float:
+        return statistics.fmean(self.final)
+
+    @property
+    def final_std(self) -> float | None:
+        return std(self.final)
+
+    def mean_of(self, values: list[float | None]) -> float | None:
+        known = [v for v in values if v is not None]
+        return statistics.fmean(known) if known else None
+
+
+def std(values: list[float]) -> float | None:
+    """Sample standard deviation (ddof=1); None for fewer than two values."""
+    return statistics.stdev(values) if len(values) > 1 else None
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def is_run_dir(path: str) -> bool:
+    return any(os.path.exists(os.path.join(path, f)) for f in ("metrics.jsonl", "config.json"))
+
+
+def load_run(path: str, variant: str | None = None) -> Run:
+    member = _read_json(os.path.join(path, MEMBER_FILE))
+    if variant is None:
+        base, parent = os.path.basename(os.path.normpath(path)), os.path.dirname(
+            os.path.normpath(path))
+        variant = member.get("variant") or (
+            os.path.basename(parent) if re.fullmatch(r"seed_\d+", base) and parent else base)
+    config = flatten(_read_json(os.path.join(path, "config.json")))
+    return Run(path, variant, read_metrics(path), config, member)
+
+
+def discover(paths: list[str]) -> tuple[list[Run], str | None, dict]:
+    """(runs, the first sweep's baseline, the first sweep's summary) from the given paths."""
+    runs, baseline, summary = [], None, {}
+    for path in paths:
+        if not os.path.isdir(path):
+            raise ReportError(f"{path} is not a directory")
+        sweep = _read_json(os.path.join(path, SWEEP_FILE))
+        if sweep:
+            summary = summary or sweep
+            baseline = baseline or sweep.get("baseline")
+            runs += [load_run(os.path.join(path, m["dir"]), m["variant"])
+                     for m in sweep.get("members", [])
+                     if is_run_dir(os.path.join(path, m["dir"]))]
+        elif is_run_dir(path):
+            runs.append(load_run(path))
+        else:
+            found = sorted(os.path.dirname(os.path.join(root, f))
+                           for root, _, files in os.walk(path) for f in files
+                           if f == "metrics.jsonl")
+            if not found:
+                raise ReportError(f"{path}: no run directory (no metrics.jsonl) in it")
+            runs += [load_run(p) for p in found]
+    return runs, baseline, summary
+
+
+def split_without_eval(runs: list[Run]) -> tuple[list[Run], list[Run]]:
+    """(runs with eval metrics, runs without); ReportError if none has any."""
+    good = [r for r in runs if r.evals]
+    bad = [r for r in runs if not r.evals]
+    if not good:
+        listing = "\n  ".join(r.path for r in bad) or "(none)"
+        raise ReportError("no eval metrics (eval_loss in metrics.jsonl) in any of these run "
+                          f"directories:\n  {listing}\nhave they trained to train.eval_every?")
+    return good, bad
+
+
+@lru_cache(maxsize=None)
+def _count_params(model_json: str) -> int | None:
+    try:
+        from gpt_jax.flops import count_params
+        from gpt_jax.model import ModelConfig
+
+        return count_params(ModelConfig.from_config(json.loads(model_json)))
+    except Exception:  # an old or foreign config: the count is simply unknown
+        return None
+
+
+def params_of(run: Run) -> int | None:
+    model = {k[len("model."):]: v for k, v in run.config.items() if k.startswith("model.")}
+    return _count_params(json.dumps(model, sort_keys=True)) if model else None
+
+
+def group(runs: list[Run], baseline: str | None) -> list[VariantStats]:
+    """Per-variant statistics with deltas vs the baseline, sorted best (lowest) first."""
+    names = list(dict.fromkeys(r.variant for r in runs))
+    baseline = baseline if baseline in names else names[0]
+    stats = []
+    for name in names:
+        members = [r for r in runs if r.variant == name]
+        stats.append(VariantStats(
+            name, members, final=[r.evals[-1][1] for r in members],
+            best=[min(v for _, v in r.evals) for r in members],
+            params=[p for p in map(params_of, members) if p is not None],
+            tokens=[r.final_step * r.tokens_per_step for r in members if r.tokens_per_step]))
+    base = next(s for s in stats if s.name == baseline)
+    for s in stats:
+        s.delta = s.final_mean - base.final_mean
+        spreads = [x for x in (s.final_std, base.final_std) if x is not None]
+        s.within_noise = abs(s.delta) < max(spreads) if spreads else None
+    return sorted(stats, key=lambda s: s.final_mean)
+
+
+def config_warnings(runs: list[Run]) -> list[str]:
+    """Runs that differ beyond the seed within a variant, or beyond the sweep's variant keys
+    across variants (a run from another base config mixed in)."""
+    known = [r for r in runs if r.config]
+    warnings, firsts = [], {}
+    for r in known:
+        first = firsts.setdefault(r.variant, r)
+        if first is not r:
+            warnings += _differs(r, first, {"train.seed"})
+    members = [r for r in known if r.member]
+    if members:  # the sweep files say which keys the variants may change
+        varied = {"train.seed", "model.vocab_size"}.union(
+            *(r.member.get("overrides", {}) for r in members))
+        warnings += [w for r in firsts.values() if r is not members[0]
+                     for w in _differs(r, members[0], varied)]
+    return warnings
+
+
+def _differs(run: Run, other: Run, ignore: set[str]) -> list[str]:
+    diff = [k for k in sorted(set(run.config) | set(other.config))
+            if k not in ignore and run.config.get(k) != other.config.get(k)]
+    if not diff:
+        return []
+    shown = ", ".join(f"{k}={run.config.get(k)!r} vs {other.config.get(k)!r}"
+                      for k in diff[:4]) + (" ..." if len(diff) > 4 else "")
+    return [f"{run.path} was trained from a different base config than {other.path}: {shown}"]
+
+
+def varied_keys(stats: list[VariantStats]) -> list[str]:
+    """Config keys whose value differs between the variants' first runs (seed left out)."""
+    firsts = [s.runs[0].config for s in stats if s.runs[0].config]
+    keys = sorted(set().union(*firsts)) if firsts else []
+    return [k for k in keys
+            if k != "train.seed" and len({json.dumps(c.get(k)) for c in firsts}) > 1]
+
+
+def default_out(paths: list[str]) -> str:
+    return paths[0] if len(paths) == 1 else os.path.commonpath(
+        [os.path.abspath(p) for p in paths])
+
+
+def compare(paths: list[str], out_dir: str | None = None, baseline: str | None = None,
+            smoothing: float = 0.6) -> dict:
+    """Write <out_dir>/report.md and the plots; returns {"report", "plots", "stats", "warnings"}.
+
+    "plots" maps each PNG's file name to the number of variants drawn in it (lines or bars).
+    """
+    from gpt_jax import report_markdown, report_plots
+
+    runs, sweep_baseline, summary = discover(paths)
+    runs, no_eval = split_without_eval(runs)
+    warnings = [f"{r.path}: no eval metrics yet; left out" for r in no_eval]
+    warnings += config_warnings(runs)
+    names = list(dict.fromkeys(r.variant for r in runs))
+    if baseline and baseline not in names:
+        raise ReportError(f"--baseline={baseline!r} is not a variant; one of {', '.join(names)}")
+    baseline = baseline or (sweep_baseline if sweep_baseline in names else names[0])
+    stats = group(runs, baseline)
+    out_dir = out_dir or default_out(paths)
+    os.makedirs(out_dir, exist_ok=True)
+    plots = report_plots.plot_all(stats, out_dir, smoothing)
+    path = os.path.join(out_dir, "report.md")
+    with open(path, "w") as f:
+        f.write(report_markdown.render(stats, baseline, list(plots), paths, warnings, summary))
+    return {"report": path, "plots": plots, "stats": stats, "warnings": warnings}
