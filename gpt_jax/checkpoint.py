@@ -16,6 +16,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 
 from gpt_jax import config as config_lib
 
@@ -30,8 +31,12 @@ def checkpoint_dir(workdir: str) -> str:
     return os.path.join(workdir, "checkpoints")
 
 
+def _absolute(path: str) -> str:
+    return path if "://" in path else os.path.abspath(path)
+
+
 def _manager(directory: str, options: ocp.CheckpointManagerOptions | None = None):
-    return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_names=ITEMS)
+    return ocp.CheckpointManager(_absolute(directory), options=options, item_names=ITEMS)
 
 
 class Checkpointer:
@@ -102,30 +107,28 @@ class Checkpointer:
 
 
 def _read_tokenizer_files(workdir: str) -> dict:
-    folder = os.path.join(workdir, "tokenizer")
-    if not os.path.isdir(folder):
+    folder = epath.Path(workdir, "tokenizer")
+    if not folder.is_dir():
         return {}
-    return {name: base64.b64encode(open(os.path.join(folder, name), "rb").read()).decode()
-            for name in sorted(os.listdir(folder))
-            if os.path.isfile(os.path.join(folder, name))}
+    return {file.name: base64.b64encode(file.read_bytes()).decode()
+            for file in sorted(folder.iterdir()) if file.is_file()}
 
 
 def _resolve(path: str) -> tuple[str, int]:
     """(checkpoints directory, step) for a run directory, its checkpoints/ or one step's dir."""
-    path = os.path.abspath(path)
-    if os.path.isdir(os.path.join(path, "checkpoints")):
-        path = os.path.join(path, "checkpoints")
-    base = os.path.basename(path.rstrip("/"))
-    if base.isdigit() and os.path.isdir(os.path.join(path, "params")):
-        return os.path.dirname(path), int(base)
-    if not os.path.isdir(path):
+    path = epath.Path(_absolute(str(path)))
+    if (path / "checkpoints").is_dir():
+        path = path / "checkpoints"
+    if path.name.isdigit() and (path / "params").is_dir():
+        return str(path.parent), int(path.name)
+    if not path.is_dir():
         raise NoCheckpointError(f"{path} does not exist; expected a run directory or a "
                                 "checkpoint directory")
-    steps = ocp.utils.checkpoint_steps(path) if os.path.isdir(path) else []
+    steps = ocp.utils.checkpoint_steps(path)
     if not steps:
         raise NoCheckpointError(f"no checkpoint found in {path}; train one with "
                                 "`gpt-jax train --workdir=...` first")
-    return path, max(steps)
+    return str(path), max(steps)
 
 
 def load_config(path: str):
@@ -141,10 +144,9 @@ def restore_tokenizer_files(path: str, dest: str) -> str:
     directory, step = _resolve(path)
     files = _manager(directory).restore(step, args=ocp.args.Composite(
         tokenizer=ocp.args.JsonRestore()))["tokenizer"]
-    os.makedirs(dest, exist_ok=True)
+    epath.Path(dest).mkdir(parents=True, exist_ok=True)
     for name, data in (files or {}).items():
-        with open(os.path.join(dest, name), "wb") as f:
-            f.write(base64.b64decode(data))
+        epath.Path(dest, name).write_bytes(base64.b64decode(data))
     return dest
 
 

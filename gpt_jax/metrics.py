@@ -9,6 +9,7 @@ import os
 import time
 
 import jax
+from etils import epath
 
 # Dense bf16 peak FLOP/s per device (chip; per GPU), from the vendors' published spec sheets.
 PEAK_FLOPS = {
@@ -35,15 +36,14 @@ def peak_flops(device_kind: str) -> float | None:
 
 def read_metrics(workdir: str) -> list[dict]:
     """Every event of metrics.jsonl; for a step logged twice (a resumed run), the last wins."""
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
+    path = epath.Path(workdir, "metrics.jsonl")
+    if not path.exists():
         return []
     events: dict[tuple, dict] = {}
-    with open(path) as f:
-        for line in f:
-            if line.strip():
-                event = json.loads(line)
-                events[(event.get("step"), tuple(sorted(event)))] = event
+    for line in path.read_text().splitlines():
+        if line.strip():
+            event = json.loads(line)
+            events[(event.get("step"), tuple(sorted(event)))] = event
     return sorted(events.values(), key=lambda e: e.get("step", 0))
 
 
@@ -57,13 +57,14 @@ class MetricsWriter:
         self._tb = None
         if not self.enabled:
             return
-        os.makedirs(workdir, exist_ok=True)
-        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
+        epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+        self._jsonl = _AppendFile(epath.Path(workdir, "metrics.jsonl"))
         try:
             from tensorboardX import SummaryWriter
 
             self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-        except ImportError:  # TensorBoard is optional
+        except Exception as e:  # noqa: BLE001 -- TensorBoard is optional, metrics.jsonl is not
+            print(f"TensorBoard off ({type(e).__name__}: {e}); metrics.jsonl still written")
             self._tb = None
         from tqdm import tqdm
 
@@ -76,6 +77,7 @@ class MetricsWriter:
         clean = {k: (float(v) if isinstance(v, (int, float)) or hasattr(v, "item") else v)
                  for k, v in metrics.items()}
         self._jsonl.write(json.dumps({"step": step, **clean}) + "\n")
+        self._jsonl.flush()
         if self._tb is not None:
             for k, v in clean.items():
                 if isinstance(v, float) and math.isfinite(v):
@@ -108,6 +110,33 @@ class MetricsWriter:
         if self._tb is not None:
             self._tb.close()
         self._jsonl.close()
+
+
+class _AppendFile:
+    """Line-buffered appends; object stores (gs://) cannot append, so there it rewrites."""
+
+    def __init__(self, path: epath.Path):
+        self.path = path
+        self.remote = "://" in str(path)
+        if self.remote:
+            self._text = path.read_text() if path.exists() else ""
+        else:
+            self._file = open(path, "a", buffering=1)
+
+    def write(self, line: str) -> None:
+        if self.remote:
+            self._text += line
+        else:
+            self._file.write(line)
+
+    def flush(self) -> None:
+        if self.remote:
+            self.path.write_text(self._text)
+
+    def close(self) -> None:
+        self.flush()
+        if not self.remote:
+            self._file.close()
 
 
 def _duration(seconds: float) -> str:

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 import signal
 import time
 
 import jax
 import numpy as np
 from absl import logging
+from etils import epath
 
 from gpt_jax import checkpoint as ckpt_lib
 from gpt_jax import config as config_lib
@@ -59,13 +59,15 @@ class StopSignal:
 
 def setup_tokenizer(config, workdir: str):
     """The run's tokenizer; a fine-tune inherits its parent's. Fixes byte/char vocab sizes."""
-    own = os.path.join(workdir, "tokenizer")
-    if config.train.init_from and not os.path.isdir(own) and jax.process_index() == 0:
-        parent = config.train.init_from
-        if os.path.isdir(os.path.join(parent, "tokenizer")):
-            shutil.copytree(os.path.join(parent, "tokenizer"), own)
+    own = epath.Path(workdir, "tokenizer")
+    if config.train.init_from and not own.exists() and jax.process_index() == 0:
+        parent = epath.Path(config.train.init_from, "tokenizer")
+        if parent.is_dir():
+            own.mkdir(parents=True)
+            for file in parent.iterdir():
+                file.copy(own / file.name)
         else:
-            ckpt_lib.restore_tokenizer_files(parent, own)
+            ckpt_lib.restore_tokenizer_files(config.train.init_from, str(own))
     tokenizer = data.build_tokenizer(config, workdir)
     if config.data.tokenizer in ("byte", "char") or config.train.init_from:
         config.model.vocab_size = max(config.model.vocab_size, tokenizer.vocab_size) \
@@ -136,11 +138,10 @@ def train(config, workdir: str) -> dict:
 
 
 def _train(config, workdir: str, stop: StopSignal) -> dict:
-    os.makedirs(workdir, exist_ok=True)
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
     tokenizer = setup_tokenizer(config, workdir)
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config_lib.to_json(config))
+        epath.Path(workdir, "config.json").write_text(config_lib.to_json(config))
 
     mesh = sharding.make_mesh(config.mesh)
     trainer = Trainer.create(config, mesh)

@@ -45,8 +45,19 @@ def init_distributed() -> None:
         if jax.config.jax_platforms in (None, "", "cpu") or "cpu" in str(jax.config.jax_platforms):
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(address, num_processes=num, process_id=pid)
-    elif os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("MEGASCALE_COORDINATOR_ADDRESS"):
-        jax.distributed.initialize()
+    elif on_tpu_vm():
+        jax.distributed.initialize()  # discovers the slice from the TPU VM's metadata
+
+
+def on_tpu_vm() -> bool:
+    """TPU chips attached (/dev/accel* on v4/v5p, /dev/vfio on v5e/v6e) or a TPU slice env."""
+    import glob
+
+    if os.environ.get("JAX_PLATFORMS", "").strip() == "cpu":
+        return False
+    return bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*")
+                or os.environ.get("TPU_WORKER_HOSTNAMES")
+                or os.environ.get("MEGASCALE_COORDINATOR_ADDRESS"))
 
 
 def quiet_logging() -> None:

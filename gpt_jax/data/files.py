@@ -30,7 +30,16 @@ def cache_root() -> str:
 
 
 def atomic_write(path: str, data: bytes | str) -> None:
-    """Write `path` so that readers see either nothing or the whole file (tmp + fsync + rename)."""
+    """Write `path` so that readers see either nothing or the whole file (tmp + fsync + rename).
+
+    Remote paths (gs://...) are written whole by one object upload, which is atomic already.
+    """
+    if "://" in path:
+        from etils import epath
+
+        epath.Path(path).parent.mkdir(parents=True, exist_ok=True)
+        epath.Path(path).write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
+        return
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".",
                                prefix=f".{os.path.basename(path)}.tmp-")
@@ -52,9 +61,10 @@ def atomic_write_json(path: str, obj: dict) -> None:
 
 def read_json(path: str) -> dict | None:
     """The JSON object in `path`, or None if it is missing or unreadable."""
+    from etils import epath
+
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+        return json.loads(epath.Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
 

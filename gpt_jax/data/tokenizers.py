@@ -18,6 +18,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 import sentencepiece as spm
 from absl import logging
+from etils import epath
 
 from gpt_jax.data.files import DataError, DataFileNotFoundError, atomic_write, read_json
 
@@ -223,10 +224,9 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, model_type: str =
 
 
 def load_sentencepiece(path: str) -> SentencePieceTokenizer:
-    if not os.path.isfile(path):
+    if not epath.Path(path).is_file():
         raise DataFileNotFoundError(f"data.spm_model={path!r} does not exist")
-    with open(path, "rb") as f:
-        data = f.read()
+    data = epath.Path(path).read_bytes()
     try:
         return SentencePieceTokenizer(data)
     except RuntimeError as e:
@@ -239,7 +239,7 @@ def tokenizer_dir(workdir: str) -> str:
 
 
 def is_saved(workdir: str) -> bool:
-    return os.path.exists(os.path.join(tokenizer_dir(workdir), META_FILE))
+    return epath.Path(tokenizer_dir(workdir), META_FILE).exists()
 
 
 def load_tokenizer(workdir: str) -> Tokenizer:
@@ -255,11 +255,14 @@ def load_tokenizer(workdir: str) -> Tokenizer:
     elif kind == "char":
         tok = CharTokenizer(meta["chars"])
     elif kind == "sentencepiece":
-        with open(os.path.join(directory, SPM_FILE), "rb") as f:
-            tok = SentencePieceTokenizer(f.read())
+        tok = SentencePieceTokenizer(epath.Path(directory, SPM_FILE).read_bytes())
+    elif kind == "gpt2_bpe":
+        from gpt_jax.data.gpt2_bpe import GPT2BPETokenizer
+
+        tok = GPT2BPETokenizer.from_files(directory)
     else:
         raise DataError(f"{directory}/{META_FILE}: kind={kind!r} is not one of "
-                        "byte, char, sentencepiece")
+                        "byte, char, sentencepiece, gpt2_bpe")
     if meta.get("fingerprint") != tok.fingerprint:
         raise DataError(f"{directory}: tokenizer files do not match {META_FILE} "
                         f"(fingerprint {tok.fingerprint} != {meta.get('fingerprint')})")
@@ -271,6 +274,13 @@ def _new_tokenizer(config) -> Tokenizer:
     d = config.data
     if d.tokenizer == "byte":
         return ByteTokenizer()
+    if d.tokenizer == "gpt2_bpe":  # GPT-2's files (vocab.json + merges.txt), never trained here
+        from gpt_jax.data.gpt2_bpe import load_dir
+
+        if not d.get("bpe_dir"):
+            raise DataError("data.tokenizer='gpt2_bpe' needs data.bpe_dir (a folder with "
+                            "vocab.json + merges.txt) or train.init_from=<converted run>")
+        return load_dir(os.path.expanduser(d.bpe_dir))
     if d.tokenizer == "sentencepiece" and d.spm_model:
         return load_sentencepiece(os.path.expanduser(d.spm_model))
     from gpt_jax.data.sources import open_corpus
