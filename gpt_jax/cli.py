@@ -46,7 +46,13 @@ def run(argv: list[str] | None = None) -> None:
         module.define_flags_for(argv[2:])
     from absl import app
 
-    app.run(module.main, argv=[f"gpt-jax {name}"] + argv[2:])
+    from gpt_jax.commands.common import quiet_logging
+
+    def main(args: list[str]) -> None:
+        quiet_logging()
+        module.main(args)
+
+    app.run(main, argv=[f"gpt-jax {name}"] + argv[2:])
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ FLAGS = flags.FLAGS
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise SystemExit(f"gpt-jax train: unexpected arguments {argv[1:]}; use --flags")
-    common.quiet_logging()
     common.init_distributed()
     from gpt_jax import config as config_lib
     from gpt_jax import train
