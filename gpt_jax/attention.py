@@ -25,6 +25,13 @@ def attend(q_BTHK: jax.Array, k_BSHK: jax.Array, v_BSHK: jax.Array, *, impl: str
             mask_B1TS = None if mask_BTS is None else mask_BTS[:, None]
             return jax.nn.dot_product_attention(q_BTHK, k_BSHK, v_BSHK, mask=mask_B1TS,
                                                 is_causal=mask_BTS is None, implementation="xla")
+        platform = jax.devices()[0].platform
+        if platform != "gpu":  # jax's own error here is a bare "cuDNN is not detected."
+            raise ValueError(f"attention_impl='cudnn' runs on NVIDIA GPUs only (this backend is "
+                             f"{platform!r}); use 'xla' here")
+        if q_BTHK.dtype not in (jnp.bfloat16, jnp.float16):
+            raise ValueError("attention_impl='cudnn' needs model.dtype bfloat16 or float16, got "
+                             f"{q_BTHK.dtype}; use 'xla' for float32")
         return jax.nn.dot_product_attention(q_BTHK, k_BSHK, v_BSHK, is_causal=True,
                                             implementation="cudnn")
     if impl == "splash":
@@ -46,19 +53,46 @@ def reference_attention(q_BTHK, k_BSHK, v_BSHK, mask_BTS=None):
     return out_BTHK.astype(q_BTHK.dtype)
 
 
+def _target_platform() -> str | None:
+    """The platform being compiled for: the active mesh's (AOT for a TPU slice), else None."""
+    device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+    return device.platform if device is not None else None
+
+
 def splash_attention(q_BTHK, k_BSHK, v_BSHK):
-    """Causal splash attention (Pallas, TPU only); heads go through the kernel, batch via vmap."""
-    if jax.devices()[0].platform != "tpu":
+    """Causal splash attention (Pallas, TPU only); heads go through the kernel, batch via vmap.
+
+    Under a mesh the kernel runs per shard (shard_map over the batch and head axes of the
+    logical rules), since XLA cannot partition a Pallas call by itself.
+    """
+    platform = _target_platform()
+    if platform is None and jax.devices()[0].platform != "tpu":
+        # No mesh: shape-only tracing (e.g. eval_shape of init on a CPU host compiling for a
+        # TPU slice); the reference has the same shapes. Steps always run under a mesh.
+        return reference_attention(q_BTHK, k_BSHK, v_BSHK)
+    platform = platform or jax.devices()[0].platform
+    if platform != "tpu":
         raise ValueError("attention_impl='splash' runs on TPU only (this backend is "
-                         f"{jax.devices()[0].platform!r}); use 'xla' here")
+                         f"{platform!r}); use 'xla' here")
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
-    B, T, H, K = q_BTHK.shape
-    kernel = _splash_kernel(H, T, sk, sm)
-    q_BHTK = jnp.swapaxes(q_BTHK, 1, 2) / jnp.sqrt(jnp.float32(K)).astype(q_BTHK.dtype)
-    out_BHTK = jax.vmap(kernel)(q_BHTK, jnp.swapaxes(k_BSHK, 1, 2), jnp.swapaxes(v_BSHK, 1, 2))
-    return jnp.swapaxes(out_BHTK, 1, 2)
+    def local(q_BTHK, k_BSHK, v_BSHK):
+        B, T, H, K = q_BTHK.shape
+        kernel = _splash_kernel(H, T, sk, sm)
+        q_BHTK = jnp.swapaxes(q_BTHK, 1, 2) / jnp.sqrt(jnp.float32(K)).astype(q_BTHK.dtype)
+        out_BHTK = jax.vmap(kernel)(q_BHTK, jnp.swapaxes(k_BSHK, 1, 2),
+                                    jnp.swapaxes(v_BSHK, 1, 2))
+        return jnp.swapaxes(out_BHTK, 1, 2)
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return local(q_BTHK, k_BSHK, v_BSHK)
+    import flax.linen as nn
+
+    spec = nn.logical_to_mesh_axes(("act_batch", "act_length", "act_heads", "act_kv"))
+    return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec,
+                         check_vma=False)(q_BTHK, k_BSHK, v_BSHK)
 
 
 @functools.lru_cache(maxsize=None)

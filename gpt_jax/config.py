@@ -23,8 +23,8 @@ NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "swiglu")
 DTYPES = ("float32", "bfloat16", "float16")
 SCHEDULES = ("cosine", "linear", "constant", "wsd")
-DATA_SOURCES = ("python_stdlib", "text_files", "tfds")
-TOKENIZERS = ("sentencepiece", "byte", "char")
+DATA_SOURCES = ("python_stdlib", "text_files", "tfds", "sft_jsonl")
+TOKENIZERS = ("sentencepiece", "byte", "char", "gpt2_bpe")
 SPM_TYPES = ("bpe", "unigram")
 
 # Logical axis -> mesh axes. Parameters use the plain names, activations the `act_` ones, so
@@ -80,7 +80,7 @@ def base_config() -> ml_collections.ConfigDict:
     m.init_std = 0.02
 
     c.data = d = ml_collections.ConfigDict()
-    d.source = "python_stdlib"  # python_stdlib | text_files | tfds
+    d.source = "python_stdlib"  # python_stdlib | text_files | tfds | sft_jsonl
     d.paths = ""  # text_files: comma-separated files, directories or globs
     d.extensions = ".txt,.md,.py,.rst"  # text_files: which files a directory contributes
     d.include_tests = False  # python_stdlib: also the test/ folders
@@ -91,13 +91,18 @@ def base_config() -> ml_collections.ConfigDict:
     d.data_dir = ""  # TFDS data_dir (local or gs://); "" = ~/.cache/gpt_jax/tfds (tfds: TFDS's own)
     d.validation_fraction = 0.02  # text_files / python_stdlib split, by hash of the path
     d.max_files = 0  # text_files / python_stdlib: use only the first N files (0 = all)
-    d.tokenizer = "sentencepiece"  # sentencepiece | byte | char
+    d.tokenizer = "sentencepiece"  # sentencepiece | byte | char | gpt2_bpe
     d.spm_model = ""  # an existing .model file; "" = train one on the training split
     d.spm_type = "bpe"  # bpe | unigram
     d.spm_sample_bytes = 4_000_000  # how much training text the tokenizer is trained on
     d.spm_special_tokens = ""  # extra comma-separated specials, e.g. "<|im_start|>,<|im_end|>"
     d.spm_byte_fallback = True  # unknown characters become UTF-8 byte pieces
     d.cache_dir = ""  # token cache; "" = ~/.cache/gpt_jax/tokens
+    d.bpe_dir = ""  # gpt2_bpe: a folder with GPT-2's vocab.json + merges.txt
+    d.sft_eval_paths = ""  # sft_jsonl: held-out JSONL; "" = validation_fraction of data.paths
+    d.prompt_field = "prompt"  # sft_jsonl: the JSON keys of a pair
+    d.response_field = "response"
+    d.sft_exact_match = 64  # sft_jsonl: held-out pairs answered greedily at each eval (0: off)
     d.prefetch = 2  # batches a background thread prepares ahead (0: none, synchronous)
 
     c.train = t = ml_collections.ConfigDict()
@@ -214,6 +219,9 @@ def _validate_data(d: ml_collections.ConfigDict) -> None:
     if d.source == "text_files":
         _check(bool(d.paths.strip()), "data.source='text_files' needs data.paths (comma-separated "
                "files, directories or globs)")
+    if d.source == "sft_jsonl":
+        _check(bool(d.paths.strip()), "data.source='sft_jsonl' needs data.paths (comma-separated "
+               "JSONL files of {\"prompt\": ..., \"response\": ...})")
     if d.source == "tfds":
         _check(bool(d.tfds_name), "data.source='tfds' needs data.tfds_name, e.g. tiny_shakespeare")
     else:
@@ -268,6 +276,27 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
                f"data*fsdp={data * fsdp} devices it is split over")
         _check(m.n_head % tensor == 0,
                f"model.n_head={m.n_head} is not divisible by mesh.tensor={tensor}")
+        _check_param_splits(config, {"data": data, "fsdp": fsdp, "tensor": tensor})
+
+
+def _check_param_splits(config: ml_collections.ConfigDict, mesh_sizes: dict[str, int]) -> None:
+    """Each sharded weight dimension must divide evenly over the mesh axes its rule names
+    (e.g. GPT-2's vocab 50257 over tensor=2 would fail later, deep inside the sharded init)."""
+    m = config.model
+    dims = {"vocab": ("model.vocab_size", m.vocab_size), "embed": ("model.n_embd", m.n_embd),
+            "mlp": ("model.mlp_ratio * model.n_embd", int(round(m.mlp_ratio * m.n_embd)))}
+    seen = set()
+    for name, axes in config.mesh.logical_axis_rules:
+        if name not in dims or name in seen:
+            continue  # flax uses the first rule of a name
+        seen.add(name)
+        axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+        split = math.prod(mesh_sizes[a] for a in axes)
+        field, size = dims[name]
+        hint = " (pad it, e.g. to a multiple of 128: 50304 for GPT-2)" if name == "vocab" else ""
+        _check(size % split == 0,
+               f"{field}={size} is not divisible by the {'*'.join(axes)}={split} devices that "
+               f"its logical axis {name!r} is split over{hint}")
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:

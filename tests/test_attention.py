@@ -1,0 +1,91 @@
+"""gpt_jax.attention.attend against a plain-numpy attention, and the impl switch's errors."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gpt_jax import attention
+
+B, T, H, K = 2, 8, 3, 4
+
+
+def numpy_attention(q_BTHK: np.ndarray, k_BSHK: np.ndarray, v_BSHK: np.ndarray,
+                    mask_BTS: np.ndarray | None = None) -> np.ndarray:
+    """softmax(q k^T / sqrt(K)) v, one (batch, head) at a time, in float64."""
+    q, k, v = (np.asarray(a, np.float64) for a in (q_BTHK, k_BSHK, v_BSHK))
+    batch, t_len, heads, k_dim = q.shape
+    s_len = k.shape[1]
+    if mask_BTS is None:
+        mask_BTS = np.broadcast_to(np.tril(np.ones((t_len, s_len), bool)), (batch, t_len, s_len))
+    out = np.zeros_like(q)
+    for b in range(batch):
+        for h in range(heads):
+            scores_TS = q[b, :, h] @ k[b, :, h].T / np.sqrt(k_dim)
+            scores_TS = np.where(mask_BTS[b], scores_TS, -np.inf)
+            probs_TS = np.exp(scores_TS - scores_TS.max(-1, keepdims=True))
+            probs_TS /= probs_TS.sum(-1, keepdims=True)
+            out[b, :, h] = probs_TS @ v[b, :, h]
+    return out
+
+
+def random_qkv(seed: int = 0, s_len: int = T) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    q_BTHK = rng.normal(size=(B, T, H, K)).astype(np.float32)
+    k_BSHK = rng.normal(size=(B, s_len, H, K)).astype(np.float32)
+    v_BSHK = rng.normal(size=(B, s_len, H, K)).astype(np.float32)
+    return q_BTHK, k_BSHK, v_BSHK
+
+
+@pytest.mark.parametrize("impl", ["reference", "xla"])
+def test_causal_attention_matches_numpy(impl: str):
+    q, k, v = random_qkv()
+    out_BTHK = attention.attend(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), impl=impl)
+    assert out_BTHK.shape == (B, T, H, K)
+    np.testing.assert_allclose(out_BTHK, numpy_attention(q, k, v), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["reference", "xla"])
+def test_explicit_mask_matches_numpy(impl: str):
+    """The KV-cache form: T queries at given positions against S > T slots."""
+    S = 12
+    q, k, v = random_qkv(seed=1, s_len=S)
+    positions_BT = np.array([np.arange(3, 3 + T), np.arange(T) + 4])
+    mask_BTS = np.arange(S)[None, None] <= positions_BT[:, :, None]
+    out_BTHK = attention.attend(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), impl=impl,
+                                mask_BTS=jnp.asarray(mask_BTS))
+    np.testing.assert_allclose(out_BTHK, numpy_attention(q, k, v, mask_BTS), atol=1e-5,
+                               rtol=1e-5)
+
+
+def test_first_query_sees_only_first_key():
+    """Causality in the plainest form: output 0 is v 0, whatever the other keys hold."""
+    q, k, v = random_qkv(seed=2)
+    out_BTHK = attention.attend(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), impl="xla")
+    np.testing.assert_allclose(out_BTHK[:, 0], v[:, 0], atol=1e-6)
+
+
+def test_xla_and_reference_agree_in_bfloat16():
+    q, k, v = (jnp.asarray(a, jnp.bfloat16) for a in random_qkv(seed=3))
+    ref_BTHK = attention.attend(q, k, v, impl="reference")
+    xla_BTHK = attention.attend(q, k, v, impl="xla")
+    assert ref_BTHK.dtype == xla_BTHK.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.float32(xla_BTHK), np.float32(ref_BTHK), atol=2e-2)
+
+
+@pytest.mark.parametrize("impl", ["cudnn", "splash"])
+def test_accelerator_impls_fail_clearly_on_cpu(impl: str):
+    if jax.devices()[0].platform != "cpu":
+        pytest.skip("checks the error on CPU")
+    q = jnp.ones((1, 4, 2, 8), jnp.bfloat16)
+    with pytest.raises(ValueError, match=f"attention_impl='{impl}'.*cpu") as info:
+        attention.attend(q, q, q, impl=impl)
+    assert "\n" not in str(info.value)
+
+
+def test_unknown_impl_lists_the_allowed_ones():
+    q = jnp.ones((1, 4, 2, 8))
+    with pytest.raises(ValueError, match="'flash'.*reference.*xla.*cudnn.*splash"):
+        attention.attend(q, q, q, impl="flash")
