@@ -1,0 +1,228 @@
+"""GPT-2's byte-level BPE tokenizer, from `vocab.json` + `merges.txt`, in pure Python.
+
+Text is split into pre-tokens (contractions, letter runs, digit runs, other symbol runs, each
+with at most one leading space, and whitespace runs), each pre-token's UTF-8 bytes are mapped to
+printable characters (GPT-2's byte-to-unicode table), and adjacent symbols are merged in the
+order `merges.txt` ranks them. Special tokens (`<|endoftext|>`) in the text map to their ids.
+The saved form is the two original files plus `tokenizer.json`; see `gpt_jax.data.tokenizers`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import unicodedata
+from typing import Iterable, Sequence
+
+from gpt_jax.data.files import DataError, DataFileNotFoundError, atomic_write
+from gpt_jax.data.tokenizers import Tokenizer, _digest
+
+KIND = "gpt2_bpe"
+VOCAB_FILE = "vocab.json"
+MERGES_FILE = "merges.txt"
+META_FILE = "tokenizer.json"
+END_OF_TEXT = "<|endoftext|>"
+# Unicode's White_Space property (what `\s` means in GPT-2's pattern).
+_WHITESPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's table: printable Latin-1 bytes map to themselves, the other 68 to U+0100...
+
+    so that every byte is a visible character and BPE never sees whitespace or controls.
+    """
+    keep = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    table, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def _class_ranges(first_letter: str) -> str:
+    """A regex character class body of every code point whose category starts with it."""
+    parts, start = [], None
+    for cp in range(0x110001):
+        inside = cp < 0x110000 and unicodedata.category(chr(cp))[0] == first_letter
+        if inside and start is None:
+            start = cp
+        elif not inside and start is not None:
+            parts.append(re.escape(chr(start)) if start == cp - 1
+                         else f"{re.escape(chr(start))}-{re.escape(chr(cp - 1))}")
+            start = None
+    return "".join(parts)
+
+
+@functools.cache
+def pretokenizer() -> re.Pattern:
+    """GPT-2's split pattern with \\p{L}, \\p{N} and \\s spelled out for the stdlib `re`:
+    's|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+"""
+    letters, numbers, space = _class_ranges("L"), _class_ranges("N"), _WHITESPACE
+    return re.compile(
+        rf"'s|'t|'re|'ve|'m|'ll|'d| ?[{letters}]+| ?[{numbers}]+| ?[^{space}{letters}{numbers}]+"
+        rf"|[{space}]+(?![^{space}])|[{space}]+")
+
+
+def _parse_merges(text: str, where: str) -> list[tuple[str, str]]:
+    merges = []
+    for number, line in enumerate(text.split("\n"), 1):
+        line = line.rstrip("\r")
+        if not line or (number == 1 and line.startswith("#version")):
+            continue
+        parts = line.split(" ")
+        if len(parts) != 2 or not all(parts):
+            raise DataError(f"{where} line {number}: {line[:60]!r} is not a merge "
+                            "'<left> <right>'")
+        merges.append((parts[0], parts[1]))
+    return merges
+
+
+class GPT2BPETokenizer(Tokenizer):
+    """The project's Tokenizer interface over GPT-2's byte-level BPE (bos = eos = pad)."""
+    kind = KIND
+
+    def __init__(self, vocab_json: bytes, merges_txt: bytes, where: str = "GPT-2 tokenizer"):
+        self.vocab_json, self.merges_txt = vocab_json, merges_txt
+        try:
+            vocab = json.loads(vocab_json.decode("utf-8"))
+        except ValueError as e:
+            raise DataError(f"{where}/{VOCAB_FILE} is not JSON: {e}") from None
+        if not isinstance(vocab, dict) or not all(isinstance(i, int) for i in vocab.values()):
+            raise DataError(f"{where}/{VOCAB_FILE} must map token strings to int ids")
+        self.encoder: dict[str, int] = vocab
+        self.decoder: dict[int, str] = {i: t for t, i in vocab.items()}
+        self.vocab_size = max(vocab.values()) + 1
+        self.ranks = {pair: r for r, pair in
+                      enumerate(_parse_merges(merges_txt.decode("utf-8"), f"{where}/"
+                                              f"{MERGES_FILE}"))}
+        self.byte_encoder = bytes_to_unicode()
+        self.byte_decoder = {c: b for b, c in self.byte_encoder.items()}
+        missing = [c for c in self.byte_encoder.values() if c not in vocab]
+        if missing:
+            raise DataError(f"{where}/{VOCAB_FILE} lacks {len(missing)} of the 256 byte tokens "
+                            f"(e.g. {missing[0]!r}); a byte-level BPE vocabulary needs them all")
+        for (left, right) in self.ranks:
+            if left + right not in vocab:
+                raise DataError(f"{where}/{MERGES_FILE}: the merge {left!r} {right!r} makes "
+                                f"{left + right!r}, which is not in {VOCAB_FILE}")
+        if END_OF_TEXT not in vocab:
+            raise DataError(f"{where}/{VOCAB_FILE} has no {END_OF_TEXT!r} token (GPT-2's "
+                            "bos/eos)")
+        self.eos_id = self.bos_id = self.pad_id = vocab[END_OF_TEXT]
+        self.specials = {END_OF_TEXT: self.eos_id}
+        self._special_split = re.compile("(" + "|".join(map(re.escape, self.specials)) + ")")
+        self._cache: dict[str, list[int]] = {}
+
+    # -- construction ----------------------------------------------------------------------
+
+    @classmethod
+    def from_files(cls, directory: str) -> "GPT2BPETokenizer":
+        """From `vocab.json` + `merges.txt` in `directory` (a HF GPT-2 dir or our tokenizer/)."""
+        from etils import epath  # local or remote (gs://) run directories
+
+        paths = [epath.Path(directory, f) for f in (VOCAB_FILE, MERGES_FILE)]
+        for path in paths:
+            if not path.is_file():
+                raise DataFileNotFoundError(f"{path} does not exist; a GPT-2 BPE tokenizer "
+                                            f"needs {VOCAB_FILE} and {MERGES_FILE}")
+        return cls(paths[0].read_bytes(), paths[1].read_bytes(), where=str(directory))
+
+    @classmethod
+    def from_hf_tokenizer_json(cls, path: str) -> "GPT2BPETokenizer":
+        """From a Hugging Face `tokenizer.json` whose model is a byte-level BPE."""
+        with open(path, encoding="utf-8") as f:
+            model = json.load(f).get("model") or {}
+        if model.get("type") != "BPE" or "vocab" not in model:
+            raise DataError(f"{path}: model.type={model.get('type')!r} is not a BPE vocabulary")
+        merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+        return cls(json.dumps(model["vocab"], ensure_ascii=False).encode("utf-8"),
+                   ("#version: 0.2\n" + "\n".join(merges) + "\n").encode("utf-8"), where=path)
+
+    # -- the Tokenizer interface ------------------------------------------------------------
+
+    def _bpe(self, word: str) -> list[int]:
+        """Ids of one pre-token: merge the lowest-ranked adjacent pair until none is left."""
+        cached = self._cache.get(word)
+        if cached is not None:
+            return cached
+        symbols = [self.byte_encoder[b] for b in word.encode("utf-8")]
+        while len(symbols) > 1:
+            pairs = {(a, b) for a, b in zip(symbols, symbols[1:])}
+            best = min(pairs, key=lambda p: self.ranks.get(p, float("inf")))
+            if best not in self.ranks:
+                break
+            merged, i = [], 0
+            while i < len(symbols):
+                if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == best:
+                    merged.append(symbols[i] + symbols[i + 1])
+                    i += 2
+                else:
+                    merged.append(symbols[i])
+                    i += 1
+            symbols = merged
+        ids = [self.encoder[s] for s in symbols]
+        if len(self._cache) < 100_000:
+            self._cache[word] = ids
+        return ids
+
+    def encode(self, text: str) -> list[int]:
+        ids: list[int] = []
+        for part in self._special_split.split(text):
+            if part in self.specials:
+                ids.append(self.specials[part])
+            elif part:
+                for word in pretokenizer().findall(part):
+                    ids.extend(self._bpe(word))
+        return ids
+
+    def encode_batch(self, texts: Sequence[str]):
+        import numpy as np
+
+        return [np.asarray(self.encode(t), np.int64) for t in texts]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of `ids`; special tokens decode to their text, unknown ids are skipped."""
+        out, pending = [], bytearray()
+        for i in map(int, ids):
+            token = self.decoder.get(i)
+            if token is None:
+                continue
+            if token in self.specials:
+                out.append(pending.decode("utf-8", errors="replace") + token)
+                pending = bytearray()
+            else:
+                pending.extend(self.byte_decoder[c] for c in token)
+        return "".join(out) + pending.decode("utf-8", errors="replace")
+
+    @property
+    def fingerprint(self) -> str:
+        return _digest("gpt2-bpe-v1", self.vocab_json, self.merges_txt)
+
+    def save(self, directory: str) -> None:
+        """vocab.json + merges.txt (as read), then tokenizer.json last (its presence = done)."""
+        atomic_write(os.path.join(directory, VOCAB_FILE), self.vocab_json)
+        atomic_write(os.path.join(directory, MERGES_FILE), self.merges_txt)
+        meta = {"kind": self.kind, "vocab_size": self.vocab_size,
+                "fingerprint": self.fingerprint, "eos_token": END_OF_TEXT}
+        atomic_write(os.path.join(directory, META_FILE), json.dumps(meta))
+
+    def save_hf(self, directory: str) -> None:
+        """The files a Hugging Face GPT-2 tokenizer loads from (no tokenizer.json)."""
+        atomic_write(os.path.join(directory, VOCAB_FILE), self.vocab_json)
+        atomic_write(os.path.join(directory, MERGES_FILE), self.merges_txt)
+
+
+def load_dir(directory: str) -> GPT2BPETokenizer:
+    """The tokenizer of a HF model directory: vocab.json + merges.txt, else tokenizer.json."""
+    if os.path.isfile(os.path.join(directory, VOCAB_FILE)):
+        return GPT2BPETokenizer.from_files(directory)
+    hf_json = os.path.join(directory, "tokenizer.json")
+    if os.path.isfile(hf_json):
+        return GPT2BPETokenizer.from_hf_tokenizer_json(hf_json)
+    raise DataFileNotFoundError(f"{directory} has no {VOCAB_FILE} + {MERGES_FILE} (nor a "
+                                "Hugging Face tokenizer.json); copy them from the model's source")
