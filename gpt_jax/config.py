@@ -276,27 +276,6 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
                f"data*fsdp={data * fsdp} devices it is split over")
         _check(m.n_head % tensor == 0,
                f"model.n_head={m.n_head} is not divisible by mesh.tensor={tensor}")
-        _check_param_splits(config, {"data": data, "fsdp": fsdp, "tensor": tensor})
-
-
-def _check_param_splits(config: ml_collections.ConfigDict, mesh_sizes: dict[str, int]) -> None:
-    """Each sharded weight dimension must divide evenly over the mesh axes its rule names
-    (e.g. GPT-2's vocab 50257 over tensor=2 would fail later, deep inside the sharded init)."""
-    m = config.model
-    dims = {"vocab": ("model.vocab_size", m.vocab_size), "embed": ("model.n_embd", m.n_embd),
-            "mlp": ("model.mlp_ratio * model.n_embd", int(round(m.mlp_ratio * m.n_embd)))}
-    seen = set()
-    for name, axes in config.mesh.logical_axis_rules:
-        if name not in dims or name in seen:
-            continue  # flax uses the first rule of a name
-        seen.add(name)
-        axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-        split = math.prod(mesh_sizes[a] for a in axes)
-        field, size = dims[name]
-        hint = " (pad it, e.g. to a multiple of 128: 50304 for GPT-2)" if name == "vocab" else ""
-        _check(size % split == 0,
-               f"{field}={size} is not divisible by the {'*'.join(axes)}={split} devices that "
-               f"its logical axis {name!r} is split over{hint}")
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:

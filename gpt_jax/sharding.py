@@ -9,6 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from gpt_jax.config import MESH_AXES, resolve_mesh_shape
@@ -60,6 +61,9 @@ def _divisible(named: NamedSharding, shape: tuple[int, ...], mesh: Mesh) -> Name
     for dim, axes in zip(shape, tuple(named.spec) + (None,) * (len(shape) - len(named.spec))):
         names = (axes,) if isinstance(axes, str) else tuple(axes or ())
         ways = int(np.prod([mesh.shape[a] for a in names])) if names else 1
+        if dim % ways:
+            logging.log_first_n(logging.WARNING, "a dimension of size %d does not divide over "
+                                "mesh axes %s (%d ways); it is replicated", 8, dim, names, ways)
         spec.append(axes if dim % ways == 0 else None)
     return NamedSharding(mesh, P(*spec))
 

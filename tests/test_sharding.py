@@ -181,3 +181,21 @@ def test_param_shardings_match_init_params():
     untied = dataclasses.replace(cfg, tie_embeddings=False)
     head = sharding.param_shardings(GPT(untied), mesh, rules)["lm_head"]["kernel"]
     assert head.spec == P("fsdp", "tensor")
+
+
+def test_indivisible_vocab_is_replicated_and_still_exact():
+    """vocab 63 cannot split over tensor=2: that dim stays whole, the embed dim still splits."""
+    config = tiny_config()
+    config.model.vocab_size = 63
+    cfg = ModelConfig.from_config(config.model)
+    mesh, rules = mesh_for("2x2x2"), sharding.logical_rules(config)
+    params, shardings = sharding.init_params(GPT(cfg), jax.random.key(0), mesh, rules)
+    wte = params["wte"]["embedding"]
+    assert wte.sharding.spec == P(None, "fsdp")
+    assert {s.data.shape for s in wte.addressable_shards} == {(63, 16)}
+    tokens_BT = batch()[0] % 63
+    expected = GPT(cfg).apply({"params": jax.device_get(params)}, tokens_BT)
+    with sharding.activate(mesh, rules):
+        logits_BTV = jax.jit(lambda p, t: GPT(cfg).apply({"params": p}, t))(
+            params, jax.device_put(tokens_BT, sharding.batch_sharding(mesh)))
+    np.testing.assert_allclose(logits_BTV, expected, atol=1e-5, rtol=1e-5)
