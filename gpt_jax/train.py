@@ -110,7 +110,13 @@ def evaluate(trainer: Trainer, eval_step, params, val_data, config) -> dict:
         s, c = jax.device_get(eval_step(params, batch))
         loss_sum, count = loss_sum + float(s), count + float(c)
     loss = loss_sum / max(count, 1.0)
-    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
+    result = {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
+    if getattr(val_data, "pairs", None) and config.data.get("sft_exact_match", 0) > 0:
+        from gpt_jax.sft_eval import exact_match  # fine-tuning: greedy answers to held-out pairs
+
+        result.update(exact_match(trainer.model_cfg, params, val_data.tokenizer, val_data.pairs,
+                                  config.data.sft_exact_match, trainer.mesh, trainer.rules))
+    return result
 
 
 def describe_run(config, trainer: Trainer, workdir: str, n_params: int, log) -> None:
@@ -127,8 +133,28 @@ def describe_run(config, trainer: Trainer, workdir: str, n_params: int, log) -> 
         f"keep {config.checkpoint.keep}); metrics: {os.path.join(workdir, 'metrics.jsonl')}")
 
 
+PARENT_MODEL_FIELDS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "mlp",
+                       "mlp_ratio", "norm", "norm_eps", "position", "rope_theta",
+                       "tie_embeddings", "use_bias", "scan_layers")
+
+
+def inherit_parent(config) -> None:
+    """A fine-tune takes its parent's architecture and tokenizer kind: the params must fit."""
+    if not config.train.init_from:
+        return
+    parent = ckpt_lib.load_config(config.train.init_from)
+    changed = [f for f in PARENT_MODEL_FIELDS if config.model[f] != parent.model[f]]
+    for field in changed:
+        config.model[field] = parent.model[field]
+    config.data.tokenizer = parent.data.tokenizer
+    if changed:
+        logging.warning("init_from=%s: model fields %s follow the parent run",
+                        config.train.init_from, ", ".join(changed))
+
+
 def train(config, workdir: str) -> dict:
     """Train (or resume) the run in `workdir`; returns the last logged metrics."""
+    inherit_parent(config)
     config_lib.validate(config, num_devices=jax.device_count())
     stop = StopSignal()  # installed first: a SIGTERM during set-up still ends in a clean save
     try:
@@ -145,8 +171,9 @@ def _train(config, workdir: str, stop: StopSignal) -> dict:
 
     mesh = sharding.make_mesh(config.mesh)
     trainer = Trainer.create(config, mesh)
-    train_data = data.TokenDataset(config, tokenizer, split="train")
-    val_data = data.TokenDataset(config, tokenizer, split="validation")
+    dataset = data.SFTDataset if config.data.source == "sft_jsonl" else data.TokenDataset
+    train_data = dataset(config, tokenizer, split="train")
+    val_data = dataset(config, tokenizer, split="validation")
     checkpointer = ckpt_lib.Checkpointer(workdir, config.checkpoint)
     t, seq_len = config.train, config.model.block_size
     with sharding.activate(mesh, trainer.rules):

@@ -11,12 +11,14 @@ See docs/data.md.
 from gpt_jax.data.cache import build_token_cache, load_token_cache
 from gpt_jax.data.files import DataError, DataFileNotFoundError
 from gpt_jax.data.loader import BatchLoader, TokenDataset, process_rows
+from gpt_jax.data.sft import Pair, SFTDataset, read_jsonl
 from gpt_jax.data.sources import Corpus, open_corpus
 from gpt_jax.data.tokenizers import (ByteTokenizer, CharTokenizer, SentencePieceTokenizer,
                                      Tokenizer, build_tokenizer, load_tokenizer,
                                      train_sentencepiece)
 
 __all__ = ["BatchLoader", "ByteTokenizer", "CharTokenizer", "Corpus", "DataError",
-           "DataFileNotFoundError", "SentencePieceTokenizer", "TokenDataset", "Tokenizer",
+           "DataFileNotFoundError", "Pair", "SFTDataset", "SentencePieceTokenizer",
+           "TokenDataset", "Tokenizer",
            "build_token_cache", "build_tokenizer", "load_token_cache", "load_tokenizer",
-           "open_corpus", "process_rows", "train_sentencepiece"]
+           "open_corpus", "process_rows", "read_jsonl", "train_sentencepiece"]

@@ -1,0 +1,143 @@
+"""Supervised fine-tuning data: JSONL pairs, packing with response-only loss weights, and a
+fine-tune of a converted GPT-2 that improves the held-out metrics."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from gpt_jax import config as config_lib
+from gpt_jax.data import ByteTokenizer, DataError, Pair, SFTDataset, read_jsonl
+
+
+def sft_config(tmp_path, pairs_file="", **model):
+    config = config_lib.load_preset("tiny")
+    config.model.update(block_size=32, vocab_size=259, **model)
+    config.data.update(source="sft_jsonl", paths=str(pairs_file or tmp_path / "none.jsonl"),
+                       tokenizer="byte")
+    return config
+
+
+def test_jsonl_errors_name_the_line(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    good = json.dumps({"prompt": "a", "response": "b"})
+    for lines, message in [
+        ([good, "{not json", good], "pairs.jsonl line 2 is not JSON"),
+        ([good, "", json.dumps({"prompt": "a"})], "pairs.jsonl line 3 has no 'response' field"),
+        ([json.dumps({"prompt": 1, "response": "b"})], "line 1 has a non-string 'prompt' field"),
+        ([json.dumps(["a", "b"])], "line 1 is a JSON list, not an object"),
+    ]:
+        path.write_text("\n".join(lines) + "\n")
+        with pytest.raises(DataError, match=message):
+            read_jsonl(str(path))
+    path.write_text(good + "\n\n" + good + "\n")
+    assert read_jsonl(str(path)) == [Pair("a", "b", f"{path} line 1"),
+                                     Pair("a", "b", f"{path} line 3")]
+    with pytest.raises(DataError, match="missing.jsonl does not exist"):
+        read_jsonl(str(tmp_path / "missing.jsonl"))
+
+
+def test_prompt_longer_than_the_context_is_an_error(tmp_path):
+    config = sft_config(tmp_path)
+    pairs = [Pair("x" * 40, "y", "pairs.jsonl line 7")]
+    with pytest.raises(DataError, match="pairs.jsonl line 7: the prompt is 40 tokens but "
+                                        "model.block_size=32"):
+        SFTDataset(config, ByteTokenizer(), "train", pairs=pairs)
+    long_answer = SFTDataset(config, ByteTokenizer(), "train", pairs=[Pair("q", "z" * 50, "l1")])
+    assert long_answer.num_truncated == 1 and len(long_answer.examples[0][0]) == 33
+
+
+def test_packing_keeps_whole_examples_and_weights_only_responses(tmp_path):
+    tok = ByteTokenizer()
+    rng = np.random.default_rng(0)
+    pairs = [Pair("q" + "p" * int(rng.integers(1, 9)) + ":",
+                  "r" * int(rng.integers(1, 7)) + str(i % 10), f"line {i}") for i in range(40)]
+    ds = SFTDataset(sft_config(tmp_path), tok, "train", pairs=pairs)
+    seen = []
+    for r in range(ds.num_windows(32)):
+        batch = ds.gather(np.array([r]), 32)
+        inputs, targets, weights = batch["inputs"][0], batch["targets"][0], batch["weights"][0]
+        assert np.array_equal(inputs[1:], targets[:-1])
+        row = np.concatenate([inputs[:1], targets])
+        text = tok.decode(row)  # whole examples: each starts with its prompt
+        counted = tok.decode(targets[weights > 0])
+        expected = ""
+        for example in text.split("q")[1:]:
+            prompt, response = example.split(":")
+            expected += response
+            seen.append("q" + prompt + ":" + response)
+        assert counted == expected  # response bytes, in order
+        assert weights[targets == tok.eos_id].all() and weights.sum() == len(expected) + (
+            targets == tok.eos_id).sum()
+        assert not weights[targets == tok.pad_id].any()
+    assert sorted(seen) == sorted(p.prompt + p.response for p in pairs)
+
+
+def test_response_only_loss_equals_hand_computation(tmp_path):
+    from gpt_jax import sharding
+    from gpt_jax.step import Trainer
+
+    tok = ByteTokenizer()
+    pairs = [Pair(f"question {i}?", f" answer {i * 7}", f"l{i}") for i in range(30)]
+    config = sft_config(tmp_path)
+    config.train.update(global_batch_size=8)
+    ds = SFTDataset(config, tok, "train", pairs=pairs)
+    host = ds.host_batch(3, 8, 32)
+    assert 0 < host["weights"].sum() < host["weights"].size
+
+    mesh = sharding.make_mesh(config.mesh)
+    trainer = Trainer.create(config, mesh)
+    import flax.linen as nn
+
+    params = nn.unbox(trainer.model.init(jax.random.PRNGKey(0), host["inputs"][:1])["params"])
+    logits = np.asarray(trainer.model.apply({"params": params}, host["inputs"]), np.float64)
+    shifted = logits - logits.max(-1, keepdims=True)
+    logp = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+    nll = -np.take_along_axis(logp, host["targets"][..., None].astype(int), -1)[..., 0]
+    by_hand = (nll * host["weights"]).sum() / host["weights"].sum()
+    with sharding.activate(mesh, trainer.rules):
+        batch = {k: jax.device_put(v, trainer.batch_sharding) for k, v in host.items()}
+        s, c = jax.jit(trainer._eval_step)(params, batch)
+        assert float(s) / float(c) == pytest.approx(by_hand, rel=1e-5)
+        assert float(c) == host["weights"].sum()
+        unmasked = nll.mean()
+        assert abs(unmasked - by_hand) > 1e-3  # the weights matter
+
+
+def test_finetuning_a_converted_gpt2_improves_heldout_metrics(tmp_path):
+    from test_convert_hf import hf_config, random_hf_tensors, write_hf_dir
+
+    from gpt_jax import train
+    from gpt_jax.hf import from_hf
+
+    V = 317  # write_bpe_files' vocabulary
+    cfg = hf_config(V, n_layer=2, n_embd=32, n_head=2, n_positions=32)
+    write_hf_dir(tmp_path / "hf", cfg, {k: v * 0.1 for k, v in random_hf_tensors(cfg).items()})
+    base = from_hf(str(tmp_path / "hf"), str(tmp_path / "base"))
+
+    colors = {"apple": "red", "banana": "yellow", "grape": "purple", "lime": "green",
+              "plum": "blue", "orange": "orange", "coal": "black", "snow": "white"}
+
+    def lines(ids):
+        return "".join(json.dumps({"prompt": f"#{i} color of {fruit}:", "response": f" {color}"})
+                       + "\n" for i in ids for fruit, color in colors.items())
+
+    (tmp_path / "train.jsonl").write_text(lines(range(12)))
+    (tmp_path / "heldout.jsonl").write_text(lines(range(50, 52)))
+    config = config_lib.load_preset("finetune")
+    config.data.update(paths=str(tmp_path / "train.jsonl"),
+                       sft_eval_paths=str(tmp_path / "heldout.jsonl"))
+    config.train.update(init_from=base, num_steps=200, global_batch_size=8, eval_every=200,
+                        log_every=50)
+    config.optim.update(lr=1e-2, warmup_steps=5)
+    config.checkpoint.update(every=200, async_save=False)
+    train.train(config, str(tmp_path / "sft"))
+    events = [json.loads(x) for x in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
+    evals = [e for e in events if "eval_exact_match" in e]
+    before, after = evals[0], evals[-1]
+    assert (before["step"], after["step"]) == (0, 200)
+    assert after["eval_loss"] < 0.5 * before["eval_loss"]
+    assert before["eval_exact_match"] == 0.0 and after["eval_exact_match"] >= 0.75
