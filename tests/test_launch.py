@@ -569,6 +569,20 @@ def test_two_hosts_sigterm_then_resume_matches_an_uninterrupted_run(tmp_path):
     for a, b in zip(final_params(tmp_path / "straight"), final_params(tmp_path / "killed")):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
+    # ... and 2 processes x 4 devices == 1 process x 8 devices (this pytest process).
+    from gpt_jax import config as config_lib
+    from gpt_jax import train
+
+    config = config_lib.load_preset("tiny")
+    config.train.update(num_steps=10, log_every=1, eval_every=1000)
+    config.checkpoint.update(every=1000)
+    train.train(config, str(tmp_path / "one_process"))
+    single = losses("one_process")
+    np.testing.assert_allclose([straight[s] for s in range(1, 11)],
+                               [single[s] for s in range(1, 11)], rtol=1e-5)
+    for a, b in zip(final_params(tmp_path / "straight"), final_params(tmp_path / "one_process")):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
 
 def test_every_launcher_command_in_docs_tpu_md_parses(monkeypatch):
     """The commands in docs/tpu.md are valid launcher input (parsed, nothing run)."""
