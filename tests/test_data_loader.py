@@ -220,3 +220,25 @@ def test_seq_len_longer_than_split_and_empty_corpus(tmp_path, setup):
     empty = make_config(tmp_path, str(tmp_path / "empty"))
     with pytest.raises(data.DataError, match="split 'train' of text_files is empty"):
         data.TokenDataset(empty, tok, "train")
+
+
+def test_bytes_per_token_counts_utf8_bytes(tmp_path):
+    """Byte tokenizer: tokens = UTF-8 bytes + BOS/EOS per document, so the ratio is exact."""
+    from gpt_jax import config as config_lib
+    from gpt_jax.data import ByteTokenizer, TokenDataset
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    texts = ["héllo wörld\n" * 50, "naïve café ☕\n" * 40]
+    for i, text in enumerate(texts):
+        (corpus / f"doc{i}.txt").write_text(text, encoding="utf-8")
+    config = config_lib.load_preset("tiny")
+    config.data.update(source="text_files", paths=str(corpus), tokenizer="byte",
+                       cache_dir=str(tmp_path / "cache"),
+                       data_dir=str(tmp_path / "tfds"))
+    splits = [TokenDataset(config, ByteTokenizer(), split=s) for s in ("train", "validation")]
+    n_bytes = sum(len(t.encode("utf-8")) for t in texts)
+    assert sum(d.num_tokens for d in splits) == n_bytes + 2 * len(texts)
+    for d in splits:  # each split: its bytes over its bytes + 2 (BOS, EOS) per document
+        n_docs = 1
+        assert d.bytes_per_token == pytest.approx((d.num_tokens - 2 * n_docs) / d.num_tokens)

@@ -70,7 +70,7 @@ def _write_tokens(corpus: Corpus, split: str, tok: Tokenizer, path: str,
     num_docs = len(corpus.split(split))
     if num_docs == 0:
         raise DataError(f"split {split!r} of {corpus.name} is empty: no documents")
-    num_tokens, num_chars, start = 0, 0, time.time()
+    num_tokens, num_chars, num_bytes, start = 0, 0, 0, time.time()
     bos, eos = np.array([tok.bos_id], dtype), np.array([tok.eos_id], dtype)
     texts = corpus.texts(split, chunk=DOCS_PER_CHUNK)
     with open(path, "wb") as f, tqdm(total=num_docs, unit="doc", disable=None, leave=False,
@@ -78,6 +78,7 @@ def _write_tokens(corpus: Corpus, split: str, tok: Tokenizer, path: str,
         for first in range(0, num_docs, DOCS_PER_CHUNK):
             batch = [next(texts) for _ in range(min(DOCS_PER_CHUNK, num_docs - first))]
             num_chars += sum(map(len, batch))
+            num_bytes += sum(len(text.encode("utf-8")) for text in batch)
             pieces = []
             for ids in tok.encode_batch(batch):
                 pieces += [bos, ids.astype(dtype), eos]
@@ -95,7 +96,8 @@ def _write_tokens(corpus: Corpus, split: str, tok: Tokenizer, path: str,
     logging.info("Token cache %s/%s: %d docs, %d chars -> %d tokens in %.1fs (%.0f tokens/s)",
                  corpus.name, split, num_docs, num_chars, num_tokens, seconds,
                  num_tokens / max(seconds, 1e-9))
-    return {"num_docs": num_docs, "num_chars": num_chars, "num_tokens": num_tokens,
+    return {"num_docs": num_docs, "num_chars": num_chars, "num_bytes": num_bytes,
+            "num_tokens": num_tokens,
             "build_seconds": round(seconds, 3), "corpus_metadata": corpus.metadata}
 
 

@@ -18,7 +18,7 @@ import numpy as np
 from absl import logging
 
 from gpt_jax.data.cache import build_token_cache, load_token_cache
-from gpt_jax.data.files import DataError
+from gpt_jax.data.files import DataError, read_json
 from gpt_jax.data.sources import Corpus, open_corpus
 from gpt_jax.data.tokenizers import Tokenizer
 
@@ -43,6 +43,12 @@ class TokenDataset:
     @property
     def num_tokens(self) -> int:
         return int(self.tokens.shape[0])
+
+    @property
+    def bytes_per_token(self) -> float | None:
+        """UTF-8 bytes of text per cached token (BOS/EOS included), for bits-per-byte."""
+        meta = read_json(self.path[:-len(".tokens")] + ".json") or {}
+        return meta["num_bytes"] / meta["num_tokens"] if meta.get("num_bytes") else None
 
     def num_windows(self, seq_len: int) -> int:
         """How many non-overlapping (seq_len + 1)-token windows fit; an error if none."""
