@@ -12,13 +12,13 @@ from __future__ import annotations
 from absl import flags
 
 
-def _define(define, name: str, default, help_text: str) -> None:
+def _define(define, name: str, default, help_text: str, *args) -> None:
     if name not in flags.FLAGS:
-        define(name, default, help_text)
+        define(name, default, *args, help_text)
 
 
-_define(flags.DEFINE_enum, "from", None, ["hf"], "Convert from this format into --workdir.")
-_define(flags.DEFINE_enum, "to", None, ["hf"], "Convert --workdir into this format.")
+_define(flags.DEFINE_enum, "from", None, "Convert from this format into --workdir.", ["hf"])
+_define(flags.DEFINE_enum, "to", None, "Convert --workdir into this format.", ["hf"])
 _define(flags.DEFINE_string, "hf_dir", None, "The Hugging Face model directory (in or out).")
 _define(flags.DEFINE_string, "workdir", None, "The gpt_jax run directory (out or in).")
 FLAGS = flags.FLAGS
