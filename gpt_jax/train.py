@@ -111,6 +111,9 @@ def evaluate(trainer: Trainer, eval_step, params, val_data, config) -> dict:
         loss_sum, count = loss_sum + float(s), count + float(c)
     loss = loss_sum / max(count, 1.0)
     result = {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
+    bytes_per_token = getattr(val_data, "bytes_per_token", None)  # SFT data has none
+    if bytes_per_token:
+        result["eval_bits_per_byte"] = loss / math.log(2) / bytes_per_token
     if getattr(val_data, "pairs", None) and config.data.get("sft_exact_match", 0) > 0:
         from gpt_jax.sft_eval import exact_match  # fine-tuning: greedy answers to held-out pairs
 
