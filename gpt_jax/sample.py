@@ -172,7 +172,9 @@ def sample_tokens(model_cfg: ModelConfig, params, prompts: Sequence[Sequence[int
         hash_B[r] = prompt_hash(prompt)
         sample_B[r] = r % num_samples
     live_B = np.arange(batch) < num_rows
-    rules = None if rules is None else tuple(rules)
+    if rules is not None:  # hashable: it is a static argument of the compiled function
+        rules = tuple((name, tuple(axes) if isinstance(axes, list) else axes)
+                      for name, axes in rules)
 
     args = (params, prompt_BP, prompt_len_B, hash_B, sample_B, live_B,
             np.int32(seed), np.int32(max_new_tokens), np.float32(temperature), np.int32(top_k),

@@ -7,8 +7,8 @@ random prompt ids, all compiled before timing (medians of `--bench_repeats` runs
   transfers included); tokens/s = batch * new tokens / seconds.
 - no-cache: a compiled `fori_loop` that runs the full forward pass over a fixed window of
   prompt + new tokens for every new token (the static-shape way to sample without a cache).
-  Every step costs the same, so on CPU it is timed over `--bench_baseline_steps` steps and
-  tokens/s = batch * steps / seconds.
+  Every step costs the same, so on CPU it is timed over `--bench_baseline_steps` steps (2) in
+  `--bench_baseline_repeats` runs (1), and tokens/s = batch * steps / seconds.
 
 Rows: each of `--bench_batch_sizes` at prompt + new tokens, and batch 1 at
 `--bench_long_total` total tokens (prompt = total - new).
@@ -38,8 +38,10 @@ flags.DEFINE_string("bench_batch_sizes", "", "Comma-separated batch sizes ('': 1
 flags.DEFINE_integer("bench_prompt_len", 16, "Prompt tokens per row.")
 flags.DEFINE_integer("bench_new_tokens", 128, "New tokens per row.")
 flags.DEFINE_integer("bench_repeats", 3, "Timed runs per measurement (the median is reported).")
-flags.DEFINE_integer("bench_baseline_steps", 0, "No-cache steps timed per run (0: 4 on CPU, "
+flags.DEFINE_integer("bench_baseline_steps", 0, "No-cache steps timed per run (0: 2 on CPU, "
                      "all new tokens on an accelerator).")
+flags.DEFINE_integer("bench_baseline_repeats", 0, "Timed no-cache runs (0: 1 on CPU, else "
+                     "--bench_repeats).")
 flags.DEFINE_integer("bench_long_total", 512, "Also compare at batch 1 with this many total "
                      "tokens (0: skip).")
 flags.DEFINE_string("bench_json", "", "Also write the results to this JSON file.")
@@ -96,7 +98,7 @@ def no_cache_tokens_per_s(cfg, params, batch: int, prompt_len: int, new_tokens: 
 
 
 def measure(config, batch_sizes: list[int], prompt_len: int, new_tokens: int, repeats: int,
-            baseline_steps: int, long_total: int) -> list[dict]:
+            baseline_steps: int, baseline_repeats: int, long_total: int) -> list[dict]:
     cfg = ModelConfig.from_config(config.model)
     params = jax.jit(GPT(cfg).init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
     cases = [(b, prompt_len) for b in batch_sizes]
@@ -106,7 +108,8 @@ def measure(config, batch_sizes: list[int], prompt_len: int, new_tokens: int, re
     for batch, plen in cases:
         steps = min(baseline_steps, new_tokens) if baseline_steps else new_tokens
         cached = cached_tokens_per_s(cfg, params, batch, plen, new_tokens, repeats)
-        baseline = no_cache_tokens_per_s(cfg, params, batch, plen, new_tokens, steps, repeats)
+        baseline = no_cache_tokens_per_s(cfg, params, batch, plen, new_tokens, steps,
+                                         baseline_repeats)
         rows.append(dict(batch=batch, prompt=plen, new=new_tokens, total=plen + new_tokens,
                          cached_tok_s=cached, no_cache_tok_s=baseline,
                          speedup=cached / baseline, baseline_steps=steps))
@@ -125,7 +128,8 @@ def run(argv: list[str]) -> None:
     on_cpu = jax.devices()[0].platform == "cpu"
     sizes = FLAGS.bench_batch_sizes or ("1,8" if on_cpu else "1,8,64")
     batch_sizes = [int(s) for s in sizes.split(",") if s.strip()]
-    baseline_steps = FLAGS.bench_baseline_steps or (4 if on_cpu else 0)
+    baseline_steps = FLAGS.bench_baseline_steps or (2 if on_cpu else 0)
+    baseline_repeats = FLAGS.bench_baseline_repeats or (1 if on_cpu else FLAGS.bench_repeats)
     config = FLAGS.config
     print(f"# sampler benchmark: {config.model.n_layer} layers, width {config.model.n_embd}, "
           f"vocab {config.model.vocab_size}, {config.model.dtype}; {jax.devices()[0].device_kind}"
@@ -133,7 +137,8 @@ def run(argv: list[str]) -> None:
     print("| batch | prompt + new = total | cached tok/s | no-cache tok/s | cached / no-cache |")
     print("|---|---|---|---|---|")
     rows = measure(config, batch_sizes, FLAGS.bench_prompt_len, FLAGS.bench_new_tokens,
-                   FLAGS.bench_repeats, baseline_steps, FLAGS.bench_long_total)
+                   FLAGS.bench_repeats, baseline_steps, baseline_repeats,
+                   FLAGS.bench_long_total)
     by_batch = {r["batch"]: r for r in rows if r["prompt"] == FLAGS.bench_prompt_len}
     if 1 in by_batch and 8 in by_batch:
         print(f"batch 8 / batch 1 (cached): "
