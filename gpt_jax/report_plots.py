@@ -68,10 +68,12 @@ def line_plot(stats: list["VariantStats"], curve: Curve, path: str, xlabel: str,
 
 
 def _zoom(ax, stats: list["VariantStats"], curve: Curve) -> None:
-    """Leave out the first points' high loss so that the curves' ends can be told apart."""
-    ys = [y for s in stats for r in s.runs for _, y in curve(r)]
-    tails = [y for s in stats for r in s.runs for _, y in curve(r)[len(curve(r)) // 4:]]
-    if tails and len(ys) > 4:
+    """With many points, leave out the first quarter's high loss so that the curves' ends can
+    be told apart; with few (eval curves), show them whole."""
+    curves = [curve(r) for s in stats for r in s.runs]
+    ys = [y for c in curves for _, y in c]
+    tails = [y for c in curves if len(c) >= 10 for _, y in c[len(c) // 4:]]
+    if tails:
         lo, hi = min(ys), max(tails)
         ax.set_ylim(lo - 0.05 * (hi - lo + 1e-9), hi + 0.1 * (hi - lo + 1e-9))
 
