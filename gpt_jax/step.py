@@ -96,6 +96,12 @@ class Trainer:
     def _grads(self, params, batch, rng):
         """Gradient of the mean token loss, accumulated over microbatches with lax.scan."""
         k = self.config.train.microbatches
+        if k == 1:  # no loop: a one-trip while loop costs carry copies and blocks fusion
+            (loss_sum, count), grads = jax.value_and_grad(
+                lambda p: self.loss_sums(p, batch, jax.random.fold_in(rng, 0), self.train_model),
+                has_aux=True)(params)
+            count = jnp.maximum(count, 1.0)
+            return loss_sum / count, jax.tree.map(lambda g: g / count, grads)
 
         def micro(carry, mb):
             (loss_sum, count), g = jax.value_and_grad(

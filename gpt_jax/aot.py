@@ -1,0 +1,298 @@
+"""TPU projections without a TPU: compile a config's exact sharded steps for a named TPU slice.
+
+With `libtpu` installed (`pip install 'libtpu==0.0.42.*'`, the version jax 0.10.2 pins),
+`jax.experimental.topologies.get_topology_desc` describes a TPU slice on any host, and XLA's
+TPU compiler runs on the CPU. `compile_train_step` lowers the real `Trainer` step (same
+shardings, donation, remat, attention) for that slice's devices; `report` turns the compiled
+executable into per-chip memory (against the chip's HBM), XLA's FLOPs and estimated step time,
+and a projected MFU. JAX itself keeps running on the CPU (`JAX_PLATFORMS=cpu`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from gpt_jax import sharding
+from gpt_jax.config import MESH_AXES, ConfigError, list_presets, load_preset, resolve_mesh_shape
+from gpt_jax.flops import count_params, flops_per_token
+from gpt_jax.metrics import peak_flops
+from gpt_jax.model import GPT, ModelConfig, init_kv_cache
+from gpt_jax.step import Trainer
+
+GiB = 2**30
+# The GPT-2 family by size; any preset file name (`tiny`, `gpt2_124m`, …) works too.
+PRESETS = {"124M": "gpt2_124m", "350M": "gpt2_350m", "774M": "gpt2_774m", "1558M": "gpt2_1558m"}
+
+
+class AotError(ValueError):
+    """A slice, preset or mesh that cannot be compiled; the message says what is allowed."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TpuSlice:
+    """A Cloud TPU slice as its user-facing name (v5e-8) and libtpu's topology description."""
+    name: str
+    topology: str  # libtpu's name, e.g. "v5e:2x4" (v4/v5p: chips as x*y*z)
+    chip_config: str  # "megacore": one JAX device per chip (v4, v5p); "default": one core
+    hbm_bytes: int  # per chip
+    hbm_bytes_per_s: float  # per chip, published bandwidth
+    wrap: tuple[bool, bool, bool]
+
+    @property
+    def chips(self) -> int:
+        return math.prod(int(d) for d in self.topology.split(":")[1].split("x"))
+
+
+def _slices() -> dict[str, TpuSlice]:
+    out = {}
+    # name suffix = TensorCores (v4, v5p: 2 per chip) or chips (v5e, v6e).
+    for gen, tpu, hbm, bw, cores_per_chip, chip_config, shapes in (
+            ("v4", "v4", 32, 1228e9, 2, "megacore", ("2x2x1", "2x2x2", "2x2x4", "2x4x4",
+                                                     "4x4x4")),
+            ("v5p", "v5", 95, 2765e9, 2, "megacore", ("2x2x1", "2x2x2", "2x2x4", "2x4x4",
+                                                      "4x4x4")),
+            ("v5e", "v5e", 16, 819e9, 1, "default", ("1x1", "2x2", "2x4", "4x4", "4x8", "8x8",
+                                                     "8x16", "16x16")),
+            ("v6e", "v6e", 32, 1640e9, 1, "default", ("1x1", "2x2", "2x4", "4x4", "8x8",
+                                                      "16x16"))):
+        for shape in shapes:
+            dims = [int(d) for d in shape.split("x")]
+            chips = math.prod(dims)
+            wrap = tuple(d >= 4 and chips >= (64 if len(dims) == 3 else 256) for d in dims)
+            wrap = (wrap + (False,) * 3)[:3]
+            name = f"{gen}-{chips * cores_per_chip}"
+            out[name] = TpuSlice(name, f"{tpu}:{shape}", chip_config, hbm * GiB, bw, wrap)
+    return out
+
+
+SLICES = _slices()
+
+
+def get_slice(name: str) -> TpuSlice:
+    if name not in SLICES:
+        raise AotError(f"unknown TPU topology {name!r}; one of: {', '.join(SLICES)}")
+    return SLICES[name]
+
+
+def libtpu_available() -> bool:
+    return importlib.util.find_spec("libtpu") is not None
+
+
+def topology_devices(tpu: TpuSlice) -> list:
+    """Compile-only TPU devices of the slice (no TPU needed; JAX stays on the CPU)."""
+    if not libtpu_available():
+        raise AotError("TPU AOT compilation needs libtpu: pip install 'libtpu==0.0.42.*' "
+                       "(the version jax 0.10.2 pins; or the gpt_jax[tpu] extra)")
+    # Only compiling: skip libtpu's one-process-per-host lock (tests and users run several).
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    from jax.experimental import topologies
+
+    desc = topologies.get_topology_desc(topology_name=tpu.topology, platform="tpu",
+                                        chip_config_name=tpu.chip_config,
+                                        chips_per_host_bounds=(2, 2, 1), num_slices=1,
+                                        wrap=tpu.wrap)
+    return list(desc.devices)
+
+
+def topology_mesh(mesh_config, devices: list) -> Mesh:
+    """A (data, fsdp, tensor) mesh laid out on the slice's physical torus where possible."""
+    shape = resolve_mesh_shape(mesh_config, len(devices))
+    from jax.experimental import mesh_utils
+
+    try:
+        grid = mesh_utils.create_device_mesh(shape, devices)
+    except (ValueError, NotImplementedError, AssertionError):
+        grid = np.asarray(devices).reshape(shape)
+    return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(shape))
+
+
+def resolve_preset(name: str):
+    """The config of a size (124M, …) or of configs/<name>.py; AotError naming the choices."""
+    try:
+        return load_preset(PRESETS.get(name, name))
+    except ConfigError:
+        raise AotError(f"unknown preset {name!r}; one of: {', '.join(PRESETS)} or "
+                       f"{', '.join(list_presets())}") from None
+
+
+def apply_overrides(config, *, batch_size: int | None = None, attention_impl: str | None = None,
+                    remat_policy: str | None = None, scan_layers: bool | None = None,
+                    dtype: str | None = None, mesh: tuple[int, int, int] | None = None):
+    """A copy of `config` with benchmark options applied (None keeps the config's value)."""
+    config = config.copy_and_resolve_references()
+    if batch_size is not None:
+        config.train.global_batch_size = batch_size
+        config.train.microbatches = 1
+    for field, value in (("attention_impl", attention_impl), ("remat_policy", remat_policy),
+                         ("scan_layers", scan_layers), ("dtype", dtype)):
+        if value is not None:
+            config.model[field] = value
+    if mesh is not None:
+        config.mesh.update(dict(zip(MESH_AXES, mesh)))
+    return config
+
+
+def _abstract(shape, dtype, sharding_):
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding_)
+
+
+def compile_train_step(config, mesh: Mesh):
+    """The Trainer's jitted train step, lowered on abstract (sharded) state and batch."""
+    trainer = Trainer.create(config, mesh)
+    state = trainer.abstract_state()
+    B, T = config.train.global_batch_size, config.model.block_size
+    tokens = _abstract((B, T), jnp.int32, trainer.batch_sharding)
+    with sharding.activate(mesh, trainer.rules):
+        t0 = time.perf_counter()
+        lowered = trainer.jit_train_step().lower(state, {"inputs": tokens, "targets": tokens})
+        compiled = lowered.compile()
+    return compiled, time.perf_counter() - t0, state
+
+
+def compile_decode_step(config, mesh: Mesh, batch_size: int):
+    """One cached decoding step: [B, 1] tokens at their positions -> logits, updated KV cache."""
+    trainer = Trainer.create(config, mesh)
+    params = trainer.abstract_state()["params"]
+    cfg = trainer.model_cfg
+    rows = NamedSharding(mesh, P(("data", "fsdp"), None))
+    cache_sh = NamedSharding(mesh, P(None, ("data", "fsdp"), None, "tensor", None))
+    cache = jax.eval_shape(lambda: init_kv_cache(cfg, batch_size))
+    cache = jax.tree.map(lambda x: _abstract(x.shape, x.dtype, cache_sh), cache)
+    token = _abstract((batch_size, 1), jnp.int32, rows)
+    model = GPT(cfg)
+
+    def decode(params, tokens_B1, positions_B1, kv_cache):
+        logits_B1V, kv_cache = model.apply({"params": params}, tokens_B1, positions_B1, kv_cache)
+        return logits_B1V, kv_cache
+
+    step = jax.jit(decode, out_shardings=(NamedSharding(mesh, P(("data", "fsdp"))), cache_sh),
+                   donate_argnums=(3,))
+    with sharding.activate(mesh, trainer.rules):
+        t0 = time.perf_counter()
+        compiled = step.lower(params, token, token, cache).compile()
+    return compiled, time.perf_counter() - t0
+
+
+def shard_bytes(tree) -> int:
+    """Bytes one device holds of a tree of sharded ShapeDtypeStructs (the largest shard)."""
+    total = 0
+    for x in jax.tree.leaves(tree):
+        shape = x.sharding.shard_shape(x.shape) if x.sharding is not None else x.shape
+        total += math.prod(shape) * jnp.dtype(x.dtype).itemsize
+    return total
+
+
+def memory_report(compiled, hbm_bytes: int) -> dict[str, Any]:
+    """Per-chip bytes from XLA's buffer assignment, and whether they fit in HBM."""
+    m = compiled.memory_analysis()
+    live = (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+            + m.temp_size_in_bytes + m.generated_code_size_in_bytes)
+    return {"argument_bytes": m.argument_size_in_bytes, "output_bytes": m.output_size_in_bytes,
+            "alias_bytes": m.alias_size_in_bytes, "temp_bytes": m.temp_size_in_bytes,
+            "code_bytes": m.generated_code_size_in_bytes, "total_bytes": live,
+            "hbm_bytes": hbm_bytes, "fits": live <= hbm_bytes, "headroom_bytes": hbm_bytes - live}
+
+
+def cost_report(compiled, model_flops_per_chip: float, peak: float | None,
+                hbm_bytes_per_s: float) -> dict[str, Any]:
+    """XLA's FLOPs and estimated seconds per chip; MFU if the step ran in that estimate.
+
+    The estimate is XLA's `optimal_seconds` where it gives one, else the roofline
+    max(XLA FLOPs / peak, XLA bytes accessed / HBM bandwidth) (`estimate_source` says which).
+    """
+    cost = compiled.cost_analysis() or {}
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    flops, bytes_accessed = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
+    seconds, source = cost.get("optimal_seconds"), "xla optimal_seconds"
+    if not (seconds and seconds > 0) and peak:
+        seconds, source = max(flops / peak, bytes_accessed / hbm_bytes_per_s), "roofline"
+    seconds = float(seconds) if seconds and seconds > 0 else None
+    out = {"xla_flops_per_chip": flops, "xla_bytes_accessed_per_chip": bytes_accessed,
+           "xla_estimated_step_s": seconds, "estimate_source": source if seconds else None,
+           "model_flops_per_chip": model_flops_per_chip}
+    out["projected_mfu"] = (model_flops_per_chip / (seconds * peak)
+                            if seconds and peak else None)
+    return out
+
+
+def project(config, slice_name: str, *, decode_batch_size: int = 0,
+            decode: bool = True) -> dict[str, Any]:
+    """Compile train (and decode) for the slice; one flat record of memory, FLOPs and MFU."""
+    tpu = get_slice(slice_name)
+    devices = topology_devices(tpu)
+    mesh = topology_mesh(config.mesh, devices)
+    data, fsdp, tensor = (mesh.shape[a] for a in MESH_AXES)
+    B, T = config.train.global_batch_size, config.model.block_size
+    if B % (data * fsdp) or config.model.n_head % tensor:
+        raise AotError(f"batch {B} must divide over data*fsdp={data * fsdp} and n_head "
+                       f"{config.model.n_head} over tensor={tensor}")
+    model_cfg = ModelConfig.from_config(config.model)
+    n_dev, peak = len(devices), peak_flops(devices[0].device_kind)
+    compiled, compile_s, state = compile_train_step(config, mesh)
+    model_flops = flops_per_token(model_cfg, T) * B * T / n_dev
+    record: dict[str, Any] = {
+        "topology": tpu.name, "libtpu_topology": tpu.topology, "chips": n_dev,
+        "device_kind": devices[0].device_kind, "mesh": f"{data}x{fsdp}x{tensor}",
+        "params": count_params(model_cfg), "batch_size": B, "seq_len": T,
+        "dtype": model_cfg.dtype, "param_dtype": model_cfg.param_dtype,
+        "remat_policy": model_cfg.remat_policy, "scan_layers": model_cfg.scan_layers,
+        "attention_impl": model_cfg.attention_impl,
+        "peak_tflops_per_chip": peak / 1e12 if peak else None, "train_compile_s": compile_s,
+        "params_bytes_per_chip": shard_bytes(state["params"]),
+        "opt_state_bytes_per_chip": shard_bytes(state["opt_state"]),
+    }
+    record.update({f"train_{k}": v for k, v in memory_report(compiled, tpu.hbm_bytes).items()})
+    record.update({f"train_{k}": v for k, v in cost_report(compiled, model_flops, peak, tpu.hbm_bytes_per_s).items()})
+    if record["train_xla_estimated_step_s"]:
+        record["projected_tokens_per_s"] = B * T / record["train_xla_estimated_step_s"]
+    if decode:
+        decode_b = decode_batch_size or 8 * data * fsdp
+        dec, dec_s = compile_decode_step(config, mesh, decode_b)
+        record.update({"decode_batch_size": decode_b, "decode_compile_s": dec_s})
+        record.update({f"decode_{k}": v for k, v in memory_report(dec, tpu.hbm_bytes).items()})
+        dec_flops = 2 * (count_params(model_cfg)) * decode_b / n_dev
+        record.update({f"decode_{k}": v for k, v in cost_report(dec, dec_flops, peak, tpu.hbm_bytes_per_s).items()})
+    return record
+
+
+def format_report(r: dict[str, Any]) -> str:
+    def gib(x):
+        return f"{x / GiB:.2f} GiB"
+
+    def verdict(prefix):
+        if r[f"{prefix}_fits"]:
+            return f"fits ({gib(r[f'{prefix}_headroom_bytes'])} free)"
+        return f"DOES NOT FIT (over by {gib(-r[f'{prefix}_headroom_bytes'])})"
+
+    est = r["train_xla_estimated_step_s"]
+    mfu = r["train_projected_mfu"]
+    lines = [
+        f"{r['topology']} ({r['libtpu_topology']}, {r['chips']} x {r['device_kind']}), mesh "
+        f"data x fsdp x tensor = {r['mesh']}; {r['params'] / 1e6:.1f}M params, batch "
+        f"{r['batch_size']} x {r['seq_len']}, {r['dtype']}, remat={r['remat_policy']}",
+        f"  train step: {gib(r['train_total_bytes'])} per chip of {gib(r['train_hbm_bytes'])} "
+        f"HBM: {verdict('train')}; params {gib(r['params_bytes_per_chip'])}, optimizer "
+        f"{gib(r['opt_state_bytes_per_chip'])}, temps {gib(r['train_temp_bytes'])}",
+        f"  XLA: {r['train_xla_flops_per_chip'] / 1e12:.2f} TFLOP per chip (model "
+        f"{r['train_model_flops_per_chip'] / 1e12:.2f}), estimated step "
+        + (f"{1e3 * est:.1f} ms -> projected MFU {100 * mfu:.1f}%" if est and mfu is not None
+           else "n/a") + f" ({r['train_estimate_source']}); compiled in "
+        f"{r['train_compile_s']:.1f} s",
+    ]
+    if "decode_total_bytes" in r:
+        dest = r["decode_xla_estimated_step_s"]
+        lines.append(f"  decode step (batch {r['decode_batch_size']}, cache "
+                     f"{r['seq_len']}): {gib(r['decode_total_bytes'])} per chip: "
+                     f"{verdict('decode')}; estimated "
+                     + (f"{1e3 * dest:.2f} ms/token" if dest else "n/a"))
+    return "\n".join(lines)

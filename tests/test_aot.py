@@ -1,0 +1,52 @@
+"""`gpt-jax aot`: compile the tiny config's train and decode steps for a small TPU slice on CPU."""
+
+import math
+
+import pytest
+
+from gpt_jax import aot
+from gpt_jax.config import load_preset
+from gpt_jax.flops import count_params
+
+requires_libtpu = pytest.mark.skipif(
+    not aot.libtpu_available(),
+    reason="libtpu is not installed (pip install 'libtpu==0.0.42.*'): no TPU compiler to AOT with")
+
+
+def test_slice_table_and_unknown_topology():
+    assert aot.SLICES["v5e-8"].topology == "v5e:2x4" and aot.SLICES["v5e-8"].chips == 8
+    assert aot.SLICES["v4-8"].topology == "v4:2x2x1" and aot.SLICES["v4-8"].chips == 4
+    assert aot.SLICES["v5p-128"].chips == 64 and aot.SLICES["v5e-256"].chips == 256
+    assert aot.SLICES["v5p-8"].hbm_bytes == 95 * aot.GiB
+    with pytest.raises(aot.AotError, match=r"unknown TPU topology 'v9-8'; one of: v4-8, "):
+        aot.get_slice("v9-8")
+
+
+@requires_libtpu
+def test_tiny_compiles_for_v5e_4_with_a_sane_memory_report():
+    config = aot.apply_overrides(load_preset("tiny"), batch_size=8, mesh=(1, 4, 1))
+    r = aot.project(config, "v5e-4", decode_batch_size=8)
+    assert (r["chips"], r["device_kind"], r["mesh"]) == (4, "TPU v5 lite", "1x4x1")
+    n = count_params(aot.ModelConfig.from_config(config.model))
+    # fsdp=4 splits the float32 params: each chip holds at least its quarter, less than all.
+    assert n * 4 / 4 <= r["params_bytes_per_chip"] < n * 4
+    assert r["opt_state_bytes_per_chip"] >= 2 * r["params_bytes_per_chip"]  # Adam's mu, nu
+    assert r["train_argument_bytes"] >= r["params_bytes_per_chip"] + r["opt_state_bytes_per_chip"]
+    assert r["train_alias_bytes"] > 0  # the state is donated
+    for prefix in ("train", "decode"):
+        total = r[f"{prefix}_total_bytes"]
+        assert 0 < total < r[f"{prefix}_hbm_bytes"] == 16 * aot.GiB and r[f"{prefix}_fits"]
+        assert r[f"{prefix}_headroom_bytes"] == 16 * aot.GiB - total
+        assert r[f"{prefix}_xla_flops_per_chip"] > 0
+    # XLA counts the matmuls (and more): at least the model's 6N + attention FLOPs per chip.
+    assert r["train_xla_flops_per_chip"] >= 0.9 * r["train_model_flops_per_chip"]
+    assert r["train_xla_estimated_step_s"] > 0 and 0 < r["train_projected_mfu"] <= 1
+    assert r["peak_tflops_per_chip"] == 197
+    assert math.isfinite(r["projected_tokens_per_s"])
+    assert "fits" in aot.format_report(r)
+
+
+@requires_libtpu
+def test_megacore_slice_has_one_device_per_chip():
+    devices = aot.topology_devices(aot.get_slice("v4-8"))
+    assert len(devices) == 4 and devices[0].device_kind == "TPU v4"

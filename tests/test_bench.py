@@ -1,0 +1,65 @@
+"""`gpt-jax bench train`: the JSON line it prints, and the FLOPs behind its TFLOP/s and MFU."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from gpt_jax import aot
+from gpt_jax.bench import train as bench
+from gpt_jax.config import load_preset
+from gpt_jax.flops import flops_per_token
+from gpt_jax.model import ModelConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+POSITIVE = ("step_time_s", "step_time_pipelined_s", "tokens_per_s", "tflops_per_device",
+            "flops_per_token", "compile_s", "peak_memory_bytes", "params")
+
+
+def test_cli_prints_one_json_line_with_positive_numbers(tmp_path):
+    out = tmp_path / "bench.jsonl"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    proc = subprocess.run(
+        [sys.executable, "-m", "gpt_jax.cli", "bench", "train", "--config=configs/tiny.py",
+         "--steps=3", "--warmup=1", "--batch_size=4", f"--json_out={out}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
+    assert len(lines) == 1
+    record = json.loads(lines[0])
+    assert json.loads(out.read_text().strip()) == record
+    for key in POSITIVE:
+        assert math.isfinite(record[key]) and record[key] > 0, (key, record[key])
+    assert record["step_time_min_s"] <= record["step_time_s"] <= record["step_time_max_s"]
+    assert record["batch_size"] == 4 and record["seq_len"] == 32 and record["steps"] == 3
+    assert record["tokens_per_s"] == pytest.approx(4 * 32 / record["step_time_s"])
+    # No published peak for a CPU: MFU is n/a, never a made-up number.
+    assert record["platform"] == "cpu" and record["mfu"] is None
+    assert record["peak_tflops_per_device"] is None
+    assert "bench train" in record["command"] and "MFU n/a" in proc.stderr
+
+
+def test_flops_are_the_models_flops_per_token():
+    config = aot.apply_overrides(load_preset("tiny"), batch_size=8, remat_policy="full")
+    record = bench.bench_train(config, steps=2, warmup=1, name="tiny")
+    cfg = ModelConfig.from_config(config.model)
+    assert record["flops_per_token"] == flops_per_token(cfg, 32)
+    assert record["devices"] == 8 and record["remat_policy"] == "full"
+    expected = 8 * 32 * flops_per_token(cfg, 32) / record["step_time_s"] / 8 / 1e12
+    assert record["tflops_per_device"] == pytest.approx(expected)
+    assert math.isfinite(record["final_loss"])
+
+
+def test_overrides_and_presets():
+    config = aot.apply_overrides(aot.resolve_preset("124M"), batch_size=16, dtype="bfloat16",
+                                 scan_layers=True, attention_impl="splash", mesh=(1, 4, 2))
+    assert (config.model.n_layer, config.model.n_embd, config.model.block_size) == (12, 768, 1024)
+    assert config.train.global_batch_size == 16 and config.model.dtype == "bfloat16"
+    assert config.model.scan_layers and config.model.attention_impl == "splash"
+    assert (config.mesh.data, config.mesh.fsdp, config.mesh.tensor) == (1, 4, 2)
+    assert load_preset("gpt2_124m").model.dtype == "float32"  # the preset itself is untouched
+    with pytest.raises(aot.AotError, match=r"unknown preset '999M'; one of: 124M, 350M"):
+        aot.resolve_preset("999M")
