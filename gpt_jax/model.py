@@ -132,7 +132,13 @@ def apply_rope(x_BTHK: jax.Array, positions_BT: jax.Array, theta: float) -> jax.
 
 
 class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention; with a cache, also writes K/V at `positions_BT`.
+
+    `layer_cache` is this layer's (k_BSHK, v_BSHK), or, when `layer` is set, every layer's
+    (k_LBSHK, v_LBSHK): then only the new slots are written, in place, never a whole layer.
+    """
     cfg: ModelConfig
+    layer: int | None = None
 
     @nn.compact
     def __call__(self, x_BTD, positions_BT, layer_cache):
@@ -148,11 +154,8 @@ class CausalSelfAttention(nn.Module):
         if layer_cache is None:
             out_BTHK = attention.attend(q_BTHK, k_BTHK, v_BTHK, impl=cfg.attention_impl)
         else:
-            k_BSHK, v_BSHK = layer_cache
-            rows_B1 = jnp.arange(x_BTD.shape[0])[:, None]
-            k_BSHK = k_BSHK.at[rows_B1, positions_BT].set(k_BTHK.astype(k_BSHK.dtype))
-            v_BSHK = v_BSHK.at[rows_B1, positions_BT].set(v_BTHK.astype(v_BSHK.dtype))
-            layer_cache = (k_BSHK, v_BSHK)
+            layer_cache, k_BSHK, v_BSHK = _write_cache(layer_cache, self.layer, positions_BT,
+                                                       k_BTHK, v_BTHK)
             # A query at position p sees slots 0..p: what the prompt and earlier steps wrote.
             mask_BTS = jnp.arange(k_BSHK.shape[1])[None, None] <= positions_BT[:, :, None]
             out_BTHK = attention.attend(q_BTHK, k_BSHK.astype(q_BTHK.dtype),
@@ -163,6 +166,18 @@ class CausalSelfAttention(nn.Module):
         y_BTD = _dense(cfg.n_embd, ("heads", "kv", "embed"), cfg, axis=(-2, -1), std=std,
                        name="proj")(out_BTHK)
         return y_BTD, layer_cache
+
+
+def _write_cache(layer_cache, layer, positions_BT, k_BTHK, v_BTHK):
+    """(updated cache, this layer's k_BSHK, v_BSHK) after writing the new keys/values."""
+    rows_B1 = jnp.arange(k_BTHK.shape[0])[:, None]
+    index = (rows_B1, positions_BT) if layer is None else (layer, rows_B1, positions_BT)
+    k_cache, v_cache = layer_cache
+    k_cache = k_cache.at[index].set(k_BTHK.astype(k_cache.dtype))
+    v_cache = v_cache.at[index].set(v_BTHK.astype(v_cache.dtype))
+    if layer is None:
+        return (k_cache, v_cache), k_cache, v_cache
+    return (k_cache, v_cache), k_cache[layer], v_cache[layer]
 
 
 class MLP(nn.Module):
@@ -186,14 +201,15 @@ class Block(nn.Module):
     """x + attn(norm(x)), then x + mlp(norm(x)). Call signature fits `nn.scan`."""
     cfg: ModelConfig
     deterministic: bool = True
+    layer: int | None = None  # set in the unscanned loop: the cache holds every layer
 
     @nn.compact
     def __call__(self, x_BTD, positions_BT, layer_cache):
         cfg = self.cfg
         drop = nn.Dropout(cfg.dropout, deterministic=self.deterministic)
         h_BTD = _norm(cfg, "ln_1")(x_BTD).astype(cfg.dtype)
-        a_BTD, layer_cache = CausalSelfAttention(cfg, name="attn")(h_BTD, positions_BT,
-                                                                    layer_cache)
+        a_BTD, layer_cache = CausalSelfAttention(cfg, self.layer, name="attn")(
+            h_BTD, positions_BT, layer_cache)
         x_BTD = x_BTD + drop(a_BTD)
         h_BTD = _norm(cfg, "ln_2")(x_BTD).astype(cfg.dtype)
         x_BTD = x_BTD + drop(MLP(cfg, name="mlp")(h_BTD))
@@ -219,7 +235,10 @@ class GPT(nn.Module):
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, tokens_BT, positions_BT=None, kv_cache: KVCache | None = None):
+    def __call__(self, tokens_BT, positions_BT=None, kv_cache: KVCache | None = None,
+                 logits_at_B=None):
+        """Logits at every position, or, with `logits_at_B`, only at row b's position
+        logits_at_B[b] (shape [B, 1, V]: a prefill needs just the last prompt token's)."""
         cfg = self.cfg
         B, T = tokens_BT.shape
         if positions_BT is None:
@@ -242,6 +261,8 @@ class GPT(nn.Module):
         else:
             x_BTD, kv_cache = self._loop_blocks(block, x_BTD, positions_BT, kv_cache)
 
+        if logits_at_B is not None:
+            x_BTD = x_BTD[jnp.arange(B), logits_at_B][:, None]
         x_BTD = _norm(cfg, "ln_f")(x_BTD).astype(cfg.dtype)
         if cfg.tie_embeddings:
             logits_BTV = wte.attend(x_BTD)
@@ -253,17 +274,11 @@ class GPT(nn.Module):
         return logits_BTV if kv_cache is None else (logits_BTV, kv_cache)
 
     def _loop_blocks(self, block, x_BTD, positions_BT, kv_cache):
-        new_k, new_v = [], []
+        caches = None if kv_cache is None else (kv_cache.k_LBSHK, kv_cache.v_LBSHK)
         for i in range(self.cfg.n_layer):
-            layer_cache = None if kv_cache is None else (kv_cache.k_LBSHK[i], kv_cache.v_LBSHK[i])
-            x_BTD, layer_cache = block(self.cfg, self.deterministic, name=f"h_{i}")(
-                x_BTD, positions_BT, layer_cache)
-            if layer_cache is not None:
-                new_k.append(layer_cache[0])
-                new_v.append(layer_cache[1])
-        if kv_cache is not None:
-            kv_cache = KVCache(jnp.stack(new_k), jnp.stack(new_v))
-        return x_BTD, kv_cache
+            x_BTD, caches = block(self.cfg, self.deterministic, i, name=f"h_{i}")(
+                x_BTD, positions_BT, caches)
+        return x_BTD, None if kv_cache is None else KVCache(*caches)
 
     def _scan_blocks(self, block, x_BTD, positions_BT, kv_cache):
         scanned = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True,

@@ -222,17 +222,17 @@ def _generate(params, prompt_BP, prompt_len_B, hash_B, sample_B, live_B, seed, m
         return sampling_filters.choose(step_keys_B, logits_BV, temperature, top_k, top_p,
                                        k_bucket=k_bucket, use_top_p=use_top_p)
 
-    def forward(tokens_BT, positions_BT, cache):
+    def forward(tokens_BT, positions_BT, cache, logits_at_B=None):
         if cache_sharding is not None:
             cache = jax.lax.with_sharding_constraint(cache, KVCache(cache_sharding,
                                                                     cache_sharding))
-        return model.apply({"params": params}, tokens_BT, positions_BT, cache)
+        return model.apply({"params": params}, tokens_BT, positions_BT, cache, logits_at_B)
 
     # Prefill: the whole (padded) prompt in one pass; row b's next token reads position len_b-1.
     cache = init_kv_cache(model_cfg, B, cache_len)
     positions_BP = jnp.broadcast_to(jnp.arange(prompt_BP.shape[1]), prompt_BP.shape)
-    logits_BPV, cache = forward(prompt_BP, positions_BP, cache)
-    logits_BV = logits_BPV[jnp.arange(B), prompt_len_B - 1].astype(jnp.float32)
+    logits_B1V, cache = forward(prompt_BP, positions_BP, cache, prompt_len_B - 1)
+    logits_BV = logits_B1V[:, 0].astype(jnp.float32)
     tok_B, logp_B = pick(logits_BV, 0)
 
     tokens_BN = jnp.full((B, out_len), pad_id, jnp.int32).at[:, 0].set(tok_B)

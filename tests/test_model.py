@@ -350,3 +350,16 @@ def test_kv_cache_decode_matches_full_forward(position: str, scan_layers: bool):
     # Slots past the last position were never written.
     assert not np.any(np.asarray(kv_cache.k_LBSHK)[:, :, T:])
     assert np.all(np.abs(np.asarray(kv_cache.k_LBSHK)[:, :, :T]).sum(-1) > 0)
+
+
+def test_logits_at_gives_one_position_per_row():
+    """`logits_at_B` (the prefill's last prompt token per row) == that row of the full logits."""
+    cfg = tiny_cfg()
+    params = random_params(cfg)
+    tokens_BT = random_tokens()
+    full_BTV = jitted_forward(cfg)(params, tokens_BT)
+    at_B = jnp.arange(tokens_BT.shape[0]) % tokens_BT.shape[1]
+    picked_B1V = GPT(cfg).apply({"params": params}, tokens_BT, logits_at_B=at_B)
+    assert picked_B1V.shape == (tokens_BT.shape[0], 1, cfg.vocab_size)
+    np.testing.assert_allclose(picked_B1V[:, 0], full_BTV[jnp.arange(len(at_B)), at_B],
+                               atol=1e-5, rtol=1e-5)
