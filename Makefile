@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 WORKDIR ?= runs/demo
 export JAX_PLATFORMS ?= cpu
 
-.PHONY: train test sample install clean
+.PHONY: train test install install-test clean
 
 $(BIN)/gpt-jax: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,12 +15,22 @@ $(BIN)/gpt-jax: setup.cfg pyproject.toml
 
 install: $(BIN)/gpt-jax
 
+# Tests also use libtpu (TPU AOT compiles on this CPU host) and, where a CPU-only torch wheel
+# can be had, torch + transformers for the Hugging Face conversion tests (skipped otherwise).
+$(VENV)/.test-extras: $(BIN)/gpt-jax
+	$(BIN)/pip install -q -e '.[dev,tpu]'
+	$(BIN)/pip install -q 'torch==2.13.0+cpu' 'transformers>=4.40' safetensors 2>/dev/null \
+	  || echo "note: no CPU-only torch wheel here; the Hugging Face tests will be skipped"
+	touch $@
+
+install-test: $(VENV)/.test-extras
+
 # Train the default GPT on the built-in corpus (the Python standard library), then sample.
 train: install
 	$(BIN)/gpt-jax train --config=configs/default.py --workdir=$(WORKDIR)
-	$(BIN)/gpt-jax sample --workdir=$(WORKDIR) --prompt="def main(" --max_new_tokens=200
+	$(BIN)/gpt-jax sample --workdir=$(WORKDIR) --prompt="def main(" --max_new_tokens=200 --num_samples=3
 
-test: install
+test: install-test
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
 
 clean:
