@@ -8,7 +8,6 @@ import math
 import os
 import time
 
-import jax
 from etils import epath
 
 # Dense bf16 peak FLOP/s per device (chip; per GPU), from the vendors' published spec sheets.
@@ -51,6 +50,8 @@ class MetricsWriter:
     """Writes on process 0 only; other processes get a writer that does nothing."""
 
     def __init__(self, workdir: str, total_steps: int, start_step: int, enabled: bool = True):
+        import jax
+
         self.enabled = enabled and jax.process_index() == 0
         self.total_steps = total_steps
         self._bar = None
@@ -149,6 +150,8 @@ class Throughput:
     """Tokens/s, step time and MFU over the steps since the last call."""
 
     def __init__(self, tokens_per_step: int, flops_per_token: float):
+        import jax
+
         self.tokens_per_step = tokens_per_step
         self.flops_per_token = flops_per_token
         peak = peak_flops(jax.devices()[0].device_kind)

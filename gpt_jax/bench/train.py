@@ -57,6 +57,8 @@ def _define_flags() -> None:
         (flags.DEFINE_integer, "steps", 20, "Timed steps (the median is reported)."),
         (flags.DEFINE_integer, "warmup", 3, "Untimed steps after compilation."),
         (flags.DEFINE_string, "json_out", "", "Also append the JSON line to this file."),
+        (flags.DEFINE_bool, "torch_baseline", False,
+         "Also time a PyTorch GPT of the same shape (nanoGPT-style) in this run; needs torch."),
     ]
     for define, name, default, help_text, *enum in defs:
         if name not in FLAGS:
@@ -181,6 +183,17 @@ def run(argv: list[str]) -> None:
                          name=name)
     record["command"] = "gpt-jax " + " ".join(sys.argv[1:])
     print(format_record(record), file=sys.stderr)
+    if FLAGS.torch_baseline:
+        from gpt_jax.bench.torch_baseline import time_torch_step
+
+        record.update(time_torch_step(record["n_layer"], record["n_head"], record["n_embd"],
+                                      record["seq_len"], record["batch_size"],
+                                      config.model.vocab_size, steps=FLAGS.steps,
+                                      warmup=FLAGS.warmup))
+        record["jax_over_torch_time"] = record["step_time_s"] / record["torch_step_time_s"]
+        print(f"  PyTorch {record['torch']} ({record['torch_threads']} threads), same shape: "
+              f"step {1e3 * record['torch_step_time_s']:.2f} ms (median); gpt_jax / torch "
+              f"step time = {record['jax_over_torch_time']:.2f}", file=sys.stderr)
     line = json.dumps(record)
     print(line)
     if FLAGS.json_out:
