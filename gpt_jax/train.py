@@ -93,6 +93,12 @@ def initial_state(trainer: Trainer, checkpointer, config):
     return trainer.init_state(config.train.seed, params), 0
 
 
+def open_split(config, tokenizer, split: str):
+    """The train or validation split: token windows, or prompt/response pairs for SFT."""
+    dataset = data.SFTDataset if config.data.source == "sft_jsonl" else data.TokenDataset
+    return dataset(config, tokenizer, split=split)
+
+
 def to_global(host_batch: dict, batch_sharding) -> dict:
     """This process's rows -> global arrays sharded over the mesh's batch axes."""
     return {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(v))
@@ -174,9 +180,8 @@ def _train(config, workdir: str, stop: StopSignal) -> dict:
 
     mesh = sharding.make_mesh(config.mesh)
     trainer = Trainer.create(config, mesh)
-    dataset = data.SFTDataset if config.data.source == "sft_jsonl" else data.TokenDataset
-    train_data = dataset(config, tokenizer, split="train")
-    val_data = dataset(config, tokenizer, split="validation")
+    train_data = open_split(config, tokenizer, "train")
+    val_data = open_split(config, tokenizer, "validation")
     checkpointer = ckpt_lib.Checkpointer(workdir, config.checkpoint)
     t, seq_len = config.train, config.model.block_size
     with sharding.activate(mesh, trainer.rules):

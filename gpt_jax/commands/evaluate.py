@@ -34,7 +34,7 @@ def main(argv: list[str]) -> None:
     _, params = checkpoint.load_params(FLAGS.workdir,
                                        shardings=trainer.state_shardings["params"])
     tokenizer = data.load_tokenizer(run_dir(FLAGS.workdir))
-    val = data.TokenDataset(config, tokenizer, split="validation")
+    val = train.open_split(config, tokenizer, "validation")
     with sharding.activate(mesh, trainer.rules):
         result = train.evaluate(trainer, trainer.jit_eval_step(), params, val, config)
     if jax.process_index() == 0:
