@@ -117,18 +117,15 @@ def _run_dir(path: str) -> str | None:
     """The run directory holding `path` (itself, or two levels up from checkpoints/<step>)."""
     path = os.path.abspath(path)
     for candidate in (path, os.path.dirname(path), os.path.dirname(os.path.dirname(path))):
-        if os.path.isdir(os.path.join(candidate, "tokenizer")):
+        if os.path.isfile(os.path.join(candidate, "tokenizer", "tokenizer.json")):
             return candidate
     return None
 
 
 def load_tokenizer_for(path: str):
     """The run's tokenizer: from its tokenizer/ folder, else from the files in the checkpoint."""
-    from gpt_jax import data
+    from gpt_jax.data import load_tokenizer
 
-    load_tokenizer = getattr(data, "load_tokenizer", None)
-    if load_tokenizer is None:
-        from gpt_jax.data.tokenizers import load_tokenizer
     run_dir = _run_dir(path)
     if run_dir is not None:
         return load_tokenizer(run_dir)

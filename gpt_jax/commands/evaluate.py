@@ -19,7 +19,7 @@ def main(argv: list[str]) -> None:
     common.init_distributed()
     import jax
 
-    from gpt_jax import checkpoint, data, sharding, train
+    from gpt_jax import api, checkpoint, sharding, train
     from gpt_jax.step import Trainer
 
     try:
@@ -33,19 +33,10 @@ def main(argv: list[str]) -> None:
     trainer = Trainer.create(config, mesh)
     _, params = checkpoint.load_params(FLAGS.workdir,
                                        shardings=trainer.state_shardings["params"])
-    tokenizer = data.load_tokenizer(run_dir(FLAGS.workdir))
+    tokenizer = api.load_tokenizer_for(FLAGS.workdir)
     val = train.open_split(config, tokenizer, "validation")
     with sharding.activate(mesh, trainer.rules):
         result = train.evaluate(trainer, trainer.jit_eval_step(), params, val, config)
     if jax.process_index() == 0:
         print(json.dumps({"workdir": FLAGS.workdir, **result}))
 
-
-def run_dir(path: str) -> str:
-    """The run directory of a run dir, its checkpoints/ folder or one step inside it."""
-    import os
-
-    path = os.path.abspath(path)
-    while path != "/" and not os.path.isdir(os.path.join(path, "tokenizer")):
-        path = os.path.dirname(path)
-    return path
