@@ -1,13 +1,7 @@
-"""GPT-2 774m (36 layers, 20 heads, width 1280): vocab 50257, context 1024, tied embeddings."""
+"""GPT-2 774m: 36 layers, 20 heads, width 1280 (see configs/_gpt2.py for the shared shape)."""
 
-from gpt_jax.config import base_config
+from configs._gpt2 import gpt2_config
 
 
 def get_config():
-    config = base_config()
-    config.model.update(vocab_size=50257, block_size=1024, n_layer=36, n_head=20, n_embd=1280,
-                        mlp="gelu", norm="layernorm", position="learned", tie_embeddings=True,
-                        use_bias=True)
-    config.optim.update(lr=6e-4, warmup_steps=700, min_lr_ratio=0.1)
-    config.train.update(global_batch_size=512, num_steps=19_073, log_every=10, eval_every=500)
-    return config
+    return gpt2_config(n_layer=36, n_head=20, n_embd=1280)

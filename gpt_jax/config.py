@@ -278,6 +278,17 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
                f"model.n_head={m.n_head} is not divisible by mesh.tensor={tensor}")
 
 
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """{"model": {"n_layer": 4}} -> {"model.n_layer": 4}: the keys overrides are written in."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def to_json(config: ml_collections.ConfigDict) -> str:
     return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=list)
 

@@ -15,6 +15,7 @@ import re
 import statistics
 from functools import lru_cache
 
+from gpt_jax.config import flatten
 from gpt_jax.metrics import read_metrics
 
 SWEEP_FILE, MEMBER_FILE = "sweep.json", "sweep_member.json"
@@ -101,15 +102,6 @@ def std(values: list[float]) -> float | None:
     """Sample standard deviation (ddof=1); None for fewer than two values."""
     return statistics.stdev(values) if len(values) > 1 else None
 
-
-def flatten(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def _read_json(path: str) -> dict:

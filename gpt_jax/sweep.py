@@ -318,8 +318,8 @@ def check_existing(members: list[Member]) -> None:
         if not os.path.exists(path):
             continue
         with open(path) as f:
-            old = _flatten(json.load(f))
-        new = _flatten(json.loads(config_lib.to_json(m.config)))
+            old = config_lib.flatten(json.load(f))
+        new = config_lib.flatten(json.loads(config_lib.to_json(m.config)))
         for key in sorted(set(old) & set(new)):  # a field the schema gained or lost is fine
             if key != "model.vocab_size" and old[key] != new[key]:
                 raise SweepError(
@@ -327,15 +327,6 @@ def check_existing(members: list[Member]) -> None:
                     f"{key}={old[key]!r} but the sweep now sets {new[key]!r}; delete "
                     "that directory or undo the change")
 
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 # ----------------------------------------------------------------------------- running
