@@ -31,7 +31,7 @@ train: install
 	$(BIN)/gpt-jax sample --workdir=$(WORKDIR) --prompt="def main(" --max_new_tokens=200 --num_samples=3
 
 test: install-test
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
+	GPT_JAX_E2E=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile tests
 
 clean:
 	rm -rf $(VENV) runs

@@ -180,6 +180,7 @@ def test_gpt2_vocab_validates_on_a_tensor_mesh():
     """50257 does not divide by tensor=2: the vocab dim is replicated (see test_sharding)."""
     config = load_preset("gpt2_124m")
     config.mesh.update(data=-1, fsdp=2, tensor=2)
-    validate(config, num_devices=8)
+    assert validate(config, num_devices=8) is None  # no ConfigError
+    assert resolve_mesh_shape(config.mesh, 8) == (2, 2, 2)
     config.model.vocab_size = 50304
     validate(config, num_devices=8)

@@ -307,9 +307,10 @@ def test_remote_scripts_pass_shellcheck(script):
 
 
 def test_launch_modules_compile():
-    for name in os.listdir(os.path.join(REPO, "launch")):
-        if name.endswith(".py"):
-            py_compile.compile(os.path.join(REPO, "launch", name), doraise=True)
+    names = [n for n in os.listdir(os.path.join(REPO, "launch")) if n.endswith(".py")]
+    assert {"tpu.py", "local_multihost.py"} <= set(names)
+    for name in names:  # raises py_compile.PyCompileError on a syntax error
+        py_compile.compile(os.path.join(REPO, "launch", name), doraise=True)
 
 
 # ---------------------------------------------------------------- preemption supervisor
