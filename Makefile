@@ -28,7 +28,7 @@ install-test: $(VENV)/.test-extras
 # Train the default GPT on the built-in corpus (the Python standard library), then sample.
 train: install
 	$(BIN)/gpt-jax train --config=configs/default.py --workdir=$(WORKDIR)
-	$(BIN)/gpt-jax sample --workdir=$(WORKDIR) --prompt="def main(" --max_new_tokens=200 --num_samples=3
+	$(BIN)/gpt-jax sample --workdir=$(WORKDIR) --prompt="def main(" --max_new_tokens=100 --num_samples=3
 
 test: install-test
 	GPT_JAX_E2E=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile tests

@@ -10,8 +10,8 @@ def get_config():
     config = base_config()
     config.model.update(vocab_size=4096, block_size=128, n_layer=4, n_head=6, n_embd=192)
     config.data.update(source="python_stdlib", tokenizer="sentencepiece")
-    config.train.update(global_batch_size=16, num_steps=1500, log_every=50, eval_every=250,
+    config.train.update(global_batch_size=16, num_steps=1200, log_every=50, eval_every=200,
                         eval_batches=20)
     config.optim.update(lr=2e-3, warmup_steps=100, schedule="cosine", min_lr_ratio=0.1)
-    config.checkpoint.update(every=250, keep=3)
+    config.checkpoint.update(every=200, keep=3)
     return config

@@ -190,6 +190,10 @@ def _train(config, workdir: str, stop: StopSignal) -> dict:
         writer = MetricsWriter(workdir, t.num_steps, start_step)
         n_params = flops.count_params(trainer.model_cfg)
         describe_run(config, trainer, workdir, n_params, writer.message)
+        if start_step:
+            writer.message(f"resuming at step {start_step} of {t.num_steps}"
+                           + (": already finished, nothing to train" if start_step >= t.num_steps
+                              else ""))
         throughput = Throughput(t.global_batch_size * seq_len,
                                 flops.flops_per_token(trainer.model_cfg, seq_len))
         loader = data.BatchLoader(train_data, t.global_batch_size, seq_len, t.seed, mesh,
