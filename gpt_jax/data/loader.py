@@ -25,7 +25,21 @@ from gpt_jax.data.tokenizers import Tokenizer
 _SEED_SALT = 0x67707400  # separates the data stream from other users of the same seed
 
 
-class TokenDataset:
+class HostBatches:
+    """`host_batch` for any split that can produce global rows [lo, hi) of a step."""
+
+    def rows(self, step: int, batch_size: int, seq_len: int, lo: int, hi: int,
+             seed: int | None = None) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def host_batch(self, step: int, batch_size: int, seq_len: int, process_index: int = 0,
+                   process_count: int = 1, seed: int | None = None) -> dict[str, np.ndarray]:
+        """This process's contiguous block of the global batch of `step`."""
+        lo, hi = process_rows(batch_size, process_index, process_count)
+        return self.rows(step, batch_size, seq_len, lo, hi, seed)
+
+
+class TokenDataset(HostBatches):
     """One split of the configured corpus, tokenized once into the on-disk cache."""
 
     def __init__(self, config, tok: Tokenizer, split: str = "train",
@@ -94,12 +108,6 @@ class TokenDataset:
              seed: int | None = None) -> dict[str, np.ndarray]:
         """Global rows [lo, hi) of training batch `step`."""
         return self.gather(self.window_starts(step, batch_size, seq_len, lo, hi, seed), seq_len)
-
-    def host_batch(self, step: int, batch_size: int, seq_len: int, process_index: int = 0,
-                   process_count: int = 1, seed: int | None = None) -> dict[str, np.ndarray]:
-        """This process's contiguous block of the global batch of `step`."""
-        lo, hi = process_rows(batch_size, process_index, process_count)
-        return self.rows(step, batch_size, seq_len, lo, hi, seed)
 
     def eval_batches(self, num_batches: int | None, batch_size: int, seq_len: int,
                      process_index: int = 0, process_count: int = 1

@@ -18,7 +18,7 @@ from typing import Iterator
 import numpy as np
 
 from gpt_jax.data.files import DataError, DataFileNotFoundError
-from gpt_jax.data.loader import process_rows
+from gpt_jax.data.loader import HostBatches, process_rows
 from gpt_jax.data.tokenizers import Tokenizer
 
 _SEED_SALT = 0x73667400
@@ -75,7 +75,7 @@ def split_pairs(d, split: str) -> list[Pair]:
     return [p for p, h in zip(pairs, held_out) if h == (split == "validation")]
 
 
-class SFTDataset:
+class SFTDataset(HostBatches):
     """One split of the pairs, tokenized and packed; rows of (seq_len + 1) tokens plus a mask."""
 
     def __init__(self, config, tok: Tokenizer, split: str = "train",
@@ -159,11 +159,6 @@ class SFTDataset:
             order = np.random.default_rng([_SEED_SALT, seed, int(epoch)]).permutation(windows)
             picked[epochs == epoch] = order[positions[epochs == epoch]]
         return self.gather(picked, seq_len)
-
-    def host_batch(self, step: int, batch_size: int, seq_len: int, process_index: int = 0,
-                   process_count: int = 1, seed: int | None = None) -> dict[str, np.ndarray]:
-        lo, hi = process_rows(batch_size, process_index, process_count)
-        return self.rows(step, batch_size, seq_len, lo, hi, seed)
 
     def eval_batches(self, num_batches: int | None, batch_size: int, seq_len: int,
                      process_index: int = 0, process_count: int = 1
