@@ -76,15 +76,16 @@ class Trainer:
 
     def init_state(self, seed: int, params=None) -> TrainState:
         """A fresh state born sharded; with `params` (fine-tuning), those params and a new optimizer."""
+        rng = jax.random.PRNGKey(seed)
         with sharding.activate(self.mesh, self.rules):
-            state = jax.jit(self._init_state, out_shardings=self.state_shardings)(
-                jax.random.PRNGKey(seed))
-            if params is not None:
-                params = sharding.shard_like(params, self.state_shardings["params"])
-                state["params"] = params
-                state["opt_state"] = jax.jit(self.tx.init, out_shardings=self.state_shardings[
-                    "opt_state"])(params)
-        return state
+            if params is None:
+                return jax.jit(self._init_state, out_shardings=self.state_shardings)(rng)
+            params = sharding.shard_like(params, self.state_shardings["params"])
+            opt_state = jax.jit(self.tx.init,
+                                out_shardings=self.state_shardings["opt_state"])(params)
+        step = jax.device_put(jnp.zeros((), jnp.int32), self.state_shardings["step"])
+        rng = jax.device_put(jax.random.fold_in(rng, 1), self.state_shardings["rng"])
+        return {"step": step, "params": params, "opt_state": opt_state, "rng": rng}
 
     # -- the steps ------------------------------------------------------------------------
 
@@ -96,30 +97,30 @@ class Trainer:
     def _grads(self, params, batch, rng):
         """Gradient of the mean token loss, accumulated over microbatches with lax.scan."""
         k = self.config.train.microbatches
-        if k == 1:  # no loop: a one-trip while loop costs carry copies and blocks fusion
-            (loss_sum, count), grads = jax.value_and_grad(
-                lambda p: self.loss_sums(p, batch, jax.random.fold_in(rng, 0), self.train_model),
-                has_aux=True)(params)
-            count = jnp.maximum(count, 1.0)
-            return loss_sum / count, jax.tree.map(lambda g: g / count, grads)
 
-        def micro(carry, mb):
-            (loss_sum, count), g = jax.value_and_grad(
-                lambda p: self.loss_sums(p, mb, jax.random.fold_in(rng, carry[2]),
+        def sums_and_grads(microbatch, i):
+            return jax.value_and_grad(
+                lambda p: self.loss_sums(p, microbatch, jax.random.fold_in(rng, i),
                                          self.train_model), has_aux=True)(params)
-            grad_acc, acc_loss, i, acc_count = carry
-            grad_acc = jax.tree.map(jnp.add, grad_acc, g)
-            return (grad_acc, acc_loss + loss_sum, i + 1, acc_count + count), None
 
-        # Row r goes to microbatch r % k, so every microbatch keeps an even share per device.
-        rows_sharded = NamedSharding(self.mesh, P(None, ("data", "fsdp")))
-        micro_batches = jax.tree.map(
-            lambda x: jax.lax.with_sharding_constraint(
-                jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1), rows_sharded),
-            batch)
-        zeros = jax.tree.map(jnp.zeros_like, params)
-        init = (zeros, jnp.float32(0), jnp.int32(0), jnp.float32(0))
-        (grad_sum, loss_sum, _, count), _ = jax.lax.scan(micro, init, micro_batches)
+        if k == 1:  # no loop: a one-trip while loop costs carry copies and blocks fusion
+            (loss_sum, count), grad_sum = sums_and_grads(batch, 0)
+        else:
+            def micro(carry, microbatch):
+                grad_acc, acc_loss, i, acc_count = carry
+                (loss_sum, count), g = sums_and_grads(microbatch, i)
+                grad_acc = jax.tree.map(jnp.add, grad_acc, g)
+                return (grad_acc, acc_loss + loss_sum, i + 1, acc_count + count), None
+
+            # Row r goes to microbatch r % k, so every microbatch keeps an even share per device.
+            rows_sharded = NamedSharding(self.mesh, P(None, ("data", "fsdp")))
+            micro_batches = jax.tree.map(
+                lambda x: jax.lax.with_sharding_constraint(
+                    jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1),
+                    rows_sharded), batch)
+            init = (jax.tree.map(jnp.zeros_like, params), jnp.float32(0), jnp.int32(0),
+                    jnp.float32(0))
+            (grad_sum, loss_sum, _, count), _ = jax.lax.scan(micro, init, micro_batches)
         count = jnp.maximum(count, 1.0)
         return loss_sum / count, jax.tree.map(lambda g: g / count, grad_sum)
 
