@@ -69,9 +69,8 @@ def setup_tokenizer(config, workdir: str):
         else:
             ckpt_lib.restore_tokenizer_files(config.train.init_from, str(own))
     tokenizer = data.build_tokenizer(config, workdir)
-    if config.data.tokenizer in ("byte", "char") or config.train.init_from:
-        config.model.vocab_size = max(config.model.vocab_size, tokenizer.vocab_size) \
-            if config.train.init_from else tokenizer.vocab_size
+    if config.data.tokenizer in ("byte", "char") and not config.train.init_from:
+        config.model.vocab_size = tokenizer.vocab_size  # a fine-tune keeps its parent's
     if tokenizer.vocab_size > config.model.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but "
                          f"model.vocab_size={config.model.vocab_size}")
