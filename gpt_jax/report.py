@@ -16,6 +16,7 @@ import statistics
 from functools import lru_cache
 
 from gpt_jax.config import flatten
+from gpt_jax.data.files import read_json
 from gpt_jax.metrics import read_metrics
 
 SWEEP_FILE, MEMBER_FILE = "sweep.json", "sweep_member.json"
@@ -104,26 +105,18 @@ def std(values: list[float]) -> float | None:
 
 
 
-def _read_json(path: str) -> dict:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (FileNotFoundError, json.JSONDecodeError):
-        return {}
-
-
 def is_run_dir(path: str) -> bool:
     return any(os.path.exists(os.path.join(path, f)) for f in ("metrics.jsonl", "config.json"))
 
 
 def load_run(path: str, variant: str | None = None) -> Run:
-    member = _read_json(os.path.join(path, MEMBER_FILE))
+    member = (read_json(os.path.join(path, MEMBER_FILE)) or {})
     if variant is None:
         base, parent = os.path.basename(os.path.normpath(path)), os.path.dirname(
             os.path.normpath(path))
         variant = member.get("variant") or (
             os.path.basename(parent) if re.fullmatch(r"seed_\d+", base) and parent else base)
-    config = flatten(_read_json(os.path.join(path, "config.json")))
+    config = flatten(read_json(os.path.join(path, "config.json")) or {})
     return Run(path, variant, read_metrics(path), config, member)
 
 
@@ -133,7 +126,7 @@ def discover(paths: list[str]) -> tuple[list[Run], str | None, dict]:
     for path in paths:
         if not os.path.isdir(path):
             raise ReportError(f"{path} is not a directory")
-        sweep = _read_json(os.path.join(path, SWEEP_FILE))
+        sweep = (read_json(os.path.join(path, SWEEP_FILE)) or {})
         if sweep:
             summary = summary or sweep
             baseline = baseline or sweep.get("baseline")

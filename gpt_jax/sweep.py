@@ -30,6 +30,7 @@ from typing import Any, Callable, Sequence
 import ml_collections
 
 from gpt_jax import config as config_lib
+from gpt_jax.data.files import atomic_write_json, read_json
 
 SUMMARY_FILE = "sweep.json"
 MEMBER_FILE = "sweep_member.json"
@@ -226,23 +227,6 @@ def _now() -> str:
     return datetime.datetime.now().isoformat(timespec="seconds")
 
 
-def write_json(path: str, obj: Any) -> None:
-    """Write via a temporary file and a rename, so that readers never see half a file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, default=str)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
-def read_json(path: str) -> dict | None:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-
-
 def last_step(workdir: str) -> int:
     """The highest step metrics.jsonl reached (0 if none)."""
     from gpt_jax.metrics import read_metrics
@@ -276,7 +260,7 @@ def _set_state(member: Member, state: str, **fields) -> None:
     info.update(index=member.index, variant=member.variant, seed=member.seed,
                 overrides=member.overrides, num_steps=member.config.train.num_steps,
                 state=state, updated=_now(), **fields)
-    write_json(path, info)
+    atomic_write_json(path, info)
 
 
 def is_done(member: Member) -> bool:
@@ -307,7 +291,7 @@ def summarize(sweep: Sweep, members: list[Member], workdir: str, source: str = "
 def write_summary(sweep: Sweep, members: list[Member], workdir: str, source: str = "") -> dict:
     """Rewrite <workdir>/sweep.json (atomically); returns what it wrote."""
     summary = summarize(sweep, members, workdir, source)
-    write_json(os.path.join(workdir, SUMMARY_FILE), summary)
+    atomic_write_json(os.path.join(workdir, SUMMARY_FILE), summary)
     return summary
 
 

@@ -56,7 +56,7 @@ def atomic_write(path: str, data: bytes | str) -> None:
 
 
 def atomic_write_json(path: str, obj: dict) -> None:
-    atomic_write(path, json.dumps(obj, indent=1, sort_keys=True))
+    atomic_write(path, json.dumps(obj, indent=1, sort_keys=True, default=str) + "\n")
 
 
 def read_json(path: str) -> dict | None:
