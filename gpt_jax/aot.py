@@ -14,7 +14,9 @@ import dataclasses
 import importlib.util
 import math
 import os
+import re
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -203,16 +205,38 @@ def memory_report(compiled, hbm_bytes: int) -> dict[str, Any]:
             "hbm_bytes": hbm_bytes, "fits": live <= hbm_bytes, "headroom_bytes": hbm_bytes - live}
 
 
-def cost_report(compiled, model_flops_per_chip: float, peak: float | None,
+def xla_cost(compiled) -> dict[str, float]:
+    """XLA's flops, bytes accessed and (where given) optimal_seconds for one compiled program."""
+    cost = compiled.cost_analysis() or {}
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return {k: float(cost[k]) for k in ("flops", "bytes accessed", "optimal_seconds") if k in cost}
+
+
+def layer_extrapolated_cost(config, compile_fn: Callable) -> dict[str, float]:
+    """XLA's cost of a scanned model, from unscanned compiles of 1 and 2 of its layers.
+
+    XLA's cost analysis counts a while loop's body once, so a `scan_layers` program reports
+    about one layer's work. Its layers are identical, so cost(L) = cost(1) + (L - 1) *
+    (cost(2) - cost(1)) is exact up to fusion choices, and two small compiles stay fast.
+    """
+    costs = []
+    for n_layer in (1, 2):
+        probe = config.copy_and_resolve_references()
+        probe.model.n_layer, probe.model.scan_layers = n_layer, False
+        costs.append(xla_cost(compile_fn(probe)))
+    L = config.model.n_layer
+    return {k: costs[0][k] + (L - 1) * (costs[1][k] - costs[0][k])
+            for k in costs[0] if k in costs[1]}
+
+
+def cost_report(cost: dict[str, float], model_flops_per_chip: float, peak: float | None,
                 hbm_bytes_per_s: float) -> dict[str, Any]:
-    """XLA's FLOPs and estimated seconds per chip; MFU if the step ran in that estimate.
+    """XLA's FLOPs and estimated seconds per chip (from `xla_cost`); MFU if the step ran so.
 
     The estimate is XLA's `optimal_seconds` where it gives one, else the roofline
     max(XLA FLOPs / peak, XLA bytes accessed / HBM bandwidth) (`estimate_source` says which).
     """
-    cost = compiled.cost_analysis() or {}
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    flops, bytes_accessed = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
+    flops, bytes_accessed = cost.get("flops", 0.0), cost.get("bytes accessed", 0.0)
     seconds, source = cost.get("optimal_seconds"), "xla optimal_seconds"
     if not (seconds and seconds > 0) and peak:
         seconds, source = max(flops / peak, bytes_accessed / hbm_bytes_per_s), "roofline"
@@ -238,7 +262,10 @@ def project(config, slice_name: str, *, decode_batch_size: int = 0,
                        f"{config.model.n_head} over tensor={tensor}")
     model_cfg = ModelConfig.from_config(config.model)
     n_dev, peak = len(devices), peak_flops(devices[0].device_kind)
-    compiled, compile_s, state = compile_train_step(config, mesh)
+    try:
+        compiled, compile_s, state = compile_train_step(config, mesh)
+    except jax.errors.JaxRuntimeError as e:
+        raise AotError(_out_of_memory(e, tpu.name)) from None
     model_flops = flops_per_token(model_cfg, T) * B * T / n_dev
     record: dict[str, Any] = {
         "topology": tpu.name, "libtpu_topology": tpu.topology, "chips": n_dev,
@@ -252,7 +279,13 @@ def project(config, slice_name: str, *, decode_batch_size: int = 0,
         "opt_state_bytes_per_chip": shard_bytes(state["opt_state"]),
     }
     record.update({f"train_{k}": v for k, v in memory_report(compiled, tpu.hbm_bytes).items()})
-    record.update({f"train_{k}": v for k, v in cost_report(compiled, model_flops, peak, tpu.hbm_bytes_per_s).items()})
+    scanned = model_cfg.scan_layers
+    train_cost = (layer_extrapolated_cost(config, lambda c: compile_train_step(c, mesh)[0])
+                  if scanned else xla_cost(compiled))
+    record["cost_source"] = ("unscanned 1- and 2-layer compiles, extrapolated" if scanned
+                             else "this compile")
+    record.update({f"train_{k}": v for k, v in
+                   cost_report(train_cost, model_flops, peak, tpu.hbm_bytes_per_s).items()})
     if record["train_xla_estimated_step_s"]:
         record["projected_tokens_per_s"] = B * T / record["train_xla_estimated_step_s"]
     if decode:
@@ -261,8 +294,24 @@ def project(config, slice_name: str, *, decode_batch_size: int = 0,
         record.update({"decode_batch_size": decode_b, "decode_compile_s": dec_s})
         record.update({f"decode_{k}": v for k, v in memory_report(dec, tpu.hbm_bytes).items()})
         dec_flops = 2 * (count_params(model_cfg)) * decode_b / n_dev
-        record.update({f"decode_{k}": v for k, v in cost_report(dec, dec_flops, peak, tpu.hbm_bytes_per_s).items()})
+        dec_cost = (layer_extrapolated_cost(
+            config, lambda c: compile_decode_step(c, mesh, decode_b)[0]) if scanned
+            else xla_cost(dec))
+        record.update({f"decode_{k}": v for k, v in
+                       cost_report(dec_cost, dec_flops, peak, tpu.hbm_bytes_per_s).items()})
     return record
+
+
+def _out_of_memory(error: Exception, slice_name: str) -> str:
+    """XLA's refusal to compile a step over HBM as one line with the overshoot, else re-raise."""
+    found = re.search(r"required for (.*?) \(([\d.]+)G\) exceeds available HBM \(([\d.]+)G\)",
+                      str(error))
+    if "RESOURCE_EXHAUSTED" not in str(error) or not found:
+        raise error
+    what, need, have = found.group(1), float(found.group(2)), float(found.group(3))
+    return (f"does not fit on {slice_name}: {what} alone need {need:.2f} GiB per chip, "
+            f"{have:.2f} GiB of HBM is available (over by {need - have:.2f} GiB); try "
+            f"--remat_policy=full, a smaller --batch_size or a larger fsdp axis in --mesh")
 
 
 def format_report(r: dict[str, Any]) -> str:
@@ -286,7 +335,8 @@ def format_report(r: dict[str, Any]) -> str:
         f"  XLA: {r['train_xla_flops_per_chip'] / 1e12:.2f} TFLOP per chip (model "
         f"{r['train_model_flops_per_chip'] / 1e12:.2f}), estimated step "
         + (f"{1e3 * est:.1f} ms -> projected MFU {100 * mfu:.1f}%" if est and mfu is not None
-           else "n/a") + f" ({r['train_estimate_source']}); compiled in "
+           else "n/a") + f" ({r['train_estimate_source']}; XLA cost from {r['cost_source']}); "
+        f"compiled in "
         f"{r['train_compile_s']:.1f} s",
     ]
     if "decode_total_bytes" in r:

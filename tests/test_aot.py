@@ -50,3 +50,28 @@ def test_tiny_compiles_for_v5e_4_with_a_sane_memory_report():
 def test_megacore_slice_has_one_device_per_chip():
     devices = aot.topology_devices(aot.get_slice("v4-8"))
     assert len(devices) == 4 and devices[0].device_kind == "TPU v4"
+
+
+@requires_libtpu
+def test_scanned_cost_is_extrapolated_to_the_unscanned_programs():
+    """XLA counts a scanned layer stack once; the 1- and 2-layer extrapolation restores it."""
+    config = aot.apply_overrides(load_preset("tiny"), batch_size=8, mesh=(1, 4, 1))
+    config.model.n_layer = 4
+    mesh = aot.topology_mesh(config.mesh, aot.topology_devices(aot.get_slice("v5e-4")))
+    looped = aot.xla_cost(aot.compile_train_step(config, mesh)[0])
+    scanned_config = aot.apply_overrides(config, scan_layers=True)
+    raw_scanned = aot.xla_cost(aot.compile_train_step(scanned_config, mesh)[0])
+    assert raw_scanned["flops"] < 0.75 * looped["flops"]  # the undercount this corrects
+    r = aot.project(scanned_config, "v5e-4", decode=False)
+    assert r["cost_source"].startswith("unscanned 1- and 2-layer")
+    assert r["train_xla_flops_per_chip"] == pytest.approx(looped["flops"], rel=0.02)
+    assert r["train_xla_bytes_accessed_per_chip"] == pytest.approx(looped["bytes accessed"],
+                                                                   rel=0.15)
+
+
+@requires_libtpu
+def test_a_step_over_hbm_is_one_line_naming_the_overshoot():
+    config = aot.apply_overrides(load_preset("tiny"), batch_size=2**20, mesh=(1, 4, 1))
+    with pytest.raises(aot.AotError, match=r"^does not fit on v5e-4: .* need [\d.]+ GiB per "
+                       r"chip, [\d.]+ GiB of HBM is available \(over by [\d.]+ GiB\); try "):
+        aot.project(config, "v5e-4", decode=False)
