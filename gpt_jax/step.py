@@ -132,9 +132,11 @@ class Trainer:
         params = optax.apply_updates(state["params"], updates)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         # A non-finite step never reaches the state: it is skipped (or the loop stops on it).
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-        new_state = {"step": state["step"] + 1, "params": keep(params, state["params"]),
-                     "opt_state": keep(opt_state, state["opt_state"]), "rng": state["rng"]}
+        # A cond, not a per-leaf where: the where made XLA copy every donated leaf first.
+        params, opt_state = jax.lax.cond(finite, lambda: (params, opt_state),
+                                         lambda: (state["params"], state["opt_state"]))
+        new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state,
+                     "rng": state["rng"]}
         metrics = {"loss": loss, "grad_norm": grad_norm, "lr": self.schedule(state["step"]),
                    "finite": finite}
         return new_state, metrics
