@@ -1,7 +1,9 @@
 """Causal multi-head attention as one function with an implementation switch.
 
-- `reference`: plain einsum + mask + softmax in float32; the yardstick in tests.
-- `xla`: `jax.nn.dot_product_attention(implementation="xla")`, any backend.
+- `reference`: plain einsum + mask + softmax, everything in float32; the yardstick in tests.
+- `xla`: the same einsums in the compute dtype (float32 accumulation and softmax), any backend.
+  On CPU it beats `jax.nn.dot_product_attention(implementation="xla")`, whose batched layout
+  costs the shakespeare_char step 2 ms (BENCHMARKS.md).
 - `cudnn`: the same API with cuDNN's fused flash attention (NVIDIA GPUs, bf16/fp16).
 - `splash`: the TPU Pallas splash-attention kernel (TPU backends only).
 """
@@ -22,9 +24,7 @@ def attend(q_BTHK: jax.Array, k_BSHK: jax.Array, v_BSHK: jax.Array, *, impl: str
     if impl in ("xla", "cudnn"):
         if mask_BTS is not None or impl == "xla":
             # cuDNN takes causal masks only; an explicit mask (the KV-cache path) goes to XLA.
-            mask_B1TS = None if mask_BTS is None else mask_BTS[:, None]
-            return jax.nn.dot_product_attention(q_BTHK, k_BSHK, v_BSHK, mask=mask_B1TS,
-                                                is_causal=mask_BTS is None, implementation="xla")
+            return einsum_attention(q_BTHK, k_BSHK, v_BSHK, mask_BTS, probs_dtype=v_BSHK.dtype)
         platform = jax.devices()[0].platform
         if platform != "gpu":  # jax's own error here is a bare "cuDNN is not detected."
             raise ValueError(f"attention_impl='cudnn' runs on NVIDIA GPUs only (this backend is "
@@ -42,14 +42,20 @@ def attend(q_BTHK: jax.Array, k_BSHK: jax.Array, v_BSHK: jax.Array, *, impl: str
 
 
 def reference_attention(q_BTHK, k_BSHK, v_BSHK, mask_BTS=None):
+    return einsum_attention(q_BTHK, k_BSHK, v_BSHK, mask_BTS, probs_dtype=jnp.float32)
+
+
+def einsum_attention(q_BTHK, k_BSHK, v_BSHK, mask_BTS=None, *, probs_dtype):
+    """Scores and softmax in float32; probabilities (and so the second einsum) in probs_dtype."""
     T, S, K = q_BTHK.shape[1], k_BSHK.shape[1], q_BTHK.shape[-1]
     if mask_BTS is None:
         mask_BTS = jnp.tril(jnp.ones((T, S), bool))[None]
     scores_BHTS = jnp.einsum("bthk,bshk->bhts", q_BTHK, k_BSHK,
                              preferred_element_type=jnp.float32) / jnp.sqrt(jnp.float32(K))
     scores_BHTS = jnp.where(mask_BTS[:, None], scores_BHTS, jnp.finfo(jnp.float32).min)
-    probs_BHTS = jax.nn.softmax(scores_BHTS, axis=-1)
-    out_BTHK = jnp.einsum("bhts,bshk->bthk", probs_BHTS, v_BSHK.astype(jnp.float32))
+    probs_BHTS = jax.nn.softmax(scores_BHTS, axis=-1).astype(probs_dtype)
+    out_BTHK = jnp.einsum("bhts,bshk->bthk", probs_BHTS, v_BSHK.astype(probs_dtype),
+                          preferred_element_type=jnp.float32)
     return out_BTHK.astype(q_BTHK.dtype)
 
 
