@@ -41,6 +41,9 @@ def run(argv: list[str] | None = None) -> None:
         print(f"gpt-jax: unknown command {name!r}; one of: {', '.join(available())}",
               file=sys.stderr)
         sys.exit(2)
+    from gpt_jax.host_memory import keep_freed_memory
+
+    keep_freed_memory()  # before XLA allocates: see gpt_jax/host_memory.py
     module = importlib.import_module(f"gpt_jax.commands.{COMMANDS[name][0]}")
     if hasattr(module, "define_flags_for"):  # e.g. bench: the kind's module defines the flags
         module.define_flags_for(argv[2:])

@@ -10,6 +10,10 @@ import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
 
+from gpt_jax.host_memory import keep_freed_memory  # noqa: E402
+
+keep_freed_memory()  # as the gpt-jax CLI does: no page faults on XLA's step buffers
+
 
 import pathlib  # noqa: E402
 import sysconfig  # noqa: E402
