@@ -167,7 +167,7 @@ def compile_decode_step(config, mesh: Mesh, batch_size: int):
     params = trainer.abstract_state()["params"]
     cfg = trainer.model_cfg
     rows = NamedSharding(mesh, P(("data", "fsdp"), None))
-    cache_sh = NamedSharding(mesh, P(None, ("data", "fsdp"), None, "tensor", None))
+    cache_sh = NamedSharding(mesh, P(None, ("data", "fsdp"), "tensor", None, None))
     cache = jax.eval_shape(lambda: init_kv_cache(cfg, batch_size))
     cache = jax.tree.map(lambda x: _abstract(x.shape, x.dtype, cache_sh), cache)
     token = _abstract((batch_size, 1), jnp.int32, rows)

@@ -17,14 +17,21 @@ import jax.numpy as jnp
 
 
 def attend(q_BTHK: jax.Array, k_BSHK: jax.Array, v_BSHK: jax.Array, *, impl: str,
-           mask_BTS: jax.Array | None = None) -> jax.Array:
-    """softmax(q k^T / sqrt(K)) v; causal when `mask_BTS` is None (T == S), else `mask_BTS`."""
-    if impl == "reference":
-        return reference_attention(q_BTHK, k_BSHK, v_BSHK, mask_BTS)
+           mask_BTS: jax.Array | None = None, kv_layout: str = "bshk") -> jax.Array:
+    """softmax(q k^T / sqrt(K)) v; causal when `mask_BTS` is None (T == S), else `mask_BTS`.
+
+    `kv_layout="bhsk"` takes k and v heads-major ([B, H, S, K], the KV cache's layout); only
+    the masked (cache) path accepts it.
+    """
+    if kv_layout != "bshk" and mask_BTS is None:
+        raise ValueError(f"kv_layout={kv_layout!r} needs mask_BTS (the KV-cache path)")
+    if impl == "reference" or (impl == "splash" and mask_BTS is not None):
+        return reference_attention(q_BTHK, k_BSHK, v_BSHK, mask_BTS, kv_layout=kv_layout)
     if impl in ("xla", "cudnn"):
         if mask_BTS is not None or impl == "xla":
             # cuDNN takes causal masks only; an explicit mask (the KV-cache path) goes to XLA.
-            return einsum_attention(q_BTHK, k_BSHK, v_BSHK, mask_BTS, probs_dtype=v_BSHK.dtype)
+            return einsum_attention(q_BTHK, k_BSHK, v_BSHK, mask_BTS, probs_dtype=v_BSHK.dtype,
+                                    kv_layout=kv_layout)
         platform = jax.devices()[0].platform
         if platform != "gpu":  # jax's own error here is a bare "cuDNN is not detected."
             raise ValueError(f"attention_impl='cudnn' runs on NVIDIA GPUs only (this backend is "
@@ -35,26 +42,25 @@ def attend(q_BTHK: jax.Array, k_BSHK: jax.Array, v_BSHK: jax.Array, *, impl: str
         return jax.nn.dot_product_attention(q_BTHK, k_BSHK, v_BSHK, is_causal=True,
                                             implementation="cudnn")
     if impl == "splash":
-        if mask_BTS is not None:
-            return reference_attention(q_BTHK, k_BSHK, v_BSHK, mask_BTS)
         return splash_attention(q_BTHK, k_BSHK, v_BSHK)
     raise ValueError(f"attention_impl={impl!r} is not one of reference, xla, cudnn, splash")
 
 
-def reference_attention(q_BTHK, k_BSHK, v_BSHK, mask_BTS=None):
-    return einsum_attention(q_BTHK, k_BSHK, v_BSHK, mask_BTS, probs_dtype=jnp.float32)
+def reference_attention(q_BTHK, k_BSHK, v_BSHK, mask_BTS=None, kv_layout="bshk"):
+    return einsum_attention(q_BTHK, k_BSHK, v_BSHK, mask_BTS, probs_dtype=jnp.float32,
+                            kv_layout=kv_layout)
 
 
-def einsum_attention(q_BTHK, k_BSHK, v_BSHK, mask_BTS=None, *, probs_dtype):
+def einsum_attention(q_BTHK, k_BSHK, v_BSHK, mask_BTS=None, *, probs_dtype, kv_layout="bshk"):
     """Scores and softmax in float32; probabilities (and so the second einsum) in probs_dtype."""
-    T, S, K = q_BTHK.shape[1], k_BSHK.shape[1], q_BTHK.shape[-1]
+    T, S, K = q_BTHK.shape[1], k_BSHK.shape[kv_layout.index("s")], q_BTHK.shape[-1]
     if mask_BTS is None:
         mask_BTS = jnp.tril(jnp.ones((T, S), bool))[None]
-    scores_BHTS = jnp.einsum("bthk,bshk->bhts", q_BTHK, k_BSHK,
+    scores_BHTS = jnp.einsum(f"bthk,{kv_layout}->bhts", q_BTHK, k_BSHK,
                              preferred_element_type=jnp.float32) / jnp.sqrt(jnp.float32(K))
     scores_BHTS = jnp.where(mask_BTS[:, None], scores_BHTS, jnp.finfo(jnp.float32).min)
     probs_BHTS = jax.nn.softmax(scores_BHTS, axis=-1).astype(probs_dtype)
-    out_BTHK = jnp.einsum("bhts,bshk->bthk", probs_BHTS, v_BSHK.astype(probs_dtype),
+    out_BTHK = jnp.einsum(f"bhts,{kv_layout}->bthk", probs_BHTS, v_BSHK.astype(probs_dtype),
                           preferred_element_type=jnp.float32)
     return out_BTHK.astype(q_BTHK.dtype)
 

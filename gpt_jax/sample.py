@@ -5,7 +5,7 @@
 
 1. Prompts are right-padded to a bucket length P (row b's prompt fills slots [0, len_b)).
    One forward pass over positions 0..P-1 fills an explicit `KVCache` (a pytree of
-   [layers, batch, slots, heads, head_dim] arrays, sharded by `KV_CACHE_AXES`). Padding slots
+   [layers, batch, heads, slots, head_dim] arrays, sharded by `KV_CACHE_AXES`). Padding slots
    hold junk that no query ever sees: the model masks slot s for a query at position p < s,
    and row b's decode step t writes slot len_b + t before reading it.
 2. The first new token comes from the logits at len_b - 1; then a `lax.while_loop` feeds each
