@@ -29,6 +29,7 @@ from gpt_jax.config import MESH_AXES, ConfigError, list_presets, load_preset, re
 from gpt_jax.flops import count_params, flops_per_token
 from gpt_jax.metrics import peak_flops
 from gpt_jax.model import GPT, ModelConfig, init_kv_cache
+from gpt_jax.sample import cache_sharding
 from gpt_jax.step import Trainer
 
 GiB = 2**30
@@ -167,7 +168,7 @@ def compile_decode_step(config, mesh: Mesh, batch_size: int):
     params = trainer.abstract_state()["params"]
     cfg = trainer.model_cfg
     rows = NamedSharding(mesh, P(("data", "fsdp"), None))
-    cache_sh = NamedSharding(mesh, P(None, ("data", "fsdp"), "tensor", None, None))
+    cache_sh = cache_sharding(cfg, mesh, trainer.rules)
     cache = jax.eval_shape(lambda: init_kv_cache(cfg, batch_size))
     cache = jax.tree.map(lambda x: _abstract(x.shape, x.dtype, cache_sh), cache)
     token = _abstract((batch_size, 1), jnp.int32, rows)

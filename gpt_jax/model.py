@@ -62,20 +62,31 @@ class ModelConfig:
 class KVCache(NamedTuple):
     """Keys and values of every layer at every cache slot; slot s holds position s.
 
-    Heads come before slots: attention reads a layer's [B, H, S, K] as is, where a slots-major
-    cache cost a transpose of the whole layer per decoded token (25% of a batch-8 CPU step).
+    Each layer's keys are [B, H, S, K], heads before slots, so attention reads them as they are
+    (a slots-major cache cost a transpose of every layer per decoded token). `keys`/`values`
+    are a tuple of n_layer such arrays: each layer updates and reads its own buffer in place,
+    where slicing one stacked array copied a layer per token. With `scan_layers` they are one
+    stacked [L, B, H, S, K] array each, which the layer scan slices.
     """
-    k_LBHSK: jax.Array
-    v_LBHSK: jax.Array
+    keys: tuple[jax.Array, ...] | jax.Array
+    values: tuple[jax.Array, ...] | jax.Array
 
 
-KV_CACHE_AXES = ("layers", "act_batch", "act_heads", "act_length", "act_kv")
+KV_CACHE_AXES = ("act_batch", "act_heads", "act_length", "act_kv")  # of one layer's array
+
+
+def kv_cache_axes(cfg: ModelConfig) -> tuple[str, ...]:
+    """Logical axes of each cache array: one layer's, or ("layers", ...) when stacked."""
+    return ("layers",) + KV_CACHE_AXES if cfg.scan_layers else KV_CACHE_AXES
 
 
 def init_kv_cache(cfg: ModelConfig, batch_size: int, max_len: int | None = None,
                   dtype: str | None = None) -> KVCache:
-    shape = (cfg.n_layer, batch_size, cfg.n_head, max_len or cfg.block_size, cfg.head_dim)
-    zeros = jnp.zeros(shape, dtype or cfg.dtype)
+    shape_BHSK = (batch_size, cfg.n_head, max_len or cfg.block_size, cfg.head_dim)
+    if cfg.scan_layers:
+        zeros = jnp.zeros((cfg.n_layer,) + shape_BHSK, dtype or cfg.dtype)
+        return KVCache(zeros, zeros)
+    zeros = tuple(jnp.zeros(shape_BHSK, dtype or cfg.dtype) for _ in range(cfg.n_layer))
     return KVCache(zeros, zeros)
 
 
@@ -138,11 +149,9 @@ def apply_rope(x_BTHK: jax.Array, positions_BT: jax.Array, theta: float) -> jax.
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention; with a cache, also writes K/V at `positions_BT`.
 
-    `layer_cache` is this layer's (k_BHSK, v_BHSK), or, when `layer` is set, every layer's
-    (k_LBHSK, v_LBHSK): then only the new slots are written, in place, never a whole layer.
+    `layer_cache` is this layer's (k_BHSK, v_BHSK); only the new slots are written.
     """
     cfg: ModelConfig
-    layer: int | None = None
 
     @nn.compact
     def __call__(self, x_BTD, positions_BT, layer_cache):
@@ -158,8 +167,8 @@ class CausalSelfAttention(nn.Module):
         if layer_cache is None:
             out_BTHK = attention.attend(q_BTHK, k_BTHK, v_BTHK, impl=cfg.attention_impl)
         else:
-            layer_cache, k_BHSK, v_BHSK = _write_cache(layer_cache, self.layer, positions_BT,
-                                                       k_BTHK, v_BTHK)
+            layer_cache = _write_cache(layer_cache, positions_BT, k_BTHK, v_BTHK)
+            k_BHSK, v_BHSK = layer_cache
             # A query at position p sees slots 0..p: what the prompt and earlier steps wrote.
             mask_BTS = jnp.arange(k_BHSK.shape[2])[None, None] <= positions_BT[:, :, None]
             out_BTHK = attention.attend(q_BTHK, k_BHSK.astype(q_BTHK.dtype),
@@ -172,18 +181,14 @@ class CausalSelfAttention(nn.Module):
         return y_BTD, layer_cache
 
 
-def _write_cache(layer_cache, layer, positions_BT, k_BTHK, v_BTHK):
-    """(updated cache, this layer's k_BHSK, v_BHSK) after writing the new keys/values."""
+def _write_cache(layer_cache, positions_BT, k_BTHK, v_BTHK):
+    """This layer's (k_BHSK, v_BHSK) with the new keys/values written at `positions_BT`."""
     rows_B1 = jnp.arange(k_BTHK.shape[0])[:, None]
     # Row b, every head, slot positions_BT[b, t]: the indexed values come out as [B, T, H, K].
-    index = ((rows_B1, slice(None), positions_BT) if layer is None
-             else (layer, rows_B1, slice(None), positions_BT))
-    k_cache, v_cache = layer_cache
-    k_cache = k_cache.at[index].set(k_BTHK.astype(k_cache.dtype))
-    v_cache = v_cache.at[index].set(v_BTHK.astype(v_cache.dtype))
-    if layer is None:
-        return (k_cache, v_cache), k_cache, v_cache
-    return (k_cache, v_cache), k_cache[layer], v_cache[layer]
+    index = (rows_B1, slice(None), positions_BT)
+    k_BHSK, v_BHSK = layer_cache
+    return (k_BHSK.at[index].set(k_BTHK.astype(k_BHSK.dtype)),
+            v_BHSK.at[index].set(v_BTHK.astype(v_BHSK.dtype)))
 
 
 class MLP(nn.Module):
@@ -207,14 +212,13 @@ class Block(nn.Module):
     """x + attn(norm(x)), then x + mlp(norm(x)). Call signature fits `nn.scan`."""
     cfg: ModelConfig
     deterministic: bool = True
-    layer: int | None = None  # set in the unscanned loop: the cache holds every layer
 
     @nn.compact
     def __call__(self, x_BTD, positions_BT, layer_cache):
         cfg = self.cfg
         drop = nn.Dropout(cfg.dropout, deterministic=self.deterministic)
         h_BTD = _norm(cfg, "ln_1")(x_BTD).astype(cfg.dtype)
-        a_BTD, layer_cache = CausalSelfAttention(cfg, self.layer, name="attn")(
+        a_BTD, layer_cache = CausalSelfAttention(cfg, name="attn")(
             h_BTD, positions_BT, layer_cache)
         x_BTD = x_BTD + drop(a_BTD)
         h_BTD = _norm(cfg, "ln_2")(x_BTD).astype(cfg.dtype)
@@ -280,18 +284,23 @@ class GPT(nn.Module):
         return logits_BTV if kv_cache is None else (logits_BTV, kv_cache)
 
     def _loop_blocks(self, block, x_BTD, positions_BT, kv_cache):
-        caches = None if kv_cache is None else (kv_cache.k_LBHSK, kv_cache.v_LBHSK)
+        keys = values = None
+        if kv_cache is not None:
+            keys, values = list(kv_cache.keys), list(kv_cache.values)
         for i in range(self.cfg.n_layer):
-            x_BTD, caches = block(self.cfg, self.deterministic, i, name=f"h_{i}")(
-                x_BTD, positions_BT, caches)
-        return x_BTD, None if kv_cache is None else KVCache(*caches)
+            layer_cache = None if keys is None else (keys[i], values[i])
+            x_BTD, layer_cache = block(self.cfg, self.deterministic, name=f"h_{i}")(
+                x_BTD, positions_BT, layer_cache)
+            if keys is not None:
+                keys[i], values[i] = layer_cache
+        return x_BTD, None if keys is None else KVCache(tuple(keys), tuple(values))
 
     def _scan_blocks(self, block, x_BTD, positions_BT, kv_cache):
         scanned = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True,
                                                                           "dropout": True},
                           in_axes=(nn.broadcast, 0), length=self.cfg.n_layer,
                           metadata_params={nn.PARTITION_NAME: "layers"})
-        layer_caches = None if kv_cache is None else (kv_cache.k_LBHSK, kv_cache.v_LBHSK)
+        layer_caches = None if kv_cache is None else tuple(kv_cache)
         x_BTD, layer_caches = scanned(self.cfg, self.deterministic, name="h")(
             x_BTD, positions_BT, layer_caches)
         return x_BTD, None if kv_cache is None else KVCache(*layer_caches)

@@ -4,8 +4,8 @@
 `SampleOutput` of numpy arrays. Inside one jitted call:
 
 1. Prompts are right-padded to a bucket length P (row b's prompt fills slots [0, len_b)).
-   One forward pass over positions 0..P-1 fills an explicit `KVCache` (a pytree of
-   [layers, batch, heads, slots, head_dim] arrays, sharded by `KV_CACHE_AXES`). Padding slots
+   One forward pass over positions 0..P-1 fills an explicit `KVCache` (a pytree of per-layer
+   [batch, heads, slots, head_dim] arrays, sharded by `kv_cache_axes`). Padding slots
    hold junk that no query ever sees: the model masks slot s for a query at position p < s,
    and row b's decode step t writes slot len_b + t before reading it.
 2. The first new token comes from the logits at len_b - 1; then a `lax.while_loop` feeds each
@@ -31,7 +31,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gpt_jax import sampling_filters
-from gpt_jax.model import GPT, KV_CACHE_AXES, KVCache, ModelConfig, init_kv_cache
+from gpt_jax.model import GPT, KVCache, ModelConfig, init_kv_cache, kv_cache_axes
 
 MIN_BUCKET = 16
 
@@ -120,11 +120,11 @@ def fit_prompts(prompts: Sequence[Sequence[int]], *, vocab_size: int, block_size
     return fitted
 
 
-def cache_sharding(mesh: Mesh | None, rules) -> NamedSharding | None:
-    """The NamedSharding of the cache arrays: `KV_CACHE_AXES` through the logical rules."""
+def cache_sharding(model_cfg: ModelConfig, mesh: Mesh | None, rules) -> NamedSharding | None:
+    """The NamedSharding of each cache array: `kv_cache_axes` through the logical rules."""
     if mesh is None:
         return None
-    return nn.logical_to_mesh_sharding(PartitionSpec(*KV_CACHE_AXES), mesh, rules)
+    return nn.logical_to_mesh_sharding(PartitionSpec(*kv_cache_axes(model_cfg)), mesh, rules)
 
 
 def batch_shards(mesh: Mesh | None, rules) -> int:
@@ -146,7 +146,7 @@ def sample_tokens(model_cfg: ModelConfig, params, prompts: Sequence[Sequence[int
     """Sample `num_samples` continuations of each prompt (lists of token ids).
 
     With `mesh` (and the config's logical axis `rules`), `params` should already be sharded
-    (`gpt_jax.sharding.init_params` / `shard_like`); the cache is sharded by `KV_CACHE_AXES`.
+    (`gpt_jax.sharding.init_params` / `shard_like`); the cache is sharded by `kv_cache_axes`.
     """
     check_sampling_args(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                         top_p=top_p, num_samples=num_samples)
@@ -182,7 +182,7 @@ def sample_tokens(model_cfg: ModelConfig, params, prompts: Sequence[Sequence[int
     static = dict(model_cfg=model_cfg, cache_len=cache_len, out_len=out_len,
                   k_bucket=sampling_filters.k_bucket_for(top_k, model_cfg.vocab_size),
                   use_top_p=bool(top_p < 1.0), return_logits=return_logits,
-                  cache_sharding=cache_sharding(mesh, rules), rules=rules)
+                  cache_sharding=cache_sharding(model_cfg, mesh, rules), rules=rules)
     if mesh is None:
         outs = _generate(*args, **static)
     else:

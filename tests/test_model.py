@@ -338,7 +338,8 @@ def test_kv_cache_decode_matches_full_forward(position: str, scan_layers: bool):
         return GPT(cfg).apply({"params": params}, tokens_BT, positions_BT, kv_cache)
 
     kv_cache = init_kv_cache(cfg, B)
-    assert kv_cache.k_LBHSK.shape == (cfg.n_layer, B, cfg.n_head, cfg.block_size, cfg.head_dim)
+    assert len(kv_cache.keys) == cfg.n_layer
+    assert kv_cache.keys[0].shape == (B, cfg.n_head, cfg.block_size, cfg.head_dim)
     positions_BT = jnp.broadcast_to(jnp.arange(prefill), (B, prefill))
     logits_BTV, kv_cache = step(params, tokens_BT[:, :prefill], positions_BT, kv_cache)
     np.testing.assert_allclose(logits_BTV, full_BTV[:, :prefill], atol=1e-5, rtol=1e-5)
@@ -348,8 +349,9 @@ def test_kv_cache_decode_matches_full_forward(position: str, scan_layers: bool):
         np.testing.assert_allclose(logits_B1V[:, 0], full_BTV[:, t], atol=1e-5, rtol=1e-5,
                                    err_msg=f"position {t}")
     # Slots past the last position were never written.
-    assert not np.any(np.asarray(kv_cache.k_LBHSK)[:, :, :, T:])
-    assert np.all(np.abs(np.asarray(kv_cache.k_LBHSK)[:, :, :, :T]).sum(-1) > 0)
+    keys_LBHSK = np.stack(kv_cache.keys)
+    assert not np.any(keys_LBHSK[:, :, :, T:])
+    assert np.all(np.abs(keys_LBHSK[:, :, :, :T]).sum(-1) > 0)
 
 
 def test_logits_at_gives_one_position_per_row():

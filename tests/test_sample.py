@@ -142,8 +142,8 @@ def test_sharded_sampling_equals_single_device():
     config.mesh.update(data=2, fsdp=2, tensor=2)
     mesh, rules = sharding.make_mesh(config.mesh), sharding.logical_rules(config)
     params, _ = sharding.init_params(GPT(BASE), jax.random.key(1), mesh, rules)
-    spec = sample.cache_sharding(mesh, rules).spec
-    assert tuple(spec)[:3] == (None, ("data", "fsdp"), "tensor")  # layers, batch, heads
+    spec = sample.cache_sharding(BASE, mesh, rules).spec
+    assert tuple(spec)[:2] == (("data", "fsdp"), "tensor")  # batch, heads
     assert sample.batch_shards(mesh, rules) == 4
     kw = dict(max_new_tokens=8, temperature=0.9, top_k=20, top_p=0.9, seed=7)
     prompts = [[2, 7], [3, 1, 4, 1, 5], list(range(1, 21))]
