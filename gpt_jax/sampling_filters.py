@@ -89,10 +89,21 @@ def choose(keys_B: jax.Array, logits_BV: jax.Array, temperature: jax.Array, top_
         return pick_B.astype(jnp.int32)
 
     def greedy(_):
-        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+        return first_argmax(logits_BV)
 
     # A branch, not a select: greedy decoding skips the random numbers and the sort.
     tokens_B = jax.lax.cond(temperature > 0, draw, greedy, None)
-    logprobs_BV = jax.nn.log_softmax(logits_BV, axis=-1)
-    logprob_B = jnp.take_along_axis(logprobs_BV, tokens_B[:, None], axis=-1)[:, 0]
-    return tokens_B, logprob_B
+    logit_B = jnp.take_along_axis(logits_BV, tokens_B[:, None], axis=-1)[:, 0]
+    return tokens_B, logit_B - jax.nn.logsumexp(logits_BV, axis=-1)
+
+
+def first_argmax(logits_BV: jax.Array) -> jax.Array:
+    """jnp.argmax over the last axis (the first index of the max) as two plain reductions.
+
+    XLA:CPU runs argmax's (value, index) pair reduction unvectorised: 0.9 ms for [8, 50257]
+    per decoded token, several times these two passes.
+    """
+    V = logits_BV.shape[-1]
+    is_max_BV = logits_BV == jnp.max(logits_BV, axis=-1, keepdims=True)
+    first_B = jnp.min(jnp.where(is_max_BV, jnp.arange(V, dtype=jnp.int32), V), axis=-1)
+    return jnp.minimum(first_B, V - 1)  # all-NaN rows: the last id, never out of range

@@ -187,6 +187,14 @@ def test_filtered_logits_match_numpy(temperature, top_k, top_p):
         np.testing.assert_allclose(got_BV[b][finite], want_V[finite], rtol=1e-6)
 
 
+def test_first_argmax_matches_numpy_including_ties():
+    rng = np.random.default_rng(3)
+    logits_BV = rng.integers(-3, 4, (64, 37)).astype(np.float32)  # many rows tie for the max
+    logits_BV[5] = 2.0  # a whole row tied: the first index
+    assert np.array_equal(sampling_filters.first_argmax(jnp.asarray(logits_BV)),
+                          np.argmax(logits_BV, axis=-1))
+
+
 def test_choose_draws_from_the_filtered_distribution():
     n, temperature, top_k, top_p = 20_000, 0.8, 5, 0.9
     logits_NV = jnp.broadcast_to(jnp.asarray(LOGITS_BV[0]), (n, LOGITS_BV.shape[1]))
