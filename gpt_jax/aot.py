@@ -234,15 +234,20 @@ def cost_report(cost: dict[str, float], model_flops_per_chip: float, peak: float
                 hbm_bytes_per_s: float) -> dict[str, Any]:
     """XLA's FLOPs and estimated seconds per chip (from `xla_cost`); MFU if the step ran so.
 
-    The estimate is XLA's `optimal_seconds` where it gives one, else the roofline
-    max(XLA FLOPs / peak, XLA bytes accessed / HBM bandwidth) (`estimate_source` says which).
+    The estimate is XLA's `optimal_seconds` where it gives a plausible one (at most 10x the
+    roofline), else the roofline max(FLOPs / peak, XLA bytes accessed / HBM bandwidth), with
+    FLOPs = XLA's count or the model's where XLA counted less (its cost analysis misses the
+    matmuls of some fsdp programs); `estimate_source` says which.
     """
     flops, bytes_accessed = cost.get("flops", 0.0), cost.get("bytes accessed", 0.0)
+    roofline = (max(max(flops, model_flops_per_chip) / peak, bytes_accessed / hbm_bytes_per_s)
+                if peak else None)
     seconds, source = cost.get("optimal_seconds"), "xla optimal_seconds"
-    if not (seconds and seconds > 0) and peak:
-        seconds, source = max(flops / peak, bytes_accessed / hbm_bytes_per_s), "roofline"
+    if not (seconds and seconds > 0) or (roofline and seconds > 10 * roofline):
+        seconds, source = roofline, "roofline"
     seconds = float(seconds) if seconds and seconds > 0 else None
     out = {"xla_flops_per_chip": flops, "xla_bytes_accessed_per_chip": bytes_accessed,
+           "xla_flops_below_model": flops < model_flops_per_chip,
            "xla_estimated_step_s": seconds, "estimate_source": source if seconds else None,
            "model_flops_per_chip": model_flops_per_chip}
     out["projected_mfu"] = (model_flops_per_chip / (seconds * peak)

@@ -75,3 +75,19 @@ def test_a_step_over_hbm_is_one_line_naming_the_overshoot():
     with pytest.raises(aot.AotError, match=r"^does not fit on v5e-4: .* need [\d.]+ GiB per "
                        r"chip, [\d.]+ GiB of HBM is available \(over by [\d.]+ GiB\); try "):
         aot.project(config, "v5e-4", decode=False)
+
+
+def test_cost_report_estimates():
+    """XLA's estimate when plausible; else the roofline on max(XLA, model) FLOPs."""
+    peak, bw = 100e12, 1e12  # FLOP/s, bytes/s
+    sane = aot.cost_report({"flops": 5e12, "bytes accessed": 20e9, "optimal_seconds": 0.08},
+                           4e12, peak, bw)
+    assert (sane["xla_estimated_step_s"], sane["estimate_source"]) == (0.08, "xla optimal_seconds")
+    assert sane["projected_mfu"] == pytest.approx(4e12 / (0.08 * peak))
+    # 44 s against a 50 ms roofline (50 GB at 1 TB/s): discarded.
+    wild = aot.cost_report({"flops": 1e12, "bytes accessed": 50e9, "optimal_seconds": 44.0},
+                           1e12, peak, bw)
+    assert (wild["xla_estimated_step_s"], wild["estimate_source"]) == (0.05, "roofline")
+    # XLA counted 2 TFLOP where the model needs 9: the compute bound uses 9 TFLOP (90 ms).
+    under = aot.cost_report({"flops": 2e12, "bytes accessed": 10e9}, 9e12, peak, bw)
+    assert under["xla_flops_below_model"] and under["xla_estimated_step_s"] == pytest.approx(0.09)
