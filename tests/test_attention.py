@@ -48,17 +48,26 @@ def test_causal_attention_matches_numpy(impl: str):
     np.testing.assert_allclose(out_BTHK, numpy_attention(q, k, v), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("impl", ["reference", "xla"])
-def test_explicit_mask_matches_numpy(impl: str):
-    """The KV-cache form: T queries at given positions against S > T slots."""
+@pytest.mark.parametrize("kv_layout", ["bshk", "bhsk"])
+@pytest.mark.parametrize("impl", ["reference", "xla", "splash"])
+def test_explicit_mask_matches_numpy(impl: str, kv_layout: str):
+    """The KV-cache form: T queries at given positions against S > T slots, k/v either layout."""
     S = 12
     q, k, v = random_qkv(seed=1, s_len=S)
     positions_BT = np.array([np.arange(3, 3 + T), np.arange(T) + 4])
     mask_BTS = np.arange(S)[None, None] <= positions_BT[:, :, None]
-    out_BTHK = attention.attend(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), impl=impl,
-                                mask_BTS=jnp.asarray(mask_BTS))
+    as_layout = (lambda x: x) if kv_layout == "bshk" else (lambda x: np.swapaxes(x, 1, 2))
+    out_BTHK = attention.attend(jnp.asarray(q), jnp.asarray(as_layout(k)),
+                                jnp.asarray(as_layout(v)), impl=impl,
+                                mask_BTS=jnp.asarray(mask_BTS), kv_layout=kv_layout)
     np.testing.assert_allclose(out_BTHK, numpy_attention(q, k, v, mask_BTS), atol=1e-5,
                                rtol=1e-5)
+
+
+def test_heads_major_kv_needs_a_mask():
+    q, k, v = (jnp.asarray(a) for a in random_qkv())
+    with pytest.raises(ValueError, match=r"kv_layout='bhsk' needs mask_BTS"):
+        attention.attend(q, k, v, impl="xla", kv_layout="bhsk")
 
 
 def test_first_query_sees_only_first_key():
