@@ -3,7 +3,7 @@
 XLA:CPU allocates a step's temporary buffers with malloc and frees them when the step ends.
 glibc serves blocks over its mmap threshold (at most 32 MiB) with a fresh mmap and returns them
 to the kernel on free, so every step touches tens of MiB of new pages. On the 2-core machine in
-BENCHMARKS.md that was about 12,000 page faults and ~13 ms of a 52 ms shakespeare_char step.
+BENCHMARKS.md that was about 12,000 page faults and ~14 ms of a 52.7 ms shakespeare_char step.
 Telling glibc to never mmap a block, never trim the heap and keep a 64 MiB pad on each arena
 (so a thread's emptied heap is not unmapped either) keeps those pages: the step takes 37 ms.
 
