@@ -89,14 +89,11 @@ class TokenDataset(HostBatches):
                       seed: int | None = None) -> np.ndarray:
         """Token index where each of global rows [lo, hi) of batch `step` starts."""
         seed = self.seed if seed is None else seed
-        windows = self.num_windows(seq_len)
-        samples = step * batch_size + np.arange(lo, hi, dtype=np.int64)
-        epochs, positions = samples // windows, samples % windows
-        starts = np.empty_like(samples)
-        for epoch in np.unique(epochs):
-            offset, order = self._epoch(seed, int(epoch), seq_len)
-            mask = epochs == epoch
-            starts[mask] = offset + order[positions[mask]] * seq_len
+        starts = np.empty(hi - lo, np.int64)
+        for epoch, rows, positions in epoch_slices(step, batch_size, lo, hi,
+                                                   self.num_windows(seq_len)):
+            offset, order = self._epoch(seed, epoch, seq_len)
+            starts[rows] = offset + order[positions] * seq_len
         return starts
 
     def gather(self, starts: np.ndarray, seq_len: int) -> dict[str, np.ndarray]:
@@ -127,6 +124,19 @@ class TokenDataset(HostBatches):
         for b in range(num_batches):
             ids = (b * batch_size + np.arange(lo, hi, dtype=np.int64)) % windows
             yield self.gather(ids * seq_len, seq_len)
+
+
+def epoch_slices(step: int, batch_size: int, lo: int, hi: int,
+                 windows: int) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """(epoch, rows mask, positions in that epoch) for global rows [lo, hi) of batch `step`.
+
+    Sample s = step * batch_size + row is position s % windows of epoch s // windows.
+    """
+    samples = step * batch_size + np.arange(lo, hi, dtype=np.int64)
+    epochs, positions = samples // windows, samples % windows
+    for epoch in np.unique(epochs):
+        rows = epochs == epoch
+        yield int(epoch), rows, positions[rows]
 
 
 def process_rows(batch_size: int, process_index: int, process_count: int) -> tuple[int, int]:

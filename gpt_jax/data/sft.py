@@ -18,7 +18,7 @@ from typing import Iterator
 import numpy as np
 
 from gpt_jax.data.files import DataError, DataFileNotFoundError
-from gpt_jax.data.loader import HostBatches, process_rows
+from gpt_jax.data.loader import HostBatches, epoch_slices, process_rows
 from gpt_jax.data.tokenizers import Tokenizer
 
 _SEED_SALT = 0x73667400
@@ -152,12 +152,10 @@ class SFTDataset(HostBatches):
         """Global rows [lo, hi) of training batch `step`: each epoch is a seeded row order."""
         seed = self.seed if seed is None else seed
         windows = self.num_windows(seq_len)
-        samples = step * batch_size + np.arange(lo, hi, dtype=np.int64)
-        epochs, positions = samples // windows, samples % windows
-        picked = np.empty_like(samples)
-        for epoch in np.unique(epochs):
-            order = np.random.default_rng([_SEED_SALT, seed, int(epoch)]).permutation(windows)
-            picked[epochs == epoch] = order[positions[epochs == epoch]]
+        picked = np.empty(hi - lo, np.int64)
+        for epoch, rows, positions in epoch_slices(step, batch_size, lo, hi, windows):
+            order = np.random.default_rng([_SEED_SALT, seed, epoch]).permutation(windows)
+            picked[rows] = order[positions]
         return self.gather(picked, seq_len)
 
     def eval_batches(self, num_batches: int | None, batch_size: int, seq_len: int,
