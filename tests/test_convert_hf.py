@@ -16,9 +16,10 @@ import textwrap
 import jax
 import numpy as np
 import pytest
+import regex
 
 from gpt_jax.data.files import DataError
-from gpt_jax.data.gpt2_bpe import GPT2BPETokenizer, bytes_to_unicode, pretokenizer
+from gpt_jax.data.gpt2_bpe import GPT2_PATTERN, GPT2BPETokenizer, bytes_to_unicode
 from gpt_jax.hf import ConversionError, from_hf, load_hf, read_hf_weights, to_hf
 from gpt_jax.hf.mapping import hf_from_params
 from gpt_jax.model import GPT, ModelConfig
@@ -30,7 +31,7 @@ TRICKY_TEXT = ("Héllo  wörld!\n\n   x = 3.14  # 日本語 naïve   \t tabs<|en
 def write_bpe_files(folder, n_merges: int = 60) -> int:
     """A small byte-level BPE (256 bytes + merges learned on textwrap.py + <|endoftext|>)."""
     b2u = bytes_to_unicode()
-    counts = collections.Counter(pretokenizer().findall(inspect.getsource(textwrap)))
+    counts = collections.Counter(regex.findall(GPT2_PATTERN, inspect.getsource(textwrap)))
     words = {w: [b2u[b] for b in w.encode()] for w in counts}
     vocab = {c: i for i, c in enumerate(b2u.values())}
     merges = []
@@ -300,13 +301,15 @@ def test_converted_run_generates_like_hf_and_converts_back(hf, tmp_path):
 def test_tokenizer_matches_hf(hf, tmp_path):
     write_bpe_files(tmp_path)
     ours = GPT2BPETokenizer.from_files(str(tmp_path))
-    theirs = hf.GPT2Tokenizer(vocab=str(tmp_path / "vocab.json"),
-                              merges=str(tmp_path / "merges.txt"))
+    # transformers 5 has one GPT-2 tokenizer class (GPT2Tokenizer is GPT2TokenizerFast)
+    theirs = hf.GPT2TokenizerFast(vocab=str(tmp_path / "vocab.json"),
+                                  merges=str(tmp_path / "merges.txt"))
     rng = random.Random(0)
-    alphabet = "ab cd\n\t  é日\u00a0\u2003'sll12３²_-.,!?😀\r\x1c"
+    alphabet = "ab cd\n\t  é日\u00a0\u2003'sll12３²_-.,!?😀🇫🇷\r\x1c'tve'dre'm 0123456789"
     texts = [TRICKY_TEXT, "", "   ", "\n\n\n", "it's we've I'm they'd"] + [
         "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 30))) for _ in range(200)]
     for text in texts:
         ids = theirs(text)["input_ids"]
         assert ours.encode(text) == ids, text
+        assert ours.decode(ours.encode(text)) == text
         assert ours.decode(ids) == theirs.decode(ids), text

@@ -1,31 +1,33 @@
-"""GPT-2's byte-level BPE tokenizer, from `vocab.json` + `merges.txt`, in pure Python.
+"""GPT-2's byte-level BPE tokenizer from `vocab.json` + `merges.txt`, encoded by tiktoken.
 
-Text is split into pre-tokens (contractions, letter runs, digit runs, other symbol runs, each
-with at most one leading space, and whitespace runs), each pre-token's UTF-8 bytes are mapped to
-printable characters (GPT-2's byte-to-unicode table), and adjacent symbols are merged in the
-order `merges.txt` ranks them. Special tokens (`<|endoftext|>`) in the text map to their ids.
-The saved form is the two original files plus `tokenizer.json`; see `gpt_jax.data.tokenizers`.
+Text is split into pre-tokens by GPT-2's pattern (contractions, letter runs, digit runs, other
+symbol runs, each with at most one leading space, and whitespace runs); each pre-token's UTF-8
+bytes are merged in the order `merges.txt` ranks them. tiktoken (Rust) does both; it is built
+here from the local files, so nothing is downloaded. Its ranks are merge order (the 256 byte
+tokens first), mapped back to the ids of `vocab.json` (for GPT-2's own files the two agree).
+`<|endoftext|>` in the text maps to its id. The saved form is the two original files plus
+`tokenizer.json`; see `gpt_jax.data.tokenizers`.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import os
-import re
-import unicodedata
 from typing import Iterable, Sequence
 
+import numpy as np
+import tiktoken
+from etils import epath
+
 from gpt_jax.data.files import DataError, DataFileNotFoundError, atomic_write
-from gpt_jax.data.tokenizers import Tokenizer, _digest
+from gpt_jax.data.tokenizer_base import META_FILE, Tokenizer, digest
 
 KIND = "gpt2_bpe"
 VOCAB_FILE = "vocab.json"
 MERGES_FILE = "merges.txt"
-META_FILE = "tokenizer.json"
 END_OF_TEXT = "<|endoftext|>"
-# Unicode's White_Space property (what `\s` means in GPT-2's pattern).
-_WHITESPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+# GPT-2's split pattern (the `regex` module's syntax, which tiktoken also reads).
+GPT2_PATTERN = (r"'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+")
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -42,30 +44,6 @@ def bytes_to_unicode() -> dict[int, str]:
             table[b] = chr(256 + extra)
             extra += 1
     return table
-
-
-def _class_ranges(first_letter: str) -> str:
-    """A regex character class body of every code point whose category starts with it."""
-    parts, start = [], None
-    for cp in range(0x110001):
-        inside = cp < 0x110000 and unicodedata.category(chr(cp))[0] == first_letter
-        if inside and start is None:
-            start = cp
-        elif not inside and start is not None:
-            parts.append(re.escape(chr(start)) if start == cp - 1
-                         else f"{re.escape(chr(start))}-{re.escape(chr(cp - 1))}")
-            start = None
-    return "".join(parts)
-
-
-@functools.cache
-def pretokenizer() -> re.Pattern:
-    """GPT-2's split pattern with \\p{L}, \\p{N} and \\s spelled out for the stdlib `re`:
-    's|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+"""
-    letters, numbers, space = _class_ranges("L"), _class_ranges("N"), _WHITESPACE
-    return re.compile(
-        rf"'s|'t|'re|'ve|'m|'ll|'d| ?[{letters}]+| ?[{numbers}]+| ?[^{space}{letters}{numbers}]+"
-        rf"|[{space}]+(?![^{space}])|[{space}]+")
 
 
 def _parse_merges(text: str, where: str) -> list[tuple[str, str]]:
@@ -115,16 +93,13 @@ class GPT2BPETokenizer(Tokenizer):
                             "bos/eos)")
         self.eos_id = self.bos_id = self.pad_id = vocab[END_OF_TEXT]
         self.specials = {END_OF_TEXT: self.eos_id}
-        self._special_split = re.compile("(" + "|".join(map(re.escape, self.specials)) + ")")
-        self._cache: dict[str, list[int]] = {}
+        self._tiktoken: tuple[tiktoken.Encoding, np.ndarray] | None = None
 
     # -- construction ----------------------------------------------------------------------
 
     @classmethod
     def from_files(cls, directory: str) -> "GPT2BPETokenizer":
         """From `vocab.json` + `merges.txt` in `directory` (a HF GPT-2 dir or our tokenizer/)."""
-        from etils import epath  # local or remote (gs://) run directories
-
         paths = [epath.Path(directory, f) for f in (VOCAB_FILE, MERGES_FILE)]
         for path in paths:
             if not path.is_file():
@@ -145,45 +120,34 @@ class GPT2BPETokenizer(Tokenizer):
 
     # -- the Tokenizer interface ------------------------------------------------------------
 
-    def _bpe(self, word: str) -> list[int]:
-        """Ids of one pre-token: merge the lowest-ranked adjacent pair until none is left."""
-        cached = self._cache.get(word)
-        if cached is not None:
-            return cached
-        symbols = [self.byte_encoder[b] for b in word.encode("utf-8")]
-        while len(symbols) > 1:
-            pairs = {(a, b) for a, b in zip(symbols, symbols[1:])}
-            best = min(pairs, key=lambda p: self.ranks.get(p, float("inf")))
-            if best not in self.ranks:
-                break
-            merged, i = [], 0
-            while i < len(symbols):
-                if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == best:
-                    merged.append(symbols[i] + symbols[i + 1])
-                    i += 2
-                else:
-                    merged.append(symbols[i])
-                    i += 1
-            symbols = merged
-        ids = [self.encoder[s] for s in symbols]
-        if len(self._cache) < 100_000:
-            self._cache[word] = ids
-        return ids
+    def _encoding(self) -> tuple[tiktoken.Encoding, np.ndarray]:
+        """tiktoken's encoder over merge-order ranks, and the rank -> vocab id table."""
+        if self._tiktoken is None:
+            ranks: dict[bytes, int] = {}
+            ids = []
+            for token in sorted(self.byte_decoder, key=lambda c: self.encoder[c]):
+                ranks[bytes([self.byte_decoder[token]])] = len(ranks)
+                ids.append(self.encoder[token])
+            for left, right in self.ranks:  # dict order = merge order
+                token = left + right
+                key = bytes(self.byte_decoder[c] for c in token)
+                if key not in ranks:  # a token two merges make keeps the first one's rank
+                    ranks[key] = len(ranks)
+                    ids.append(self.encoder[token])
+            special_rank = len(ranks)
+            encoding = tiktoken.Encoding(f"gpt_jax-{self.fingerprint}", pat_str=GPT2_PATTERN,
+                                         mergeable_ranks=ranks,
+                                         special_tokens={END_OF_TEXT: special_rank})
+            self._tiktoken = (encoding, np.asarray(ids + [self.eos_id], np.int64))
+        return self._tiktoken
 
     def encode(self, text: str) -> list[int]:
-        ids: list[int] = []
-        for part in self._special_split.split(text):
-            if part in self.specials:
-                ids.append(self.specials[part])
-            elif part:
-                for word in pretokenizer().findall(part):
-                    ids.extend(self._bpe(word))
-        return ids
+        return self.encode_batch([text])[0].tolist()
 
-    def encode_batch(self, texts: Sequence[str]):
-        import numpy as np
-
-        return [np.asarray(self.encode(t), np.int64) for t in texts]
+    def encode_batch(self, texts: Sequence[str], num_threads: int = 1) -> list[np.ndarray]:
+        encoding, rank_to_id = self._encoding()
+        ranks = encoding.encode_batch(list(texts), num_threads=num_threads, allowed_special="all")
+        return [rank_to_id[np.asarray(r, np.int64)] for r in ranks]
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of `ids`; special tokens decode to their text, unknown ids are skipped."""
@@ -201,7 +165,7 @@ class GPT2BPETokenizer(Tokenizer):
 
     @property
     def fingerprint(self) -> str:
-        return _digest("gpt2-bpe-v1", self.vocab_json, self.merges_txt)
+        return digest("gpt2-bpe-v1", self.vocab_json, self.merges_txt)
 
     def save(self, directory: str) -> None:
         """vocab.json + merges.txt (as read), then tokenizer.json last (its presence = done)."""

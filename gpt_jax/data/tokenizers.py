@@ -7,7 +7,6 @@ atomically: its presence means the directory is complete.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -21,44 +20,11 @@ from absl import logging
 from etils import epath
 
 from gpt_jax.data.files import DataError, DataFileNotFoundError, atomic_write, read_json
+from gpt_jax.data.gpt2_bpe import GPT2BPETokenizer, load_dir
+from gpt_jax.data.tokenizer_base import META_FILE, TOKENIZER_DIR, Tokenizer, digest
 
-TOKENIZER_DIR = "tokenizer"
-META_FILE = "tokenizer.json"
 SPM_FILE = "spm.model"
 MAX_SPM_LINE = 4096  # bytes; SentencePiece skips longer training "sentences"
-
-
-def _digest(*parts: bytes | str) -> str:
-    h = hashlib.sha256()
-    for p in parts:
-        h.update(p.encode("utf-8") if isinstance(p, str) else p)
-        h.update(b"\0")
-    return h.hexdigest()[:16]
-
-
-class Tokenizer:
-    """What every tokenizer offers; ids are ints in [0, vocab_size)."""
-    kind: str
-    vocab_size: int
-    bos_id: int
-    eos_id: int
-    pad_id: int
-
-    def encode(self, text: str) -> list[int]:
-        raise NotImplementedError
-
-    def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
-        return [np.asarray(self.encode(t), np.int64) for t in texts]
-
-    def decode(self, ids: Iterable[int]) -> str:
-        raise NotImplementedError
-
-    @property
-    def fingerprint(self) -> str:
-        raise NotImplementedError
-
-    def save(self, directory: str) -> None:
-        raise NotImplementedError
 
 
 class ByteTokenizer(Tokenizer):
@@ -69,7 +35,7 @@ class ByteTokenizer(Tokenizer):
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
 
-    def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
+    def encode_batch(self, texts: Sequence[str], num_threads: int = 1) -> list[np.ndarray]:
         return [np.frombuffer(t.encode("utf-8"), np.uint8).astype(np.int64) for t in texts]
 
     def decode(self, ids: Iterable[int]) -> str:
@@ -77,7 +43,7 @@ class ByteTokenizer(Tokenizer):
 
     @property
     def fingerprint(self) -> str:
-        return _digest("byte-v1")
+        return digest("byte-v1")
 
     def save(self, directory: str) -> None:
         atomic_write(os.path.join(directory, META_FILE), json.dumps(self._meta()))
@@ -115,7 +81,7 @@ class CharTokenizer(Tokenizer):
     def encode(self, text: str) -> list[int]:
         return self._encode_np(text).tolist()
 
-    def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
+    def encode_batch(self, texts: Sequence[str], num_threads: int = 1) -> list[np.ndarray]:
         return [self._encode_np(t) for t in texts]
 
     def decode(self, ids: Iterable[int]) -> str:
@@ -125,7 +91,7 @@ class CharTokenizer(Tokenizer):
 
     @property
     def fingerprint(self) -> str:
-        return _digest("char-v1", self.chars)
+        return digest("char-v1", self.chars)
 
     def save(self, directory: str) -> None:
         meta = {"kind": self.kind, "vocab_size": self.vocab_size,
@@ -150,8 +116,8 @@ class SentencePieceTokenizer(Tokenizer):
     def encode(self, text: str) -> list[int]:
         return self.sp.encode(text)
 
-    def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
-        ids = self.sp.encode(list(texts), num_threads=os.cpu_count() or 1)
+    def encode_batch(self, texts: Sequence[str], num_threads: int = 1) -> list[np.ndarray]:
+        ids = self.sp.encode(list(texts), num_threads=num_threads)
         return [np.asarray(x, np.int64) for x in ids]
 
     def decode(self, ids: Iterable[int]) -> str:
@@ -160,7 +126,7 @@ class SentencePieceTokenizer(Tokenizer):
 
     @property
     def fingerprint(self) -> str:
-        return _digest("spm-v1", self.model_bytes)
+        return digest("spm-v1", self.model_bytes)
 
     def save(self, directory: str) -> None:
         atomic_write(os.path.join(directory, SPM_FILE), self.model_bytes)
@@ -242,6 +208,16 @@ def is_saved(workdir: str) -> bool:
     return epath.Path(tokenizer_dir(workdir), META_FILE).exists()
 
 
+# kind -> how to load the saved tokenizer from its directory and tokenizer.json
+LOADERS = {
+    "sentencepiece": lambda directory, meta: SentencePieceTokenizer(
+        epath.Path(directory, SPM_FILE).read_bytes()),
+    "byte": lambda directory, meta: ByteTokenizer(),
+    "char": lambda directory, meta: CharTokenizer(meta["chars"]),
+    "gpt2_bpe": lambda directory, meta: GPT2BPETokenizer.from_files(directory),
+}
+
+
 def load_tokenizer(workdir: str) -> Tokenizer:
     """The tokenizer saved with the run in `workdir` (nothing else needed)."""
     directory = tokenizer_dir(workdir)
@@ -250,19 +226,10 @@ def load_tokenizer(workdir: str) -> Tokenizer:
         raise DataFileNotFoundError(f"no tokenizer in {directory!r} ({META_FILE} is missing); "
                                     "is this a gpt_jax run directory?")
     kind = meta.get("kind")
-    if kind == "byte":
-        tok: Tokenizer = ByteTokenizer()
-    elif kind == "char":
-        tok = CharTokenizer(meta["chars"])
-    elif kind == "sentencepiece":
-        tok = SentencePieceTokenizer(epath.Path(directory, SPM_FILE).read_bytes())
-    elif kind == "gpt2_bpe":
-        from gpt_jax.data.gpt2_bpe import GPT2BPETokenizer
-
-        tok = GPT2BPETokenizer.from_files(directory)
-    else:
+    if kind not in LOADERS:
         raise DataError(f"{directory}/{META_FILE}: kind={kind!r} is not one of "
-                        "byte, char, sentencepiece, gpt2_bpe")
+                        f"{', '.join(LOADERS)}")
+    tok = LOADERS[kind](directory, meta)
     if meta.get("fingerprint") != tok.fingerprint:
         raise DataError(f"{directory}: tokenizer files do not match {META_FILE} "
                         f"(fingerprint {tok.fingerprint} != {meta.get('fingerprint')})")
@@ -275,8 +242,6 @@ def _new_tokenizer(config) -> Tokenizer:
     if d.tokenizer == "byte":
         return ByteTokenizer()
     if d.tokenizer == "gpt2_bpe":  # GPT-2's files (vocab.json + merges.txt), never trained here
-        from gpt_jax.data.gpt2_bpe import load_dir
-
         if not d.get("bpe_dir"):
             raise DataError("data.tokenizer='gpt2_bpe' needs data.bpe_dir (a folder with "
                             "vocab.json + merges.txt) or train.init_from=<converted run>")
@@ -291,7 +256,7 @@ def _new_tokenizer(config) -> Tokenizer:
     if d.tokenizer == "sentencepiece":
         return train_sentencepiece(texts, config.model.vocab_size, d.spm_type, d.spm_sample_bytes,
                                    special_tokens(d.spm_special_tokens), d.spm_byte_fallback)
-    raise DataError(f"data.tokenizer={d.tokenizer!r} is not one of sentencepiece, byte, char")
+    raise DataError(f"data.tokenizer={d.tokenizer!r} is not one of {', '.join(LOADERS)}")
 
 
 def build_tokenizer(config, workdir: str, process_index: int | None = None,
