@@ -23,7 +23,7 @@ NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "swiglu")
 DTYPES = ("float32", "bfloat16", "float16")
 SCHEDULES = ("cosine", "linear", "constant", "wsd")
-DATA_SOURCES = ("python_stdlib", "text_files", "tfds", "sft_jsonl")
+DATA_SOURCES = ("python_stdlib", "text_files", "tfds", "jsonl", "parquet", "sft_jsonl")
 TOKENIZERS = ("sentencepiece", "byte", "char", "gpt2_bpe")
 SPM_TYPES = ("bpe", "unigram")
 
@@ -80,16 +80,20 @@ def base_config() -> ml_collections.ConfigDict:
     m.init_std = 0.02
 
     c.data = d = ml_collections.ConfigDict()
-    d.source = "python_stdlib"  # python_stdlib | text_files | tfds | sft_jsonl
-    d.paths = ""  # text_files: comma-separated files, directories or globs
+    d.source = "python_stdlib"  # python_stdlib | text_files | tfds | jsonl | parquet | sft_jsonl
+    d.paths = ""  # text_files/jsonl/parquet: comma-separated files, folders or globs (or gs://)
+    d.store = ""  # a prepared token store (gpt-jax prepare), or PATH=W,PATH=W,... to mix several
+    d.shard_mb = 64.0  # prepare: MB of JSONL per shard (compressed files: one shard per file)
+    d.shard_docs = 4096  # prepare: documents per shard of TFDS / text_files / python_stdlib
     d.extensions = ".txt,.md,.py,.rst"  # text_files: which files a directory contributes
     d.include_tests = False  # python_stdlib: also the test/ folders
     d.tfds_name = ""  # tfds: e.g. tiny_shakespeare, lm1b, c4/en
-    d.text_field = "text"
+    d.text_field = "text"  # tfds feature / JSONL key / Parquet column holding the text
     d.train_split = "train"
     d.eval_split = "validation"
     d.data_dir = ""  # TFDS data_dir (local or gs://); "" = ~/.cache/gpt_jax/tfds (tfds: TFDS's own)
-    d.validation_fraction = 0.02  # text_files / python_stdlib split, by hash of the path
+    d.validation_fraction = 0.02  # held out: files by the hash of their path (text_files,
+    # python_stdlib), documents by the hash of their position (jsonl, parquet)
     d.max_files = 0  # text_files / python_stdlib: use only the first N files (0 = all)
     d.tokenizer = "sentencepiece"  # sentencepiece | byte | char | gpt2_bpe
     d.spm_model = ""  # an existing .model file; "" = train one on the training split
@@ -97,7 +101,7 @@ def base_config() -> ml_collections.ConfigDict:
     d.spm_sample_bytes = 4_000_000  # how much training text the tokenizer is trained on
     d.spm_special_tokens = ""  # extra comma-separated specials, e.g. "<|im_start|>,<|im_end|>"
     d.spm_byte_fallback = True  # unknown characters become UTF-8 byte pieces
-    d.cache_dir = ""  # token cache; "" = ~/.cache/gpt_jax/tokens
+    d.cache_dir = ""  # where small corpora are prepared on first use; "" = ~/.cache/gpt_jax/stores
     d.bpe_dir = ""  # gpt2_bpe: a folder with GPT-2's vocab.json + merges.txt
     d.sft_eval_paths = ""  # sft_jsonl: held-out JSONL; "" = validation_fraction of data.paths
     d.prompt_field = "prompt"  # sft_jsonl: the JSON keys of a pair
@@ -216,21 +220,23 @@ def _validate_data(d: ml_collections.ConfigDict) -> None:
     _check_choice(d.source, "data.source", DATA_SOURCES)
     _check_choice(d.tokenizer, "data.tokenizer", TOKENIZERS)
     _check_choice(d.spm_type, "data.spm_type", SPM_TYPES)
-    if d.source == "text_files":
-        _check(bool(d.paths.strip()), "data.source='text_files' needs data.paths (comma-separated "
-               "files, directories or globs)")
+    if d.source in ("text_files", "jsonl", "parquet"):
+        _check(bool(d.paths.strip()), f"data.source={d.source!r} needs data.paths "
+               "(comma-separated files, directories or globs, local or gs://)")
     if d.source == "sft_jsonl":
         _check(bool(d.paths.strip()), "data.source='sft_jsonl' needs data.paths (comma-separated "
                "JSONL files of {\"prompt\": ..., \"response\": ...})")
     if d.source == "tfds":
         _check(bool(d.tfds_name), "data.source='tfds' needs data.tfds_name, e.g. tiny_shakespeare")
-    else:
+    elif not d.store:  # a store names its own splits
         for field in ("train_split", "eval_split"):
             _check(d[field] in ("train", "validation"), f"data.{field}={d[field]!r} is not one of "
                    f"train, validation (the splits of data.source={d.source!r})")
     _check(0.0 < d.validation_fraction < 1.0,
            f"data.validation_fraction={d.validation_fraction!r} must be in (0, 1)")
     _check(d.max_files >= 0, f"data.max_files={d.max_files} must be >= 0 (0 = all)")
+    _check(d.shard_mb > 0, f"data.shard_mb={d.shard_mb} must be > 0")
+    _check(d.shard_docs >= 1, f"data.shard_docs={d.shard_docs} must be >= 1")
     _check(d.spm_sample_bytes > 0, f"data.spm_sample_bytes={d.spm_sample_bytes} must be > 0")
     _check(d.prefetch >= 0, f"data.prefetch={d.prefetch} must be >= 0 (0 = no thread)")
 

@@ -69,7 +69,7 @@ def setup_tokenizer(config, workdir: str):
         else:
             ckpt_lib.restore_tokenizer_files(config.train.init_from, str(own))
     tokenizer = data.build_tokenizer(config, workdir)
-    if config.data.tokenizer in ("byte", "char") and not config.train.init_from:
+    if tokenizer.kind in ("byte", "char") and not config.train.init_from:
         config.model.vocab_size = tokenizer.vocab_size  # a fine-tune keeps its parent's
     if tokenizer.vocab_size > config.model.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but "
@@ -94,8 +94,9 @@ def initial_state(trainer: Trainer, checkpointer, config):
 
 def open_split(config, tokenizer, split: str):
     """The train or validation split: token windows, or prompt/response pairs for SFT."""
-    dataset = data.SFTDataset if config.data.source == "sft_jsonl" else data.TokenDataset
-    return dataset(config, tokenizer, split=split)
+    if config.data.source == "sft_jsonl":
+        return data.SFTDataset(config, tokenizer, split=split)
+    return data.open_dataset(config, tokenizer, split)
 
 
 def to_global(host_batch: dict, batch_sharding) -> dict:

@@ -1,4 +1,4 @@
-"""Token cache, packing, determinism across restarts and process layouts, sharded batches."""
+"""Token store, packing, determinism across restarts and process layouts, sharded batches."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ import pytest
 
 from gpt_jax import data
 from gpt_jax.config import base_config
-from gpt_jax.data import cache as cache_lib
+from gpt_jax.data import prepare as prepare_lib
+from gpt_jax.data.store import SplitTokens
 from gpt_jax.sharding import batch_sharding, make_mesh
 from test_data_common import make_config, private_cache, write_corpus  # noqa: F401
 
@@ -42,8 +43,8 @@ def test_cache_matches_plain_python_packing(setup):
     config, tok, texts = setup
     corpus = data.open_corpus(config.data)
     for split in ("train", "validation"):
-        ds = data.TokenDataset(config, tok, split, corpus=corpus)
-        assert ds.tokens.tolist() == reference_tokens(corpus, split, texts, tok)
+        ds = data.TokenDataset(config, tok, split)
+        assert ds.tokens.to_numpy().tolist() == reference_tokens(corpus, split, texts, tok)
         assert ds.tokens.dtype == np.uint16
 
 
@@ -141,7 +142,7 @@ def test_loader_error_in_thread_reaches_the_consumer(setup):
     config, tok, _ = setup
     ds = data.TokenDataset(config, tok, "train")
     loader = data.BatchLoader(ds, 8, T, 0, make_mesh(base_config().mesh), prefetch=2)
-    ds.tokens = ds.tokens[:5]  # shorter than a window: the producer fails
+    ds.tokens = SplitTokens([], [], np.dtype(np.uint16))  # no window fits: the producer fails
     with pytest.raises(data.DataError, match="seq_len=16 is too long"):
         for _ in zip(range(100), loader):
             pass
@@ -166,46 +167,45 @@ def test_eval_batches_are_sequential_and_repeatable(setup):
         np.testing.assert_array_equal(joined, batches[b]["inputs"])
 
 
-def test_other_tokenizer_gets_its_own_cache_and_tampering_rebuilds(setup):
+def test_other_tokenizer_gets_its_own_store_and_a_damaged_shard_is_named(setup):
     config, tok, texts = setup
     byte_ds = data.TokenDataset(config, tok, "validation")
     char = data.CharTokenizer.from_texts(texts.values())
     char_ds = data.TokenDataset(config, char, "validation")
-    assert char_ds.path != byte_ds.path
+    assert char_ds.store.path != byte_ds.store.path
     corpus = data.open_corpus(config.data)
     expected = []
     for record in corpus.split("validation"):
         expected += [char.bos_id] + char.encode(texts[record["path"].decode()]) + [char.eos_id]
-    assert char_ds.tokens.tolist() == expected
-    meta_path = char_ds.path[:-len(".tokens")] + ".json"
-    meta = json.load(open(meta_path))
-    meta["tokenizer_fingerprint"] = tok.fingerprint  # claims another tokenizer: never reused
-    json.dump(meta, open(meta_path, "w"))
-    with open(char_ds.path, "r+b") as f:
+    assert char_ds.tokens.to_numpy().tolist() == expected
+    shard = os.path.join(char_ds.store.path, "shards",
+                         char_ds.store.info("validation")["shards"][0]["file"])
+    with open(shard, "ab") as f:
         f.write(b"\xff\xff")
-    assert data.TokenDataset(config, char, "validation").tokens.tolist() == expected
+    with pytest.raises(data.DataError, match="not the .* tokens that .*manifest.json lists"):
+        data.TokenDataset(config, char, "validation")
+    with pytest.raises(data.DataError, match="tokenized by a char tokenizer .* not this run's byte"):
+        data.open_store(char_ds.store.path, tok)
 
 
-def test_interrupted_build_is_detected_and_rebuilt(setup, monkeypatch):
+def test_interrupted_build_leaves_no_manifest_and_is_finished_later(setup, monkeypatch):
     config, tok, texts = setup
     corpus = data.open_corpus(config.data)
-    calls = []
 
-    def dying_encode(batch):
-        calls.append(1)
+    def dying_encode(batch, num_threads=1):
         raise KeyboardInterrupt  # e.g. the job was killed mid-build
 
     monkeypatch.setattr(tok, "encode_batch", dying_encode)
     with pytest.raises(KeyboardInterrupt):
-        data.TokenDataset(config, tok, "train", corpus=corpus)
-    tokens_path, meta_path = cache_lib.cache_paths(corpus, "train", tok, config.data.cache_dir)
-    assert not os.path.exists(meta_path) and not os.path.exists(tokens_path)
-    with open(tokens_path + ".partial-999999", "wb") as f:  # a killed process's leftovers
-        f.write(b"\x01\x02")
+        data.TokenDataset(config, tok, "train")
+    stores = os.listdir(config.data.cache_dir)
+    store = os.path.join(config.data.cache_dir, next(s for s in stores if not s.endswith("lock")))
+    assert not os.path.exists(os.path.join(store, prepare_lib.MANIFEST))
+    with pytest.raises(data.DataError, match="is not finished .* run `gpt-jax prepare` again"):
+        data.open_store(store)
     monkeypatch.undo()
-    ds = data.TokenDataset(config, tok, "train", corpus=corpus)
-    assert ds.tokens.tolist() == reference_tokens(corpus, "train", texts, tok)
-    assert not any(".partial-" in f for f in os.listdir(os.path.dirname(tokens_path)))
+    ds = data.TokenDataset(config, tok, "train")
+    assert ds.tokens.to_numpy().tolist() == reference_tokens(corpus, "train", texts, tok)
 
 
 def test_seq_len_longer_than_split_and_empty_corpus(tmp_path, setup):

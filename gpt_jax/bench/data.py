@@ -45,8 +45,9 @@ def measure(config, cache: str, batches: int, batch_size: int, seq_len: int) -> 
     start = time.perf_counter()
     corpus, t_prepare = _timed(lambda: data.open_corpus(config.data))
     tok, t_tok = _timed(lambda: data.build_tokenizer(config, os.path.join(cache, "run"), 0))
-    train, t_train = _timed(lambda: data.TokenDataset(config, tok, "train", corpus=corpus))
-    val, t_val = _timed(lambda: data.TokenDataset(config, tok, "validation", corpus=corpus))
+    train, t_train = _timed(lambda: data.TokenDataset(config, tok, "train"))
+    val, t_val = _timed(lambda: data.TokenDataset(config, tok, "validation",
+                                                   store=train.store))
     t_total = time.perf_counter() - start
 
     tokens = batches * batch_size * seq_len

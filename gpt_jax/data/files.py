@@ -1,18 +1,26 @@
-"""Errors, cache locations, atomic writes and a build lock shared by the data modules."""
+"""Errors, cache locations, file systems, atomic writes and a build lock for the data modules.
+
+Paths are local or any fsspec URL (`gs://` through gcsfs, `memory://` in tests); `filesystem`
+turns an unknown protocol into a one-line error instead of a local folder named `gs:`.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import socket
 import tempfile
+import threading
 import time
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
+import fsspec
 from absl import logging
 
-STALE_LOCK_SECONDS = 120.0  # a lock not refreshed for this long belongs to a dead builder
+STALE_LOCK_SECONDS = 120.0  # another host's lock not refreshed for this long: its builder died
+HEARTBEAT_SECONDS = 10.0  # a builder's lock is touched this often, by a thread of its own
 
 
 class DataError(ValueError):
@@ -29,16 +37,55 @@ def cache_root() -> str:
         os.path.expanduser("~"), ".cache", "gpt_jax")
 
 
+def digest(*parts: bytes | str) -> str:
+    """A 16-hex-digit sha256 of `parts` (each NUL-terminated), for fingerprints."""
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p.encode("utf-8") if isinstance(p, str) else p)
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def unit_hash(key: str) -> float:
+    """A stable number in [0, 1) for `key` (sha256; independent of PYTHONHASHSEED)."""
+    return int(hashlib.sha256(key.encode("utf-8")).hexdigest()[:12], 16) / 16 ** 12
+
+
+def is_remote(path: str) -> bool:
+    return "://" in path and not path.startswith("file://")
+
+
+def filesystem(path: str) -> tuple[Any, str]:
+    """(fsspec filesystem, path within it) for a local path (~ expanded) or a URL."""
+    try:
+        fs, inner = fsspec.core.url_to_fs(os.path.expanduser(path) if not is_remote(path)
+                                          else path)
+    except (ValueError, ImportError) as e:
+        protocol = path.split("://")[0]
+        hint = " (pip install gcsfs, or gpt_jax[tpu])" if protocol in ("gs", "gcs") else ""
+        raise DataError(f"{path!r}: the {protocol}:// file system is not available{hint}: "
+                        f"{str(e).splitlines()[0]}") from None
+    return fs, inner
+
+
+def read_bytes(path: str) -> bytes:
+    fs, inner = filesystem(path)
+    return fs.cat_file(inner)
+
+
+def exists(path: str) -> bool:
+    fs, inner = filesystem(path)
+    return fs.exists(inner)
+
+
 def atomic_write(path: str, data: bytes | str) -> None:
     """Write `path` so that readers see either nothing or the whole file (tmp + fsync + rename).
 
     Remote paths (gs://...) are written whole by one object upload, which is atomic already.
     """
-    if "://" in path:
-        from etils import epath
-
-        epath.Path(path).parent.mkdir(parents=True, exist_ok=True)
-        epath.Path(path).write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
+    if is_remote(path):
+        fs, inner = filesystem(path)
+        fs.pipe_file(inner, data.encode("utf-8") if isinstance(data, str) else data)
         return
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".",
@@ -61,15 +108,16 @@ def atomic_write_json(path: str, obj: dict) -> None:
 
 def read_json(path: str) -> dict | None:
     """The JSON object in `path`, or None if it is missing or unreadable."""
-    from etils import epath
-
+    fs, inner = filesystem(path)
     try:
-        return json.loads(epath.Path(path).read_text(encoding="utf-8"))
+        return json.loads(fs.cat_file(inner).decode("utf-8"))
     except (OSError, ValueError):
         return None
 
 
 def _lock_is_stale(lock_path: str) -> bool:
+    """A lock of this host is stale only when its process is gone; another host's lock when its
+    heartbeat thread has not touched it for STALE_LOCK_SECONDS."""
     info = read_json(lock_path) or {}
     if info.get("host") == socket.gethostname() and isinstance(info.get("pid"), int):
         try:
@@ -78,6 +126,7 @@ def _lock_is_stale(lock_path: str) -> bool:
             return True  # the builder on this host died
         except PermissionError:
             pass
+        return False  # alive, however long its build takes
     try:
         return time.time() - os.path.getmtime(lock_path) > STALE_LOCK_SECONDS
     except OSError:
@@ -88,9 +137,10 @@ def _lock_is_stale(lock_path: str) -> bool:
 def build_lock(lock_path: str) -> Iterator[Callable[[], None] | None]:
     """Try to become the one builder of an artifact.
 
-    Yields a `heartbeat()` function when this process holds the lock (call it now and then during
-    a long build), or None when another live process holds it. A lock left by a dead builder is
-    taken over. The lock file is removed on exit.
+    Yields a `heartbeat()` function when this process holds the lock, or None when another live
+    process holds it. A thread touches the lock every HEARTBEAT_SECONDS while it is held, so a
+    build that never calls `heartbeat()` (a TFDS prepare) is never judged stale. A lock left by a
+    dead builder is taken over. The lock file is removed on exit.
     """
     os.makedirs(os.path.dirname(lock_path) or ".", exist_ok=True)
     for _ in range(2):
@@ -109,17 +159,20 @@ def build_lock(lock_path: str) -> Iterator[Callable[[], None] | None]:
         return
     with os.fdopen(fd, "w") as f:
         json.dump({"host": socket.gethostname(), "pid": os.getpid()}, f)
-    last = [time.time()]
+    released = threading.Event()
 
-    def heartbeat() -> None:
-        if time.time() - last[0] > 10:
-            last[0] = time.time()
+    def touch() -> None:
+        while not released.wait(HEARTBEAT_SECONDS):
             with contextlib.suppress(OSError):
                 os.utime(lock_path)
 
+    thread = threading.Thread(target=touch, name="build-lock-heartbeat", daemon=True)
+    thread.start()
     try:
-        yield heartbeat
+        yield lambda: None  # kept for callers that report progress; the thread does the work
     finally:
+        released.set()
+        thread.join()
         with contextlib.suppress(OSError):
             os.remove(lock_path)
 

@@ -17,9 +17,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 import tiktoken
-from etils import epath
 
-from gpt_jax.data.files import DataError, DataFileNotFoundError, atomic_write
+from gpt_jax.data.files import DataError, DataFileNotFoundError, atomic_write, exists, read_bytes
 from gpt_jax.data.tokenizer_base import META_FILE, Tokenizer, digest
 
 KIND = "gpt2_bpe"
@@ -100,12 +99,12 @@ class GPT2BPETokenizer(Tokenizer):
     @classmethod
     def from_files(cls, directory: str) -> "GPT2BPETokenizer":
         """From `vocab.json` + `merges.txt` in `directory` (a HF GPT-2 dir or our tokenizer/)."""
-        paths = [epath.Path(directory, f) for f in (VOCAB_FILE, MERGES_FILE)]
+        paths = [os.path.join(directory, f) for f in (VOCAB_FILE, MERGES_FILE)]
         for path in paths:
-            if not path.is_file():
+            if not exists(path):
                 raise DataFileNotFoundError(f"{path} does not exist; a GPT-2 BPE tokenizer "
                                             f"needs {VOCAB_FILE} and {MERGES_FILE}")
-        return cls(paths[0].read_bytes(), paths[1].read_bytes(), where=str(directory))
+        return cls(read_bytes(paths[0]), read_bytes(paths[1]), where=str(directory))
 
     @classmethod
     def from_hf_tokenizer_json(cls, path: str) -> "GPT2BPETokenizer":

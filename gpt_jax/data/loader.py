@@ -1,4 +1,4 @@
-"""Packed fixed-length windows over the token cache; batch(step) is a pure function of (seed, step).
+"""Packed fixed-length windows over a token store; batch(step) is a pure function of (seed, step).
 
 Training windows: an epoch has W = (N - 1) // T windows of T + 1 tokens that overlap by one token
 (inputs = window[:-1], targets = window[1:]), so every token of the covered range is an input
@@ -17,10 +17,9 @@ from typing import Iterator
 import numpy as np
 from absl import logging
 
-from gpt_jax.data.cache import build_token_cache, load_token_cache
-from gpt_jax.data.files import DataError, read_json
-from gpt_jax.data.sources import Corpus, open_corpus
-from gpt_jax.data.tokenizers import Tokenizer
+from gpt_jax.data.files import DataError
+from gpt_jax.data.store import Store, auto_store, open_store
+from gpt_jax.data.tokenizer_base import Tokenizer
 
 _SEED_SALT = 0x67707400  # separates the data stream from other users of the same seed
 
@@ -40,29 +39,27 @@ class HostBatches:
 
 
 class TokenDataset(HostBatches):
-    """One split of the configured corpus, tokenized once into the on-disk cache."""
+    """One split of a token store: `data.store`, else the configured corpus's, built on first use."""
 
-    def __init__(self, config, tok: Tokenizer, split: str = "train",
-                 corpus: Corpus | None = None):
+    def __init__(self, config, tok: Tokenizer, split: str = "train", store: Store | None = None):
         d = config.data
         self.split = {"train": d.train_split, "validation": d.eval_split}.get(split, split)
         self.seed = int(config.train.seed)
         self.tokenizer = tok
-        corpus = corpus or open_corpus(d)
-        self.path = build_token_cache(corpus, self.split, tok, d.cache_dir)
-        self.tokens = load_token_cache(self.path)
-        self.name = f"{corpus.name}/{self.split}"
+        self.store = store or (open_store(d.store, tok) if d.get("store") else
+                               auto_store(config, tok))
+        self.tokens = self.store.tokens(self.split)
+        self.name = f"{self.store.manifest['corpus']}/{self.split}"
         self._epochs: dict[tuple[int, int, int], tuple[int, np.ndarray]] = {}
 
     @property
     def num_tokens(self) -> int:
-        return int(self.tokens.shape[0])
+        return len(self.tokens)
 
     @property
     def bytes_per_token(self) -> float | None:
-        """UTF-8 bytes of text per cached token (BOS/EOS included), for bits-per-byte."""
-        meta = read_json(self.path[:-len(".tokens")] + ".json") or {}
-        return meta["num_bytes"] / meta["num_tokens"] if meta.get("num_bytes") else None
+        """UTF-8 bytes of text per stored token (BOS/EOS included), for bits-per-byte."""
+        return self.store.bytes_per_token(self.split)
 
     def num_windows(self, seq_len: int) -> int:
         """How many non-overlapping (seq_len + 1)-token windows fit; an error if none."""
@@ -85,20 +82,25 @@ class TokenDataset(HostBatches):
             self._epochs[key] = (offset, rng.permutation(windows))
         return self._epochs[key]
 
-    def window_starts(self, step: int, batch_size: int, seq_len: int, lo: int, hi: int,
-                      seed: int | None = None) -> np.ndarray:
-        """Token index where each of global rows [lo, hi) of batch `step` starts."""
+    def sample_starts(self, samples: np.ndarray, seq_len: int, seed: int | None = None
+                      ) -> np.ndarray:
+        """Token index where each of the training samples `samples` (0, 1, ...) starts."""
         seed = self.seed if seed is None else seed
-        starts = np.empty(hi - lo, np.int64)
-        for epoch, rows, positions in epoch_slices(step, batch_size, lo, hi,
-                                                   self.num_windows(seq_len)):
+        starts = np.empty(len(samples), np.int64)
+        for epoch, rows, positions in epoch_slices(samples, self.num_windows(seq_len)):
             offset, order = self._epoch(seed, epoch, seq_len)
             starts[rows] = offset + order[positions] * seq_len
         return starts
 
+    def window_starts(self, step: int, batch_size: int, seq_len: int, lo: int, hi: int,
+                      seed: int | None = None) -> np.ndarray:
+        """Token index where each of global rows [lo, hi) of batch `step` starts."""
+        return self.sample_starts(step * batch_size + np.arange(lo, hi, dtype=np.int64),
+                                  seq_len, seed)
+
     def gather(self, starts: np.ndarray, seq_len: int) -> dict[str, np.ndarray]:
         """inputs/targets [len(starts), seq_len] (int32) of the windows at `starts`."""
-        windows_BW = self.tokens[starts[:, None] + np.arange(seq_len + 1)].astype(np.int32)
+        windows_BW = self.tokens.windows(starts, seq_len + 1)
         return {"inputs": windows_BW[:, :-1], "targets": windows_BW[:, 1:]}
 
     def rows(self, step: int, batch_size: int, seq_len: int, lo: int, hi: int,
@@ -126,13 +128,13 @@ class TokenDataset(HostBatches):
             yield self.gather(ids * seq_len, seq_len)
 
 
-def epoch_slices(step: int, batch_size: int, lo: int, hi: int,
-                 windows: int) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-    """(epoch, rows mask, positions in that epoch) for global rows [lo, hi) of batch `step`.
+def epoch_slices(samples: np.ndarray, windows: int
+                 ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """(epoch, mask over `samples`, positions in that epoch) of each epoch `samples` touch.
 
-    Sample s = step * batch_size + row is position s % windows of epoch s // windows.
+    Sample s (row j of batch `step` is s = step * batch_size + j) is position s % windows of
+    epoch s // windows.
     """
-    samples = step * batch_size + np.arange(lo, hi, dtype=np.int64)
     epochs, positions = samples // windows, samples % windows
     for epoch in np.unique(epochs):
         rows = epochs == epoch

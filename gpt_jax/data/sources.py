@@ -23,7 +23,8 @@ from typing import Any, Iterator, Sequence
 import tensorflow_datasets as tfds
 from absl import logging
 
-from gpt_jax.data.files import DataError, DataFileNotFoundError, build_once, cache_root
+from gpt_jax.data.files import (DataError, DataFileNotFoundError, build_once, cache_root,
+                                unit_hash)
 
 OWN_SPLITS = ("train", "validation")
 STDLIB_SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}
@@ -101,11 +102,6 @@ def stdlib_files(include_tests: bool) -> list[tuple[str, str]]:
     return [(f, os.path.relpath(f, root)) for f in files]
 
 
-def _score(rel: str) -> float:
-    """A stable number in [0, 1) for a relative path (sha256; independent of PYTHONHASHSEED)."""
-    return int(hashlib.sha256(rel.encode("utf-8")).hexdigest()[:12], 16) / 16 ** 12
-
-
 def split_docs(files: list[tuple[str, str]], validation_fraction: float) -> dict[str, list[Doc]]:
     """Deterministic train/validation split by the hash of each relative path.
 
@@ -117,8 +113,8 @@ def split_docs(files: list[tuple[str, str]], validation_fraction: float) -> dict
     if len(files) == 1:
         (path, rel), = files
         return {"train": [Doc(path, rel, "head")], "validation": [Doc(path, rel, "tail")]}
-    ranked = sorted(files, key=lambda f: _score(f[1]))
-    n_val = sum(_score(rel) < validation_fraction for _, rel in files)
+    ranked = sorted(files, key=lambda f: unit_hash(f[1]))
+    n_val = sum(unit_hash(rel) < validation_fraction for _, rel in files)
     n_val = min(max(n_val, 1), len(files) - 1)
     val = {rel for _, rel in ranked[:n_val]}
     docs = {s: [] for s in OWN_SPLITS}
@@ -209,11 +205,13 @@ class Corpus:
                             f"{', '.join(self.splits)}")
         return self.builder.as_data_source(split=name)
 
-    def texts(self, split: str, chunk: int = 256) -> Iterator[str]:
-        """Every document of `split` as text, in the data source's (fixed) order."""
+    def texts(self, split: str, chunk: int = 256, start: int = 0,
+              stop: int | None = None) -> Iterator[str]:
+        """Documents [start, stop) of `split` as text, in the data source's (fixed) order."""
         source = self.split(split)
-        for start in range(0, len(source), chunk):
-            ids = list(range(start, min(start + chunk, len(source))))
+        stop = len(source) if stop is None else min(stop, len(source))
+        for first in range(start, stop, chunk):
+            ids = list(range(first, min(first + chunk, stop)))
             try:
                 records = source.__getitems__(ids)
             except (AttributeError, TypeError):  # no batched reads (e.g. under mock_data)

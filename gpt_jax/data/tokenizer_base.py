@@ -2,22 +2,14 @@
 
 from __future__ import annotations
 
-import hashlib
 from typing import Iterable, Sequence
 
 import numpy as np
 
+from gpt_jax.data.files import digest  # noqa: F401  (fingerprints of every kind)
+
 TOKENIZER_DIR = "tokenizer"
 META_FILE = "tokenizer.json"
-
-
-def digest(*parts: bytes | str) -> str:
-    """A 16-hex-digit sha256 of `parts` (each NUL-terminated), for fingerprints."""
-    h = hashlib.sha256()
-    for p in parts:
-        h.update(p.encode("utf-8") if isinstance(p, str) else p)
-        h.update(b"\0")
-    return h.hexdigest()[:16]
 
 
 class Tokenizer:

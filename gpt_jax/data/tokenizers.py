@@ -17,9 +17,9 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 import sentencepiece as spm
 from absl import logging
-from etils import epath
 
-from gpt_jax.data.files import DataError, DataFileNotFoundError, atomic_write, read_json
+from gpt_jax.data.files import (DataError, DataFileNotFoundError, atomic_write, exists, read_bytes,
+                                read_json)
 from gpt_jax.data.gpt2_bpe import GPT2BPETokenizer, load_dir
 from gpt_jax.data.tokenizer_base import META_FILE, TOKENIZER_DIR, Tokenizer, digest
 
@@ -190,9 +190,9 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, model_type: str =
 
 
 def load_sentencepiece(path: str) -> SentencePieceTokenizer:
-    if not epath.Path(path).is_file():
+    if not exists(path):
         raise DataFileNotFoundError(f"data.spm_model={path!r} does not exist")
-    data = epath.Path(path).read_bytes()
+    data = read_bytes(path)
     try:
         return SentencePieceTokenizer(data)
     except RuntimeError as e:
@@ -205,13 +205,13 @@ def tokenizer_dir(workdir: str) -> str:
 
 
 def is_saved(workdir: str) -> bool:
-    return epath.Path(tokenizer_dir(workdir), META_FILE).exists()
+    return exists(os.path.join(tokenizer_dir(workdir), META_FILE))
 
 
 # kind -> how to load the saved tokenizer from its directory and tokenizer.json
 LOADERS = {
     "sentencepiece": lambda directory, meta: SentencePieceTokenizer(
-        epath.Path(directory, SPM_FILE).read_bytes()),
+        read_bytes(os.path.join(directory, SPM_FILE))),
     "byte": lambda directory, meta: ByteTokenizer(),
     "char": lambda directory, meta: CharTokenizer(meta["chars"]),
     "gpt2_bpe": lambda directory, meta: GPT2BPETokenizer.from_files(directory),
@@ -237,8 +237,14 @@ def load_tokenizer(workdir: str) -> Tokenizer:
 
 
 def _new_tokenizer(config) -> Tokenizer:
-    """Build the tokenizer that config.data asks for (training on the training split if needed)."""
+    """Build the tokenizer that config.data asks for (training on the training split if needed).
+
+    With data.store, the run takes the (first) store's tokenizer.
+    """
     d = config.data
+    if d.get("store"):
+        first = d.store.split(",")[0].strip()
+        return load_tokenizer(first.rpartition("=")[0] if "=" in first else first)
     if d.tokenizer == "byte":
         return ByteTokenizer()
     if d.tokenizer == "gpt2_bpe":  # GPT-2's files (vocab.json + merges.txt), never trained here
@@ -282,7 +288,7 @@ def build_tokenizer(config, workdir: str, process_index: int | None = None,
                                f"{tokenizer_dir(workdir)} within {timeout_s:.0f}s")
         time.sleep(0.5)
     tok = load_tokenizer(workdir)
-    if tok.kind != config.data.tokenizer:
+    if tok.kind != config.data.tokenizer and not config.data.get("store"):
         raise DataError(f"{tokenizer_dir(workdir)} holds a {tok.kind} tokenizer but "
                         f"data.tokenizer={config.data.tokenizer!r}; use a new workdir")
     return tok

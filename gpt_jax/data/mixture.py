@@ -1,0 +1,103 @@
+"""A weighted mixture of token stores (`data.store=PATH=W,PATH=W,...`), batch(step) = f(seed, step).
+
+Source i has taken N_i(s) of the first s * B samples: floor(s * B * w_i) for every source but the
+heaviest, which takes the rest. So step s gives source i exactly N_i(s + 1) - N_i(s) rows, its
+own samples N_i(s), N_i(s) + 1, ... (each source runs through its own epochs as `TokenDataset`
+does), the long-run share is w_i exactly, and nothing depends on earlier steps: any process
+layout and any restart see the same rows. The rows are then shuffled by (seed, step).
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+
+from gpt_jax.data.files import DataError
+from gpt_jax.data.loader import HostBatches, TokenDataset, process_rows
+from gpt_jax.data.store import open_store, store_paths
+from gpt_jax.data.tokenizer_base import Tokenizer
+
+_MIX_SALT = 0x6D697800
+
+
+class MixtureDataset(HostBatches):
+    """The same split of several stores, mixed by weight."""
+
+    def __init__(self, config, tok: Tokenizer, split: str = "train"):
+        entries = store_paths(config.data.store)
+        self.weights = np.array([w for _, w in entries])
+        self.parts = [TokenDataset(config, tok, split, store=open_store(path, tok))
+                      for path, _ in entries]
+        self.names = [p.store.name for p in self.parts]
+        if len(set(self.names)) != len(self.names):
+            self.names = [f"{i}_{n}" for i, n in enumerate(self.names)]
+        self.heaviest = int(np.argmax(self.weights))
+        self.seed, self.tokenizer = self.parts[0].seed, tok
+        self.name = "+".join(p.name for p in self.parts)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(p.num_tokens for p in self.parts)
+
+    @property
+    def bytes_per_token(self) -> float | None:
+        values = [p.bytes_per_token for p in self.parts]
+        return None if None in values else float(np.dot(self.weights, values))
+
+    def num_windows(self, seq_len: int) -> int:
+        return min(p.num_windows(seq_len) for p in self.parts)
+
+    def taken(self, samples: int) -> np.ndarray:
+        """N_i: how many of the first `samples` samples each source has given."""
+        counts = np.floor(samples * self.weights + 1e-9).astype(np.int64)
+        counts[self.heaviest] = samples - (counts.sum() - counts[self.heaviest])
+        return counts
+
+    def check_batch(self, batch_size: int) -> None:
+        if np.any(np.diff(np.stack([self.taken(s * batch_size) for s in (0, 1)]), axis=0) < 0):
+            raise DataError(f"global_batch_size={batch_size} is too small for a mixture of "
+                            f"{len(self.parts)} stores; use at least "
+                            f"{len(self.parts) * (len(self.parts) - 1)}")
+
+    def rows(self, step: int, batch_size: int, seq_len: int, lo: int, hi: int,
+             seed: int | None = None) -> dict[str, np.ndarray]:
+        seed = self.seed if seed is None else seed
+        first, last = self.taken(step * batch_size), self.taken((step + 1) * batch_size)
+        source_B = np.repeat(np.arange(len(self.parts)), last - first)
+        sample_B = np.concatenate([np.arange(a, b) for a, b in zip(first, last)])
+        order_B = np.random.default_rng([_MIX_SALT, seed, step]).permutation(batch_size)
+        source_B, sample_B = source_B[order_B][lo:hi], sample_B[order_B][lo:hi]
+        out = {"inputs": np.empty((hi - lo, seq_len), np.int32),
+               "targets": np.empty((hi - lo, seq_len), np.int32)}
+        for i, part in enumerate(self.parts):
+            mine = source_B == i
+            if mine.any():
+                got = part.gather(part.sample_starts(sample_B[mine], seq_len, seed), seq_len)
+                for k in out:
+                    out[k][mine] = got[k]
+        return out
+
+    def tokens_seen(self, steps: int, batch_size: int, seq_len: int) -> dict[str, int]:
+        """Training tokens each source has given after `steps` steps (for metrics)."""
+        counts = self.taken(steps * batch_size) * seq_len
+        return {f"tokens_{name}": int(c) for name, c in zip(self.names, counts)}
+
+    def eval_batches(self, num_batches: int | None, batch_size: int, seq_len: int,
+                     process_index: int = 0, process_count: int = 1
+                     ) -> Iterator[dict[str, np.ndarray]]:
+        """Each source's first validation windows, mixed in the same shares every batch."""
+        per = self.taken(batch_size)
+        streams = [p.eval_batches(num_batches, int(n), seq_len) for p, n in zip(self.parts, per)
+                   if n]
+        lo, hi = process_rows(batch_size, process_index, process_count)
+        for parts in zip(*streams):
+            yield {k: np.concatenate([b[k] for b in parts])[lo:hi] for k in parts[0]}
+
+
+def open_dataset(config, tok: Tokenizer, split: str):
+    """The train or validation split: a mixture when data.store names several stores."""
+    spec = config.data.get("store", "")
+    if spec and len(store_paths(spec)) > 1:
+        return MixtureDataset(config, tok, split)
+    return TokenDataset(config, tok, split)

@@ -1,0 +1,294 @@
+"""Tokenize a corpus into a sharded token store, in parallel, resumably, locally or on gs://.
+
+    <store>/tokenizer/                     the tokenizer (tokenizer.json written last)
+    <store>/shards/000123.<split>.tokens   piece 123's documents of one split, flat uint16/uint32
+                                           tokens: bos doc eos bos doc eos ...
+    <store>/shards/000123.json             piece 123 is finished: per split its token count,
+                                           document count, text bytes and sha256
+    <store>/manifest.json                  written last, by process 0, once every shard is finished
+
+Each piece of `documents.plan` becomes one shard, so the store's bytes depend on the corpus,
+the tokenizer and data.shard_mb / data.shard_docs only: not on the number of workers, processes
+or hosts. Process p of P tokenizes the pieces i with i % P == p; a rerun skips finished shards.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as futures
+import dataclasses
+import hashlib
+import multiprocessing
+import os
+import tempfile
+import time
+from typing import Any
+
+import ml_collections
+import numpy as np
+from absl import logging
+from tqdm import tqdm
+
+from gpt_jax.data import documents
+from gpt_jax.data.documents import Piece
+from gpt_jax.data.files import DataError, atomic_write_json, digest, filesystem, read_json
+from gpt_jax.data.sources import open_corpus
+from gpt_jax.data.tokenizer_base import Tokenizer
+from gpt_jax.data.tokenizers import load_tokenizer
+
+FORMAT = "gpt_jax-store-v1"
+MANIFEST = "manifest.json"
+DOCS_PER_BATCH = 256
+RECORD_SOURCES = ("python_stdlib", "text_files", "tfds")
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16 if vocab_size <= 2 ** 16 else np.uint32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What a store is made of: the corpus, its pieces, and the key every shard is built for."""
+    corpus: str
+    corpus_fingerprint: str
+    metadata: dict
+    pieces: list[Piece]
+    build_key: str  # digest of format, corpus, tokenizer and shard settings
+
+
+def make_plan(d, tok: Tokenizer) -> Plan:
+    """The pieces of the corpus that config.data `d` names (its TFDS copy prepared if needed)."""
+    if d.source in RECORD_SOURCES:
+        corpus = open_corpus(d)
+        pieces = []
+        for split in dict.fromkeys((d.train_split, d.eval_split)):
+            n = len(corpus.split(split))
+            pieces += [Piece("records", split, split, lo, min(lo + d.shard_docs, n), split,
+                             min(d.shard_docs, n - lo)) for lo in range(0, n, d.shard_docs)]
+        name, fingerprint, meta = corpus.name, corpus.fingerprint, corpus.metadata
+    elif d.source in documents.FILE_SOURCES:
+        files = documents.list_files(d.paths, documents.FILE_SOURCES[d.source])
+        pieces = documents.file_pieces(d.source, files, int(d.shard_mb * 2 ** 20))
+        settings = {"source": d.source, "text_field": d.text_field,
+                    "validation_fraction": d.validation_fraction}
+        name, fingerprint = d.source, documents.fingerprint(files, settings)
+        meta = dict(settings, num_files=len(files), paths=d.paths)
+    else:
+        raise DataError(f"data.source={d.source!r} cannot be prepared into a token store; one "
+                        f"of {', '.join(RECORD_SOURCES + tuple(documents.FILE_SOURCES))}")
+    key = digest(FORMAT, fingerprint, tok.fingerprint, str(d.shard_mb), str(d.shard_docs))
+    return Plan(name, fingerprint, meta, pieces, key)
+
+
+def shard_name(store: str, index: int, split: str | None = None) -> str:
+    suffix = "json" if split is None else f"{split}.tokens"
+    safe = suffix.replace("/", "_").replace("[", "(").replace("]", ")").replace(":", "_")
+    return os.path.join(store, "shards", f"{index:06d}.{safe}")
+
+
+def shard_is_done(store: str, index: int, build_key: str, itemsize: int) -> bool:
+    """The shard's record exists for this build and each of its files has its full size."""
+    meta = read_json(shard_name(store, index))
+    if not meta or meta.get("build_key") != build_key:
+        return False
+    fs, _ = filesystem(store)
+    for split, info in meta["splits"].items():
+        path = filesystem(shard_name(store, index, split))[1]
+        if not fs.exists(path) or fs.size(path) != info["num_tokens"] * itemsize:
+            return False
+    return True
+
+
+# -- one shard, in a worker process --------------------------------------------------------
+
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(data: dict, store: str, threads: int, tok: Tokenizer | None = None) -> None:
+    d = ml_collections.ConfigDict(data)
+    _WORKER.update(d=d, store=store, tok=tok or load_tokenizer(store), threads=threads,
+                   corpus=open_corpus(d) if d.source in RECORD_SOURCES else None)
+
+
+class _SplitWriter:
+    """Appends one split's tokens to a local temporary file, hashing as it goes."""
+
+    def __init__(self, directory: str):
+        fd, self.tmp = tempfile.mkstemp(dir=directory, prefix=".shard-", suffix=".tmp")
+        self.file = os.fdopen(fd, "wb")
+        self.sha = hashlib.sha256()
+        self.num_tokens = self.num_docs = self.num_bytes = 0
+
+    def write(self, chunk: np.ndarray, docs: int, text_bytes: int) -> None:
+        data = chunk.tobytes()
+        self.file.write(data)
+        self.sha.update(data)
+        self.num_tokens, self.num_docs = self.num_tokens + chunk.size, self.num_docs + docs
+        self.num_bytes += text_bytes
+
+    def commit(self, path: str) -> dict:
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        fs, inner = filesystem(path)
+        if is_local_fs(fs):
+            fs.makedirs(os.path.dirname(inner), exist_ok=True)
+            os.replace(self.tmp, inner)
+        else:
+            fs.put_file(self.tmp, inner)  # one object upload: all or nothing
+            os.remove(self.tmp)
+        return {"num_tokens": self.num_tokens, "num_docs": self.num_docs,
+                "num_bytes": self.num_bytes, "sha256": self.sha.hexdigest()}
+
+
+def is_local_fs(fs) -> bool:
+    return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+
+
+def write_shard(index: int, piece: Piece, build_key: str) -> dict:
+    """Tokenize `piece` into its shard files, then write its record; returns stage timings."""
+    d, store, tok = _WORKER["d"], _WORKER["store"], _WORKER["tok"]
+    dtype = token_dtype(tok.vocab_size)
+    fs, inner = filesystem(store)
+    local_dir = os.path.join(inner, "shards") if is_local_fs(fs) else None
+    if local_dir:
+        os.makedirs(local_dir, exist_ok=True)
+    writers: dict[str, _SplitWriter] = {}
+    seconds = {"read": 0.0, "encode": 0.0, "write": 0.0}
+    stream = documents.piece_documents(piece, d, _WORKER["corpus"])
+    bos, eos = np.array([tok.bos_id], dtype), np.array([tok.eos_id], dtype)
+    while True:
+        start = time.perf_counter()
+        batch = [doc for _, doc in zip(range(DOCS_PER_BATCH), stream)]
+        seconds["read"] += time.perf_counter() - start
+        if not batch:
+            break
+        start = time.perf_counter()
+        ids = tok.encode_batch([text for _, text in batch], num_threads=_WORKER["threads"])
+        seconds["encode"] += time.perf_counter() - start
+        start = time.perf_counter()
+        for split in dict.fromkeys(s for s, _ in batch):
+            rows = [i for i, (s, _) in enumerate(batch) if s == split]
+            chunk = np.concatenate([part for i in rows
+                                    for part in (bos, ids[i].astype(dtype), eos)])
+            if split not in writers:
+                writers[split] = _SplitWriter(local_dir or tempfile.gettempdir())
+            writers[split].write(chunk, len(rows), sum(len(batch[i][1].encode("utf-8"))
+                                                       for i in rows))
+        seconds["write"] += time.perf_counter() - start
+    start = time.perf_counter()
+    splits = {split: w.commit(shard_name(store, index, split)) for split, w in writers.items()}
+    atomic_write_json(shard_name(store, index), {"build_key": build_key,
+                                                 "piece": dataclasses.asdict(piece),
+                                                 "splits": splits})
+    seconds["write"] += time.perf_counter() - start
+    return {"seconds": seconds, "num_docs": sum(s["num_docs"] for s in splits.values()),
+            "num_bytes": sum(s["num_bytes"] for s in splits.values()),
+            "num_tokens": sum(s["num_tokens"] for s in splits.values())}
+
+
+# -- the whole store -----------------------------------------------------------------------
+
+def _manifest(store: str, plan: Plan, tok: Tokenizer) -> dict:
+    splits: dict[str, dict] = {}
+    for index in range(len(plan.pieces)):
+        for split, info in read_json(shard_name(store, index))["splits"].items():
+            entry = splits.setdefault(split, {"num_tokens": 0, "num_docs": 0, "num_bytes": 0,
+                                              "shards": []})
+            for k in ("num_tokens", "num_docs", "num_bytes"):
+                entry[k] += info[k]
+            entry["shards"].append({"file": os.path.basename(shard_name(store, index, split)),
+                                    "num_tokens": info["num_tokens"], "sha256": info["sha256"]})
+    if not splits:
+        raise DataError(f"the corpus {plan.corpus} is empty: its {len(plan.pieces)} pieces hold "
+                        "no documents")
+    for split, entry in splits.items():
+        if entry["num_bytes"] == 0:
+            raise DataError(f"split {split!r} of {plan.corpus} is empty: its "
+                            f"{entry['num_docs']} documents have no text")
+    return {"format": FORMAT, "build_key": plan.build_key, "corpus": plan.corpus,
+            "corpus_fingerprint": plan.corpus_fingerprint, "corpus_metadata": plan.metadata,
+            "tokenizer": {"kind": tok.kind, "fingerprint": tok.fingerprint,
+                          "vocab_size": tok.vocab_size},
+            "dtype": token_dtype(tok.vocab_size).name, "splits": splits}
+
+
+def check_manifest(store: str, manifest: dict, build_key: str) -> None:
+    if manifest.get("build_key") != build_key:
+        raise DataError(f"{store} holds a store prepared from another corpus, tokenizer or "
+                        f"shard size (build {manifest.get('build_key')}, this config's is "
+                        f"{build_key}); use another store path")
+
+
+def prepare(config, store: str, tok: Tokenizer, num_workers: int = 0, process_index: int = 0,
+            process_count: int = 1, wait_seconds: float = 86400.0) -> dict:
+    """Tokenize this process's unfinished shards; process 0 then writes the manifest.
+
+    `tok` must already be saved in `<store>/tokenizer`. Returns counts and stage timings.
+    """
+    d = config.data
+    plan = make_plan(d, tok)
+    itemsize = token_dtype(tok.vocab_size).itemsize
+    manifest = read_json(os.path.join(store, MANIFEST))
+    if manifest is not None:
+        check_manifest(store, manifest, plan.build_key)
+        return {"pieces": len(plan.pieces), "built": 0, "skipped": len(plan.pieces)}
+    mine = [i for i in range(len(plan.pieces)) if i % process_count == process_index]
+    todo = [i for i in mine if not shard_is_done(store, i, plan.build_key, itemsize)]
+    workers = max(1, min(num_workers or os.cpu_count() or 1, len(todo) or 1))
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    stats = {"pieces": len(plan.pieces), "built": len(todo), "skipped": len(mine) - len(todo),
+             "num_docs": 0, "num_bytes": 0, "num_tokens": 0, "workers": workers,
+             "seconds": {"read": 0.0, "encode": 0.0, "write": 0.0}}
+    start = time.perf_counter()
+    by_records = all(plan.pieces[i].kind == "records" for i in todo)
+    bar = tqdm(total=sum(plan.pieces[i].size for i in todo), unit="doc" if by_records else "B",
+               unit_scale=True, disable=None, smoothing=0.1,
+               desc=f"prepare {plan.corpus} ({len(todo)} of {len(plan.pieces)} shards)")
+    data = d.to_dict()
+
+    def done(index: int, result: dict) -> None:
+        for k in ("num_docs", "num_bytes", "num_tokens"):
+            stats[k] += result[k]
+        for k, v in result["seconds"].items():
+            stats["seconds"][k] += v
+        bar.update(plan.pieces[index].size)
+        elapsed = max(time.perf_counter() - start, 1e-9)
+        bar.set_postfix_str(f"{stats['num_bytes'] / elapsed / 1e6:.1f} MB/s, "
+                            f"{stats['num_tokens'] / elapsed / 1e3:.0f}k tok/s", refresh=False)
+
+    if workers == 1:
+        _init_worker(data, store, threads, tok)
+        for i in todo:
+            done(i, write_shard(i, plan.pieces[i], plan.build_key))
+    else:
+        with futures.ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"),
+                                         initializer=_init_worker,
+                                         initargs=(data, store, threads)) as pool:
+            jobs = {pool.submit(write_shard, i, plan.pieces[i], plan.build_key): i for i in todo}
+            for job in futures.as_completed(jobs):
+                done(jobs[job], job.result())
+    bar.close()
+    stats["wall_seconds"] = time.perf_counter() - start
+    if process_index == 0:
+        _wait_for_shards(store, plan, itemsize, wait_seconds)
+        atomic_write_json(os.path.join(store, MANIFEST), _manifest(store, plan, tok))
+    logging.info("store %s: process %d/%d tokenized %d documents (%.1f MB) into %d shards "
+                 "(%d already done) in %.1fs", store, process_index, process_count,
+                 stats["num_docs"], stats["num_bytes"] / 1e6, len(todo), stats["skipped"],
+                 stats["wall_seconds"])
+    return stats
+
+
+def _wait_for_shards(store: str, plan: Plan, itemsize: int, wait_seconds: float) -> None:
+    deadline, missing = time.time() + wait_seconds, list(range(len(plan.pieces)))
+    while True:
+        missing = [i for i in missing if not shard_is_done(store, i, plan.build_key, itemsize)]
+        if not missing:
+            return
+        if time.time() > deadline:
+            raise DataError(f"{len(missing)} shards of {store} (e.g. {missing[0]}) were not "
+                            f"finished by the other processes within {wait_seconds:.0f}s; run "
+                            "prepare again")
+        logging.log_every_n_seconds(logging.INFO, "waiting for %d shards from other processes",
+                                    60, len(missing))
+        time.sleep(2.0)

@@ -1,0 +1,185 @@
+"""Reading a token store (see `prepare.py`): each split as one long sequence of tokens.
+
+A local store is memory-mapped in place. A remote one (gs://, any fsspec URL) is copied once to
+the local cache, in parallel, each shard checked against the manifest's sha256 before it is
+renamed into place; a re-created host copies it again, which costs no tokenization.
+Small corpora (`make train`, tests) are prepared here on first use, into the local cache.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as futures
+import hashlib
+import os
+import tempfile
+
+import numpy as np
+from absl import logging
+
+from gpt_jax.data.files import (DataError, build_once, cache_root, digest, exists, filesystem,
+                                is_remote, read_json)
+from gpt_jax.data.prepare import FORMAT, MANIFEST, make_plan, prepare
+from gpt_jax.data.tokenizer_base import Tokenizer
+from gpt_jax.data.tokenizers import is_saved, tokenizer_dir
+
+COPY_THREADS = 16
+
+
+class SplitTokens:
+    """The shards of one split as a single 1-D token sequence (memory-mapped files)."""
+
+    def __init__(self, paths: list[str], counts: list[int], dtype: np.dtype):
+        self.shards = [np.memmap(p, dtype=dtype, mode="r", shape=(n,))
+                       for p, n in zip(paths, counts) if n]
+        self.starts = np.concatenate([[0], np.cumsum([s.shape[0] for s in self.shards])])
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.shards[0].dtype if self.shards else np.dtype(np.uint16)
+
+    def to_numpy(self) -> np.ndarray:
+        """Every token of the split in one array (small splits: tests, tokenizer checks)."""
+        return np.concatenate(self.shards) if self.shards else np.zeros((0,), self.dtype)
+
+    def windows(self, starts_N: np.ndarray, length: int) -> np.ndarray:
+        """int32 [N, length]: tokens [s, s + length) for each s in `starts_N`."""
+        out_NL = np.empty((len(starts_N), length), np.int32)
+        for row, start in enumerate(np.asarray(starts_N, np.int64)):
+            pos, end = int(start), int(start) + length
+            shard = int(np.searchsorted(self.starts, pos, side="right")) - 1
+            while pos < end:
+                take = min(end, int(self.starts[shard + 1])) - pos
+                lo = pos - int(self.starts[shard])
+                out_NL[row, pos - start:pos - start + take] = self.shards[shard][lo:lo + take]
+                pos, shard = pos + take, shard + 1
+        return out_NL
+
+
+class Store:
+    """An opened store: its manifest and, per split, its tokens."""
+
+    def __init__(self, path: str, manifest: dict):
+        self.path, self.manifest = path, manifest
+        self.name = os.path.basename(path.rstrip("/")) or path
+        self.dtype = np.dtype(manifest["dtype"])
+
+    @property
+    def splits(self) -> list[str]:
+        return list(self.manifest["splits"])
+
+    def info(self, split: str) -> dict:
+        if split not in self.manifest["splits"]:
+            raise DataError(f"split {split!r} is not in the store {self.path}; it has "
+                            f"{', '.join(self.splits)}")
+        return self.manifest["splits"][split]
+
+    def tokens(self, split: str) -> SplitTokens:
+        shards = self.info(split)["shards"]
+        local = self._local_dir()
+        paths = [os.path.join(local, "shards", s["file"]) for s in shards]
+        if is_remote(self.path):
+            _copy_verified(self.path, shards, local, self.dtype.itemsize)
+        for path, shard in zip(paths, shards):
+            size = os.path.getsize(path) if os.path.exists(path) else -1
+            if size != shard["num_tokens"] * self.dtype.itemsize:
+                raise DataError(f"{path} has {size} bytes, not the {shard['num_tokens']} tokens "
+                                f"that {self.path}/{MANIFEST} lists; run prepare again")
+        return SplitTokens(paths, [s["num_tokens"] for s in shards], self.dtype)
+
+    def bytes_per_token(self, split: str) -> float | None:
+        info = self.info(split)
+        return info["num_bytes"] / info["num_tokens"] if info.get("num_tokens") else None
+
+    def _local_dir(self) -> str:
+        if not is_remote(self.path):
+            return filesystem(self.path)[1]
+        return os.path.join(cache_root(), "store-copies",
+                            f"{self.name}-{digest(self.path, self.manifest['build_key'])}")
+
+
+def _copy_verified(store: str, shards: list[dict], local: str, itemsize: int) -> None:
+    """Copy the shards that are not yet local, checking each one's sha256 before keeping it."""
+    os.makedirs(os.path.join(local, "shards"), exist_ok=True)
+    fs, root = filesystem(store)
+
+    def copy(shard: dict) -> None:
+        target = os.path.join(local, "shards", shard["file"])
+        if os.path.exists(target) and os.path.getsize(target) == shard["num_tokens"] * itemsize:
+            return  # copied and checked before
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(target), prefix=".copy-")
+        sha = hashlib.sha256()
+        with os.fdopen(fd, "wb") as out, fs.open(f"{root}/shards/{shard['file']}", "rb") as src:
+            while chunk := src.read(8 << 20):
+                sha.update(chunk)
+                out.write(chunk)
+        if sha.hexdigest() != shard["sha256"]:
+            os.remove(tmp)
+            raise DataError(f"{store}/shards/{shard['file']} does not match the sha256 in its "
+                            "manifest (a damaged or half-replaced store); run prepare again")
+        os.replace(tmp, target)
+
+    missing = [s for s in shards if not os.path.exists(os.path.join(local, "shards", s["file"]))]
+    if missing:
+        logging.info("copying %d shards of %s to %s", len(missing), store, local)
+    with futures.ThreadPoolExecutor(COPY_THREADS) as pool:
+        list(pool.map(copy, shards))
+
+
+def open_store(path: str, tok: Tokenizer | None = None) -> Store:
+    """The finished store at `path`; with `tok`, it must have been tokenized by `tok`."""
+    manifest = read_json(os.path.join(path, MANIFEST))
+    if manifest is None:
+        if exists(os.path.join(path, "shards")) or is_saved(path):
+            raise DataError(f"the store {path} is not finished (no {MANIFEST}): run "
+                            "`gpt-jax prepare` again with the same flags")
+        raise DataError(f"{path} is not a token store (no {MANIFEST}); make one with "
+                        "`gpt-jax prepare --config=... --store={path}`")
+    if manifest.get("format") != FORMAT:
+        raise DataError(f"{path}: format {manifest.get('format')!r} is not {FORMAT!r}; "
+                        "prepare it again with this version")
+    theirs = manifest["tokenizer"]
+    if tok is not None and theirs["fingerprint"] != tok.fingerprint:
+        raise DataError(f"the store {path} was tokenized by a {theirs['kind']} tokenizer "
+                        f"(fingerprint {theirs['fingerprint']}), not this run's {tok.kind} "
+                        f"(fingerprint {tok.fingerprint}); prepare it with this run's tokenizer")
+    return Store(path, manifest)
+
+
+def store_paths(spec: str) -> list[tuple[str, float]]:
+    """`data.store` as [(path, weight)]: 'PATH' or 'PATH=W,PATH=W,...' (weights sum to 1)."""
+    out = []
+    for entry in (e.strip() for e in spec.split(",") if e.strip()):
+        path, _, weight = entry.rpartition("=") if "=" in entry else (entry, "", "1")
+        try:
+            out.append((path, float(weight)))
+        except ValueError:
+            raise DataError(f"data.store entry {entry!r}: weight {weight!r} is not a number "
+                            "(expected PATH or PATH=WEIGHT)") from None
+    if not out or any(w <= 0 for _, w in out):
+        raise DataError(f"data.store={spec!r}: expected PATH or PATH=WEIGHT,PATH=WEIGHT,... "
+                        "with positive weights")
+    total = sum(w for _, w in out)
+    return [(p, w / total) for p, w in out]
+
+
+def auto_store(config, tok: Tokenizer) -> Store:
+    """The store of the configured corpus in the local cache, prepared now if missing."""
+    d = config.data
+    plan = make_plan(d, tok)
+    root = d.cache_dir or os.path.join(cache_root(), "stores")
+    path = os.path.join(os.path.expanduser(root), f"{plan.corpus}-{plan.build_key}")
+
+    def build(_heartbeat) -> None:
+        if not is_saved(path):
+            tok.save(tokenizer_dir(path))
+        prepare(config, path, tok, num_workers=1)
+
+    if is_remote(path):
+        raise DataError(f"data.cache_dir={d.cache_dir!r} is remote; prepare large corpora with "
+                        "`gpt-jax prepare --store=gs://...` and train with data.store")
+    build_once(lambda: exists(os.path.join(path, MANIFEST)), build, path + ".lock",
+               f"the token store {path}")
+    return open_store(path, tok)
