@@ -232,7 +232,9 @@ def _loop(state, step, train_step, eval_step, loader, val_data, trainer, checkpo
         writer.advance()
         done = step + 1
         if done % t.log_every == 0 or done == t.num_steps:
-            last = _log(pending, throughput, writer, config, checkpointer)
+            sources = getattr(loader.dataset, "tokens_seen", None)  # a mixture's per-store count
+            last = _log(pending, throughput, writer, config, checkpointer,
+                        sources(done, t.global_batch_size, loader.seq_len) if sources else {})
             pending = []
         if done % t.eval_every == 0 or done == t.num_steps:
             with throughput.excluded():
@@ -251,7 +253,7 @@ def _loop(state, step, train_step, eval_step, loader, val_data, trainer, checkpo
     return last
 
 
-def _log(pending, throughput, writer, config, checkpointer) -> dict:
+def _log(pending, throughput, writer, config, checkpointer, extra: dict | None = None) -> dict:
     """Fetch the pending steps' metrics (one device->host sync), check them, write them."""
     if not pending:
         return {}
@@ -268,6 +270,7 @@ def _log(pending, throughput, writer, config, checkpointer) -> dict:
                                      f"good checkpoint is step {kept}")
     step, m = pending[-1][0], host[-1]
     event = {"loss": float(np.mean([h["loss"] for h in host])),
-             "grad_norm": float(m["grad_norm"]), "lr": float(m["lr"]), **throughput.read()}
+             "grad_norm": float(m["grad_norm"]), "lr": float(m["lr"]), **throughput.read(),
+             **(extra or {})}
     writer.write(step + 1, event)
     return event

@@ -144,20 +144,27 @@ def _jsonl_texts(piece: Piece, field: str) -> Iterator[tuple[str, str]]:
     for offset, number, line in _open_lines(piece):
         if not line.strip():
             continue
-        where = f"{piece.path}:{number or _line_number(piece.path, offset)}"
         try:
             record = json.loads(line)
-        except UnicodeDecodeError:
-            raise DataError(f"{where}: the line is not UTF-8 text") from None
         except ValueError as e:
-            raise DataError(f"{where}: not a JSON object ({e.args[0].split(':')[0]})") from None
-        if not isinstance(record, dict) or field not in record:
-            keys = ", ".join(sorted(record)) if isinstance(record, dict) else type(record).__name__
-            raise DataError(f"{where}: no {field!r} field (has: {keys}); set data.text_field")
-        if not isinstance(record[field], str):
-            raise DataError(f"{where}: field {field!r} is a {type(record[field]).__name__}, "
-                            "not a string")
-        yield f"{piece.rel}@{offset}", record[field]
+            record = e
+        text = record.get(field) if isinstance(record, dict) else None
+        if not isinstance(text, str):
+            where = f"{piece.path}:{number or _line_number(piece.path, offset)}"
+            raise DataError(f"{where}: {_what_is_wrong(record, field)}")
+        yield f"{piece.rel}@{offset}", text
+
+
+def _what_is_wrong(record: Any, field: str) -> str:
+    if isinstance(record, UnicodeDecodeError):
+        return "the line is not UTF-8 text"
+    if isinstance(record, ValueError):
+        return f"not a JSON object ({record.args[0].split(':')[0]})"
+    if not isinstance(record, dict):
+        return f"a JSON {type(record).__name__}, not an object with a {field!r} field"
+    if field in record:
+        return f"field {field!r} is a {type(record[field]).__name__}, not a string"
+    return f"no {field!r} field (has: {', '.join(sorted(record))}); set data.text_field"
 
 
 def _parquet_texts(piece: Piece, field: str) -> Iterator[tuple[str, str]]:

@@ -220,10 +220,12 @@ def check_manifest(store: str, manifest: dict, build_key: str) -> None:
 
 
 def prepare(config, store: str, tok: Tokenizer, num_workers: int = 0, process_index: int = 0,
-            process_count: int = 1, wait_seconds: float = 86400.0) -> dict:
+            process_count: int = 1, wait_seconds: float = 86400.0, threads: int = 0) -> dict:
     """Tokenize this process's unfinished shards; process 0 then writes the manifest.
 
-    `tok` must already be saved in `<store>/tokenizer`. Returns counts and stage timings.
+    `tok` must already be saved in `<store>/tokenizer`. `num_workers` processes (0: one per
+    core) each encode with `threads` threads (0: the cores the workers leave). Returns counts
+    and stage timings (seconds summed over workers).
     """
     d = config.data
     plan = make_plan(d, tok)
@@ -235,7 +237,7 @@ def prepare(config, store: str, tok: Tokenizer, num_workers: int = 0, process_in
     mine = [i for i in range(len(plan.pieces)) if i % process_count == process_index]
     todo = [i for i in mine if not shard_is_done(store, i, plan.build_key, itemsize)]
     workers = max(1, min(num_workers or os.cpu_count() or 1, len(todo) or 1))
-    threads = max(1, (os.cpu_count() or 1) // workers)
+    threads = threads or max(1, (os.cpu_count() or 1) // workers)
     stats = {"pieces": len(plan.pieces), "built": len(todo), "skipped": len(mine) - len(todo),
              "num_docs": 0, "num_bytes": 0, "num_tokens": 0, "workers": workers,
              "seconds": {"read": 0.0, "encode": 0.0, "write": 0.0}}

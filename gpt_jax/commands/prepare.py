@@ -1,0 +1,61 @@
+"""`gpt-jax prepare --config=... --store=gs://bucket/corpus`: tokenize a corpus into a token store.
+
+Runs on any CPU machine (or on every host of a TPU slice before training): all cores by
+default, and with several processes (--num_processes/--process_id, or launch/local_multihost.py)
+each tokenizes only its share of the shards. Rerunning the same command finishes an
+interrupted store; training then reads it with --config.data.store=<the same path>.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from absl import flags
+
+from gpt_jax.commands import common
+
+common.define_config_flag("default")
+common.define_distributed_flags()
+flags.DEFINE_string("store", None, "Where to write the store: a local folder or a gs:// URL.",
+                    required=True)
+flags.DEFINE_integer("num_workers", 0, "Worker processes on this host (0: one per CPU core).",
+                     lower_bound=0)
+flags.DEFINE_float("wait_s", 86400.0, "Process 0: how long to wait for the other processes' "
+                   "shards before giving up.", lower_bound=0.0)
+FLAGS = flags.FLAGS
+
+
+def process_layout() -> tuple[int, int]:
+    """(index, count) of this process, from the flags or local_multihost's environment."""
+    count = FLAGS.num_processes or int(os.environ.get("GPT_JAX_NUM_PROCESSES") or 1)
+    index = FLAGS.process_id
+    if index is None:
+        index = int(os.environ.get("GPT_JAX_PROCESS_ID", "0"))
+    if not 0 <= index < count:
+        raise SystemExit(f"gpt-jax prepare: --process_id={index} is not in [0, {count}) for "
+                         f"--num_processes={count}")
+    return index, count
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    from gpt_jax import config as config_lib
+    from gpt_jax.data import tokenizers
+    from gpt_jax.data.files import DataError
+    from gpt_jax.data.prepare import prepare
+
+    config = FLAGS.config
+    index, count = process_layout()
+    try:
+        config_lib.validate(config, num_devices=None)
+        start = time.perf_counter()
+        tok = tokenizers.build_tokenizer(config, FLAGS.store, process_index=index)
+        stats = prepare(config, FLAGS.store, tok, FLAGS.num_workers, index, count,
+                        FLAGS.wait_s)
+    except DataError as e:
+        raise SystemExit(f"gpt-jax prepare: {e}") from None
+    stats.update(store=FLAGS.store, process_index=index, process_count=count,
+                 tokenizer=tok.kind, total_seconds=round(time.perf_counter() - start, 3))
+    print(json.dumps(stats, sort_keys=True, default=lambda x: round(float(x), 3)))

@@ -1,0 +1,276 @@
+"""`gpt-jax prepare` and the token store: determinism over workers and processes, resume after
+kill -9, JSONL / gz / zst / Parquet sources, a non-local file system, one-line errors, mixtures."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import zstandard
+
+from gpt_jax import data
+from gpt_jax.bench import synthetic
+from gpt_jax.config import base_config
+from gpt_jax.data import files, prepare as prepare_lib
+from gpt_jax.data.mixture import MixtureDataset
+
+from test_data_common import private_cache  # noqa: F401
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+T = 16
+
+
+def jsonl_config(tmp_path, paths: str, source: str = "jsonl", tokenizer: str = "byte", **d):
+    config = base_config()
+    config.data.update({"source": source, "paths": paths, "tokenizer": tokenizer,
+                        "shard_mb": 0.02, "validation_fraction": 0.1,
+                        "cache_dir": str(tmp_path / "stores"), **d})
+    return config
+
+
+def make_store(config, store: str, **kw) -> dict:
+    tok = data.build_tokenizer(config, store, process_index=0)
+    return prepare_lib.prepare(config, store, tok, **kw)
+
+
+def store_bytes(store: str) -> dict[str, bytes]:
+    out = {}
+    for folder, _, names in os.walk(store):
+        for name in names:
+            path = os.path.join(folder, name)
+            out[os.path.relpath(path, store)] = open(path, "rb").read()
+    return out
+
+
+def split_documents(tokens: np.ndarray, tok) -> list[str]:
+    """The texts between each BOS ... EOS of a byte-tokenized split."""
+    ends = np.flatnonzero(tokens == tok.eos_id)
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    assert (tokens[starts] == tok.bos_id).all()
+    return [bytes(tokens[s + 1:e].astype(np.uint8)).decode("utf-8") for s, e in zip(starts, ends)]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("jsonl")
+    synthetic.write_jsonl(str(folder / "a.jsonl"), 0.15, seed=1, num_types=5000)
+    synthetic.write_jsonl(str(folder / "b.jsonl"), 0.1, seed=2, num_types=5000)
+    texts = [json.loads(line)["text"] for name in ("a.jsonl", "b.jsonl")
+             for line in open(folder / name, encoding="utf-8")]
+    return folder, texts
+
+
+def test_store_holds_every_document_once_and_splits_by_hash(tmp_path, corpus):
+    folder, texts = corpus
+    config = jsonl_config(tmp_path, str(folder))
+    stats = make_store(config, str(tmp_path / "s"), num_workers=1)
+    store = data.open_store(str(tmp_path / "s"), data.ByteTokenizer())
+    assert stats["built"] == stats["pieces"] > 4  # several byte ranges per file
+    tok = data.ByteTokenizer()
+    train = split_documents(store.tokens("train").to_numpy(), tok)
+    val = split_documents(store.tokens("validation").to_numpy(), tok)
+    assert sorted(train + val) == sorted(texts)  # no line lost or read twice at a range edge
+    assert 0.02 < len(val) / len(texts) < 0.25
+    assert store.bytes_per_token("train") == pytest.approx(
+        sum(len(t.encode()) for t in train) / store.info("train")["num_tokens"])
+
+
+def test_store_bytes_do_not_depend_on_workers_or_processes(tmp_path, corpus):
+    folder, _ = corpus
+    config = jsonl_config(tmp_path, str(folder))
+    make_store(config, str(tmp_path / "one"), num_workers=1)
+    make_store(config, str(tmp_path / "two"), num_workers=2)
+    cmd = [sys.executable, os.path.join(ROOT, "launch", "local_multihost.py"),
+           "--num_processes=2", "--", sys.executable, "-m", "gpt_jax.cli", "prepare",
+           "--config=configs/default.py", "--config.data.source=jsonl",
+           f"--config.data.paths={folder}", "--config.data.tokenizer=byte",
+           "--config.data.shard_mb=0.02", "--config.data.validation_fraction=0.1",
+           f"--store={tmp_path / 'procs'}", "--num_workers=1"]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert out.returncode == 0, out.stdout + out.stderr
+    one = store_bytes(str(tmp_path / "one"))
+    assert store_bytes(str(tmp_path / "two")) == one == store_bytes(str(tmp_path / "procs"))
+    docs = [json.loads(line.split("] ", 1)[1])["num_docs"] for line in out.stdout.splitlines()
+            if '"num_docs"' in line]
+    assert len(docs) == 2 and all(0.3 < n / sum(docs) < 0.7 for n in docs), out.stdout
+
+
+SLOW_PREPARE = """
+import sys, time
+from gpt_jax.data import prepare
+write = prepare.write_shard
+prepare.write_shard = lambda *a: (time.sleep(0.3), write(*a))[1]  # time to be killed
+from gpt_jax import cli
+cli.run(["gpt-jax", "prepare"] + sys.argv[1:])
+"""
+
+
+def test_kill_9_then_rerun_rebuilds_only_unfinished_shards(tmp_path, corpus):
+    folder, _ = corpus
+    config = jsonl_config(tmp_path, str(folder))
+    make_store(config, str(tmp_path / "whole"), num_workers=1)
+    store = tmp_path / "killed"
+    flags = ["--config=configs/default.py", "--config.data.source=jsonl",
+             f"--config.data.paths={folder}", "--config.data.tokenizer=byte",
+             "--config.data.shard_mb=0.02", "--config.data.validation_fraction=0.1",
+             f"--store={store}", "--num_workers=1"]
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_PREPARE] + flags, cwd=ROOT,
+                            env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    shards = store / "shards"
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(shards.glob("*.json"))) < 3:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = len(list(shards.glob("*.json")))
+    assert not (store / prepare_lib.MANIFEST).exists()
+    stats = make_store(config, str(store), num_workers=1)
+    assert 3 <= done < stats["pieces"] and stats["built"] == stats["pieces"] - done
+    assert store_bytes(str(store)) == store_bytes(str(tmp_path / "whole"))
+
+
+def test_jsonl_gz_zst_and_parquet_sources(tmp_path):
+    texts = [f"document {i}: " + "héllo wörld 😀 " * (i % 7) for i in range(60)]
+    lines = "".join(json.dumps({"text": t, "n": i}) + "\n" for i, t in enumerate(texts)).encode()
+    (tmp_path / "gz").mkdir()
+    (tmp_path / "zst").mkdir()
+    (tmp_path / "pq").mkdir()
+    (tmp_path / "gz" / "x.jsonl.gz").write_bytes(gzip.compress(lines))
+    (tmp_path / "zst" / "x.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(lines))
+    pq.write_table(pa.table({"body": texts, "n": list(range(60))}),
+                   str(tmp_path / "pq" / "x.parquet"), row_group_size=16)
+    tok = data.ByteTokenizer()
+    for name, source, field in [("gz", "jsonl", "text"), ("zst", "jsonl", "text"),
+                                ("pq", "parquet", "body")]:
+        config = jsonl_config(tmp_path, str(tmp_path / name), source=source, text_field=field)
+        stats = make_store(config, str(tmp_path / f"store-{name}"), num_workers=1)
+        assert stats["pieces"] == (4 if source == "parquet" else 1)  # row groups / one stream
+        store = data.open_store(str(tmp_path / f"store-{name}"))
+        got = [doc for split in store.splits
+               for doc in split_documents(store.tokens(split).to_numpy(), tok)]
+        assert sorted(got) == sorted(texts), name
+
+
+def test_bad_sources_are_one_line_errors(tmp_path):
+    good = json.dumps({"text": "fine"}) + "\n"
+    cases = {
+        "bad.jsonl": (good * 3 + "{not json\n", r"bad.jsonl:4: not a JSON object"),
+        "field.jsonl": (good + json.dumps({"body": "x"}) + "\n",
+                        r"field.jsonl:2: no 'text' field \(has: body\); set data.text_field"),
+        "type.jsonl": (good + json.dumps({"text": 3}) + "\n", r"type.jsonl:2: field 'text' is"),
+    }
+    for name, (content, message) in cases.items():
+        (tmp_path / name).write_text(content * 1)
+        config = jsonl_config(tmp_path, str(tmp_path / name))
+        config.data.shard_mb = 1e-5  # the bad line lies in a later byte range
+        with pytest.raises(data.DataError, match=message) as e:
+            make_store(config, str(tmp_path / f"s-{name}"), num_workers=1)
+        assert "\n" not in str(e.value)
+    (tmp_path / "latin1.jsonl").write_bytes(good.encode() + b'{"text": "caf\xe9"}\n')
+    with pytest.raises(data.DataError, match="latin1.jsonl:2: the line is not UTF-8 text"):
+        make_store(jsonl_config(tmp_path, str(tmp_path / "latin1.jsonl")),
+                   str(tmp_path / "s-latin1"), num_workers=1)
+    (tmp_path / "empty.jsonl").write_text("\n\n")
+    with pytest.raises(data.DataError, match="the corpus jsonl is empty"):
+        make_store(jsonl_config(tmp_path, str(tmp_path / "empty.jsonl")),
+                   str(tmp_path / "s-empty"), num_workers=1)
+    with pytest.raises(data.DataError, match="the nope:// file system is not available"):
+        make_store(jsonl_config(tmp_path, "nope://bucket/x.jsonl"), str(tmp_path / "s-nope"))
+
+
+def test_store_errors_name_the_store(tmp_path, corpus):
+    folder, _ = corpus
+    config = jsonl_config(tmp_path, str(folder))
+    make_store(config, str(tmp_path / "s"), num_workers=1)
+    config.data.tokenizer = "char"
+    with pytest.raises(data.DataError, match="holds a byte tokenizer but data.tokenizer='char'"):
+        make_store(config, str(tmp_path / "s"), num_workers=1)
+    with pytest.raises(data.DataError, match="is not a token store"):
+        data.open_store(str(tmp_path / "nothing"))
+    os.remove(tmp_path / "s" / prepare_lib.MANIFEST)
+    config = jsonl_config(tmp_path, "", store=str(tmp_path / "s"))
+    with pytest.raises(data.DataError, match="not finished .* run `gpt-jax prepare` again"):
+        data.TokenDataset(config, data.ByteTokenizer(), "train")
+
+
+def test_memory_filesystem_store_trains_like_a_local_one(tmp_path, corpus, monkeypatch):
+    folder, _ = corpus
+    config = jsonl_config(tmp_path, str(folder))
+    make_store(config, str(tmp_path / "local"), num_workers=1)
+    make_store(config, "memory://stores/mem", num_workers=1)  # workers share no memory fs
+    memory = fsspec.filesystem("memory")
+    assert memory.exists("/stores/mem/manifest.json")
+    local = data.TokenDataset(jsonl_config(tmp_path, "", store=str(tmp_path / "local")),
+                              data.ByteTokenizer(), "train")
+    remote = data.TokenDataset(jsonl_config(tmp_path, "", store="memory://stores/mem"),
+                               data.ByteTokenizer(), "train")
+    for step in range(3):
+        np.testing.assert_array_equal(local.host_batch(step, 8, T)["inputs"],
+                                      remote.host_batch(step, 8, T)["inputs"])
+    # a damaged remote shard is caught by its checksum when copied (fresh local cache)
+    name = remote.store.info("train")["shards"][0]["file"]
+    memory.pipe_file(f"/stores/mem/shards/{name}", b"\x00\x00" * 10)
+    monkeypatch.setenv("GPT_JAX_CACHE", str(tmp_path / "other-cache"))
+    with pytest.raises(data.DataError, match="does not match the sha256 in its manifest"):
+        data.TokenDataset(jsonl_config(tmp_path, "", store="memory://stores/mem"),
+                          data.ByteTokenizer(), "train")
+    memory.rm("/stores", recursive=True)
+
+
+def one_letter_store(tmp_path, letter: str) -> str:
+    path = tmp_path / f"{letter}.jsonl"
+    path.write_text("".join(json.dumps({"text": letter * 200}) + "\n" for _ in range(40)))
+    store = str(tmp_path / f"store_{letter}")
+    make_store(jsonl_config(tmp_path, str(path), validation_fraction=0.2), store, num_workers=1)
+    return store
+
+
+def test_mixture_weights_are_exact_and_batches_are_f_of_seed_and_step(tmp_path):
+    a, b = one_letter_store(tmp_path, "a"), one_letter_store(tmp_path, "b")
+    config = jsonl_config(tmp_path, "", store=f"{a}=1,{b}=3")
+    mix = MixtureDataset(config, data.ByteTokenizer(), "train")
+    batch, steps = 8, 50
+    rows = np.concatenate([mix.host_batch(s, batch, T)["inputs"] for s in range(steps)])
+    from_a = (rows == ord("a")).any(axis=1)
+    assert from_a.sum() == steps * batch // 4  # 1:3 exactly, over whole steps
+    assert not ((rows == ord("a")) & (rows == ord("b"))).any()
+    per_step = from_a.reshape(steps, batch).sum(axis=1)
+    assert set(per_step) == {2}  # 8 rows x 0.25
+    fresh = MixtureDataset(config, data.ByteTokenizer(), "train")  # a resumed run
+    halves = [fresh.host_batch(17, batch, T, i, 2)["inputs"] for i in range(2)]
+    np.testing.assert_array_equal(np.concatenate(halves), rows[17 * batch:18 * batch])
+    assert mix.tokens_seen(steps, batch, T) == {"tokens_store_a": steps * 2 * T,
+                                                "tokens_store_b": steps * 6 * T}
+    odd = MixtureDataset(jsonl_config(tmp_path, "", store=f"{a}=0.3,{b}=0.7"),
+                         data.ByteTokenizer(), "train")
+    counts = odd.taken(1000 * 8)
+    assert counts.tolist() == [2400, 5600]
+    val = next(mix.eval_batches(1, batch, T))["inputs"]
+    assert (val == ord("a")).any(axis=1).sum() == 2
+
+
+def test_a_live_builders_lock_is_never_stale(tmp_path, monkeypatch):
+    lock = tmp_path / "x.lock"
+    lock.write_text(json.dumps({"host": os.uname().nodename, "pid": os.getpid()}))
+    old = time.time() - 10 * files.STALE_LOCK_SECONDS
+    os.utime(lock, (old, old))
+    assert not files._lock_is_stale(str(lock))  # alive, however long ago it was touched
+    monkeypatch.setattr(files, "HEARTBEAT_SECONDS", 0.05)
+    other = tmp_path / "y.lock"
+    with files.build_lock(str(other)) as held:
+        assert held is not None
+        os.utime(other, (old, old))
+        time.sleep(0.3)
+        assert time.time() - os.path.getmtime(other) < 5  # the thread touched it
+    assert not other.exists()
