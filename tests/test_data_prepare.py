@@ -274,3 +274,16 @@ def test_a_live_builders_lock_is_never_stale(tmp_path, monkeypatch):
         time.sleep(0.3)
         assert time.time() - os.path.getmtime(other) < 5  # the thread touched it
     assert not other.exists()
+
+
+def test_tfds_by_name_is_read_record_by_record_into_shards(tmp_path):
+    import tensorflow_datasets as tfds
+
+    config = jsonl_config(tmp_path, "", source="tfds", tfds_name="tiny_shakespeare",
+                          shard_docs=2, data_dir=str(tmp_path / "tfds"))
+    with tfds.testing.mock_data(num_examples=5):
+        texts = list(data.open_corpus(config.data).texts("train"))
+        stats = make_store(config, str(tmp_path / "s"), num_workers=1)
+    assert stats["pieces"] == 6  # 3 record ranges of 2 per split
+    store = data.open_store(str(tmp_path / "s"))
+    assert split_documents(store.tokens("train").to_numpy(), data.ByteTokenizer()) == texts

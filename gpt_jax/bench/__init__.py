@@ -3,5 +3,6 @@
 KINDS = {
     "train": "step time, tokens/s, TFLOP/s and MFU of a training step",
     "sample": "tokens/s of the KV-cached sampler against a no-cache baseline",
-    "data": "loader throughput in tokens/s and token-cache build time",
+    "data": "loader throughput in tokens/s and the default corpus's store build time",
+    "prepare": "tokenization MB/s of `prepare` per tokenizer, worker count and corpus size",
 }

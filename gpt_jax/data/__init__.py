@@ -9,18 +9,26 @@
 `gpt-jax prepare` (data.prepare.prepare) writes the token store; see docs/data.md.
 """
 
-from gpt_jax.data.files import DataError, DataFileNotFoundError
-from gpt_jax.data.loader import BatchLoader, TokenDataset, process_rows
-from gpt_jax.data.mixture import MixtureDataset, open_dataset
-from gpt_jax.data.sft import Pair, SFTDataset, read_jsonl
-from gpt_jax.data.sources import Corpus, open_corpus
-from gpt_jax.data.store import Store, auto_store, open_store
-from gpt_jax.data.tokenizers import (ByteTokenizer, CharTokenizer, SentencePieceTokenizer,
-                                     Tokenizer, build_tokenizer, load_tokenizer,
-                                     train_sentencepiece)
+import importlib
 
-__all__ = ["BatchLoader", "ByteTokenizer", "CharTokenizer", "Corpus", "DataError",
-           "DataFileNotFoundError", "MixtureDataset", "Pair", "SFTDataset",
-           "SentencePieceTokenizer", "Store", "TokenDataset", "Tokenizer", "auto_store",
-           "build_tokenizer", "load_tokenizer", "open_corpus", "open_dataset", "open_store",
-           "process_rows", "read_jsonl", "train_sentencepiece"]
+# name -> module: loaded on first use, so that a `prepare` worker (which imports only
+# gpt_jax.data.prepare) does not pay for TensorFlow Datasets' import at start-up.
+_EXPORTS = {
+    "DataError": "files", "DataFileNotFoundError": "files",
+    "BatchLoader": "loader", "TokenDataset": "loader", "process_rows": "loader",
+    "MixtureDataset": "mixture", "open_dataset": "mixture",
+    "Pair": "sft", "SFTDataset": "sft", "read_jsonl": "sft",
+    "Corpus": "sources", "open_corpus": "sources",
+    "Store": "store", "auto_store": "store", "open_store": "store",
+    "ByteTokenizer": "tokenizers", "CharTokenizer": "tokenizers",
+    "SentencePieceTokenizer": "tokenizers", "Tokenizer": "tokenizers",
+    "build_tokenizer": "tokenizers", "load_tokenizer": "tokenizers",
+    "train_sentencepiece": "tokenizers",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'gpt_jax.data' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"gpt_jax.data.{_EXPORTS[name]}"), name)

@@ -31,7 +31,6 @@ from tqdm import tqdm
 from gpt_jax.data import documents
 from gpt_jax.data.documents import Piece
 from gpt_jax.data.files import DataError, atomic_write_json, digest, filesystem, read_json
-from gpt_jax.data.sources import open_corpus
 from gpt_jax.data.tokenizer_base import Tokenizer
 from gpt_jax.data.tokenizers import load_tokenizer
 
@@ -39,6 +38,12 @@ FORMAT = "gpt_jax-store-v1"
 MANIFEST = "manifest.json"
 DOCS_PER_BATCH = 256
 RECORD_SOURCES = ("python_stdlib", "text_files", "tfds")
+
+
+def _open_corpus(d):
+    from gpt_jax.data.sources import open_corpus  # TFDS: imported only for TFDS-backed sources
+
+    return open_corpus(d)
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -58,7 +63,7 @@ class Plan:
 def make_plan(d, tok: Tokenizer) -> Plan:
     """The pieces of the corpus that config.data `d` names (its TFDS copy prepared if needed)."""
     if d.source in RECORD_SOURCES:
-        corpus = open_corpus(d)
+        corpus = _open_corpus(d)
         pieces = []
         for split in dict.fromkeys((d.train_split, d.eval_split)):
             n = len(corpus.split(split))
@@ -106,7 +111,7 @@ _WORKER: dict[str, Any] = {}
 def _init_worker(data: dict, store: str, threads: int, tok: Tokenizer | None = None) -> None:
     d = ml_collections.ConfigDict(data)
     _WORKER.update(d=d, store=store, tok=tok or load_tokenizer(store), threads=threads,
-                   corpus=open_corpus(d) if d.source in RECORD_SOURCES else None)
+                   corpus=_open_corpus(d) if d.source in RECORD_SOURCES else None)
 
 
 class _SplitWriter:

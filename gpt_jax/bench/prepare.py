@@ -1,0 +1,154 @@
+"""`gpt-jax bench prepare`: tokenization throughput of `prepare` on a synthetic English-like corpus.
+
+For each tokenizer (gpt2_bpe, sentencepiece, byte), corpus size (JSONL) and worker count, one
+fresh process prepares a store (each worker encodes with one thread) and reports MB/s per
+wall-second and per CPU-second, tokens/s, the read / encode / write split, and peak RSS. From
+1 vs 2 workers on the largest size it derives the speed-up, the serial fraction f = 2/S - 1
+(Amdahl) and the projected time for 40 GB on a 96-vCPU host:
+40,000 MB x (1-worker seconds per MB) / min(96, 1/f). A last run prepares one large file (the
+largest corpus repeated) to show that memory stays bounded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+from absl import flags
+
+from gpt_jax.bench import synthetic
+
+flags.DEFINE_string("bench_sizes_mb", "16,64", "Synthetic JSONL corpus sizes in MB.")
+flags.DEFINE_string("bench_tokenizers", "gpt2_bpe,sentencepiece,byte", "Tokenizers to time.")
+flags.DEFINE_string("bench_workers", "1,2", "Worker counts to time.")
+flags.DEFINE_string("bench_bpe_dir", "", "GPT-2's vocab.json + merges.txt ('': a 50,257-token "
+                    "byte-level BPE trained here on the corpus with Hugging Face tokenizers).")
+flags.DEFINE_integer("bench_spm_vocab", 32000, "SentencePiece vocabulary trained here.")
+flags.DEFINE_integer("bench_big_mb", 1024, "One file of this size for the memory check (0: off).")
+flags.DEFINE_string("bench_dir", "", "Where corpora and tokenizers are kept ('': a temp dir).")
+FLAGS = flags.FLAGS
+PROJECT_MB, PROJECT_CPUS = 40_000, 96
+
+
+def _config(corpus: str):
+    from gpt_jax.config import base_config
+
+    config = base_config()
+    config.data.update(source="jsonl", paths=corpus, shard_mb=4.0)
+    return config
+
+
+def _train_bpe(corpus: str, out: str) -> str:
+    """A GPT-2-sized byte-level BPE (vocab.json + merges.txt) trained on `corpus`."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=50257, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator((json.loads(line)["text"] for line in open(corpus)), trainer)
+    os.makedirs(out, exist_ok=True)
+    tok.model.save(out)
+    return out
+
+
+def _tokenizer(kind: str, corpus: str, work: str):
+    from gpt_jax.data import tokenizers
+
+    if kind == "byte":
+        return tokenizers.ByteTokenizer()
+    if kind == "sentencepiece":
+        texts = (json.loads(line)["text"] for line in open(corpus))
+        return tokenizers.train_sentencepiece(texts, FLAGS.bench_spm_vocab)
+    bpe_dir = FLAGS.bench_bpe_dir or _train_bpe(corpus, os.path.join(work, "bpe"))
+    return tokenizers.load_dir(os.path.expanduser(bpe_dir))
+
+
+def child(spec: dict) -> dict:
+    """One measurement, in a fresh process (so that peak RSS is this run's own)."""
+    from gpt_jax.data.prepare import prepare
+    from gpt_jax.data.tokenizers import load_tokenizer
+
+    tok = load_tokenizer(spec["store"])
+    before = [resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    start = time.perf_counter()
+    stats = prepare(_config(spec["corpus"]), spec["store"], tok, spec["workers"], threads=1)
+    wall = time.perf_counter() - start
+    after = [resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    cpu = sum(a.ru_utime + a.ru_stime - b.ru_utime - b.ru_stime for a, b in zip(after, before))
+    mb = stats["num_bytes"] / 1e6
+    split = sum(stats["seconds"].values())
+    return {**{k: spec[k] for k in ("tokenizer", "size_mb", "workers")}, "wall_s": wall,
+            "cpu_s": cpu, "mb_per_s": mb / wall, "mb_per_cpu_s": mb / cpu,
+            "tokens_per_s": stats["num_tokens"] / wall,
+            **{f"{k}_pct": 100 * v / split for k, v in stats["seconds"].items()},
+            "peak_rss_mb": max(a.ru_maxrss for a in after) / 1024}
+
+
+def _measure(spec: dict, tok) -> dict:
+    from gpt_jax.data.tokenizers import tokenizer_dir
+
+    spec = dict(spec, store=tempfile.mkdtemp(prefix="store-", dir=spec["work"]))
+    tok.save(tokenizer_dir(spec["store"]))
+    out = subprocess.run([sys.executable, "-c", "import json, sys; from gpt_jax.bench.prepare "
+                          "import child; print(json.dumps(child(json.loads(sys.argv[1]))))",
+                          json.dumps(spec)], capture_output=True, text=True, check=True)
+    subprocess.run(["rm", "-rf", spec["store"]], check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _row(r: dict) -> str:
+    return (f"| {r['tokenizer']} | {r['size_mb']:.0f} | {r['workers']} | {r['mb_per_s']:.2f} | "
+            f"{r['mb_per_cpu_s']:.2f} | {r['tokens_per_s'] / 1e6:.2f} | "
+            f"{r['read_pct']:.0f} / {r['encode_pct']:.0f} / {r['write_pct']:.0f} | "
+            f"{r['peak_rss_mb']:.0f} |")
+
+
+def run(argv: list[str]) -> None:
+    del argv
+    work = FLAGS.bench_dir or tempfile.mkdtemp(prefix="gpt_jax_bench_prepare_")
+    os.makedirs(work, exist_ok=True)
+    sizes = [float(s) for s in FLAGS.bench_sizes_mb.split(",")]
+    corpora = {}
+    for size in sizes:
+        corpora[size] = os.path.join(work, f"synthetic-{size:g}mb.jsonl")
+        if not os.path.exists(corpora[size]):
+            synthetic.write_jsonl(corpora[size], size)
+    print("| tokenizer | MB | workers | MB/s | MB per CPU-s | M tokens/s | read / encode / "
+          "write % | peak RSS MB |\n|---|---|---|---|---|---|---|---|", flush=True)
+    results = []
+    for kind in FLAGS.bench_tokenizers.split(","):
+        tok = _tokenizer(kind, corpora[sizes[0]], work)
+        for size in sizes:
+            for workers in (int(w) for w in FLAGS.bench_workers.split(",")):
+                results.append(_measure({"tokenizer": kind, "size_mb": size,
+                                         "workers": workers, "corpus": corpora[size],
+                                         "work": work}, tok))
+                print(_row(results[-1]), flush=True)
+    for kind in FLAGS.bench_tokenizers.split(","):
+        one = [r for r in results if r["tokenizer"] == kind and r["size_mb"] == sizes[-1]]
+        by = {r["workers"]: r for r in one}
+        if 1 in by and 2 in by:
+            speedup = by[1]["wall_s"] / by[2]["wall_s"]
+            serial = min(1.0, max(2 / speedup - 1, 1e-6))
+            hours = PROJECT_MB * (by[1]["wall_s"] / sizes[-1]) / min(PROJECT_CPUS, 1 / serial)
+            print(f"{kind}: 2 workers {speedup:.2f}x one; serial fraction {serial:.3f}; 40 GB "
+                  f"on {PROJECT_CPUS} vCPUs: {hours / 60:.1f} min (projected)")
+    if FLAGS.bench_big_mb:
+        big = os.path.join(work, f"one-{FLAGS.bench_big_mb}mb.jsonl")
+        if not os.path.exists(big):
+            with open(big, "wb") as out, open(corpora[sizes[-1]], "rb") as src:
+                data = src.read()
+                for _ in range(max(1, round(FLAGS.bench_big_mb / sizes[-1]))):
+                    out.write(data)
+        from gpt_jax.data.tokenizers import ByteTokenizer
+
+        r = _measure({"tokenizer": "byte", "size_mb": os.path.getsize(big) / 1e6, "workers": 2,
+                      "corpus": big, "work": work}, ByteTokenizer())
+        print("one large file:\n" + _row(r))
