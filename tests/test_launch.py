@@ -100,21 +100,36 @@ def test_create_tiers_and_version_override(capsys, tier):
     assert cmd[-3:] == ["--version=v2-custom", tier, "--network=my-net"]
 
 
-def test_install_dry_run_ships_source_and_installs_tpu_extra(capsys):
+def test_install_dry_run_ships_source_and_installs_a_versioned_release(capsys):
     tar, scp, ssh = dry_run(capsys, "install", *WHERE)
+    version = tpu.release_version(tpu.parse(["install", *WHERE]))
     assert tar[:2] == ["tar", "-czf"] and tar[-2:] == [REPO, "."]
+    assert os.path.basename(tar[2]) == f"gpt_jax-src-{version}-{os.getpid()}.tar.gz"
     assert scp[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "scp", tar[2]]
-    assert scp[6] == "my-tpu:gpt_jax-src.tar.gz" and "--worker=all" in scp
+    assert scp[6] == f"my-tpu:gpt_jax-src-{version}.tar.gz" and "--worker=all" in scp
     assert ssh[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "my-tpu"]
     assert "--worker=all" in ssh and "--zone=us-west4-a" in ssh and "--project=my-proj" in ssh
+    assert "--quiet" in ssh and "--quiet" in scp  # no SSH-key or host-key prompt
     script = remote_command(ssh)
-    assert '--python 3.11 "$HOME/gpt_jax_venv"' in script
-    assert 'pip install -q --python "$HOME/gpt_jax_venv/bin/python" -e "$HOME/gpt_jax[tpu]"' in script
+    rel = f'"$HOME/gpt_jax_releases/{version}"'
+    assert f"--python 3.11 {rel}/venv" in script
+    assert (f'pip install -q --python {rel}/venv/bin/python -e "$HOME/gpt_jax_releases/'
+            f"{version}/src[tpu]\" 'jax[tpu]=={gcloud.JAX_TPU_VERSION}'") in script
+    assert "rm -rf \"$HOME/gpt_jax\"" not in script and f"if [ -f {rel}/.installed ]" in script
 
 
-def test_install_from_pip_spec(capsys):
-    (ssh,) = dry_run(capsys, "install", *WHERE, "--pip=gpt_jax[tpu] @ git+https://x/gpt_jax")
-    assert "'gpt_jax[tpu] @ git+https://x/gpt_jax'" in remote_command(ssh)
+def test_release_version_follows_the_source_and_the_pins(tmp_path, capsys):
+    src = tmp_path / "src"
+    (src / "runs").mkdir(parents=True)
+    (src / "setup.cfg").write_text("[metadata]\n")
+    version = lambda *extra: tpu.release_version(  # noqa: E731
+        tpu.parse(["install", *WHERE, f"--source={src}", *extra]))
+    first = version()
+    (src / "runs" / "metrics.jsonl").write_text("{}")  # excluded from the tarball: no change
+    assert version() == first
+    assert version("--jax=0.4.0") != first and version("--python=3.12") != first
+    (src / "setup.cfg").write_text("[metadata]\nname = x\n")
+    assert version() != first
 
 
 def test_train_dry_run(capsys):
@@ -127,7 +142,7 @@ def test_train_dry_run(capsys):
     assert "--worker=all" in ssh and "--zone=us-west4-a" in ssh
     script = remote_command(ssh)
     inner = shlex.split(script.split("nohup bash -c ", 1)[1])[0]
-    assert ("env -u JAX_PLATFORMS LIBTPU_INIT_ARGS=--xla_tpu_x=1 \"$HOME/gpt_jax_venv/bin/gpt-jax\""
+    assert ("env -u JAX_PLATFORMS LIBTPU_INIT_ARGS=--xla_tpu_x=1 \"$R/venv/bin/gpt-jax\""
             " train --workdir=gs://bkt/runs/a --config=configs/gpt2_124m.py "
             "--config.train.num_steps=5 &") in inner
     assert script.endswith('>> "$HOME/gpt_jax_logs/train.log" 2>&1 < /dev/null &')
@@ -159,9 +174,12 @@ def test_supervise_dry_run_lists_the_plan(capsys):
                    "--workdir=gs://bkt/run", "--skip-install", "--", "--config=configs/tiny.py")
     assert [c[:3] for c in cmds[:2]] == [["gcloud", "storage", "cp"], ["gcloud", "storage", "rm"]]
     cmds = cmds[2:]
-    verbs = [c[3:5] for c in cmds]
+    verbs = [c[3:5] if c[1] == "compute" else c[1:3] for c in cmds]
     assert verbs == [["queued-resources", "describe"], ["queued-resources", "create"],
-                     ["tpu-vm", "ssh"], ["tpu-vm", "ssh"], ["queued-resources", "delete"]]
+                     ["tpu-vm", "ssh"], ["tpu-vm", "ssh"], ["tpu-vm", "ssh"], ["storage", "cat"],
+                     ["queued-resources", "delete"]]
+    assert "pkill" in remote_command(cmds[2]) and "gpt_jax_probe" in remote_command(cmds[4])
+    assert cmds[5][-1] == "gs://bkt/run/status.json"
     assert "--accelerator-type=v5litepod-32" in cmds[1] and "--spot" in cmds[1]
 
 
@@ -206,6 +224,7 @@ def test_cli_dry_run_runs_nothing_and_real_run_probes_workdir_first(tmp_path):
     (["create", "--name=my-tpu", "--zone=us-west4-a", "--accelerator=v4-8"], "missing --project"),
     (["create", "--name=my-tpu", "--project=my-proj", "--accelerator=v4-8"], "missing --zone"),
     (["create", *WHERE[:2], "--zone=uswest4", "--accelerator=v4-8"], "--zone='uswest4' is not"),
+    (["create", *WHERE[:2], "--zone=us-central1-", "--accelerator=v4-8"], "is not a zone name"),
     (["create", *WHERE, "--queued", "--preemptible", "--accelerator=v4-8"], "use --spot"),
     (["create", *WHERE, "--spot", "--reserved", "--accelerator=v4-8"], "not allowed with"),
     (["train", *WHERE, "--accelerator=v4-32", "--workdir=/tmp/run"], "must be a gs://bucket"),
@@ -230,6 +249,11 @@ def test_bad_input_is_one_line_before_any_gcloud_call(capsys, monkeypatch, argv,
     assert runner.calls == []
 
 
+@pytest.mark.parametrize("zone", ["us-central1-ai1a", "us-west4-a", "europe-west4-b"])
+def test_zones_including_ai_zones_are_accepted(zone):
+    assert tpu_types.check_zone(zone) == zone
+
+
 def test_unwritable_workdir_stops_before_anything_is_created(capsys):
     runner = Recorder(lambda argv: gcloud.Result(1 if argv[1] == "storage" else 0))
     argv = ["supervise", *WHERE, "--queued", "--accelerator=v4-8", "--workdir=gs://bkt/ro"]
@@ -241,11 +265,14 @@ def test_unwritable_workdir_stops_before_anything_is_created(capsys):
 # ---------------------------------------------------------------- the remote scripts, for real
 
 
-def fake_worker_home(tmp_path) -> dict[str, str]:
-    """A HOME with a fake gpt-jax that logs its argv/env and checkpoints on SIGTERM."""
-    home = tmp_path / "home"
-    (home / "gpt_jax_venv" / "bin").mkdir(parents=True)
-    fake = home / "gpt_jax_venv" / "bin" / "gpt-jax"
+def fake_worker_home(tmp_path, name: str = "home") -> dict[str, str]:
+    """A HOME with an installed release whose fake gpt-jax logs its argv/env and checkpoints on
+    SIGTERM, and ~/gpt_jax_current pointing at it."""
+    home = tmp_path / name
+    (home / "gpt_jax_releases" / "v1" / "venv" / "bin").mkdir(parents=True)
+    (home / "gpt_jax_releases" / "v1" / "src").mkdir()
+    os.symlink(home / "gpt_jax_releases" / "v1", home / "gpt_jax_current")
+    fake = home / "gpt_jax_releases" / "v1" / "venv" / "bin" / "gpt-jax"
     fake.write_text(f"#!{PY}\nimport os, signal, sys, time\n"
                     "print('argv', sys.argv[1:], 'JAX_PLATFORMS', os.environ.get('JAX_PLATFORMS'),"
                     " 'FOO', os.environ.get('FOO'), flush=True)\n"
@@ -279,10 +306,13 @@ def test_train_and_stop_scripts_run_under_bash(tmp_path):
     assert "JAX_PLATFORMS None FOO a b" in log
     again = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True)
     assert again.returncode == 1 and "already running" in again.stderr
-    status = ["bash", "-c", gcloud.exit_status_script()]
-    assert subprocess.run(status, env=env, capture_output=True, text=True).stdout == "running\n"
+    probe = ["bash", "-c", gcloud.probe_script()]
+    assert subprocess.run(probe, env=env, capture_output=True, text=True).stdout == \
+        "gpt_jax_probe alive -\n"
     subprocess.run(["bash", "-c", gcloud.stop_script()], env=env, check=True)
     assert wait_for(lambda: read(logs / "train.exit"))
+    assert subprocess.run(probe, env=env, capture_output=True, text=True).stdout == \
+        "gpt_jax_probe exited:0 -\n"
     assert (logs / "train.exit").read_text() == "0\n" and "saved" in (logs / "train.log").read_text()
     tail = subprocess.run(["bash", "-c", gcloud.logs_script(1, follow=False)], env=env,
                           capture_output=True, text=True)
@@ -295,9 +325,11 @@ TRAIN_SCRIPT = gcloud.train_script("gs://b/r", ["--config=configs/tiny.py"], {"A
 @pytest.mark.skipif(shutil.which("shellcheck") is None,
                     reason="shellcheck is not installed (apt-get install shellcheck)")
 @pytest.mark.parametrize("script", [
-    gcloud.install_script(None, "3.11"), gcloud.install_script("gpt_jax[tpu]", "3.11"),
+    gcloud.install_script("abc123", None, "3.11"),
+    gcloud.install_script("abc123", "gpt_jax[tpu]", "3.11"),
     TRAIN_SCRIPT, shlex.split(TRAIN_SCRIPT.split("nohup bash -c ", 1)[1])[0],
-    gcloud.stop_script(), gcloud.logs_script(10, True), gcloud.exit_status_script()])
+    gcloud.stop_script(), gcloud.logs_script(10, True), gcloud.probe_script(),
+    gcloud.cleanup_script()])
 def test_remote_scripts_pass_shellcheck(script):
     # SC2016: the script for `bash -c '...'` is single-quoted on purpose (it expands remotely);
     # the inner script is checked on its own (the 4th case).
@@ -311,65 +343,6 @@ def test_launch_modules_compile():
     assert {"tpu.py", "local_multihost.py"} <= set(names)
     for name in names:  # raises py_compile.PyCompileError on a syntax error
         py_compile.compile(os.path.join(REPO, "launch", name), doraise=True)
-
-
-# ---------------------------------------------------------------- preemption supervisor
-
-
-class FakeCloud:
-    """Scripted gcloud: describe answers from `states`, worker 0's exit status from `exits`."""
-
-    def __init__(self, states: list[str], exits: list[str]):
-        self.states, self.exits, self.log = list(states), list(exits), []
-
-    def __call__(self, argv):
-        verb = argv[4] if argv[:3] == ["gcloud", "compute", "tpus"] else argv[0]
-        if verb == "ssh" and "train.exit" in remote_command(argv):
-            self.log.append(("exit", argv))
-            return gcloud.Result(0, self.exits.pop(0) + "\n")
-        self.log.append((verb, argv))
-        if verb == "describe":
-            s = self.states.pop(0)
-            return gcloud.Result(0, s + "\n") if s else gcloud.Result(1, "", "NOT_FOUND")
-        return gcloud.Result(0)
-
-    def kinds(self) -> list[str]:
-        return [k for k, _ in self.log]
-
-
-def plan(**kw) -> supervisor.Plan:
-    t = gcloud.Target("my-tpu", "my-proj", "us-west4-a", queued=True)
-    kw.setdefault("install", [["install"]])
-    return supervisor.Plan(target=t, create=["gcloud", "compute", "tpus", "queued-resources",
-                                             "create", "my-tpu"],
-                           train=gcloud.ssh_cmd(t, "all", "TRAIN"), poll_seconds=5,
-                           backoff_seconds=7, **kw)
-
-
-def test_supervisor_recreates_after_preemption_and_reruns_the_same_command():
-    cloud = FakeCloud(["", "WAITING_FOR_RESOURCES", "ACTIVE", "ACTIVE", "SUSPENDED", "",
-                       "ACTIVE", "ACTIVE", "ACTIVE"], ["running", "0", "0"])
-    sleeps = []
-    assert supervisor.supervise(plan(), cloud, sleeps.append) == 0
-    assert cloud.kinds() == ["describe", "create", "describe", "describe", "install", "ssh",
-                             "describe", "exit", "describe", "delete", "describe", "create",
-                             "describe", "install", "ssh", "describe", "exit", "describe", "exit"]
-    trains = [argv for kind, argv in cloud.log if kind == "ssh"]
-    assert trains[0] == trains[1] and remote_command(trains[0]) == "TRAIN"
-    assert 7 in sleeps and cloud.states == [] and cloud.exits == []
-
-
-def test_supervisor_gives_up_after_max_restarts():
-    cloud = FakeCloud(["PREEMPTED"] * 10, [])
-    sleeps = []
-    assert supervisor.supervise(plan(max_restarts=2), cloud, sleeps.append) == 1
-    assert cloud.kinds().count("delete") == 2 and sleeps == [7, 14]  # exponential backoff
-
-
-def test_supervisor_relaunches_a_crashed_run_without_recreating():
-    cloud = FakeCloud(["READY"] * 6, ["1", "0", "0"])
-    assert supervisor.supervise(plan(install=[]), cloud, lambda s: None) == 0
-    assert cloud.kinds().count("ssh") == 2 and "delete" not in cloud.kinds()
 
 
 # ---------------------------------------------------------------- local multi-host launcher
