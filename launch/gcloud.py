@@ -180,9 +180,11 @@ def install_script(version: str, pip_spec: str | None, python: str,
         f"{shlex.quote(f'jax[tpu]=={jax_version}')}",
         f"touch {rel}/.installed"])
     current, tmp_link = home(CURRENT), home(CURRENT + ".new")
-    prune = (f"for d in $(ls -1dt {home(RELEASES)}/*/ | tail -n +4); do "
+    prune = (f"find {home(RELEASES)} -mindepth 1 -maxdepth 1 -type d -printf '%T@ %p\\n' | "
+             "sort -rn | tail -n +4 | cut -d' ' -f2- | while read -r d; do "
              f"[ \"$(readlink -f \"$d\")\" = \"$(readlink -f {current})\" ] || "
-             f"grep -qsaF \"${{d%/}}/\" /proc/[0-9]*/cmdline || rm -rf \"$d\"; done")
+             # [/]: the pattern must not match grep's own command line
+             "grep -qsa \"[/]${d#/}/\" /proc/[0-9]*/cmdline || rm -rf \"$d\"; done")
     return (f"set -e; if [ -f {rel}/.installed ]; then echo 'gpt_jax {version} is installed'; "
             f"else {fresh}; fi; "
             f"{rel}/venv/bin/python -c 'import jax, gpt_jax; print(\"jax\", jax.__version__)'; "
