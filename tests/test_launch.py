@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import py_compile
+import re
 import shlex
 import shutil
 import signal
@@ -451,7 +452,7 @@ def test_child_env_replaces_the_device_count():
 def test_gke_jobset_matches_a_v5e_32_slice():
     yaml = pytest.importorskip("yaml")
     with open(os.path.join(REPO, "launch", "gke", "jobset.yaml")) as f:
-        doc = yaml.safe_load(f)
+        account, doc = yaml.safe_load_all(f)
     assert doc["apiVersion"] == "jobset.x-k8s.io/v1alpha2" and doc["kind"] == "JobSet"
     assert (doc["metadata"]["annotations"]["alpha.jobset.sigs.k8s.io/exclusive-topology"]
             == "cloud.google.com/gke-nodepool")
@@ -472,6 +473,25 @@ def test_gke_jobset_matches_a_v5e_32_slice():
     workdir = [a for a in container["command"] if a.startswith("--workdir=")]
     assert len(workdir) == 1 and workdir[0].startswith("--workdir=gs://")
     assert not any(a.startswith(("--num_processes", "--process_id")) for a in container["command"])
+    # Workload Identity: the pods run as the manifest's Kubernetes service account, and not on
+    # the host network (where they would write to GCS as the node's service account).
+    assert account["kind"] == "ServiceAccount"
+    assert pod["serviceAccountName"] == account["metadata"]["name"]
+    assert not pod.get("hostNetwork") and job["completionMode"] == "Indexed"
+
+
+def test_gke_one_image_path_a_dockerignore_and_the_same_jax_pin():
+    def read(*path):
+        with open(os.path.join(REPO, *path)) as f:
+            return f.read()
+
+    image = re.compile(r"[a-z0-9-]+-docker\.pkg\.dev/[A-Za-z0-9_/.:-]+")
+    text = read("launch", "gke", "jobset.yaml") + read("launch", "gke", "Dockerfile")
+    found = set(image.findall(text + read("docs", "tpu.md")))
+    assert found == {"us-west4-docker.pkg.dev/PROJECT/gpt-jax/gpt-jax:latest"}, found
+    ignored = read(".dockerignore").split()
+    assert {".git", ".venv", "runs"} <= set(ignored)
+    assert f'"jax[tpu]=={gcloud.JAX_TPU_VERSION}"' in read("launch", "gke", "Dockerfile")
 
 
 # ---------------------------------------------------------------- 2 hosts: kill and resume
@@ -523,15 +543,23 @@ def test_two_hosts_sigterm_then_resume_matches_an_uninterrupted_run(tmp_path):
 
     import numpy as np
 
+    def status(run):  # written by process 0 (see gpt_jax/run_status.py)
+        with open(tmp_path / run / "status.json") as f:
+            return {k: v for k, v in json.load(f).items() if k != "time"}
+
     rc, out = train_two_hosts(tmp_path / "straight")
     assert rc == 0, out[-3000:]
+    assert status("straight") == {"state": "finished", "step": 10, "num_steps": 10}
     rc, out = train_two_hosts(tmp_path / "killed", sigterm_at_step=2)
-    assert rc == 0, out[-3000:]
+    assert rc == 0, out[-3000:]  # exit 0 as when finished: only status.json tells them apart
     saved = sorted(int(s) for s in os.listdir(tmp_path / "killed" / "checkpoints") if s.isdigit())
     assert saved and saved[-1] < 10, (saved, out[-2000:])  # it really stopped early
+    assert status("killed") == {"state": "stopped", "step": saved[-1], "signal": "SIGTERM",
+                                "num_steps": 10}
     rc, out = train_two_hosts(tmp_path / "killed")
     assert rc == 0, out[-3000:]
     assert "[p0] step 10/10" in out and "[p1] step" not in out  # only process 0 logs
+    assert status("killed") == {"state": "finished", "step": 10, "num_steps": 10}
 
     def losses(run):
         return {e["step"]: e["loss"] for e in read_metrics(str(tmp_path / run)) if "loss" in e}
@@ -556,6 +584,21 @@ def test_two_hosts_sigterm_then_resume_matches_an_uninterrupted_run(tmp_path):
                                [single[s] for s in range(1, 11)], rtol=1e-5)
     for a, b in zip(final_params(tmp_path / "straight"), final_params(tmp_path / "one_process")):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_failed_train_records_the_one_line_error_in_status_json(tmp_path):
+    gpt_jax = os.path.join(os.path.dirname(PY), "gpt-jax")
+    entry = [gpt_jax] if os.path.exists(gpt_jax) else [PY, "-m", "gpt_jax.cli"]
+    workdir = tmp_path / "run"
+    out = subprocess.run([*entry, "train", TRAIN_FLAGS[0], "--config.train.num_steps=0",
+                          f"--workdir={workdir}"], capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert out.returncode != 0
+    with open(workdir / "status.json") as f:
+        record = json.load(f)
+    assert record["state"] == "failed" and "num_steps" in record["error"]
+    assert record["error"].startswith("gpt-jax train: ") and "\n" not in record["error"]
+    assert record["error"] in out.stderr
 
 
 def test_every_launcher_command_in_docs_tpu_md_parses(monkeypatch):

@@ -195,7 +195,7 @@ def test_seven_preemptions_with_progress_keep_the_short_backoff():
     states += ["ACTIVE", "ACTIVE"]
     probes += [EXITED]
     cloud = Cloud(states, probes=probes, statuses=[FINISHED])
-    assert supervise(cloud, max_restarts=3) == 0  # 7 restarts > 3: only those without progress count
+    assert supervise(cloud, max_restarts=3) == 0  # 7 > 3: only restarts without progress count
     cycle = FIRST_START + ["describe", "probe", "describe", "delete", "describe", "create"]
     assert cloud.kinds() == cycle * 7 + FIRST_START + ["describe", "probe", "status"]
     assert [s for s in cloud.sleeps if s != 5] == [7] * 7  # no doubling, no hour-long waits
