@@ -160,6 +160,7 @@ class Supervisor:
             self.best, self.no_progress = self.reached, 0
             why += f" (progress: reached step {self.reached})"
         self.reached, self.last_step, self.launched, self.partial = None, None, False, False
+        self.errors = 0
         self.no_progress += 1
         if self.no_progress > self.plan.max_restarts:
             self.give_up(f"{why}; {self.plan.max_restarts} restarts in a row made no progress")
@@ -241,7 +242,7 @@ class Supervisor:
                 if not self.transient(value):
                     return self.give_up(f"{value}; {self.errors - 1} retries failed")
                 continue
-            self.errors, self.tpu_state = 0, value
+            self.tpu_state = value
             if kind == "missing":
                 log(f"{t.name} not found; creating it")
                 self.launched = self.installed = False
@@ -267,13 +268,13 @@ class Supervisor:
                         if not self.transient(detail):
                             return self.give_up(f"{detail}; {self.errors - 1} retries failed")
                         continue
-                    self.errors = 0
                     if outcome == "restart":
                         if not self.restart(detail, False):
                             return 1
                         continue
             else:
                 log(f"{t.name} is {value}; waiting")
+            self.errors = 0  # a whole poll went through
             self.sleep(p.poll_seconds)
 
 

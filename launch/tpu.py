@@ -175,7 +175,7 @@ def install_commands(args: argparse.Namespace) -> list[list[str]]:
                                f"gpt_jax-src-{version}-{os.getpid()}.tar.gz")
         cmds += [["tar", "-czf", tarball] + [f"--exclude={x}" for x in EXCLUDED]
                  + ["-C", args.source, "."],
-                 gcloud.scp_cmd(t, tarball, gcloud.tarball_name(version))]
+                 gcloud.scp_cmd(t, tarball, gcloud.tarball_name(version)), ["rm", "-f", tarball]]
     script = gcloud.install_script(version, args.pip_spec, args.python, args.jax)
     return cmds + [gcloud.ssh_cmd(t, "all", script)]
 

@@ -102,12 +102,13 @@ def test_create_tiers_and_version_override(capsys, tier):
 
 
 def test_install_dry_run_ships_source_and_installs_a_versioned_release(capsys):
-    tar, scp, ssh = dry_run(capsys, "install", *WHERE)
+    tar, scp, rm, ssh = dry_run(capsys, "install", *WHERE)
     version = tpu.release_version(tpu.parse(["install", *WHERE]))
     assert tar[:2] == ["tar", "-czf"] and tar[-2:] == [REPO, "."]
     assert os.path.basename(tar[2]) == f"gpt_jax-src-{version}-{os.getpid()}.tar.gz"
     assert scp[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "scp", tar[2]]
     assert scp[6] == f"my-tpu:gpt_jax-src-{version}.tar.gz" and "--worker=all" in scp
+    assert rm == ["rm", "-f", tar[2]]
     assert ssh[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "my-tpu"]
     assert "--worker=all" in ssh and "--zone=us-west4-a" in ssh and "--project=my-proj" in ssh
     assert "--quiet" in ssh and "--quiet" in scp  # no SSH-key or host-key prompt

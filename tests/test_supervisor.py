@@ -112,7 +112,18 @@ def plan(**kw) -> supervisor.Plan:
 
 
 def supervise(cloud: Cloud, **kw) -> int:
-    return supervisor.supervise(plan(**kw), cloud, cloud.sleep, cloud.clock)
+    """Run the supervisor; every call it made must be the exact argv of its kind, so each
+    test's list of kinds is the exact sequence of gcloud calls."""
+    p = plan(**kw)
+    code = supervisor.supervise(p, cloud, cloud.sleep, cloud.clock)
+    exact = {"describe": gcloud.describe_cmd(T), "create": p.create, "delete": DELETE,
+             "cleanup": gcloud.ssh_cmd(T, "all", gcloud.cleanup_script()),
+             "scp": p.install[0], "install": p.install[1], "train": p.train,
+             "probe": gcloud.ssh_cmd(T, "all", gcloud.probe_script()),
+             "status": ["gcloud", "storage", "cat", "gs://b/r/status.json"]}
+    for call in cloud.calls:
+        assert call == exact[kind(call)], call
+    return code
 
 
 FIRST_START = ["describe", "cleanup", "scp", "install", "train"]
@@ -254,6 +265,25 @@ def test_failed_launch_steps_count_as_restarts():
     cloud = Cloud(["READY", "READY", "READY"], fail={"train"})
     assert supervise(cloud, max_restarts=1) == 1
     assert cloud.kinds() == FIRST_START + ["describe", "cleanup", "train"]
+
+
+def test_unreachable_workers_count_as_errors_and_end_in_giving_up(capsys):
+    cloud = Cloud(["READY"] * 4, fail={"probe"})
+    assert supervise(cloud, max_restarts=2) == 1
+    assert cloud.kinds() == FIRST_START + ["describe", "probe"] * 3
+    assert cloud.sleeps == [5, 7, 14]
+    assert "still exists (READY and billing)" in capsys.readouterr().err.splitlines()[-1]
+
+
+def test_runner_keeps_stderr_and_kills_a_call_that_hangs(capsys):
+    run = gcloud.make_runner(dry_run=False, timeout_seconds=1.0)
+    result = run(["sh", "-c", "echo out; echo NOT_FOUND: gone >&2; exit 3"])
+    assert (result.returncode, result.stdout, result.stderr) == (3, "out\n", "NOT_FOUND: gone\n")
+    assert result.missing() and not gcloud.Result(1, "", ERRORS["5xx"]).missing()
+    start = time.monotonic()
+    hung = run(["sleep", "30"])
+    assert hung.returncode == 124 and "timed out after 1s" in hung.stderr
+    assert time.monotonic() - start < 10
 
 
 def test_parse_probe_needs_every_worker():
