@@ -41,8 +41,9 @@ def write(workdir: str, state: str, **fields) -> None:
 
 
 def ended(workdir: str, num_steps: int, signal: str | None, stopped_at: int | None) -> None:
-    """A training call returned: stopped at a step by a signal, or finished."""
-    if signal is not None and stopped_at is not None:
+    """A training call returned: stopped at a step by a signal, or finished (a signal at the
+    last step still leaves a finished run)."""
+    if signal is not None and stopped_at is not None and stopped_at < num_steps:
         write(workdir, "stopped", step=stopped_at, signal=signal, num_steps=num_steps)
     else:
         write(workdir, "finished", step=num_steps, num_steps=num_steps)

@@ -7,8 +7,8 @@ instead of running it, and tests pass their own runner.
 from __future__ import annotations
 
 import dataclasses
-import shlex
 import re
+import shlex
 import subprocess
 import sys
 import threading
@@ -208,7 +208,8 @@ def train_script(workdir: str, train_args: list[str], env: dict[str, str]) -> st
     pid, log, status = home(f"{LOGS}/train.pid"), home(f"{LOGS}/train.log"), home(f"{LOGS}/train.exit")
     sets = "".join(f"{k}={shlex.quote(v)} " for k, v in env.items())
     argv = " ".join(shlex.quote(a) for a in [f"--workdir={workdir}", *train_args])
-    inner = (f"R=$(readlink -f {home(CURRENT)}); cd \"$R/src\" 2>/dev/null || cd \"$HOME\" || exit 1; "
+    inner = (f"R=$(readlink -f {home(CURRENT)}); "
+             "cd \"$R/src\" 2>/dev/null || cd \"$HOME\" || exit 1; "
              f"env -u JAX_PLATFORMS {sets}\"$R/venv/bin/gpt-jax\" train {argv} & "
              f"echo $! > {pid}; wait $!; echo $? > {status}")
     return (f"mkdir -p {home(LOGS)} && "
@@ -222,7 +223,8 @@ def probe_script() -> str:
 
     STEP is the last `step N/M` line logged since the last launch (only worker 0 logs steps).
     """
-    pid, log, status = home(f"{LOGS}/train.pid"), home(f"{LOGS}/train.log"), home(f"{LOGS}/train.exit")
+    pid, log = home(f"{LOGS}/train.pid"), home(f"{LOGS}/train.log")
+    status = home(f"{LOGS}/train.exit")
     step = (f"awk '/^{LAUNCH_MARK}/{{s=\"\"}} /^step [0-9]+\\//{{split($2, a, \"/\"); s=a[1]}} "
             f"END{{print (s == \"\" ? \"-\" : s)}}' {log} 2>/dev/null")
     return (f"if {_alive(pid)}; then s=alive; elif [ -f {status} ]; then "

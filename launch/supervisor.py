@@ -126,8 +126,8 @@ class Supervisor:
         kind = "queued resource" if t.queued else "TPU VM"
         if self.tpu_state:
             billing = " and billing" if self.tpu_state in gcloud.HEALTHY else ""
-            tail = (f"the {kind} {t.name} still exists ({self.tpu_state}{billing}); delete it with: "
-                    f"{shlex.join(gcloud.delete_cmd(t))}")
+            tail = (f"the {kind} {t.name} still exists ({self.tpu_state}{billing}); "
+                    f"delete it with: {shlex.join(gcloud.delete_cmd(t))}")
         else:
             tail = f"the {kind} {t.name} was not found, so nothing of it is billing"
         log(f"giving up: {why}; {tail}")

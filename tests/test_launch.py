@@ -587,6 +587,25 @@ def test_two_hosts_sigterm_then_resume_matches_an_uninterrupted_run(tmp_path):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
+def test_run_status_records(tmp_path):
+    from gpt_jax import run_status
+
+    def state(**kw):
+        run_status.ended(str(tmp_path), 10, **kw)
+        record = run_status.read(str(tmp_path))
+        return {k: v for k, v in record.items() if k != "time"}
+
+    assert state(signal="SIGTERM", stopped_at=3) == {"state": "stopped", "step": 3,
+                                                    "signal": "SIGTERM", "num_steps": 10}
+    assert state(signal="SIGTERM", stopped_at=10)["state"] == "finished"  # at the last step
+    assert state(signal=None, stopped_at=None) == {"state": "finished", "step": 10,
+                                                  "num_steps": 10}
+    run_status.failed(str(tmp_path), RuntimeError("bad\n  thing"))
+    assert run_status.read(str(tmp_path))["error"] == "bad thing"
+    with pytest.raises(ValueError, match="'done' is not one of"):
+        run_status.write(str(tmp_path), "done")
+
+
 def test_failed_train_records_the_one_line_error_in_status_json(tmp_path):
     gpt_jax = os.path.join(os.path.dirname(PY), "gpt-jax")
     entry = [gpt_jax] if os.path.exists(gpt_jax) else [PY, "-m", "gpt_jax.cli"]
