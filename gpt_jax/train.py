@@ -18,7 +18,7 @@ from etils import epath
 
 from gpt_jax import checkpoint as ckpt_lib
 from gpt_jax import config as config_lib
-from gpt_jax import data, flops, sharding
+from gpt_jax import data, flops, run_status, sharding
 from gpt_jax.metrics import MetricsWriter, Throughput
 from gpt_jax.step import Trainer
 
@@ -36,6 +36,7 @@ class StopSignal:
 
     def __init__(self):
         self.received = None
+        self.stopped_at = None  # the step at which should_stop said yes
         self._previous = {}
         signals = [signal.SIGINT] + ([signal.SIGTERM] if jax.process_count() == 1 else [])
         for sig in signals:
@@ -50,6 +51,8 @@ class StopSignal:
 
             if multihost_utils.reached_preemption_sync_point(step):
                 self.received = self.received or "SIGTERM"
+        if self.received is not None:
+            self.stopped_at = step
         return self.received is not None
 
     def restore(self) -> None:
@@ -166,10 +169,13 @@ def train(config, workdir: str) -> dict:
     inherit_parent(config)
     config_lib.validate(config, num_devices=jax.device_count())
     stop = StopSignal()  # installed first: a SIGTERM during set-up still ends in a clean save
+    run_status.write(workdir, "running")
     try:
-        return _train(config, workdir, stop)
+        last = _train(config, workdir, stop)
     finally:
         stop.restore()
+    run_status.ended(workdir, config.train.num_steps, stop.received, stop.stopped_at)
+    return last
 
 
 def _train(config, workdir: str, stop: StopSignal) -> dict:

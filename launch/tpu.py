@@ -14,6 +14,7 @@ Every sub-command takes --dry-run (print the commands instead of running them) a
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import sys
 import tempfile
@@ -71,6 +72,8 @@ def _install_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pip", dest="pip_spec", help="install this requirement instead of --source, "
                    "e.g. 'gpt_jax[tpu] @ git+https://github.com/ORG/gpt_jax'")
     p.add_argument("--python", default="3.11", help="Python version of the venv on the workers")
+    p.add_argument("--jax", default=gcloud.JAX_TPU_VERSION,
+                   help="jax[tpu] version installed on the workers (pinned)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,9 +102,14 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--lines", type=int, default=100)
             p.add_argument("--no-follow", dest="follow", action="store_false")
         if name == "supervise":
-            p.add_argument("--max-restarts", type=int, default=20)
+            p.add_argument("--max-restarts", type=int, default=20,
+                           help="give up after this many restarts in a row without progress")
             p.add_argument("--poll-seconds", type=float, default=60.0)
-            p.add_argument("--backoff-seconds", type=float, default=60.0)
+            p.add_argument("--backoff-seconds", type=float, default=60.0,
+                           help="first wait before a restart; doubles per restart without "
+                                "progress, at most an hour")
+            p.add_argument("--stuck-seconds", type=float, default=3600.0,
+                           help="restart when worker 0 logs no new step for this long (0: never)")
             p.add_argument("--skip-install", action="store_true")
             p.add_argument("--delete-when-done", action="store_true")
     return parser
@@ -140,14 +148,36 @@ def create_commands(args: argparse.Namespace) -> list[list[str]]:
     return [gcloud.create_cmd(target(args), args.acc.name, args.version, tier, args.gcloud_arg)]
 
 
+EXCLUDED = (".git", ".venv", "runs", "__pycache__")
+
+
+def release_version(args: argparse.Namespace) -> str:
+    """A short hash of what gets installed (the shipped files, or the pip spec) and the pins:
+    the same source installs once per TPU, a changed one installs beside it."""
+    h = hashlib.sha256(f"{args.pip_spec}|{args.python}|{args.jax}".encode())
+    if not args.pip_spec:
+        for root, dirs, files in os.walk(args.source):
+            dirs[:] = sorted(d for d in dirs if d not in EXCLUDED)
+            for name in sorted(files):
+                path = os.path.join(root, name)
+                h.update(os.path.relpath(path, args.source).encode() + b"\0")
+                if os.path.isfile(path):
+                    with open(path, "rb") as f:
+                        h.update(hashlib.sha256(f.read()).digest())
+    return h.hexdigest()[:12]
+
+
 def install_commands(args: argparse.Namespace) -> list[list[str]]:
     t, cmds = target(args), []
-    if not args.pip_spec:
-        tarball = os.path.join(tempfile.gettempdir(), gcloud.TARBALL)
-        cmds += [["tar", "-czf", tarball, "--exclude=.git", "--exclude=.venv", "--exclude=runs",
-                  "--exclude=__pycache__", "-C", args.source, "."],
-                 gcloud.scp_cmd(t, tarball, gcloud.TARBALL)]
-    return cmds + [gcloud.ssh_cmd(t, "all", gcloud.install_script(args.pip_spec, args.python))]
+    version = release_version(args)
+    if not args.pip_spec:  # a name per version and launcher: two launchers never share a file
+        tarball = os.path.join(tempfile.gettempdir(),
+                               f"gpt_jax-src-{version}-{os.getpid()}.tar.gz")
+        cmds += [["tar", "-czf", tarball] + [f"--exclude={x}" for x in EXCLUDED]
+                 + ["-C", args.source, "."],
+                 gcloud.scp_cmd(t, tarball, gcloud.tarball_name(version)), ["rm", "-f", tarball]]
+    script = gcloud.install_script(version, args.pip_spec, args.python, args.jax)
+    return cmds + [gcloud.ssh_cmd(t, "all", script)]
 
 
 def train_command(args: argparse.Namespace) -> list[str]:
@@ -210,8 +240,9 @@ def supervise(args: argparse.Namespace, run: gcloud.Runner, sleep) -> int:
     plan = supervisor.Plan(
         target=target(args), create=create_commands(args)[0],
         install=[] if args.skip_install else install_commands(args),
-        train=train_command(args), max_restarts=args.max_restarts,
-        poll_seconds=args.poll_seconds, backoff_seconds=args.backoff_seconds,
+        train=train_command(args), workdir=args.workdir, hosts=args.acc.hosts,
+        max_restarts=args.max_restarts, poll_seconds=args.poll_seconds,
+        backoff_seconds=args.backoff_seconds, stuck_seconds=args.stuck_seconds,
         delete_when_done=args.delete_when_done)
     check_writable(args, run)
     if args.dry_run:
@@ -224,7 +255,10 @@ def main(argv: list[str] | None = None, run: gcloud.Runner | None = None, sleep=
     argv = sys.argv[1:] if argv is None else argv
     try:
         args = parse(argv)
-        return dispatch(args, run or gcloud.make_runner(args.dry_run), sleep)
+        # supervise must not hang on one call (a stuck ssh); install may take minutes
+        limit = 1800.0 if args.command == "supervise" else None
+        return dispatch(args, run or gcloud.make_runner(args.dry_run, timeout_seconds=limit),
+                        sleep)
     except LaunchError as e:
         print(f"tpu.py: error: {e}", file=sys.stderr)
         return 2

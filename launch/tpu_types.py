@@ -29,7 +29,8 @@ _SIZES = {
     "v5p": (8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 12288),
     "v6e": (1, 4, 8, 16, 32, 64, 128, 256),
 }
-ZONE_RE = re.compile(r"^[a-z]+-[a-z]+[0-9]+-[a-z]$")
+# Zones end in a letter (us-west4-a) or, for AI zones, a short name such as ai1a.
+ZONE_RE = re.compile(r"^[a-z]+-[a-z]+[0-9]+-[a-z]([a-z0-9]{0,6}[a-z])?$")
 PROJECT_RE = re.compile(r"^[a-z][a-z0-9-]{4,28}[a-z0-9]$")
 NAME_RE = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
 GCS_RE = re.compile(r"^gs://[a-z0-9][a-z0-9._-]{1,220}[a-z0-9](/[^\s'\"]*)?$")
@@ -91,7 +92,8 @@ def check_zone(zone: str | None) -> str:
         raise LaunchError("missing --zone (or set CLOUDSDK_COMPUTE_ZONE): the zone of the TPU, "
                           "e.g. --zone=us-west4-a for v5e or --zone=us-central2-b for v4")
     if not ZONE_RE.match(zone):
-        raise LaunchError(f"--zone={zone!r} is not a zone name like us-central2-b")
+        raise LaunchError(f"--zone={zone!r} is not a zone name like us-central2-b "
+                          "(or an AI zone like us-central1-ai1a)")
     return zone
 
 

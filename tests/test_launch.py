@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import py_compile
+import re
 import shlex
 import shutil
 import signal
@@ -100,21 +101,37 @@ def test_create_tiers_and_version_override(capsys, tier):
     assert cmd[-3:] == ["--version=v2-custom", tier, "--network=my-net"]
 
 
-def test_install_dry_run_ships_source_and_installs_tpu_extra(capsys):
-    tar, scp, ssh = dry_run(capsys, "install", *WHERE)
+def test_install_dry_run_ships_source_and_installs_a_versioned_release(capsys):
+    tar, scp, rm, ssh = dry_run(capsys, "install", *WHERE)
+    version = tpu.release_version(tpu.parse(["install", *WHERE]))
     assert tar[:2] == ["tar", "-czf"] and tar[-2:] == [REPO, "."]
+    assert os.path.basename(tar[2]) == f"gpt_jax-src-{version}-{os.getpid()}.tar.gz"
     assert scp[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "scp", tar[2]]
-    assert scp[6] == "my-tpu:gpt_jax-src.tar.gz" and "--worker=all" in scp
+    assert scp[6] == f"my-tpu:gpt_jax-src-{version}.tar.gz" and "--worker=all" in scp
+    assert rm == ["rm", "-f", tar[2]]
     assert ssh[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "my-tpu"]
     assert "--worker=all" in ssh and "--zone=us-west4-a" in ssh and "--project=my-proj" in ssh
+    assert "--quiet" in ssh and "--quiet" in scp  # no SSH-key or host-key prompt
     script = remote_command(ssh)
-    assert '--python 3.11 "$HOME/gpt_jax_venv"' in script
-    assert 'pip install -q --python "$HOME/gpt_jax_venv/bin/python" -e "$HOME/gpt_jax[tpu]"' in script
+    rel = f'"$HOME/gpt_jax_releases/{version}"'
+    assert f"--python 3.11 {rel}/venv" in script
+    assert (f'pip install -q --python {rel}/venv/bin/python -e "$HOME/gpt_jax_releases/'
+            f"{version}/src[tpu]\" 'jax[tpu]=={gcloud.JAX_TPU_VERSION}'") in script
+    assert "rm -rf \"$HOME/gpt_jax\"" not in script and f"if [ -f {rel}/.installed ]" in script
 
 
-def test_install_from_pip_spec(capsys):
-    (ssh,) = dry_run(capsys, "install", *WHERE, "--pip=gpt_jax[tpu] @ git+https://x/gpt_jax")
-    assert "'gpt_jax[tpu] @ git+https://x/gpt_jax'" in remote_command(ssh)
+def test_release_version_follows_the_source_and_the_pins(tmp_path, capsys):
+    src = tmp_path / "src"
+    (src / "runs").mkdir(parents=True)
+    (src / "setup.cfg").write_text("[metadata]\n")
+    version = lambda *extra: tpu.release_version(  # noqa: E731
+        tpu.parse(["install", *WHERE, f"--source={src}", *extra]))
+    first = version()
+    (src / "runs" / "metrics.jsonl").write_text("{}")  # excluded from the tarball: no change
+    assert version() == first
+    assert version("--jax=0.4.0") != first and version("--python=3.12") != first
+    (src / "setup.cfg").write_text("[metadata]\nname = x\n")
+    assert version() != first
 
 
 def test_train_dry_run(capsys):
@@ -127,7 +144,7 @@ def test_train_dry_run(capsys):
     assert "--worker=all" in ssh and "--zone=us-west4-a" in ssh
     script = remote_command(ssh)
     inner = shlex.split(script.split("nohup bash -c ", 1)[1])[0]
-    assert ("env -u JAX_PLATFORMS LIBTPU_INIT_ARGS=--xla_tpu_x=1 \"$HOME/gpt_jax_venv/bin/gpt-jax\""
+    assert ("env -u JAX_PLATFORMS LIBTPU_INIT_ARGS=--xla_tpu_x=1 \"$R/venv/bin/gpt-jax\""
             " train --workdir=gs://bkt/runs/a --config=configs/gpt2_124m.py "
             "--config.train.num_steps=5 &") in inner
     assert script.endswith('>> "$HOME/gpt_jax_logs/train.log" 2>&1 < /dev/null &')
@@ -159,9 +176,12 @@ def test_supervise_dry_run_lists_the_plan(capsys):
                    "--workdir=gs://bkt/run", "--skip-install", "--", "--config=configs/tiny.py")
     assert [c[:3] for c in cmds[:2]] == [["gcloud", "storage", "cp"], ["gcloud", "storage", "rm"]]
     cmds = cmds[2:]
-    verbs = [c[3:5] for c in cmds]
+    verbs = [c[3:5] if c[1] == "compute" else c[1:3] for c in cmds]
     assert verbs == [["queued-resources", "describe"], ["queued-resources", "create"],
-                     ["tpu-vm", "ssh"], ["tpu-vm", "ssh"], ["queued-resources", "delete"]]
+                     ["tpu-vm", "ssh"], ["tpu-vm", "ssh"], ["tpu-vm", "ssh"], ["storage", "cat"],
+                     ["queued-resources", "delete"]]
+    assert "pkill" in remote_command(cmds[2]) and "gpt_jax_probe" in remote_command(cmds[4])
+    assert cmds[5][-1] == "gs://bkt/run/status.json"
     assert "--accelerator-type=v5litepod-32" in cmds[1] and "--spot" in cmds[1]
 
 
@@ -206,6 +226,7 @@ def test_cli_dry_run_runs_nothing_and_real_run_probes_workdir_first(tmp_path):
     (["create", "--name=my-tpu", "--zone=us-west4-a", "--accelerator=v4-8"], "missing --project"),
     (["create", "--name=my-tpu", "--project=my-proj", "--accelerator=v4-8"], "missing --zone"),
     (["create", *WHERE[:2], "--zone=uswest4", "--accelerator=v4-8"], "--zone='uswest4' is not"),
+    (["create", *WHERE[:2], "--zone=us-central1-", "--accelerator=v4-8"], "is not a zone name"),
     (["create", *WHERE, "--queued", "--preemptible", "--accelerator=v4-8"], "use --spot"),
     (["create", *WHERE, "--spot", "--reserved", "--accelerator=v4-8"], "not allowed with"),
     (["train", *WHERE, "--accelerator=v4-32", "--workdir=/tmp/run"], "must be a gs://bucket"),
@@ -230,6 +251,11 @@ def test_bad_input_is_one_line_before_any_gcloud_call(capsys, monkeypatch, argv,
     assert runner.calls == []
 
 
+@pytest.mark.parametrize("zone", ["us-central1-ai1a", "us-west4-a", "europe-west4-b"])
+def test_zones_including_ai_zones_are_accepted(zone):
+    assert tpu_types.check_zone(zone) == zone
+
+
 def test_unwritable_workdir_stops_before_anything_is_created(capsys):
     runner = Recorder(lambda argv: gcloud.Result(1 if argv[1] == "storage" else 0))
     argv = ["supervise", *WHERE, "--queued", "--accelerator=v4-8", "--workdir=gs://bkt/ro"]
@@ -241,11 +267,14 @@ def test_unwritable_workdir_stops_before_anything_is_created(capsys):
 # ---------------------------------------------------------------- the remote scripts, for real
 
 
-def fake_worker_home(tmp_path) -> dict[str, str]:
-    """A HOME with a fake gpt-jax that logs its argv/env and checkpoints on SIGTERM."""
-    home = tmp_path / "home"
-    (home / "gpt_jax_venv" / "bin").mkdir(parents=True)
-    fake = home / "gpt_jax_venv" / "bin" / "gpt-jax"
+def fake_worker_home(tmp_path, name: str = "home") -> dict[str, str]:
+    """A HOME with an installed release whose fake gpt-jax logs its argv/env and checkpoints on
+    SIGTERM, and ~/gpt_jax_current pointing at it."""
+    home = tmp_path / name
+    (home / "gpt_jax_releases" / "v1" / "venv" / "bin").mkdir(parents=True)
+    (home / "gpt_jax_releases" / "v1" / "src").mkdir()
+    os.symlink(home / "gpt_jax_releases" / "v1", home / "gpt_jax_current")
+    fake = home / "gpt_jax_releases" / "v1" / "venv" / "bin" / "gpt-jax"
     fake.write_text(f"#!{PY}\nimport os, signal, sys, time\n"
                     "print('argv', sys.argv[1:], 'JAX_PLATFORMS', os.environ.get('JAX_PLATFORMS'),"
                     " 'FOO', os.environ.get('FOO'), flush=True)\n"
@@ -279,10 +308,13 @@ def test_train_and_stop_scripts_run_under_bash(tmp_path):
     assert "JAX_PLATFORMS None FOO a b" in log
     again = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True)
     assert again.returncode == 1 and "already running" in again.stderr
-    status = ["bash", "-c", gcloud.exit_status_script()]
-    assert subprocess.run(status, env=env, capture_output=True, text=True).stdout == "running\n"
+    probe = ["bash", "-c", gcloud.probe_script()]
+    assert subprocess.run(probe, env=env, capture_output=True, text=True).stdout == \
+        "gpt_jax_probe alive -\n"
     subprocess.run(["bash", "-c", gcloud.stop_script()], env=env, check=True)
     assert wait_for(lambda: read(logs / "train.exit"))
+    assert subprocess.run(probe, env=env, capture_output=True, text=True).stdout == \
+        "gpt_jax_probe exited:0 -\n"
     assert (logs / "train.exit").read_text() == "0\n" and "saved" in (logs / "train.log").read_text()
     tail = subprocess.run(["bash", "-c", gcloud.logs_script(1, follow=False)], env=env,
                           capture_output=True, text=True)
@@ -295,9 +327,11 @@ TRAIN_SCRIPT = gcloud.train_script("gs://b/r", ["--config=configs/tiny.py"], {"A
 @pytest.mark.skipif(shutil.which("shellcheck") is None,
                     reason="shellcheck is not installed (apt-get install shellcheck)")
 @pytest.mark.parametrize("script", [
-    gcloud.install_script(None, "3.11"), gcloud.install_script("gpt_jax[tpu]", "3.11"),
+    gcloud.install_script("abc123", None, "3.11"),
+    gcloud.install_script("abc123", "gpt_jax[tpu]", "3.11"),
     TRAIN_SCRIPT, shlex.split(TRAIN_SCRIPT.split("nohup bash -c ", 1)[1])[0],
-    gcloud.stop_script(), gcloud.logs_script(10, True), gcloud.exit_status_script()])
+    gcloud.stop_script(), gcloud.logs_script(10, True), gcloud.probe_script(),
+    gcloud.cleanup_script()])
 def test_remote_scripts_pass_shellcheck(script):
     # SC2016: the script for `bash -c '...'` is single-quoted on purpose (it expands remotely);
     # the inner script is checked on its own (the 4th case).
@@ -311,65 +345,6 @@ def test_launch_modules_compile():
     assert {"tpu.py", "local_multihost.py"} <= set(names)
     for name in names:  # raises py_compile.PyCompileError on a syntax error
         py_compile.compile(os.path.join(REPO, "launch", name), doraise=True)
-
-
-# ---------------------------------------------------------------- preemption supervisor
-
-
-class FakeCloud:
-    """Scripted gcloud: describe answers from `states`, worker 0's exit status from `exits`."""
-
-    def __init__(self, states: list[str], exits: list[str]):
-        self.states, self.exits, self.log = list(states), list(exits), []
-
-    def __call__(self, argv):
-        verb = argv[4] if argv[:3] == ["gcloud", "compute", "tpus"] else argv[0]
-        if verb == "ssh" and "train.exit" in remote_command(argv):
-            self.log.append(("exit", argv))
-            return gcloud.Result(0, self.exits.pop(0) + "\n")
-        self.log.append((verb, argv))
-        if verb == "describe":
-            s = self.states.pop(0)
-            return gcloud.Result(0, s + "\n") if s else gcloud.Result(1, "", "NOT_FOUND")
-        return gcloud.Result(0)
-
-    def kinds(self) -> list[str]:
-        return [k for k, _ in self.log]
-
-
-def plan(**kw) -> supervisor.Plan:
-    t = gcloud.Target("my-tpu", "my-proj", "us-west4-a", queued=True)
-    kw.setdefault("install", [["install"]])
-    return supervisor.Plan(target=t, create=["gcloud", "compute", "tpus", "queued-resources",
-                                             "create", "my-tpu"],
-                           train=gcloud.ssh_cmd(t, "all", "TRAIN"), poll_seconds=5,
-                           backoff_seconds=7, **kw)
-
-
-def test_supervisor_recreates_after_preemption_and_reruns_the_same_command():
-    cloud = FakeCloud(["", "WAITING_FOR_RESOURCES", "ACTIVE", "ACTIVE", "SUSPENDED", "",
-                       "ACTIVE", "ACTIVE", "ACTIVE"], ["running", "0", "0"])
-    sleeps = []
-    assert supervisor.supervise(plan(), cloud, sleeps.append) == 0
-    assert cloud.kinds() == ["describe", "create", "describe", "describe", "install", "ssh",
-                             "describe", "exit", "describe", "delete", "describe", "create",
-                             "describe", "install", "ssh", "describe", "exit", "describe", "exit"]
-    trains = [argv for kind, argv in cloud.log if kind == "ssh"]
-    assert trains[0] == trains[1] and remote_command(trains[0]) == "TRAIN"
-    assert 7 in sleeps and cloud.states == [] and cloud.exits == []
-
-
-def test_supervisor_gives_up_after_max_restarts():
-    cloud = FakeCloud(["PREEMPTED"] * 10, [])
-    sleeps = []
-    assert supervisor.supervise(plan(max_restarts=2), cloud, sleeps.append) == 1
-    assert cloud.kinds().count("delete") == 2 and sleeps == [7, 14]  # exponential backoff
-
-
-def test_supervisor_relaunches_a_crashed_run_without_recreating():
-    cloud = FakeCloud(["READY"] * 6, ["1", "0", "0"])
-    assert supervisor.supervise(plan(install=[]), cloud, lambda s: None) == 0
-    assert cloud.kinds().count("ssh") == 2 and "delete" not in cloud.kinds()
 
 
 # ---------------------------------------------------------------- local multi-host launcher
@@ -478,7 +453,7 @@ def test_child_env_replaces_the_device_count():
 def test_gke_jobset_matches_a_v5e_32_slice():
     yaml = pytest.importorskip("yaml")
     with open(os.path.join(REPO, "launch", "gke", "jobset.yaml")) as f:
-        doc = yaml.safe_load(f)
+        account, doc = yaml.safe_load_all(f)
     assert doc["apiVersion"] == "jobset.x-k8s.io/v1alpha2" and doc["kind"] == "JobSet"
     assert (doc["metadata"]["annotations"]["alpha.jobset.sigs.k8s.io/exclusive-topology"]
             == "cloud.google.com/gke-nodepool")
@@ -499,6 +474,25 @@ def test_gke_jobset_matches_a_v5e_32_slice():
     workdir = [a for a in container["command"] if a.startswith("--workdir=")]
     assert len(workdir) == 1 and workdir[0].startswith("--workdir=gs://")
     assert not any(a.startswith(("--num_processes", "--process_id")) for a in container["command"])
+    # Workload Identity: the pods run as the manifest's Kubernetes service account, and not on
+    # the host network (where they would write to GCS as the node's service account).
+    assert account["kind"] == "ServiceAccount"
+    assert pod["serviceAccountName"] == account["metadata"]["name"]
+    assert not pod.get("hostNetwork") and job["completionMode"] == "Indexed"
+
+
+def test_gke_one_image_path_a_dockerignore_and_the_same_jax_pin():
+    def read(*path):
+        with open(os.path.join(REPO, *path)) as f:
+            return f.read()
+
+    image = re.compile(r"[a-z0-9-]+-docker\.pkg\.dev/[A-Za-z0-9_/.:-]+")
+    text = read("launch", "gke", "jobset.yaml") + read("launch", "gke", "Dockerfile")
+    found = set(image.findall(text + read("docs", "tpu.md")))
+    assert found == {"us-west4-docker.pkg.dev/PROJECT/gpt-jax/gpt-jax:latest"}, found
+    ignored = read(".dockerignore").split()
+    assert {".git", ".venv", "runs"} <= set(ignored)
+    assert f'"jax[tpu]=={gcloud.JAX_TPU_VERSION}"' in read("launch", "gke", "Dockerfile")
 
 
 # ---------------------------------------------------------------- 2 hosts: kill and resume
@@ -550,15 +544,23 @@ def test_two_hosts_sigterm_then_resume_matches_an_uninterrupted_run(tmp_path):
 
     import numpy as np
 
+    def status(run):  # written by process 0 (see gpt_jax/run_status.py)
+        with open(tmp_path / run / "status.json") as f:
+            return {k: v for k, v in json.load(f).items() if k != "time"}
+
     rc, out = train_two_hosts(tmp_path / "straight")
     assert rc == 0, out[-3000:]
+    assert status("straight") == {"state": "finished", "step": 10, "num_steps": 10}
     rc, out = train_two_hosts(tmp_path / "killed", sigterm_at_step=2)
-    assert rc == 0, out[-3000:]
+    assert rc == 0, out[-3000:]  # exit 0 as when finished: only status.json tells them apart
     saved = sorted(int(s) for s in os.listdir(tmp_path / "killed" / "checkpoints") if s.isdigit())
     assert saved and saved[-1] < 10, (saved, out[-2000:])  # it really stopped early
+    assert status("killed") == {"state": "stopped", "step": saved[-1], "signal": "SIGTERM",
+                                "num_steps": 10}
     rc, out = train_two_hosts(tmp_path / "killed")
     assert rc == 0, out[-3000:]
     assert "[p0] step 10/10" in out and "[p1] step" not in out  # only process 0 logs
+    assert status("killed") == {"state": "finished", "step": 10, "num_steps": 10}
 
     def losses(run):
         return {e["step"]: e["loss"] for e in read_metrics(str(tmp_path / run)) if "loss" in e}
@@ -583,6 +585,40 @@ def test_two_hosts_sigterm_then_resume_matches_an_uninterrupted_run(tmp_path):
                                [single[s] for s in range(1, 11)], rtol=1e-5)
     for a, b in zip(final_params(tmp_path / "straight"), final_params(tmp_path / "one_process")):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_run_status_records(tmp_path):
+    from gpt_jax import run_status
+
+    def state(**kw):
+        run_status.ended(str(tmp_path), 10, **kw)
+        record = run_status.read(str(tmp_path))
+        return {k: v for k, v in record.items() if k != "time"}
+
+    assert state(signal="SIGTERM", stopped_at=3) == {"state": "stopped", "step": 3,
+                                                    "signal": "SIGTERM", "num_steps": 10}
+    assert state(signal="SIGTERM", stopped_at=10)["state"] == "finished"  # at the last step
+    assert state(signal=None, stopped_at=None) == {"state": "finished", "step": 10,
+                                                  "num_steps": 10}
+    run_status.failed(str(tmp_path), RuntimeError("bad\n  thing"))
+    assert run_status.read(str(tmp_path))["error"] == "bad thing"
+    with pytest.raises(ValueError, match="'done' is not one of"):
+        run_status.write(str(tmp_path), "done")
+
+
+def test_failed_train_records_the_one_line_error_in_status_json(tmp_path):
+    gpt_jax = os.path.join(os.path.dirname(PY), "gpt-jax")
+    entry = [gpt_jax] if os.path.exists(gpt_jax) else [PY, "-m", "gpt_jax.cli"]
+    workdir = tmp_path / "run"
+    out = subprocess.run([*entry, "train", TRAIN_FLAGS[0], "--config.train.num_steps=0",
+                          f"--workdir={workdir}"], capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert out.returncode != 0
+    with open(workdir / "status.json") as f:
+        record = json.load(f)
+    assert record["state"] == "failed" and "num_steps" in record["error"]
+    assert record["error"].startswith("gpt-jax train: ") and "\n" not in record["error"]
+    assert record["error"] in out.stderr
 
 
 def test_every_launcher_command_in_docs_tpu_md_parses(monkeypatch):

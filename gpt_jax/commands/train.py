@@ -20,7 +20,7 @@ def main(argv: list[str]) -> None:
         raise SystemExit(f"gpt-jax train: unexpected arguments {argv[1:]}; use --flags")
     common.init_distributed()
     from gpt_jax import config as config_lib
-    from gpt_jax import train
+    from gpt_jax import run_status, train
 
     config = FLAGS.config
     with config.unlocked():
@@ -29,5 +29,9 @@ def main(argv: list[str]) -> None:
             last = train.train(config, FLAGS.workdir)
         except (config_lib.ConfigError, ValueError, FileNotFoundError,
                 train.NonFiniteLossError) as e:
+            run_status.failed(FLAGS.workdir, f"gpt-jax train: {e}")
             raise SystemExit(f"gpt-jax train: {e}") from None
+        except Exception as e:
+            run_status.failed(FLAGS.workdir, f"{type(e).__name__}: {e}")
+            raise
     logging.info("done: %s", json.dumps(last))
