@@ -247,10 +247,9 @@ def prepare(config, store: str, tok: Tokenizer, num_workers: int = 0, process_in
              "num_docs": 0, "num_bytes": 0, "num_tokens": 0, "workers": workers,
              "seconds": {"read": 0.0, "encode": 0.0, "write": 0.0}}
     start = time.perf_counter()
-    by_records = all(plan.pieces[i].kind == "records" for i in todo)
-    bar = tqdm(total=sum(plan.pieces[i].size for i in todo), unit="doc" if by_records else "B",
-               unit_scale=True, disable=None, smoothing=0.1,
-               desc=f"prepare {plan.corpus} ({len(todo)} of {len(plan.pieces)} shards)")
+    progress = _Progress(sum(plan.pieces[i].size for i in todo),
+                         "doc" if all(plan.pieces[i].kind == "records" for i in todo) else "B",
+                         f"prepare {plan.corpus} ({len(todo)} of {len(plan.pieces)} shards)")
     data = d.to_dict()
 
     def done(index: int, result: dict) -> None:
@@ -258,10 +257,7 @@ def prepare(config, store: str, tok: Tokenizer, num_workers: int = 0, process_in
             stats[k] += result[k]
         for k, v in result["seconds"].items():
             stats["seconds"][k] += v
-        bar.update(plan.pieces[index].size)
-        elapsed = max(time.perf_counter() - start, 1e-9)
-        bar.set_postfix_str(f"{stats['num_bytes'] / elapsed / 1e6:.1f} MB/s, "
-                            f"{stats['num_tokens'] / elapsed / 1e3:.0f}k tok/s", refresh=False)
+        progress.update(plan.pieces[index].size, stats["num_bytes"], stats["num_tokens"])
 
     if workers == 1:
         _init_worker(data, store, threads, tok)
@@ -274,8 +270,9 @@ def prepare(config, store: str, tok: Tokenizer, num_workers: int = 0, process_in
             jobs = {pool.submit(write_shard, i, plan.pieces[i], plan.build_key): i for i in todo}
             for job in futures.as_completed(jobs):
                 done(jobs[job], job.result())
-    bar.close()
-    stats["wall_seconds"] = time.perf_counter() - start
+    progress.close()
+    stats["wall_seconds"] = round(time.perf_counter() - start, 3)
+    stats["seconds"] = {k: round(v, 3) for k, v in stats["seconds"].items()}
     if process_index == 0:
         _wait_for_shards(store, plan, itemsize, wait_seconds)
         atomic_write_json(os.path.join(store, MANIFEST), _manifest(store, plan, tok))
@@ -284,6 +281,34 @@ def prepare(config, store: str, tok: Tokenizer, num_workers: int = 0, process_in
                  stats["num_docs"], stats["num_bytes"] / 1e6, len(todo), stats["skipped"],
                  stats["wall_seconds"])
     return stats
+
+
+class _Progress:
+    """A tqdm bar on a terminal; in a log, one line every LOG_SECONDS with MB/s, tokens/s, ETA."""
+    LOG_SECONDS = 30.0
+
+    def __init__(self, total: int, unit: str, desc: str):
+        self.bar = tqdm(total=total, unit=unit, unit_scale=True, disable=None, smoothing=0.1,
+                        desc=desc)
+        self.total, self.unit, self.desc, self.done = total, unit, desc, 0
+        self.start = self.last = time.perf_counter()
+
+    def update(self, n: int, num_bytes: int, num_tokens: int) -> None:
+        self.done += n
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        rates = (f"{num_bytes / elapsed / 1e6:.1f} MB/s, "
+                 f"{num_tokens / elapsed / 1e6:.2f}M tokens/s")
+        self.bar.update(n)
+        self.bar.set_postfix_str(rates, refresh=False)
+        if self.bar.disable and (time.perf_counter() - self.last > self.LOG_SECONDS
+                                 or self.done == self.total):
+            self.last = time.perf_counter()
+            eta = elapsed * (self.total - self.done) / max(self.done, 1)
+            print(f"{self.desc}: {self.done / self.total:.1%} of {self.total:,} {self.unit}, "
+                  f"{rates}, eta {time.strftime('%H:%M:%S', time.gmtime(eta))}", flush=True)
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def _wait_for_shards(store: str, plan: Plan, itemsize: int, wait_seconds: float) -> None:
