@@ -64,6 +64,6 @@ def test_build_once_takes_over_a_dead_builders_lock(tmp_path):
     dead_pid = 2 ** 22 + 12345  # above the usual pid_max: no such process
     lock.write_text(json.dumps({"host": __import__("socket").gethostname(), "pid": dead_pid}))
     built = []
-    files.build_once(lambda: bool(built), lambda hb: built.append(1), str(lock), "x",
+    files.build_once(lambda: bool(built), lambda: built.append(1), str(lock), "x",
                      poll_seconds=0.01)
     assert built == [1] and not lock.exists()

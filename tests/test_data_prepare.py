@@ -269,7 +269,7 @@ def test_a_live_builders_lock_is_never_stale(tmp_path, monkeypatch):
     monkeypatch.setattr(files, "HEARTBEAT_SECONDS", 0.05)
     other = tmp_path / "y.lock"
     with files.build_lock(str(other)) as held:
-        assert held is not None
+        assert held
         os.utime(other, (old, old))
         time.sleep(0.3)
         assert time.time() - os.path.getmtime(other) < 5  # the thread touched it

@@ -134,12 +134,11 @@ def _lock_is_stale(lock_path: str) -> bool:
 
 
 @contextlib.contextmanager
-def build_lock(lock_path: str) -> Iterator[Callable[[], None] | None]:
+def build_lock(lock_path: str) -> Iterator[bool]:
     """Try to become the one builder of an artifact.
 
-    Yields a `heartbeat()` function when this process holds the lock, or None when another live
-    process holds it. A thread touches the lock every HEARTBEAT_SECONDS while it is held, so a
-    build that never calls `heartbeat()` (a TFDS prepare) is never judged stale. A lock left by a
+    Yields True when this process holds the lock, False when another live process holds it. A thread touches the lock every HEARTBEAT_SECONDS while it is held, so a
+    build that reports nothing (a TFDS prepare) is never judged stale. A lock left by a
     dead builder is taken over. The lock file is removed on exit.
     """
     os.makedirs(os.path.dirname(lock_path) or ".", exist_ok=True)
@@ -149,13 +148,13 @@ def build_lock(lock_path: str) -> Iterator[Callable[[], None] | None]:
             break
         except FileExistsError:
             if not _lock_is_stale(lock_path):
-                yield None
+                yield False
                 return
             logging.warning("Taking over the stale build lock %s", lock_path)
             with contextlib.suppress(OSError):
                 os.remove(lock_path)
     else:
-        yield None
+        yield False
         return
     with os.fdopen(fd, "w") as f:
         json.dump({"host": socket.gethostname(), "pid": os.getpid()}, f)
@@ -169,7 +168,7 @@ def build_lock(lock_path: str) -> Iterator[Callable[[], None] | None]:
     thread = threading.Thread(target=touch, name="build-lock-heartbeat", daemon=True)
     thread.start()
     try:
-        yield lambda: None  # kept for callers that report progress; the thread does the work
+        yield True
     finally:
         released.set()
         thread.join()
@@ -177,7 +176,7 @@ def build_lock(lock_path: str) -> Iterator[Callable[[], None] | None]:
             os.remove(lock_path)
 
 
-def build_once(is_done: Callable[[], bool], build: Callable[[Callable[[], None]], None],
+def build_once(is_done: Callable[[], bool], build: Callable[[], None],
                lock_path: str, what: str, poll_seconds: float = 0.5) -> None:
     """Make `is_done()` true: build under the lock, or wait for the process that holds it.
 
@@ -186,10 +185,10 @@ def build_once(is_done: Callable[[], bool], build: Callable[[Callable[[], None]]
     """
     waited = False
     while not is_done():
-        with build_lock(lock_path) as heartbeat:
-            if heartbeat is not None:
+        with build_lock(lock_path) as held:
+            if held:
                 if not is_done():  # someone may have finished just before we took the lock
-                    build(heartbeat)
+                    build()
                 return
         if not waited:
             logging.info("Waiting for another process to build %s (lock %s)", what, lock_path)

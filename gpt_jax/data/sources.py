@@ -246,7 +246,7 @@ def _default_data_dir() -> str:
 def _prepare(builder, what: str) -> None:
     key = hashlib.sha256(str(builder.data_path).encode()).hexdigest()[:16]
     lock = os.path.join(cache_root(), "locks", f"tfds-{key}.lock")
-    build_once(builder.is_prepared, lambda _: builder.download_and_prepare(), lock, what)
+    build_once(builder.is_prepared, builder.download_and_prepare, lock, what)
 
 
 def _open_files(d, name: str, files: list[tuple[str, str]], meta: dict) -> Corpus:

@@ -172,7 +172,7 @@ def auto_store(config, tok: Tokenizer) -> Store:
     root = d.cache_dir or os.path.join(cache_root(), "stores")
     path = os.path.join(os.path.expanduser(root), f"{plan.corpus}-{plan.build_key}")
 
-    def build(_heartbeat) -> None:
+    def build() -> None:
         if not is_saved(path):
             tok.save(tokenizer_dir(path))
         prepare(config, path, tok, num_workers=1)
