@@ -137,9 +137,10 @@ def _lock_is_stale(lock_path: str) -> bool:
 def build_lock(lock_path: str) -> Iterator[bool]:
     """Try to become the one builder of an artifact.
 
-    Yields True when this process holds the lock, False when another live process holds it. A thread touches the lock every HEARTBEAT_SECONDS while it is held, so a
-    build that reports nothing (a TFDS prepare) is never judged stale. A lock left by a
-    dead builder is taken over. The lock file is removed on exit.
+    Yields True when this process holds the lock, False when another live process holds it.
+    A thread touches the lock every HEARTBEAT_SECONDS while it is held, so a build that reports
+    nothing (a TFDS prepare) is never judged stale. A lock left by a dead builder is taken
+    over. The lock file is removed on exit.
     """
     os.makedirs(os.path.dirname(lock_path) or ".", exist_ok=True)
     for _ in range(2):
