@@ -17,17 +17,18 @@ FLAGS = flags.FLAGS
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
-        raise SystemExit(f"gpt-jax train: unexpected arguments {argv[1:]}; use --flags")
+        raise common.usage_error(f"unexpected arguments {argv[1:]}; use --flags")
     common.init_distributed()
     from gpt_jax import config as config_lib
     from gpt_jax import train
 
     config = FLAGS.config
     with config.unlocked():
+        config_lib.validate(config)  # a ConfigError is a usage error (exit 2) in the CLI
         try:
-            config_lib.validate(config)
             last = train.train(config, FLAGS.workdir)
-        except (config_lib.ConfigError, ValueError, FileNotFoundError,
-                train.NonFiniteLossError) as e:
-            raise SystemExit(f"gpt-jax train: {e}") from None
+        except config_lib.ConfigError:
+            raise
+        except ValueError as e:  # e.g. the tokenizer does not fit model.vocab_size
+            raise common.CommandError(str(e)) from e
     logging.info("done: %s", json.dumps(last))
