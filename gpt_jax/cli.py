@@ -111,12 +111,12 @@ def _run_command(name: str, args: list[str], verbose: bool) -> None:
 def _load_command(name: str, args: list[str]):
     try:  # a --config flag parses its default (and the overrides in argv) when it is defined
         module = importlib.import_module(f"gpt_jax.commands.{COMMANDS[name][0]}")
+        if hasattr(module, "define_flags_for"):  # e.g. bench: the kind's module defines them
+            module.define_flags_for(args)
     except (AttributeError, KeyError) as e:
         if not any(re.match(r"--?(no)?config\.", a) for a in args):
             raise
         raise UsageError(_unknown_field_message(args, e)) from e
-    if hasattr(module, "define_flags_for"):  # e.g. bench: the kind's module defines the flags
-        module.define_flags_for(args)
     return module
 
 
