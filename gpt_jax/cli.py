@@ -121,7 +121,7 @@ def _load_command(name: str, args: list[str]):
 
 
 def fail(prog: str, message: str, code: int) -> NoReturn:
-    message = message.strip()
+    message = " ".join(line.strip() for line in message.splitlines() if line.strip())
     prefix = f"{prog}: "
     if message.startswith(prefix):
         message = message[len(prefix):]
@@ -129,10 +129,11 @@ def fail(prog: str, message: str, code: int) -> NoReturn:
     sys.exit(code)
 
 
-def one_line(error: BaseException) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    text = lines[0] if lines else type(error).__name__
-    return text.strip("\"'") if text.startswith(("'", '"')) and len(lines) == 1 else text
+def one_line(error: BaseException, limit: int = 600) -> str:
+    """The error's message on one line (its lines joined), at most `limit` characters."""
+    text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+    text = text or type(error).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 class UsageError(Exception):
