@@ -76,6 +76,9 @@ def fresh_commands():
     finally:
         _drop_our_flags()
         for name in [k for k in sys.modules if _is_command_module(k)]:
+            parent, _, child = name.rpartition(".")
+            if getattr(sys.modules.get(parent), child, None) is sys.modules[name]:
+                delattr(sys.modules[parent], child)  # else `from pkg import it` finds it
             del sys.modules[name]
         sys.modules.update(saved_modules)
         for name, module in saved_modules.items():
