@@ -236,13 +236,12 @@ def _quiet_tfds(builder=None):
     """Hide TFDS's warnings about our (intentionally) unregistered builder configs.
 
     With a builder, also its "Downloading and preparing" banner and progress bars (our local
-    builders download nothing); `--verbosity=0` (absl INFO) keeps all of it.
+    builders download nothing).
     """
     logger, noise = py_logging.getLogger("absl"), _DropTfdsNoise()
     logger.addFilter(noise)
-    quiet = builder is not None and logging.get_verbosity() < logging.INFO
-    bars = tfds.core.utils.tqdm_utils
-    bars_were_on = getattr(bars, "_active", True)
+    quiet = builder is not None
+    bars_were_on = getattr(tfds.core.utils.tqdm_utils, "_active", True)
     if quiet:
         builder._log_download_bytes = builder._log_download_done = lambda: None
         tfds.display_progress_bar(False)
@@ -263,7 +262,9 @@ def _prepare(builder, what: str) -> None:
     lock = os.path.join(cache_root(), "locks", f"tfds-{key}.lock")
 
     def build(_) -> None:
-        if not isinstance(builder, TextFiles):  # a TFDS dataset: its own download progress
+        # A TFDS dataset keeps its own download progress; --verbosity=0 (absl INFO) keeps TFDS's
+        # messages for ours too.
+        if not isinstance(builder, TextFiles) or logging.get_verbosity() >= logging.INFO:
             builder.download_and_prepare()
             return
         docs = [doc for split in builder._docs.values() for doc in split]
