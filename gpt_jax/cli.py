@@ -109,6 +109,8 @@ def _run_command(name: str, args: list[str], verbose: bool) -> None:
 
 
 def _load_command(name: str, args: list[str]):
+    from gpt_jax.commands.common import usage_error
+
     try:  # a --config flag parses its default (and the overrides in argv) when it is defined
         module = importlib.import_module(f"gpt_jax.commands.{COMMANDS[name][0]}")
         if hasattr(module, "define_flags_for"):  # e.g. bench: the kind's module defines them
@@ -116,7 +118,7 @@ def _load_command(name: str, args: list[str]):
     except (AttributeError, KeyError) as e:
         if not any(re.match(r"--?(no)?config\.", a) for a in args):
             raise
-        raise UsageError(_unknown_field_message(args, e)) from e
+        raise usage_error(_unknown_field_message(args, e)) from e
     return module
 
 
@@ -136,10 +138,6 @@ def one_line(error: BaseException, limit: int = 600) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
-class UsageError(Exception):
-    """A bad command line (flag, flag value, config key): exit status 2."""
-
-
 def expected_exit_code(error: BaseException) -> int | None:
     """2 for usage errors, 1 for runtime errors a user can fix, None for anything else (a bug)."""
     from absl import flags
@@ -148,7 +146,7 @@ def expected_exit_code(error: BaseException) -> int | None:
     from gpt_jax.config import ConfigError
     from gpt_jax.data.files import DataError
 
-    if isinstance(error, (UsageError, flags.Error, ConfigError)):
+    if isinstance(error, (flags.Error, ConfigError)):
         return 2
     if isinstance(error, CommandError):
         return error.exit_code
@@ -163,15 +161,17 @@ def expected_exit_code(error: BaseException) -> int | None:
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
-    """absl's parse, with each problem as one UsageError line (absl prints two and exits 1)."""
+    """absl's parse, each problem one usage-error line (absl would print two and exit 1)."""
     from absl import flags
+
+    from gpt_jax.commands.common import usage_error
 
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:
-        raise UsageError(_flag_message(str(e))) from e
+        raise usage_error(_flag_message(str(e))) from e
     except (AttributeError, KeyError) as e:  # ml_collections: --config.<unknown field>=...
-        raise UsageError(_unknown_field_message(argv, e)) from e
+        raise usage_error(_unknown_field_message(argv, e)) from e
 
 
 def _flag_message(text: str) -> str:
@@ -211,6 +211,8 @@ def _check_config_loaded() -> None:
     """ml_collections loads --config lazily; a missing or broken file is one usage error."""
     from absl import flags
 
+    from gpt_jax.commands.common import usage_error
+
     if "config" not in flags.FLAGS or not hasattr(flags.FLAGS["config"], "config_filename"):
         return
     try:
@@ -218,7 +220,7 @@ def _check_config_loaded() -> None:
     except OSError as e:
         path = flags.FLAGS["config"].config_filename
         reason = "no such file" if not os.path.exists(path) else one_line(e)
-        raise UsageError(f"--config={path}: {reason}; give a config file with get_config(), "
+        raise usage_error(f"--config={path}: {reason}; give a config file with get_config(), "
                          "e.g. configs/default.py") from e
 
 
