@@ -129,6 +129,9 @@ class Checkpointer:
 
 
 def _short(error: BaseException, limit: int = 160) -> str:
+    """`Type: first line` of the error's root cause (Orbax wraps TensorStore's), cut to `limit`."""
+    while error.__cause__ is not None:
+        error = error.__cause__
     lines = str(error).strip().splitlines()
     text = f"{type(error).__name__}: {lines[0] if lines else ''}"
     return text if len(text) <= limit else text[:limit - 3] + "..."

@@ -20,5 +20,5 @@ def main(argv: list[str]) -> None:
     if len(argv) < 2 or argv[1] not in kinds:
         got = repr(argv[1]) if len(argv) > 1 else "nothing"
         raise usage_error(f"got {got}; expected one of: "
-                         + "; ".join(f"{k} ({KINDS[k]})" for k in kinds))
+                          + "; ".join(f"{k} ({KINDS[k]})" for k in kinds))
     importlib.import_module(f"gpt_jax.bench.{argv[1]}").run(argv[1:])

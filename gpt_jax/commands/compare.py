@@ -26,7 +26,7 @@ def main(argv: list[str]) -> None:
     paths = argv[1:]
     if not paths:
         raise usage_error("give one or more sweep or run directories, e.g. "
-                         "gpt-jax compare runs/position")
+                          "gpt-jax compare runs/position")
     if not 0 <= FLAGS.smoothing < 1:
         raise usage_error(f"--smoothing={FLAGS.smoothing} must be in [0, 1)")
     from gpt_jax import report
