@@ -4,13 +4,17 @@ VENV := .venv
 BIN := $(VENV)/bin
 WORKDIR ?= runs/demo
 export JAX_PLATFORMS ?= cpu
+# Installs take the versions the suite passed with (requirements/lock.txt, made by `make lock`).
+# To upgrade: make clean && make test PINS= (the newest versions setup.cfg allows), then make lock.
+LOCK := requirements/lock.txt
+PINS ?= -c $(LOCK)
 
-.PHONY: train test install install-test clean
+.PHONY: train test install install-test lock clean
 
-$(BIN)/gpt-jax: setup.cfg pyproject.toml
+$(BIN)/gpt-jax: setup.cfg pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q $(PINS) -e '.[dev]'
 	touch $@
 
 install: $(BIN)/gpt-jax
@@ -18,7 +22,7 @@ install: $(BIN)/gpt-jax
 # Tests also use libtpu (TPU AOT compiles on this CPU host) and, where a CPU-only torch wheel
 # can be had, torch + transformers for the Hugging Face conversion tests (skipped otherwise).
 $(VENV)/.test-extras: $(BIN)/gpt-jax
-	$(BIN)/pip install -q -e '.[dev,tpu]'
+	$(BIN)/pip install -q $(PINS) -e '.[dev,tpu]'
 	$(BIN)/pip install -q 'torch==2.13.0+cpu' 'transformers>=4.40' safetensors 2>/dev/null \
 	  || echo "note: no CPU-only torch wheel here; the Hugging Face tests will be skipped"
 	touch $@
@@ -32,6 +36,10 @@ train: install
 
 test: install-test
 	GPT_JAX_E2E=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile tests
+
+# Pin what setup.cfg's requirements (with the dev and tpu extras) resolved to in .venv.
+lock: install-test
+	$(BIN)/python requirements/freeze.py dev tpu > $(LOCK).new && mv $(LOCK).new $(LOCK)
 
 clean:
 	rm -rf $(VENV) runs

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import sys
 from typing import Any
 
 import jax
@@ -23,8 +24,26 @@ from gpt_jax import config as config_lib
 ITEMS = ("params", "opt_state", "meta", "config", "tokenizer")
 
 
+# Fields a resumed run must share with its checkpoints: they fix the shapes and tree of the state.
+STATE_FIELDS = ("model.vocab_size", "model.block_size", "model.n_layer", "model.n_head",
+                "model.n_embd", "model.mlp", "model.mlp_ratio", "model.norm", "model.position",
+                "model.tie_embeddings", "model.use_bias", "model.scan_layers", "data.tokenizer")
+
+
 class NoCheckpointError(FileNotFoundError):
     """A path that holds no checkpoint (or a run directory that holds none)."""
+
+
+class CheckpointError(RuntimeError):
+    """A run directory whose checkpoints cannot be resumed; the message says what to do."""
+
+
+class ConfigMismatchError(CheckpointError):
+    """The config asks for a different model than the run directory's checkpoints hold."""
+
+
+class UnreadableCheckpointsError(CheckpointError):
+    """Checkpoints exist but none of them reads back."""
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -73,16 +92,19 @@ class Checkpointer:
         """
         steps = sorted(self.manager.all_steps(), reverse=True)
         errors = []
-        for step in steps:
+        for i, step in enumerate(steps):
             try:
                 return self._restore(step, abstract_state)
             except Exception as e:  # noqa: BLE001 -- any unreadable checkpoint falls back
-                logging.warning("checkpoint %d in %s is unreadable (%s: %s); trying an older one",
-                                step, self.directory, type(e).__name__, str(e).splitlines()[0])
+                _drop_abandoned_read_errors()
+                then = f"trying step {steps[i + 1]}" if i + 1 < len(steps) else "none is left"
+                logging.warning("checkpoint %d in %s is unreadable (%s); %s", step,
+                                self.directory, _short(e), then)
                 errors.append(f"step {step}: {type(e).__name__}")
         if steps:
-            raise RuntimeError(f"no checkpoint in {self.directory} could be restored "
-                               f"({'; '.join(errors)}); move them away to start from scratch")
+            raise UnreadableCheckpointsError(
+                f"no checkpoint in {self.directory} could be restored ({'; '.join(errors)}); "
+                "move them away to start from scratch")
         return None
 
     def _restore(self, step: int, abstract_state: dict) -> tuple[dict, dict]:
@@ -104,6 +126,83 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _short(error: BaseException, limit: int = 160) -> str:
+    """`Type: first line` of the error's root cause (Orbax wraps TensorStore's), cut to `limit`."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    lines = str(error).strip().splitlines()
+    text = f"{type(error).__name__}: {lines[0] if lines else ''}"
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+_dropping = False
+
+
+def _drop_abandoned_read_errors() -> None:
+    """Keep a failed restore's stray reads from printing tracebacks later.
+
+    When one array of a checkpoint fails to read, Orbax gives up and closes its event loop while
+    TensorStore still finishes the other reads; their callbacks then raise "Event loop is
+    closed" (printed as tracebacks, one per read) and their coroutines are discarded with the
+    original error. Both are dropped here, for this process; every other error still prints.
+    """
+    global _dropping
+    if _dropping:
+        return
+    _dropping = True
+    excepthook, unraisablehook = sys.excepthook, sys.unraisablehook
+
+    def stray(error: BaseException | None, obj: object = None) -> bool:
+        closed = isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+        return closed or "_read_array_index" in getattr(obj, "__qualname__", "")
+
+    def on_exception(kind, error, tb):
+        if not stray(error):
+            excepthook(kind, error, tb)
+
+    def on_unraisable(unraisable):
+        if not stray(unraisable.exc_value, unraisable.object):
+            unraisablehook(unraisable)
+
+    sys.excepthook, sys.unraisablehook = on_exception, on_unraisable
+
+
+def saved_config(workdir: str):
+    """(step, config) of the newest checkpoint in `workdir` whose config reads back, else None."""
+    directory = epath.Path(_absolute(checkpoint_dir(workdir)))
+    if not directory.is_dir():
+        return None
+    for step in sorted(ocp.utils.checkpoint_steps(directory), reverse=True):
+        try:
+            return step, load_config(str(directory / str(step)))
+        except Exception:  # noqa: BLE001 -- an unreadable checkpoint: the restore falls back
+            continue
+    return None
+
+
+def check_resume_compatible(workdir: str, config) -> None:
+    """Raise ConfigMismatchError naming every STATE_FIELDS value that differs from the run's.
+
+    Reads only the saved config, so a config that cannot resume the run is reported as such
+    before any checkpoint is opened (not as a chain of "unreadable" checkpoints).
+    """
+    saved = saved_config(workdir)
+    if saved is None:
+        return
+    step, old = saved
+    diffs = []
+    for field in STATE_FIELDS:
+        section, name = field.split(".")
+        was, now = old[section].get(name), config[section].get(name)
+        if was != now:
+            diffs.append(f"{field}={was!r} (the config says {now!r})")
+    if diffs:
+        raise ConfigMismatchError(
+            f"the run in {workdir} was trained with {', '.join(diffs)} (checkpoint {step}); "
+            "resume with the run's values, use another --workdir, or start a new run from it "
+            f"with --config.train.init_from={workdir}")
 
 
 def _read_tokenizer_files(workdir: str) -> dict:

@@ -181,6 +181,7 @@ def train(config, workdir: str) -> dict:
 def _train(config, workdir: str, stop: StopSignal) -> dict:
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)
     tokenizer = setup_tokenizer(config, workdir)
+    ckpt_lib.check_resume_compatible(workdir, config)  # before config.json or any checkpoint
     if jax.process_index() == 0:
         epath.Path(workdir, "config.json").write_text(config_lib.to_json(config))
 

@@ -167,6 +167,25 @@ def test_eval_batches_are_sequential_and_repeatable(setup):
         np.testing.assert_array_equal(joined, batches[b]["inputs"])
 
 
+def test_too_many_eval_batches_are_cut_to_distinct_windows_with_one_notice(setup, monkeypatch):
+    config, tok, texts = setup
+    val = data.TokenDataset(config, tok, "validation")
+    flat = reference_tokens(data.open_corpus(config.data), "validation", texts, tok)
+    windows = (len(flat) - 1) // T
+    notices = []
+    monkeypatch.setattr(data.loader.logging, "warning", lambda *a: notices.append(a[0] % a[1:]))
+    asked = windows // 4 + 3
+    for _ in range(2):  # two evaluations, one notice
+        batches = list(val.eval_batches(asked, 4, T))
+        assert len(batches) == windows // 4
+        inputs = np.concatenate([b["inputs"] for b in batches])
+        assert [r.tolist() for r in inputs] == [flat[w * T:(w + 1) * T]
+                                                for w in range(4 * (windows // 4))]
+    assert len(notices) == 1 and f"{windows} windows" in notices[0] and str(asked) in notices[0]
+    assert len(list(val.eval_batches(windows // 4, 4, T))) == windows // 4
+    assert len(notices) == 1  # settings that fit say nothing
+
+
 def test_other_tokenizer_gets_its_own_store_and_a_damaged_shard_is_named(setup):
     config, tok, texts = setup
     byte_ds = data.TokenDataset(config, tok, "validation")

@@ -35,6 +35,21 @@ def test_text_files_split_is_disjoint_complete_and_stable(tmp_path):
     assert corpus.builder.info.metadata["num_files"] == 20
 
 
+def test_preparing_a_local_corpus_prints_one_line_of_ours(tmp_path, capfd):
+    write_corpus(tmp_path / "q", n_files=6)
+    size = sum(os.path.getsize(p) for p in glob.glob(str(tmp_path / "q" / "**" / "*.txt"),
+                                                      recursive=True))
+    capfd.readouterr()
+    data.open_corpus(make_config(tmp_path, str(tmp_path / "q")).data)
+    out, err = capfd.readouterr()
+    assert out.startswith("preparing corpus text_files (6 files), "
+                          f"{size / 1e6:.1f} MB ... done in ") and out.count("\n") == 1
+    assert not any(noise in out + err for noise in ("Downloading and preparing", "Shuffling",
+                                                    "Generating", "downloaded and prepared"))
+    data.open_corpus(make_config(tmp_path, str(tmp_path / "q")).data)  # prepared: silent
+    assert capfd.readouterr() == ("", "")
+
+
 def test_text_files_dirs_globs_and_extensions(tmp_path):
     write_corpus(tmp_path / "c", n_files=3, ext=".md")
     write_corpus(tmp_path / "c" / "py", n_files=3, ext=".py")

@@ -14,7 +14,7 @@ import sys
 
 from absl import flags
 
-from gpt_jax.commands.common import define_config_flag
+from gpt_jax.commands.common import CommandError, define_config_flag, usage_error
 from gpt_jax.config import ATTENTION_IMPLS, DTYPES, REMAT_POLICIES
 
 define_config_flag("default")
@@ -41,7 +41,7 @@ def _mesh_flag(text: str | None) -> tuple[int, int, int] | None:
     except ValueError:
         sizes = ()
     if len(sizes) != 3:
-        raise SystemExit(f"gpt-jax aot: --mesh={text!r} must be three integers data,fsdp,tensor")
+        raise usage_error(f"--mesh={text!r} must be three integers data,fsdp,tensor")
     return sizes  # type: ignore[return-value]
 
 
@@ -51,7 +51,7 @@ def main(argv: list[str]) -> None:
     from gpt_jax import aot
 
     if not FLAGS.topology:
-        raise SystemExit(f"gpt-jax aot: --topology is required; one of: {', '.join(aot.SLICES)}")
+        raise usage_error(f"--topology is required; one of: {', '.join(aot.SLICES)}")
     try:
         aot.get_slice(FLAGS.topology)
         config = aot.resolve_preset(FLAGS.preset) if FLAGS.preset else FLAGS.config
@@ -63,7 +63,7 @@ def main(argv: list[str]) -> None:
         record = aot.project(config, FLAGS.topology, decode=FLAGS.decode,
                              decode_batch_size=FLAGS.decode_batch_size)
     except aot.AotError as e:
-        raise SystemExit(f"gpt-jax aot: {e}") from None
+        raise CommandError(str(e)) from e
     record["command"] = "gpt-jax " + " ".join(sys.argv[1:])
     print(aot.format_report(record), file=sys.stderr)
     line = json.dumps(record)

@@ -6,6 +6,7 @@ import importlib
 import importlib.util
 
 from gpt_jax.bench import KINDS
+from gpt_jax.commands.common import usage_error
 
 
 def define_flags_for(args: list[str]) -> None:
@@ -18,6 +19,6 @@ def main(argv: list[str]) -> None:
     kinds = [k for k in KINDS if importlib.util.find_spec(f"gpt_jax.bench.{k}") is not None]
     if len(argv) < 2 or argv[1] not in kinds:
         got = repr(argv[1]) if len(argv) > 1 else "nothing"
-        raise SystemExit(f"gpt-jax bench: got {got}; expected one of: "
-                         + "; ".join(f"{k} ({KINDS[k]})" for k in kinds))
+        raise usage_error(f"got {got}; expected one of: "
+                          + "; ".join(f"{k} ({KINDS[k]})" for k in kinds))
     importlib.import_module(f"gpt_jax.bench.{argv[1]}").run(argv[1:])

@@ -8,6 +8,18 @@ from absl import flags
 from ml_collections import config_flags
 
 
+class CommandError(Exception):
+    """An error a user can fix, reported by the CLI as one line (exit 1; 2 for usage)."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def usage_error(message: str) -> CommandError:
+    return CommandError(message, exit_code=2)
+
+
 def define_config_flag(default_preset: str = "default") -> None:
     """--config=path/to/config.py (default: the shipped preset), overridable per field."""
     from gpt_jax.config import preset_path
@@ -38,10 +50,10 @@ def init_distributed() -> None:
     pid = f.process_id if f.process_id is not None else os.environ.get("GPT_JAX_PROCESS_ID")
     if address:
         if num is None or pid is None:
-            raise SystemExit("--coordinator_address needs --num_processes and --process_id")
+            raise usage_error("--coordinator_address needs --num_processes and --process_id")
         pid = int(pid)
         if not 0 <= pid < num:
-            raise SystemExit(f"--process_id={pid} must be in [0, {num}) for --num_processes={num}")
+            raise usage_error(f"--process_id={pid} must be in [0, {num}) for --num_processes={num}")
         if jax.config.jax_platforms in (None, "", "cpu") or "cpu" in str(jax.config.jax_platforms):
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(address, num_processes=num, process_id=pid)

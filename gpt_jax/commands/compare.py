@@ -10,6 +10,8 @@ import os
 
 from absl import flags
 
+from gpt_jax.commands.common import CommandError, usage_error
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # parameter counts only; no accelerator needed
 
 flags.DEFINE_string("out", None, "Where report.md and the PNGs go (default: the directory "
@@ -23,16 +25,16 @@ FLAGS = flags.FLAGS
 def main(argv: list[str]) -> None:
     paths = argv[1:]
     if not paths:
-        raise SystemExit("gpt-jax compare: give one or more sweep or run directories, e.g. "
-                         "gpt-jax compare runs/position")
+        raise usage_error("give one or more sweep or run directories, e.g. "
+                          "gpt-jax compare runs/position")
     if not 0 <= FLAGS.smoothing < 1:
-        raise SystemExit(f"gpt-jax compare: --smoothing={FLAGS.smoothing} must be in [0, 1)")
+        raise usage_error(f"--smoothing={FLAGS.smoothing} must be in [0, 1)")
     from gpt_jax import report
 
     try:
         result = report.compare(paths, FLAGS.out, FLAGS.baseline, FLAGS.smoothing)
     except report.ReportError as e:
-        raise SystemExit(f"gpt-jax compare: {e}") from None
+        raise CommandError(str(e)) from e
     for warning in result["warnings"]:
         print(f"warning: {warning}")
     for s in result["stats"]:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from absl import flags
 
+from gpt_jax.commands.common import CommandError, usage_error
+
 
 def _define(define, name: str, default, help_text: str, *args) -> None:
     if name not in flags.FLAGS:
@@ -28,9 +30,9 @@ def main(argv: list[str]) -> None:
     del argv
     source, target = FLAGS["from"].value, FLAGS["to"].value
     if (source is None) == (target is None):
-        raise SystemExit("gpt-jax convert: give exactly one of --from=hf or --to=hf")
+        raise usage_error("give exactly one of --from=hf or --to=hf")
     if not FLAGS.hf_dir or not FLAGS.workdir:
-        raise SystemExit("gpt-jax convert: needs --hf_dir and --workdir")
+        raise usage_error("needs --hf_dir and --workdir")
     from gpt_jax.data.files import DataError
     from gpt_jax.hf import ConversionError, from_hf, to_hf
 
@@ -42,4 +44,4 @@ def main(argv: list[str]) -> None:
             to_hf(FLAGS.workdir, FLAGS.hf_dir)
             print(f"converted {FLAGS.workdir} -> Hugging Face directory {FLAGS.hf_dir}")
     except (ConversionError, DataError, FileNotFoundError) as e:
-        raise SystemExit(f"gpt-jax convert: {e}") from None
+        raise CommandError(str(e)) from e

@@ -16,16 +16,15 @@ FLAGS = flags.FLAGS
 
 
 def main(argv: list[str]) -> None:
+    if FLAGS.eval_batches is not None and FLAGS.eval_batches < 1:
+        raise common.usage_error(f"--eval_batches={FLAGS.eval_batches} must be >= 1")
     common.init_distributed()
     import jax
 
     from gpt_jax import api, checkpoint, sharding, train
     from gpt_jax.step import Trainer
 
-    try:
-        config = checkpoint.load_config(FLAGS.workdir)
-    except FileNotFoundError as e:
-        raise SystemExit(f"gpt-jax eval: {e}") from None
+    config = checkpoint.load_config(FLAGS.workdir)  # a missing run: one line from the CLI
     if FLAGS.eval_batches:
         config.train.eval_batches = FLAGS.eval_batches
     config.mesh.update(data=-1, fsdp=1, tensor=1)

@@ -10,6 +10,8 @@ import sys
 
 from absl import flags
 
+from gpt_jax.commands.common import CommandError, usage_error
+
 
 def _define(define, name: str, default, help_text: str) -> None:
     """Define a flag unless another command module imported in this process already did."""
@@ -55,7 +57,7 @@ def main(argv: list[str]) -> None:
     from gpt_jax import api
 
     if not FLAGS.workdir:
-        raise SystemExit("gpt-jax sample: --workdir is required (a run directory or checkpoint)")
+        raise usage_error("--workdir is required (a run directory or checkpoint)")
     try:
         lm = api.load(FLAGS.workdir, shard=FLAGS.shard)
         prompts = read_prompts(FLAGS.prompt, FLAGS.prompt_file, lm.config.sample.prompt)
@@ -65,7 +67,7 @@ def main(argv: list[str]) -> None:
                                  seed=FLAGS.seed, truncate_prompt=FLAGS.truncate_prompt,
                                  return_logprobs=FLAGS.logprobs)
     except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"gpt-jax sample: {e}") from None
+        raise CommandError(str(e)) from e
     per_prompt = len(gen.tokens) // len(prompts)
     eos = api.special_id(lm.tokenizer, "eos_id")
     for r, tokens in enumerate(gen.tokens):

@@ -34,7 +34,7 @@ def parse_sets(items: list[str]) -> dict:
     for item in items:
         key, eq, text = item.partition("=")
         if not eq or not key.strip():
-            raise SystemExit(f"gpt-jax sweep: --set={item!r} is not key=value")
+            raise common.usage_error(f"--set={item!r} is not key=value")
         try:
             value = ast.literal_eval(text)
         except (ValueError, SyntaxError):
@@ -54,8 +54,7 @@ def print_members(summary: dict) -> None:
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
-        raise SystemExit(f"gpt-jax sweep: unexpected arguments {argv[1:]}; use --flags")
-    from gpt_jax import config as config_lib
+        raise common.usage_error(f"unexpected arguments {argv[1:]}; use --flags")
     from gpt_jax import sweep as sweep_lib
 
     extra = parse_sets(FLAGS.set)
@@ -72,8 +71,8 @@ def main(argv: list[str]) -> None:
         common.init_distributed()
         summary = sweep_lib.run_sweep(sweep, FLAGS.workdir, only=FLAGS.only,
                                       extra_overrides=extra, source=FLAGS.config)
-    except (sweep_lib.SweepError, config_lib.ConfigError) as e:
-        raise SystemExit(f"gpt-jax sweep: {e}") from None
+    except sweep_lib.SweepError as e:
+        raise common.CommandError(str(e)) from e
     print_members(summary)
     unfinished = [m for m in summary["members"]
                   if m["index"] in summary["selected"] and m["state"] != "done"]

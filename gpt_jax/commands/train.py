@@ -6,6 +6,7 @@ import json
 
 from absl import flags, logging
 
+from gpt_jax.cli import expected_exit_code
 from gpt_jax.commands import common
 
 common.define_config_flag()
@@ -17,7 +18,7 @@ FLAGS = flags.FLAGS
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
-        raise SystemExit(f"gpt-jax train: unexpected arguments {argv[1:]}; use --flags")
+        raise common.usage_error(f"unexpected arguments {argv[1:]}; use --flags")
     common.init_distributed()
     from gpt_jax import config as config_lib
     from gpt_jax import run_status, train
@@ -25,13 +26,12 @@ def main(argv: list[str]) -> None:
     config = FLAGS.config
     with config.unlocked():
         try:
-            config_lib.validate(config)
+            config_lib.validate(config)  # a ConfigError is a usage error (exit 2) in the CLI
             last = train.train(config, FLAGS.workdir)
-        except (config_lib.ConfigError, ValueError, FileNotFoundError,
-                train.NonFiniteLossError) as e:
-            run_status.failed(FLAGS.workdir, f"gpt-jax train: {e}")
-            raise SystemExit(f"gpt-jax train: {e}") from None
         except Exception as e:
-            run_status.failed(FLAGS.workdir, f"{type(e).__name__}: {e}")
+            known = expected_exit_code(e) is not None or isinstance(e, ValueError)
+            run_status.failed(FLAGS.workdir, str(e) if known else f"{type(e).__name__}: {e}")
+            if isinstance(e, ValueError) and expected_exit_code(e) is None:
+                raise common.CommandError(str(e)) from e  # e.g. the tokenizer does not fit
             raise
     logging.info("done: %s", json.dumps(last))

@@ -51,6 +51,7 @@ class TokenDataset(HostBatches):
         self.tokens = self.store.tokens(self.split)
         self.name = f"{self.store.manifest['corpus']}/{self.split}"
         self._epochs: dict[tuple[int, int, int], tuple[int, np.ndarray]] = {}
+        self._eval_clamp_noted = False
 
     @property
     def num_tokens(self) -> int:
@@ -114,14 +115,20 @@ class TokenDataset(HostBatches):
         """Sequential windows from the start of the split, the same in every run.
 
         `num_batches` None or <= 0: the whole split (the last batch wraps to the start to fill
-        up); a split with fewer windows than asked for is also wrapped around.
+        up). More batches than the split has windows for are cut to the full batches that fit
+        (one notice per dataset), so no window counts twice.
         """
         windows = self.num_windows(seq_len)
         if not num_batches or num_batches <= 0:
             num_batches = -(-windows // batch_size)
         elif num_batches * batch_size > windows:
-            logging.warning("%s has %d windows of %d tokens; %d eval batches of %d rows repeat "
-                            "some", self.name, windows, seq_len, num_batches, batch_size)
+            fit = max(windows // batch_size, 1)
+            if not self._eval_clamp_noted:
+                self._eval_clamp_noted = True
+                logging.warning("%s has %d windows of %d tokens: evaluating %d batches of %d rows "
+                                "instead of the %d asked for", self.name, windows, seq_len, fit,
+                                batch_size, num_batches)
+            num_batches = fit
         lo, hi = process_rows(batch_size, process_index, process_count)
         for b in range(num_batches):
             ids = (b * batch_size + np.arange(lo, hi, dtype=np.int64)) % windows

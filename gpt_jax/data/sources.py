@@ -18,6 +18,7 @@ import os
 import platform
 import re
 import sysconfig
+import time
 from typing import Any, Iterator, Sequence
 
 import tensorflow_datasets as tfds
@@ -229,14 +230,25 @@ class _DropTfdsNoise(py_logging.Filter):
 
 
 @contextlib.contextmanager
-def _quiet_tfds():
-    """Hide TFDS's warnings about our (intentionally) unregistered builder configs."""
+def _quiet_tfds(builder=None):
+    """Hide TFDS's warnings about our (intentionally) unregistered builder configs.
+
+    With a builder, also its "Downloading and preparing" banner and progress bars (our local
+    builders download nothing).
+    """
     logger, noise = py_logging.getLogger("absl"), _DropTfdsNoise()
     logger.addFilter(noise)
+    quiet = builder is not None
+    bars_were_on = getattr(tfds.core.utils.tqdm_utils, "_active", True)
+    if quiet:
+        builder._log_download_bytes = builder._log_download_done = lambda: None
+        tfds.display_progress_bar(False)
     try:
         yield
     finally:
         logger.removeFilter(noise)
+        if quiet:
+            tfds.display_progress_bar(bars_were_on)
 
 
 def _default_data_dir() -> str:
@@ -246,7 +258,26 @@ def _default_data_dir() -> str:
 def _prepare(builder, what: str) -> None:
     key = hashlib.sha256(str(builder.data_path).encode()).hexdigest()[:16]
     lock = os.path.join(cache_root(), "locks", f"tfds-{key}.lock")
-    build_once(builder.is_prepared, builder.download_and_prepare, lock, what)
+
+    def build() -> None:
+        # A TFDS dataset keeps its own download progress; --verbosity=0 (absl INFO) keeps TFDS's
+        # messages for ours too.
+        if not isinstance(builder, TextFiles) or logging.get_verbosity() >= logging.INFO:
+            builder.download_and_prepare()
+            return
+        docs = [doc for split in builder._docs.values() for doc in split]
+        size = sum(os.path.getsize(doc.path) for doc in {d.path: d for d in docs}.values())
+        print(f"preparing corpus {what}, {size / 1e6:.1f} MB ...", end=" ", flush=True)
+        start = time.perf_counter()
+        try:
+            with _quiet_tfds(builder):
+                builder.download_and_prepare()
+        except BaseException:
+            print("failed", flush=True)
+            raise
+        print(f"done in {time.perf_counter() - start:.1f} s", flush=True)
+
+    build_once(builder.is_prepared, build, lock, what)
 
 
 def _open_files(d, name: str, files: list[tuple[str, str]], meta: dict) -> Corpus:
