@@ -137,25 +137,26 @@ def text_files(path: str) -> list[str]:
     return files
 
 
-def nextline_examples(texts: Iterable[str], limit: int, seed: int = 0,
-                      source: str = "text") -> list[Example]:
+def nextline_examples(texts: Iterable[str], limit: int, seed: int = 0, source: str = "text",
+                      max_bytes: int = 200) -> list[Example]:
     """Cloze examples: context = the previous lines, choices = the true next line + 3 others.
 
-    A candidate line has 8 to 200 characters and follows NEXTLINE_CONTEXT_LINES lines of the
-    same document; distractors are candidate lines of other places, different from the answer.
+    A candidate line has 8 to `max_bytes` UTF-8 bytes (so that it fits a small model's context)
+    and follows NEXTLINE_CONTEXT_LINES lines of the same document; distractors are candidate
+    lines of other places, different from the answer.
     """
     places, lines_of = [], []
     for d, text in enumerate(texts):
         lines = [ln.rstrip() for ln in text.splitlines() if ln.strip()]
         lines_of.append(lines)
         places += [(d, i) for i in range(NEXTLINE_CONTEXT_LINES, len(lines))
-                   if 8 <= len(lines[i].strip()) <= 200]
+                   if len(lines[i].strip()) >= 8 and len(lines[i].encode()) <= max_bytes]
         if len(places) > 200_000:
             break
     pool = [lines_of[d][i] for d, i in places]
     if len(set(pool)) < NEXTLINE_CHOICES:
         raise EvalError(f"nextline: {source} has too few lines (need documents with more than "
-                        f"{NEXTLINE_CONTEXT_LINES} non-blank lines of 8-200 characters)")
+                        f"{NEXTLINE_CONTEXT_LINES} non-blank lines of 8-{max_bytes} bytes)")
     rng = np.random.default_rng(seed)
     chosen = rng.permutation(len(places))[:limit or len(places)]
     examples = []
@@ -199,16 +200,19 @@ def load_task(kind: str, path: str, *, limit: int = 0, config=None) -> list[Exam
     elif kind == "choices":
         examples = load_choices(path)
     elif kind == "nextline":
+        # the separator and the line must fit the context: bytes bound tokens for our tokenizers
+        max_bytes = 200 if config is None else min(200, config.model.block_size - 1)
         if path:
             texts = (open(f, encoding="utf-8", errors="replace").read()
                      for f in text_files(path))
-            return nextline_examples(texts, limit or 1000, source=path)
+            return nextline_examples(texts, limit or 1000, source=path, max_bytes=max_bytes)
         if config is None:
             raise EvalError("nextline without a path needs a run (its validation split)")
         from gpt_jax.data import open_corpus
 
         texts = open_corpus(config.data).texts(config.data.eval_split)
-        return nextline_examples(texts, limit or 1000, source="validation split")
+        return nextline_examples(texts, limit or 1000, source="validation split",
+                                 max_bytes=max_bytes)
     else:
         examples = load_tfds_hellaswag(config.data.data_dir if config is not None else "")
     if not examples:
