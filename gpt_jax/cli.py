@@ -11,7 +11,7 @@ COMMANDS = {
     "train": ("train", "train (or resume, or fine-tune) a GPT into a run directory"),
     "eval": ("evaluate", "validation loss / perplexity of a run's checkpoint"),
     "sample": ("sample", "generate text from a run directory"),
-    "bench": ("bench", "benchmarks: bench train | sample | data"),
+    "bench": ("bench", "benchmarks: bench train | sample | data | evals"),
     "aot": ("aot", "compile a config's train/decode step for a TPU topology on this host"),
     "sweep": ("sweep", "run every (variant, seed) of an ablation file"),
     "compare": ("compare", "report.md + plots comparing run directories"),

@@ -343,3 +343,21 @@ def test_eval_command_prints_a_table_and_writes_json(hf_run, tmp_path, text_corp
     assert "| task | n | acc | acc_norm |" in proc.stdout and "| nextline | 20 |" in proc.stdout
     result = json.loads(out.read_text())["tasks"]
     assert result["choices"]["n"] == 3 and set(result) == {"choices", "nextline"}
+
+
+def test_train_eval_tasks_reach_metrics_and_the_compare_report(tmp_path, text_corpus):
+    from conftest import tiny_run_config
+    from gpt_jax import report, train
+    from gpt_jax.metrics import read_metrics
+
+    config = tiny_run_config(text_corpus, tmp_path / "cache", num_steps=4, log_every=2,
+                             eval_every=2, eval_tasks="nextline", eval_tasks_examples=12)
+    train.train(config, str(tmp_path / "run"))
+    events = [e for e in read_metrics(str(tmp_path / "run")) if "downstream/nextline/acc" in e]
+    assert [e["step"] for e in events] == [2, 4]
+    assert all(e["downstream/nextline/n"] == 12 and 0 <= e["downstream/nextline/acc_norm"] <= 1
+               for e in events) and "eval_loss" in events[0]
+    out = report.compare([str(tmp_path / "run")], str(tmp_path / "report"))
+    text = open(out["report"]).read()
+    assert "## Downstream tasks" in text and "| nextline acc_norm |" in text
+    assert "nextline 12" in text and out["plots"]["nextline_acc_norm_vs_step.png"] == 1

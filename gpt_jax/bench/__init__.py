@@ -4,4 +4,5 @@ KINDS = {
     "train": "step time, tokens/s, TFLOP/s and MFU of a training step",
     "sample": "tokens/s of the KV-cached sampler against a no-cache baseline",
     "data": "loader throughput in tokens/s and token-cache build time",
+    "evals": "examples/s of the multiple-choice scorer (and a TPU projection with --bench_tpu)",
 }

@@ -52,7 +52,7 @@ def during_training(trainer, params, tokenizer, config) -> dict[str, float]:
     if not spec:
         return {}
     limit = config.train.get("eval_tasks_examples", 200)
-    key = (spec, limit, tokenizer.fingerprint(), config.data.eval_split)
+    key = (spec, limit, tokenizer.fingerprint, config.data.eval_split)
     if key not in _TRAINING_TASKS:
         _TRAINING_TASKS[key] = load_tasks(spec, limit=limit, config=config)
     results = run_tasks(trainer.model_cfg, params, tokenizer, _TRAINING_TASKS[key],
