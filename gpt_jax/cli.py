@@ -9,7 +9,7 @@ import sys
 # name -> (module under gpt_jax.commands, one-line description)
 COMMANDS = {
     "train": ("train", "train (or resume, or fine-tune) a GPT into a run directory"),
-    "eval": ("evaluate", "validation loss / perplexity of a run's checkpoint"),
+    "eval": ("evaluate", "validation loss / perplexity, or task accuracy (--tasks), of a run"),
     "sample": ("sample", "generate text from a run directory"),
     "bench": ("bench", "benchmarks: bench train | sample | data | evals"),
     "aot": ("aot", "compile a config's train/decode step for a TPU topology on this host"),

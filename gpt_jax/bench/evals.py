@@ -24,7 +24,8 @@ from gpt_jax.model import GPT, ModelConfig
 
 if "config" not in flags.FLAGS:
     define_config_flag("gpt2_124m")
-flags.DEFINE_integer("bench_examples", 16, "Examples (4 rows each) timed after the compile.")
+flags.DEFINE_integer("bench_examples", 16, "Examples (4 rows each) timed after the compile "
+                     "(0: skip the local measurement).")
 flags.DEFINE_integer("bench_rows", 16, "Rows per scoring batch on the local devices.")
 flags.DEFINE_string("bench_tpu", "", "Also project for this TPU slice, e.g. v5e-8 ('': skip).")
 flags.DEFINE_integer("bench_tpu_rows", 256, "Rows per batch for the TPU projection.")
@@ -104,14 +105,14 @@ def project_tpu(config, slice_name: str, rows: int, length: int) -> dict:
 
 def run(argv: list[str]) -> None:
     del argv
-    config = FLAGS.config
-    results = {"local": measure_local(config, FLAGS.bench_examples, FLAGS.bench_rows)}
-    r = results["local"]
+    config, results = FLAGS.config, {}
     print(f"# scorer: {config.model.n_layer} layers, width {config.model.n_embd}, "
-          f"{config.model.dtype}; {r['device']} x{r['devices']}")
-    print(f"{r['examples']} examples ({r['rows_per_batch']} rows per batch): "
-          f"{r['seconds']:.2f} s, {r['examples_per_s']:.2f} examples/s "
-          f"(first batch, with compile: {r['first_batch_s']:.1f} s)")
+          f"{config.model.dtype}")
+    if FLAGS.bench_examples:
+        r = results["local"] = measure_local(config, FLAGS.bench_examples, FLAGS.bench_rows)
+        print(f"{r['device']} x{r['devices']}: {r['examples']} examples ({r['rows_per_batch']} "
+              f"rows per batch): {r['seconds']:.2f} s, {r['examples_per_s']:.2f} examples/s "
+              f"(first batch, with compile: {r['first_batch_s']:.1f} s)")
     if FLAGS.bench_tpu:
         p = project_tpu(config, FLAGS.bench_tpu, FLAGS.bench_tpu_rows, FLAGS.bench_tpu_length)
         results["tpu"] = p
