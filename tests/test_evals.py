@@ -45,11 +45,13 @@ def test_scores_equal_a_per_row_computation_with_and_without_a_mesh():
     params = random_params(cfg, 1)
     rng = np.random.default_rng(0)
     requests = [Request(list(rng.integers(0, 40, n)), list(rng.integers(0, 40, m)))
-                for n, m in [(3, 2), (12, 3), (1, 1), (5, 8), (2, 5)]]  # 12+3 and 5+8 truncate
+                for n, m in [(2, 2), (12, 3), (1, 3), (5, 8), (3, 1)]]  # 12+3 and 5+8 truncate
+
+    forward = jax.jit(lambda p, tokens: GPT(cfg).apply({"params": p}, tokens))
 
     def by_hand(context, continuation):
         seq = (context + continuation)[-(cfg.block_size + 1):]  # what fits, unpadded, alone
-        logits = np.asarray(GPT(cfg).apply({"params": params}, np.array([seq[:-1]])))[0]
+        logits = np.asarray(forward(params, np.array([seq[:-1]])))[0]
         logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
         picked = [(t - 1, seq[t]) for t in range(len(seq) - len(continuation), len(seq))]
         return (sum(logp[p, tok] for p, tok in picked),
@@ -65,6 +67,15 @@ def test_scores_equal_a_per_row_computation_with_and_without_a_mesh():
         np.testing.assert_allclose([s.logprob for s in got], [w[0] for w in want], atol=1e-4)
         assert [s.tokens for s in got] == [len(x) for _, x in requests]
         assert [s.greedy for s in got] == [w[1] for w in want]
+
+
+def test_a_model_with_zero_weights_gives_every_token_log_one_over_vocab():
+    cfg = ModelConfig(vocab_size=40, block_size=8, n_layer=1, n_head=2, n_embd=16)
+    zeros = jax.tree.map(np.zeros_like, random_params(cfg))  # logits 0: p = 1/40 everywhere
+    got = loglikelihoods(cfg, zeros, [Request([1] * 12, [2, 3, 4]), Request([5], [6])])
+    assert [s.tokens for s in got] == [3, 1]
+    np.testing.assert_allclose([s.logprob for s in got], [3 * np.log(1 / 40), np.log(1 / 40)],
+                               rtol=1e-6)
 
 
 def _config_for(cfg: ModelConfig):
@@ -199,6 +210,10 @@ def test_an_ending_longer_than_the_context_and_bad_specs_are_one_line_errors(tmp
     with pytest.raises(evals.EvalError, match=r"long\.jsonl:1: ending 1 has 21 tokens, longer "
                        r"than the model's context \(block_size=8\)"):
         score_examples(cfg, random_params(cfg), BYTE, load_task("choices", path))
+    with pytest.raises(evals.EvalError, match="hellaswag_tfds: .*(no hellaswag builder|not prepared in)"):
+        config = _config_for(cfg)
+        config.data.data_dir = str(tmp_path / "no_tfds")
+        load_task("hellaswag_tfds", "", config=config)
     with pytest.raises(evals.EvalError, match="unknown kind 'mmlu'; one of hellaswag"):
         parse_specs("mmlu:x.jsonl")
     with pytest.raises(evals.EvalError, match="needs a file: choices:path"):

@@ -19,7 +19,7 @@ import numpy as np
 from absl import flags
 
 from gpt_jax.commands.common import define_config_flag
-from gpt_jax.evals.scoring import Request, _score_batch, loglikelihoods
+from gpt_jax.evals.scoring import Request, loglikelihoods, score_fn
 from gpt_jax.model import GPT, ModelConfig
 
 if "config" not in flags.FLAGS:
@@ -82,8 +82,8 @@ def project_tpu(config, slice_name: str, rows: int, length: int) -> dict:
                                      sharding=NamedSharding(mesh, P(("data", "fsdp"), None)))
         mask = jax.ShapeDtypeStruct((rows, length), jnp.float32, sharding=batch.sharding)
         with sharding.activate(mesh, trainer.rules):
-            return _score_batch.lower(params, batch, batch, mask,
-                                      model_cfg=trainer.model_cfg).compile()
+            return score_fn(mesh).lower(params, batch, batch, mask,
+                                        model_cfg=trainer.model_cfg).compile()
 
     compiled = compile_for(config)
     cfg = ModelConfig.from_config(config.model)

@@ -16,7 +16,7 @@ from typing import NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gpt_jax.model import GPT, ModelConfig
 from gpt_jax.sample import batch_shards, bucket
@@ -83,7 +83,7 @@ def loglikelihoods(model_cfg: ModelConfig, params, requests: Sequence[Request], 
     with _activated(mesh, rules):
         for start in range(0, len(requests), rows):
             arrays = pack_rows(requests[start:start + rows], model_cfg.block_size, length, rows)
-            results.append(_score_batch(params, *map(place, arrays), model_cfg=model_cfg))
+            results.append(score_fn(mesh)(params, *map(place, arrays), model_cfg=model_cfg))
     sums, counts, greedy = (np.concatenate(x)[:len(requests)]
                             for x in zip(*jax.device_get(results)))
     return [Score(float(s), int(c), bool(g)) for s, c, g in zip(sums, counts, greedy)]
@@ -102,13 +102,19 @@ def _placer(mesh: Mesh | None, rules):
     if mesh is None:
         return jnp.asarray
     import flax.linen as nn
-    from jax.sharding import PartitionSpec
 
     sharding = nn.logical_to_mesh_sharding(PartitionSpec("act_batch", None), mesh, rules)
     return lambda a: jax.make_array_from_callback(a.shape, sharding, lambda idx: a[idx])
 
 
-@functools.partial(jax.jit, static_argnames=("model_cfg",))
+@functools.lru_cache(maxsize=None)
+def score_fn(mesh: Mesh | None):
+    """`_score_batch` jitted; with a mesh its outputs are replicated, so that every process
+    can read them."""
+    out = None if mesh is None else NamedSharding(mesh, PartitionSpec())
+    return jax.jit(_score_batch, static_argnames=("model_cfg",), out_shardings=out)
+
+
 def _score_batch(params, inputs_BT, targets_BT, mask_BT, *, model_cfg: ModelConfig):
     """(sum of masked target log-probs [B], masked tokens [B], all masked targets greedy [B])."""
     logits_BTV = GPT(model_cfg).apply({"params": params}, inputs_BT).astype(jnp.float32)

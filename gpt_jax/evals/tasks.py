@@ -179,7 +179,11 @@ def nextline_examples(texts: Iterable[str], limit: int, seed: int = 0, source: s
 def load_tfds_hellaswag(data_dir: str = "") -> list[Example]:
     import tensorflow_datasets as tfds
 
-    builder = tfds.builder("hellaswag", data_dir=data_dir or None)
+    try:
+        builder = tfds.builder("hellaswag", data_dir=data_dir or None)
+    except tfds.core.registered.DatasetNotFoundError:
+        raise EvalError("hellaswag_tfds: this tensorflow-datasets has no hellaswag builder; "
+                        "pass hellaswag:path/to/hellaswag_val.jsonl") from None
     if not builder.is_prepared():
         raise EvalError(f"hellaswag_tfds: TFDS hellaswag is not prepared in {builder.data_dir}; "
                         "prepare it there (tfds build hellaswag) or pass "
