@@ -376,3 +376,21 @@ def test_train_eval_tasks_reach_metrics_and_the_compare_report(tmp_path, text_co
     text = open(out["report"]).read()
     assert "## Downstream tasks" in text and "| nextline acc_norm |" in text
     assert "nextline 12" in text and out["plots"]["nextline_acc_norm_vs_step.png"] == 1
+
+
+def test_bench_evals_measures_and_projects(tmp_path):
+    import math
+
+    from gpt_jax import aot
+    from gpt_jax import config as config_lib
+    from gpt_jax.bench import evals as bench
+
+    config = config_lib.load_preset("tiny")
+    local = bench.measure_local(config, n_examples=2, rows=8)
+    assert local["examples"] == 2 and local["examples_per_s"] > 0
+    if not aot.libtpu_available():
+        pytest.skip("the TPU projection needs libtpu (the tpu extra)")
+    tpu = bench.project_tpu(config, "v5e-8", rows=16, length=32)
+    assert tpu["hellaswag_batches"] == math.ceil(10_042 * 4 / 16)
+    assert tpu["hellaswag_s"] == pytest.approx(tpu["batch_s"] * tpu["hellaswag_batches"])
+    assert tpu["batch_s"] > 0

@@ -30,7 +30,7 @@ flags.DEFINE_integer("bench_rows", 16, "Rows per scoring batch on the local devi
 flags.DEFINE_string("bench_tpu", "", "Also project for this TPU slice, e.g. v5e-8 ('': skip).")
 flags.DEFINE_integer("bench_tpu_rows", 256, "Rows per batch for the TPU projection.")
 flags.DEFINE_integer("bench_tpu_length", 128, "Padded row length for the TPU projection.")
-flags.DEFINE_string("bench_json", "", "Also write the results to this JSON file.")
+flags.DEFINE_string("bench_evals_json", "", "Also write the results to this JSON file.")
 FLAGS = flags.FLAGS
 
 HELLASWAG_VAL = 10_042
@@ -120,6 +120,6 @@ def run(argv: list[str]) -> None:
               f"[{p['rows_per_batch']}, {p['length']}] batch {p['batch_s'] * 1e3:.2f} ms; "
               f"HellaSwag val ({HELLASWAG_VAL} examples, {p['hellaswag_batches']} batches): "
               f"{p['hellaswag_s']:.2f} s ({p['examples_per_s']:,.0f} examples/s)")
-    if FLAGS.bench_json:
-        with open(FLAGS.bench_json, "w") as f:
+    if FLAGS.bench_evals_json:
+        with open(FLAGS.bench_evals_json, "w") as f:
             json.dump(results, f, indent=2)
