@@ -210,7 +210,8 @@ def test_an_ending_longer_than_the_context_and_bad_specs_are_one_line_errors(tmp
     with pytest.raises(evals.EvalError, match=r"long\.jsonl:1: ending 1 has 21 tokens, longer "
                        r"than the model's context \(block_size=8\)"):
         score_examples(cfg, random_params(cfg), BYTE, load_task("choices", path))
-    with pytest.raises(evals.EvalError, match="hellaswag_tfds: .*(no hellaswag builder|not prepared in)"):
+    with pytest.raises(evals.EvalError,
+                       match="hellaswag_tfds: .*(no hellaswag builder|not prepared in)"):
         config = _config_for(cfg)
         config.data.data_dir = str(tmp_path / "no_tfds")
         load_task("hellaswag_tfds", "", config=config)
