@@ -72,6 +72,8 @@ def loglikelihoods(model_cfg: ModelConfig, params, requests: Sequence[Request], 
     """One `Score` per request, in order. With `mesh`, rows are split over its batch axes."""
     if not requests:
         return []
+    if mesh is not None and rules is None:
+        raise EvalError("mesh given without rules; pass the config's logical axis rules")
     requests = [Request(list(map(int, c)), list(map(int, x))) for c, x in requests]
     check_requests(requests, model_cfg.vocab_size, model_cfg.block_size)
     longest = max(min(len(c) + len(x), model_cfg.block_size + 1) - 1 for c, x in requests)
