@@ -21,9 +21,9 @@ from typing import NoReturn
 COMMANDS = {
     "prepare": ("prepare", "tokenize a corpus into a sharded token store (local or gs://)"),
     "train": ("train", "train (or resume, or fine-tune) a GPT into a run directory"),
-    "eval": ("evaluate", "validation loss / perplexity of a run's checkpoint"),
+    "eval": ("evaluate", "validation loss / perplexity, or task accuracy (--tasks), of a run"),
     "sample": ("sample", "generate text from a run directory"),
-    "bench": ("bench", "benchmarks: bench train | sample | data | prepare"),
+    "bench": ("bench", "benchmarks: bench train | sample | data | prepare | evals"),
     "aot": ("aot", "compile a config's train/decode step for a TPU topology on this host"),
     "sweep": ("sweep", "run every (variant, seed) of an ablation file"),
     "compare": ("compare", "report.md + plots comparing run directories"),

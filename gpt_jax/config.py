@@ -120,6 +120,8 @@ def base_config() -> ml_collections.ConfigDict:
     t.z_loss = 0.0
     t.skip_nonfinite = False  # skip an update with a non-finite loss/grad instead of stopping
     t.init_from = ""  # a run directory or checkpoint to fine-tune from
+    t.eval_tasks = ""  # downstream tasks at each eval, e.g. "nextline,hellaswag:val.jsonl"
+    t.eval_tasks_examples = 200  # examples per task at each eval (0: all)
 
     c.optim = o = ml_collections.ConfigDict()
     o.lr = 1e-3
@@ -267,6 +269,15 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     _check(t.global_batch_size % t.microbatches == 0,
            f"train.global_batch_size={t.global_batch_size} is not divisible by "
            f"train.microbatches={t.microbatches}")
+    _check(t.get("eval_tasks_examples", 0) >= 0,
+           f"train.eval_tasks_examples={t.get('eval_tasks_examples')} must be >= 0 (0: all)")
+    if t.get("eval_tasks"):
+        from gpt_jax.evals.tasks import EvalError, parse_specs
+
+        try:
+            parse_specs(t.eval_tasks)
+        except EvalError as e:
+            raise ConfigError(f"train.eval_tasks: {e}") from None
     _check(o.lr > 0, f"optim.lr={o.lr!r} must be > 0")
     _check_choice(o.schedule, "optim.schedule", SCHEDULES)
     _check(o.warmup_steps >= 0, f"optim.warmup_steps={o.warmup_steps} must be >= 0")

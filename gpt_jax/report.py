@@ -20,6 +20,7 @@ from gpt_jax.data.files import read_json
 from gpt_jax.metrics import read_metrics
 
 SWEEP_FILE, MEMBER_FILE = "sweep.json", "sweep_member.json"
+DOWNSTREAM = "downstream/"  # gpt_jax.evals.PREFIX: downstream/<task>/<acc|acc_norm|n>
 
 
 class ReportError(ValueError):
@@ -37,6 +38,17 @@ class Run:
     @property
     def evals(self) -> list[tuple[int, float]]:
         return [(e["step"], e["eval_loss"]) for e in self.events if "eval_loss" in e]
+
+    def downstream(self, task: str, metric: str = "acc_norm") -> list[tuple[int, float]]:
+        key = f"{DOWNSTREAM}{task}/{metric}"
+        return [(e["step"], e[key]) for e in self.events if key in e]
+
+    @property
+    def tasks(self) -> list[str]:
+        """Downstream tasks logged by this run (train.eval_tasks), in the order first seen."""
+        names = [k[len(DOWNSTREAM):].rsplit("/", 1)[0] for e in self.events for k in e
+                 if k.startswith(DOWNSTREAM) and k.endswith("/acc_norm")]
+        return list(dict.fromkeys(names))
 
     @property
     def losses(self) -> list[tuple[int, float]]:
@@ -93,6 +105,14 @@ class VariantStats:
     @property
     def final_std(self) -> float | None:
         return std(self.final)
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(dict.fromkeys(t for r in self.runs for t in r.tasks))
+
+    def final_downstream(self, task: str) -> list[float]:
+        """Each run's last logged acc_norm on `task` (runs that did not log it left out)."""
+        return [r.downstream(task)[-1][1] for r in self.runs if r.downstream(task)]
 
     def mean_of(self, values: list[float | None]) -> float | None:
         known = [v for v in values if v is not None]

@@ -58,6 +58,29 @@ def table(stats: list[VariantStats], baseline: str) -> list[str]:
     return rows
 
 
+def task_size(stats: list[VariantStats], task: str) -> str:
+    key = f"downstream/{task}/n"
+    sizes = [e[key] for s in stats for r in s.runs for e in r.events if key in e]
+    return f"{int(sizes[-1])}" if sizes else "?"
+
+
+def downstream_table(stats: list[VariantStats]) -> list[str]:
+    """Final acc_norm of each downstream task (train.eval_tasks) per variant; [] if none."""
+    tasks = list(dict.fromkeys(t for s in stats for t in s.tasks))
+    if not tasks:
+        return []
+    rows = ["## Downstream tasks", "",
+            "| variant | " + " | ".join(f"{t} acc_norm" for t in tasks) + " |",
+            "|---|" + "---|" * len(tasks)]
+    for s in stats:
+        cells = [fmt_pm(v) if (v := s.final_downstream(t)) else "–" for t in tasks]
+        rows.append(f"| {s.name} | " + " | ".join(cells) + " |")
+    sizes = ", ".join(f"{t} {task_size(stats, t)}" for t in tasks)
+    return rows + ["", "Accuracy at the last evaluation (mean ± sample std over seeds), "
+                   "picking the ending with the lowest mean per-token loss; examples per "
+                   f"task: {sizes}. See docs/evaluation.md.", ""]
+
+
 def findings(stats: list[VariantStats], baseline: str) -> list[str]:
     base = next(s for s in stats if s.name == baseline)
     lines = [] if len(stats) > 1 else ["- Only one variant: nothing to compare it with."]
@@ -116,7 +139,8 @@ def render(stats: list[VariantStats], baseline: str, plots: list[str], paths: li
         "variants' seed standard deviations. Tokens/s and MFU: mean over the logged intervals "
         "after the first (which may include compilation); MFU is n/a where the device's peak "
         "is unknown (CPU). Wall time: the sweep's time per member (setup and compilation "
-        "included), else the sum of the logged step times.", "", "## Findings", ""]
+        "included), else the sum of the logged step times.", ""]
+    out += downstream_table(stats) + ["## Findings", ""]
     out += findings(stats, baseline) + ["", "## Variants", ""] + variant_lines(stats)
     out += ["", "## Plots", ""] + [f"![{p[:-4]}]({p})" for p in plots]
     out += ["", "Lines: mean over seeds; bands: min to max over seeds. Train loss is smoothed "

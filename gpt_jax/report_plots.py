@@ -103,7 +103,8 @@ def bar_plot(stats: list["VariantStats"], path: str) -> int:
 
 
 def plot_all(stats: list["VariantStats"], out_dir: str, smoothing: float = 0.6) -> dict:
-    """Write the four PNGs into out_dir; returns {file name: variants drawn in it}."""
+    """Write the four PNGs, plus one per downstream task, into out_dir; returns
+    {file name: variants drawn in it}."""
     def tokens(r: "Run") -> list[tuple[float, float]]:
         return [(step * (r.tokens_per_step or 0), y) for step, y in r.evals]
 
@@ -111,7 +112,7 @@ def plot_all(stats: list["VariantStats"], out_dir: str, smoothing: float = 0.6) 
         steps, losses = zip(*r.losses) if r.losses else ((), ())
         return list(zip(steps, ema(list(losses), smoothing)))
 
-    return {
+    plots = {
         "eval_loss_vs_step.png": line_plot(
             stats, lambda r: r.evals, os.path.join(out_dir, "eval_loss_vs_step.png"), "step",
             "eval loss", "eval loss vs step (band: min–max over seeds)", marker="o"),
@@ -123,3 +124,10 @@ def plot_all(stats: list["VariantStats"], out_dir: str, smoothing: float = 0.6) 
             "train loss (smoothed)", f"train loss, EMA smoothing {smoothing}"),
         "final_eval_loss.png": bar_plot(stats, os.path.join(out_dir, "final_eval_loss.png")),
     }
+    for task in dict.fromkeys(t for s in stats for t in s.tasks):  # train.eval_tasks
+        name = f"{task}_acc_norm_vs_step.png"
+        plots[name] = line_plot(stats, lambda r, t=task: r.downstream(t),
+                                os.path.join(out_dir, name), "step", f"{task} acc_norm",
+                                f"{task} acc_norm vs step (band: min–max over seeds)",
+                                marker="o")
+    return plots

@@ -18,7 +18,7 @@ from etils import epath
 
 from gpt_jax import checkpoint as ckpt_lib
 from gpt_jax import config as config_lib
-from gpt_jax import data, flops, run_status, sharding
+from gpt_jax import data, evals, flops, run_status, sharding
 from gpt_jax.metrics import MetricsWriter, Throughput
 from gpt_jax.step import Trainer
 
@@ -246,6 +246,8 @@ def _loop(state, step, train_step, eval_step, loader, val_data, trainer, checkpo
         if done % t.eval_every == 0 or done == t.num_steps:
             with throughput.excluded():
                 evaluation = evaluate(trainer, eval_step, state["params"], val_data, config)
+                evaluation.update(evals.during_training(trainer, state["params"],
+                                                        val_data.tokenizer, config))
             writer.write(done, evaluation)
             last = {**last, **evaluation}
         data_state = {"step": done, "seed": t.seed}  # the batch of step s is f(seed, s)

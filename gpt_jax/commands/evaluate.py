@@ -1,8 +1,10 @@
-"""`gpt-jax eval --workdir=runs/demo`: validation loss / perplexity of a run's checkpoint."""
+"""`gpt-jax eval --workdir=runs/demo`: validation loss / perplexity of a run's checkpoint;
+with `--tasks=hellaswag:val.jsonl,nextline`, downstream accuracy instead (gpt_jax.evals)."""
 
 from __future__ import annotations
 
 import json
+import os
 
 from absl import flags
 
@@ -12,13 +14,40 @@ common.define_distributed_flags()
 flags.DEFINE_string("workdir", None, "A run directory or one checkpoint step directory.",
                     required=True)
 flags.DEFINE_integer("eval_batches", None, "Validation batches (default: the run's config).")
+flags.DEFINE_string("tasks", None, "Downstream tasks, kind[:path] joined by commas: "
+                    "hellaswag:FILE, hellaswag_preprocessed:FILE, choices:FILE, nextline[:TEXT], "
+                    "hellaswag_tfds (see docs/evaluation.md). Replaces the loss evaluation.")
+flags.DEFINE_integer("task_examples", 0, "Examples per task (0: all).")
+flags.DEFINE_integer("batch_rows", 32, "Rows (context + one ending) per scoring batch.")
+flags.DEFINE_string("output", None, "JSON file for --tasks results "
+                    "(default: <workdir>/eval_tasks.json).")
 FLAGS = flags.FLAGS
+
+
+def run_tasks() -> None:
+    import jax
+
+    from gpt_jax import evals
+
+    try:
+        results = evals.evaluate_run(FLAGS.workdir, FLAGS.tasks, limit=FLAGS.task_examples,
+                                     batch_rows=FLAGS.batch_rows)
+    except (evals.EvalError, FileNotFoundError) as e:
+        raise SystemExit(f"gpt-jax eval: {e}") from None
+    if jax.process_index() == 0:
+        out = FLAGS.output or os.path.join(FLAGS.workdir, "eval_tasks.json")
+        with open(out, "w") as f:
+            json.dump({"workdir": FLAGS.workdir, "tasks": results}, f, indent=1)
+        print(evals.format_table(results))
+        print(f"wrote {out}")
 
 
 def main(argv: list[str]) -> None:
     if FLAGS.eval_batches is not None and FLAGS.eval_batches < 1:
         raise common.usage_error(f"--eval_batches={FLAGS.eval_batches} must be >= 1")
     common.init_distributed()
+    if FLAGS.tasks:
+        return run_tasks()
     import jax
 
     from gpt_jax import api, checkpoint, sharding, train

@@ -1,0 +1,125 @@
+"""`gpt-jax bench evals`: examples/s of the multiple-choice scorer (gpt_jax.evals).
+
+Random-init params of the config (default: GPT-2 124M) score synthetic 4-ending examples
+(context 30-60 tokens, endings 10-30: rows of HellaSwag's size) on the local devices; the
+first batch compiles and is timed apart. With `--bench_tpu=v5e-8` the scoring batch is also
+compiled for that TPU slice on this host (libtpu, no TPU needed) and XLA's cost model projects
+the time for HellaSwag's 10,042 validation examples at `--bench_tpu_rows` rows per batch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import flags
+
+from gpt_jax.commands.common import define_config_flag
+from gpt_jax.evals.scoring import Request, loglikelihoods, score_fn
+from gpt_jax.model import GPT, ModelConfig
+
+if "config" not in flags.FLAGS:
+    define_config_flag("gpt2_124m")
+flags.DEFINE_integer("bench_examples", 16, "Examples (4 rows each) timed after the compile "
+                     "(0: skip the local measurement).")
+flags.DEFINE_integer("bench_rows", 16, "Rows per scoring batch on the local devices.")
+flags.DEFINE_string("bench_tpu", "", "Also project for this TPU slice, e.g. v5e-8 ('': skip).")
+flags.DEFINE_integer("bench_tpu_rows", 256, "Rows per batch for the TPU projection.")
+flags.DEFINE_integer("bench_tpu_length", 128, "Padded row length for the TPU projection.")
+flags.DEFINE_string("bench_evals_json", "", "Also write the results to this JSON file.")
+FLAGS = flags.FLAGS
+
+HELLASWAG_VAL = 10_042
+
+
+def synthetic_requests(n_examples: int, vocab: int, seed: int = 0) -> list[Request]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n_examples):
+        context = rng.integers(0, vocab, int(rng.integers(30, 61))).tolist()
+        out += [Request(context, rng.integers(0, vocab, int(rng.integers(10, 31))).tolist())
+                for _ in range(4)]
+    return out
+
+
+def measure_local(config, n_examples: int, rows: int) -> dict:
+    cfg = ModelConfig.from_config(config.model)
+    params = jax.jit(GPT(cfg).init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+    requests = synthetic_requests(n_examples + rows // 4, cfg.vocab_size)
+    start = time.perf_counter()
+    loglikelihoods(cfg, params, requests[:rows], batch_rows=rows)  # compiles
+    compile_s = time.perf_counter() - start
+    start = time.perf_counter()
+    loglikelihoods(cfg, params, requests[rows:], batch_rows=rows)
+    seconds = time.perf_counter() - start
+    return {"device": jax.devices()[0].device_kind, "devices": jax.device_count(),
+            "examples": n_examples, "rows_per_batch": rows, "first_batch_s": compile_s,
+            "seconds": seconds, "examples_per_s": n_examples / seconds}
+
+
+def project_tpu(config, slice_name: str, rows: int, length: int) -> dict:
+    """XLA's estimated time of one [rows, length] scoring batch on the slice, and of HellaSwag."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from gpt_jax import aot, sharding
+    from gpt_jax.metrics import peak_flops
+    from gpt_jax.step import Trainer
+
+    tpu = aot.get_slice(slice_name)
+    devices = aot.topology_devices(tpu)
+    config = config.copy_and_resolve_references()
+    config.mesh.update(data=-1, fsdp=1, tensor=1)
+
+    def compile_for(cfg_probe):
+        mesh = aot.topology_mesh(cfg_probe.mesh, devices)
+        trainer = Trainer.create(cfg_probe, mesh)
+        params = trainer.abstract_state()["params"]
+        batch = jax.ShapeDtypeStruct((rows, length), jnp.int32,
+                                     sharding=NamedSharding(mesh, P(("data", "fsdp"), None)))
+        mask = jax.ShapeDtypeStruct((rows, length), jnp.float32, sharding=batch.sharding)
+        with sharding.activate(mesh, trainer.rules):
+            return score_fn(mesh).lower(params, batch, batch, mask,
+                                        model_cfg=trainer.model_cfg).compile()
+
+    compiled = compile_for(config)
+    cfg = ModelConfig.from_config(config.model)
+    scanned = cfg.scan_layers
+    cost = (aot.layer_extrapolated_cost(config, compile_for) if scanned
+            else aot.xla_cost(compiled))
+    from gpt_jax.flops import count_params
+
+    model_flops = 2 * count_params(cfg) * rows * length / len(devices)  # forward only
+    report = aot.cost_report(cost, model_flops, peak_flops(devices[0].device_kind),
+                             tpu.hbm_bytes_per_s)
+    step_s = report["xla_estimated_step_s"]
+    batches = math.ceil(HELLASWAG_VAL * 4 / rows)
+    return {"topology": tpu.name, "rows_per_batch": rows, "length": length,
+            "estimate_source": report["estimate_source"], "batch_s": step_s,
+            "hellaswag_batches": batches, "hellaswag_s": batches * step_s if step_s else None,
+            "examples_per_s": rows / 4 / step_s if step_s else None}
+
+
+def run(argv: list[str]) -> None:
+    del argv
+    config, results = FLAGS.config, {}
+    print(f"# scorer: {config.model.n_layer} layers, width {config.model.n_embd}, "
+          f"{config.model.dtype}")
+    if FLAGS.bench_examples:
+        r = results["local"] = measure_local(config, FLAGS.bench_examples, FLAGS.bench_rows)
+        print(f"{r['device']} x{r['devices']}: {r['examples']} examples ({r['rows_per_batch']} "
+              f"rows per batch): {r['seconds']:.2f} s, {r['examples_per_s']:.2f} examples/s "
+              f"(first batch, with compile: {r['first_batch_s']:.1f} s)")
+    if FLAGS.bench_tpu:
+        p = project_tpu(config, FLAGS.bench_tpu, FLAGS.bench_tpu_rows, FLAGS.bench_tpu_length)
+        results["tpu"] = p
+        print(f"{p['topology']} (XLA cost model, {p['estimate_source']}): "
+              f"[{p['rows_per_batch']}, {p['length']}] batch {p['batch_s'] * 1e3:.2f} ms; "
+              f"HellaSwag val ({HELLASWAG_VAL} examples, {p['hellaswag_batches']} batches): "
+              f"{p['hellaswag_s']:.2f} s ({p['examples_per_s']:,.0f} examples/s)")
+    if FLAGS.bench_evals_json:
+        with open(FLAGS.bench_evals_json, "w") as f:
+            json.dump(results, f, indent=2)

@@ -1,0 +1,397 @@
+"""Downstream evaluation: scoring by hand, a copy model vs a random one, tasks, bad inputs,
+Hugging Face parity, the lm-eval model, `gpt-jax eval --tasks`, and train.eval_tasks."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import string
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+
+from gpt_jax import evals, sharding
+from gpt_jax.data import ByteTokenizer
+from gpt_jax.evals import Example, Request, Score, loglikelihoods, score_examples
+from gpt_jax.evals.choice import pick
+from gpt_jax.evals.scoring import pack_rows
+from gpt_jax.evals.tasks import load_task, nextline_examples, parse_specs
+from gpt_jax.model import GPT, ModelConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BYTE = ByteTokenizer()
+
+
+def random_params(cfg: ModelConfig, seed: int = 0):
+    return nn.unbox(GPT(cfg).init(jax.random.PRNGKey(seed), np.zeros((1, 1), np.int32))["params"])
+
+
+def test_rows_are_truncated_on_the_left_and_padded_on_the_right():
+    inputs, targets, mask = pack_rows([Request([1, 2, 3, 4, 5], [6, 7]), Request([9], [8])],
+                                      block_size=4, length=4, rows=3)
+    # row 0: [1..7] keeps its last block_size + 1 = 5 tokens [3, 4, 5, 6, 7]
+    np.testing.assert_array_equal(inputs, [[3, 4, 5, 6], [9, 0, 0, 0], [0, 0, 0, 0]])
+    np.testing.assert_array_equal(targets, [[4, 5, 6, 7], [8, 0, 0, 0], [0, 0, 0, 0]])
+    np.testing.assert_array_equal(mask, [[0, 0, 1, 1], [1, 0, 0, 0], [0, 0, 0, 0]])
+
+
+def test_scores_equal_a_per_row_computation_with_and_without_a_mesh():
+    cfg = ModelConfig(vocab_size=40, block_size=8, n_layer=2, n_head=2, n_embd=16)
+    params = random_params(cfg, 1)
+    rng = np.random.default_rng(0)
+    requests = [Request(list(rng.integers(0, 40, n)), list(rng.integers(0, 40, m)))
+                for n, m in [(2, 2), (12, 3), (1, 3), (5, 8), (3, 1)]]  # 12+3 and 5+8 truncate
+
+    forward = jax.jit(lambda p, tokens: GPT(cfg).apply({"params": p}, tokens))
+
+    def by_hand(context, continuation):
+        seq = (context + continuation)[-(cfg.block_size + 1):]  # what fits, unpadded, alone
+        logits = np.asarray(forward(params, np.array([seq[:-1]])))[0]
+        logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+        picked = [(t - 1, seq[t]) for t in range(len(seq) - len(continuation), len(seq))]
+        return (sum(logp[p, tok] for p, tok in picked),
+                all(logits[p].argmax() == tok for p, tok in picked))
+
+    want = [by_hand(c, x) for c, x in requests]
+    config = _config_for(cfg)
+    mesh = sharding.make_mesh(config.mesh)  # data=8: every batch's rows over 8 devices
+    rules = sharding.logical_rules(config)
+    sharded = sharding.shard_like(params, sharding.param_shardings(GPT(cfg), mesh, rules))
+    for got in (loglikelihoods(cfg, params, requests, batch_rows=2),
+                loglikelihoods(cfg, sharded, requests, batch_rows=4, mesh=mesh, rules=rules)):
+        np.testing.assert_allclose([s.logprob for s in got], [w[0] for w in want], atol=1e-4)
+        assert [s.tokens for s in got] == [len(x) for _, x in requests]
+        assert [s.greedy for s in got] == [w[1] for w in want]
+
+
+def test_a_model_with_zero_weights_gives_every_token_log_one_over_vocab():
+    cfg = ModelConfig(vocab_size=40, block_size=8, n_layer=1, n_head=2, n_embd=16)
+    zeros = jax.tree.map(np.zeros_like, random_params(cfg))  # logits 0: p = 1/40 everywhere
+    got = loglikelihoods(cfg, zeros, [Request([1] * 12, [2, 3, 4]), Request([5], [6])])
+    assert [s.tokens for s in got] == [3, 1]
+    np.testing.assert_allclose([s.logprob for s in got], [3 * np.log(1 / 40), np.log(1 / 40)],
+                               rtol=1e-6)
+
+
+def _config_for(cfg: ModelConfig):
+    from gpt_jax import config as config_lib
+
+    config = config_lib.base_config()
+    config.model.update(vocab_size=cfg.vocab_size, block_size=cfg.block_size,
+                        n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd)
+    config.mesh.update(data=-1, fsdp=1, tensor=1)
+    return config
+
+
+def test_acc_uses_the_sum_and_acc_norm_the_mean_per_token():
+    # ending 0: -4 over 4 tokens (mean -1); ending 1: -3 over 1 token (mean -3)
+    assert pick([Score(-4.0, 4, False), Score(-3.0, 1, False)]) == (1, 0)
+    assert pick([Score(-2.0, 2, False), Score(-2.0, 2, False)]) == (0, 0)  # ties: the first
+
+
+def copy_model(seed: int = 0):
+    """A 1-layer GPT whose blocks add nothing and whose positions are zero: the logits are
+    LN(wte[t]) . wte, highest for t itself, so it predicts 'the next byte repeats this one'."""
+    cfg = ModelConfig(vocab_size=259, block_size=64, n_layer=1, n_head=2, n_embd=64)
+    params = random_params(cfg, seed)
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, x: np.zeros_like(x) if any(getattr(k, "key", "") in ("proj", "wpe")
+                                                for k in path) else np.asarray(x), params)
+    params["wte"]["embedding"] = np.random.default_rng(seed).normal(0, 1, (259, 64)).astype(
+        np.float32)
+    params["ln_f"]["scale"] = np.full(64, 0.2, np.float32)
+    return cfg, params
+
+
+def repeat_examples(n: int, seed: int = 0) -> list[Example]:
+    """Context: random letters; the right ending repeats one letter, the others are random."""
+    rng = np.random.default_rng(seed)
+    letters = np.array(list(string.ascii_lowercase))
+    out = []
+    for _ in range(n):
+        endings = ["".join(rng.choice(letters, 5)) for _ in range(3)]
+        label = int(rng.integers(4))
+        endings.insert(label, str(rng.choice(letters)) * 5)
+        out.append(Example("".join(rng.choice(letters, 12)), tuple(endings), label))
+    return out
+
+
+def test_a_model_that_knows_the_task_beats_chance_and_a_random_one_does_not():
+    examples = repeat_examples(400)
+    cfg, params = copy_model()
+    knows = score_examples(cfg, params, BYTE, examples, batch_rows=256)
+    assert knows["acc"] > 0.9 and knows["acc_norm"] > 0.9 and knows["n"] == 400
+    # Untied: a freshly initialised GPT with tied embeddings is itself a weak copy model
+    # (logits ~ LN(wte[t]) . wte), which is exactly this task's answer.
+    untied = dataclasses.replace(cfg, tie_embeddings=False)
+    random = score_examples(untied, random_params(untied, 3), BYTE, examples, batch_rows=256)
+    # 400 examples: the standard error of a 25% accuracy is 2.2 points
+    assert abs(random["acc"] - 0.25) < 0.07 and abs(random["acc_norm"] - 0.25) < 0.07
+
+
+HELLASWAG = [
+    {"ind": 4, "activity_label": "Removing ice from car", "ctx_a": "Then, the man writes over "
+     "the snow covering the window of a car, and a woman wearing winter clothes smiles.",
+     "ctx_b": "then", "ctx": "Then, the man writes over the snow covering the window of a car, "
+     "and a woman wearing winter clothes smiles. then", "split": "val",
+     "split_type": "indomain", "label": 3,
+     "endings": [", the man adds wax to the windshield and cuts it.", ", a person board a ski "
+                 "lift, while two men supporting the head of the person wearing winter clothes "
+                 "snow as the we girls sled.", ", the man puts on a christmas coat, knitted "
+                 "with netting.", ", the man continues removing the snow on his car."]},
+    {"ind": 9, "activity_label": "Home and Garden", "ctx_a": "[header] How to grow tomatoes "
+     "[title] Pick a sunny spot.", "ctx_b": "tomatoes", "ctx": "[header] How to grow tomatoes "
+     "[title] Pick a sunny spot. tomatoes", "label": "1",
+     "endings": ["need shade [step] all day.", "need sun.", "eat bugs.", "are blue."]},
+]
+
+
+def write_jsonl(path, rows) -> str:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n"
+                            for r in rows))
+    return str(path)
+
+
+def test_hellaswag_as_released_and_preprocessed(tmp_path):
+    path = write_jsonl(tmp_path / "hs.jsonl", HELLASWAG)
+    raw = load_task("hellaswag", path)
+    assert [e.label for e in raw] == [3, 1] and raw[0].context == HELLASWAG[0]["ctx"]
+    assert raw[0].endings[3] == ", the man continues removing the snow on his car."
+    assert raw[1].source == f"{path}:2"
+    pre = load_task("hellaswag_preprocessed", path)
+    assert pre[0].context == ("Removing ice from car: Then, the man writes over the snow "
+                              "covering the window of a car, and a woman wearing winter clothes "
+                              "smiles. Then")
+    assert pre[1].context == "Home and Garden: How to grow tomatoes. Pick a sunny spot. Tomatoes"
+    assert pre[1].endings[0] == "need shade all day."
+
+
+def test_nextline_picks_the_true_next_line(text_corpus):
+    examples = nextline_examples(
+        (p.read_text() for p in sorted(text_corpus.iterdir())), limit=50, seed=1)
+    assert len(examples) == 50
+    for e in examples:
+        assert len(set(e.endings)) == 4 and e.separator == "\n"
+        assert 0 <= e.label < 4
+    texts = {p.name: p.read_text() for p in text_corpus.iterdir()}
+    e = examples[0]
+    joined = e.context + "\n" + e.endings[e.label]
+    assert any(joined in "\n".join(ln.rstrip() for ln in t.splitlines() if ln.strip())
+               for t in texts.values())
+    assert load_task("nextline", str(text_corpus), limit=7)[0].separator == "\n"
+
+
+@pytest.mark.parametrize("rows, message", [
+    (None, r"missing\.jsonl does not exist"),
+    (['{"context": "a", "choices": ["b", "c"], "label": 0}', "{not json"],
+     r"bad\.jsonl:2: not JSON"),
+    ([{"context": "a", "choices": ["b", "c"], "label": 2}],
+     r"bad\.jsonl:1: label 2 is out of range; allowed 0 to 1 for 2 endings"),
+    ([{"context": "a", "choices": ["b"], "label": 0}], r"bad\.jsonl:1: the endings must be"),
+    ([{"context": "a", "label": 0}], r"bad\.jsonl:1: no 'choices' field"),
+])
+def test_bad_task_files_are_one_line_errors(tmp_path, rows, message):
+    path = str(tmp_path / "missing.jsonl") if rows is None else write_jsonl(
+        tmp_path / "bad.jsonl", rows)
+    with pytest.raises(evals.EvalError, match=message) as info:
+        load_task("choices", path)
+    assert "\n" not in str(info.value)
+
+
+def test_an_ending_longer_than_the_context_and_bad_specs_are_one_line_errors(tmp_path):
+    cfg = ModelConfig(vocab_size=259, block_size=8, n_layer=1, n_head=2, n_embd=16)
+    path = write_jsonl(tmp_path / "long.jsonl",
+                       [{"context": "abc", "choices": ["ok", "x" * 20], "label": 0}])
+    with pytest.raises(evals.EvalError, match=r"long\.jsonl:1: ending 1 has 21 tokens, longer "
+                       r"than the model's context \(block_size=8\)"):
+        score_examples(cfg, random_params(cfg), BYTE, load_task("choices", path))
+    with pytest.raises(evals.EvalError,
+                       match="hellaswag_tfds: .*(no hellaswag builder|not prepared in)"):
+        config = _config_for(cfg)
+        config.data.data_dir = str(tmp_path / "no_tfds")
+        load_task("hellaswag_tfds", "", config=config)
+    with pytest.raises(evals.EvalError, match="unknown kind 'mmlu'; one of hellaswag"):
+        parse_specs("mmlu:x.jsonl")
+    with pytest.raises(evals.EvalError, match="needs a file: choices:path"):
+        parse_specs("nextline,choices")
+    from gpt_jax import config as config_lib
+
+    config = config_lib.base_config()
+    config.train.eval_tasks = "hellaswag"
+    with pytest.raises(config_lib.ConfigError, match="train.eval_tasks: task 'hellaswag' needs"):
+        config_lib.validate(config)
+
+
+# -- against Hugging Face transformers and lm-evaluation-harness ---------------------------
+
+@pytest.fixture(scope="module")
+def hf_run(tmp_path_factory):
+    """A random GPT-2 in transformers, and the gpt_jax run directory converted from it."""
+    pytest.importorskip("torch", reason="needs the hf extra: pip install 'gpt_jax[hf]'")
+    hf = pytest.importorskip("transformers", reason="needs the hf extra (transformers)")
+    from test_convert_hf import hf_model
+
+    from gpt_jax.hf import from_hf
+
+    tmp = tmp_path_factory.mktemp("hf_run")
+    model, _ = hf_model(hf, tmp / "hf", seed=3, n_layer=2, n_embd=32, n_head=2, n_positions=64)
+    return model, from_hf(str(tmp / "hf"), str(tmp / "run"))
+
+
+CHOICES = [{"context": "def wrap(text, width):\n    return", "choices": [
+    "textwrap.wrap(text, width)", "None", "[text[i:i + width] for i in range(0, len(text), "
+    "width)]", "width"], "label": 0},
+    {"context": "import", "choices": ["os", "sys", "json", "re"], "label": 2},
+    {"context": "The quick brown fox jumps over the lazy dog, and then the dog wakes up and "
+     "chases the fox all the way back to the", "choices": ["forest", "dog", "sea", "den"],
+     "label": 3}]
+
+
+def test_loglikelihoods_equal_gpt2lmheadmodel(hf_run, tmp_path):
+    import torch
+
+    import gpt_jax
+
+    model, run = hf_run
+    lm = gpt_jax.load(run)
+    examples = load_task("choices", write_jsonl(tmp_path / "c.jsonl", CHOICES))
+    ours = score_examples(lm.model_cfg, lm.params, lm.tokenizer, examples, batch_rows=4)
+    block = lm.model_cfg.block_size
+    want_sums = []
+    for e in examples:
+        context = lm.tokenizer.encode(e.context)
+        sums = []
+        for ending in e.endings:
+            cont = lm.tokenizer.encode(" " + ending)
+            seq = (context + cont)[-(block + 1):]
+            with torch.no_grad():
+                logp = torch.log_softmax(model(torch.tensor([seq[:-1]])).logits[0].double(), -1)
+            sums.append(sum(float(logp[t - 1, seq[t]]) for t in range(len(seq) - len(cont),
+                                                                        len(seq))))
+        want_sums.append(sums)
+    assert max(len(lm.tokenizer.encode(CHOICES[2]["context"])), 0) > block  # truncation ran
+    np.testing.assert_allclose(ours["logprobs"], want_sums, atol=1e-4)
+    assert ours["predictions"] == [pick([Score(s, n, False) for s, n in zip(sums, ns)])
+                                   for sums, ns in zip(want_sums, ours["tokens"])]
+
+
+def test_lm_eval_local_task_matches_our_scorer(hf_run, tmp_path, monkeypatch):
+    pytest.importorskip("lm_eval", reason="needs the eval extra: pip install 'gpt_jax[eval]'")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    import gpt_jax
+    import gpt_jax.evals.harness  # noqa: F401 -- registers --model gpt_jax
+
+    _, run = hf_run
+    data = write_jsonl(tmp_path / "local.jsonl", CHOICES)
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "local_mc.yaml").write_text(
+        "task: gpt_jax_local_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {data}\ntest_split: test\noutput_type: multiple_choice\n"
+        'doc_to_text: "{{context}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: label\n'
+        "metric_list:\n  - metric: acc\n")
+    out = lm_eval.simple_evaluate(
+        model="gpt_jax", model_args=f"workdir={run},batch_rows=8", tasks=["gpt_jax_local_mc"],
+        task_manager=TaskManager(include_path=str(tmp_path / "tasks")), log_samples=True)
+    lm = gpt_jax.load(run)
+    ours = score_examples(lm.model_cfg, lm.params, lm.tokenizer,
+                          load_task("choices", data))
+    assert out["results"]["gpt_jax_local_mc"]["acc,none"] == pytest.approx(ours["acc"])
+    samples = sorted(out["samples"]["gpt_jax_local_mc"], key=lambda s: s["doc_id"])
+    theirs = [[r[0][0] for r in s["resps"]] for s in samples]
+    np.testing.assert_allclose(theirs, ours["logprobs"], atol=1e-5)
+
+
+def test_lm_eval_rolling_and_generation(hf_run):
+    pytest.importorskip("lm_eval", reason="needs the eval extra: pip install 'gpt_jax[eval]'")
+    from lm_eval.api.instance import Instance
+
+    import gpt_jax
+    from gpt_jax.evals.harness import GptJaxLM
+
+    _, run = hf_run
+    harness, lm = GptJaxLM(workdir=run, shard="false"), gpt_jax.load(run)
+    text = "def wrap(text, width):\n    return textwrap.wrap(text, width) " * 4
+    ids = [lm.tokenizer.eos_id] + lm.tokenizer.encode(text)
+    B = lm.model_cfg.block_size
+    assert len(ids) > 2 * B + 1  # three windows
+    rolling = harness.loglikelihood_rolling(
+        [Instance("loglikelihood_rolling", {}, (text,), 0)])[0]
+    # window k scores tokens [1 + kB, 1 + (k+1)B) after as many tokens before them as fit
+    by_hand = 0.0
+    for s in range(1, len(ids), B):
+        x = ids[s:s + B]
+        c = ids[max(0, s - (B + 1 - len(x))):s]
+        lg = gpt_jax_logits(lm, c + x).astype(np.float64)
+        logp = lg - lg.max(-1, keepdims=True)
+        logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+        by_hand += sum(logp[len(c) - 1 + i, t] for i, t in enumerate(x))
+    assert rolling == pytest.approx(by_hand, abs=1e-3)
+    out = harness.generate_until([Instance("generate_until", {}, (
+        "import", {"until": ["\n"], "max_gen_toks": 12}), 0)])
+    want = lm.generate(["import"], max_new_tokens=12, temperature=0.0)[0].split("\n")[0]
+    assert out == [want]
+
+
+def gpt_jax_logits(lm, seq: list[int]) -> np.ndarray:
+    """Logits of the unpadded sequence minus its last token, one forward pass."""
+    return np.asarray(GPT(lm.model_cfg).apply({"params": lm.params}, np.array([seq[:-1]])))[0]
+
+
+def test_eval_command_prints_a_table_and_writes_json(hf_run, tmp_path, text_corpus):
+    _, run = hf_run
+    data = write_jsonl(tmp_path / "c.jsonl", CHOICES)
+    out = tmp_path / "out.json"
+    env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "gpt_jax.cli", "eval", f"--workdir={run}",
+         f"--tasks=choices:{data},nextline:{text_corpus}", "--task_examples=20",
+         f"--output={out}"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "| task | n | acc | acc_norm |" in proc.stdout and "| nextline | 20 |" in proc.stdout
+    result = json.loads(out.read_text())["tasks"]
+    assert result["choices"]["n"] == 3 and set(result) == {"choices", "nextline"}
+
+
+def test_train_eval_tasks_reach_metrics_and_the_compare_report(tmp_path, text_corpus):
+    from conftest import tiny_run_config
+    from gpt_jax import report, train
+    from gpt_jax.metrics import read_metrics
+
+    config = tiny_run_config(text_corpus, tmp_path / "cache", num_steps=4, log_every=2,
+                             eval_every=2, eval_tasks="nextline", eval_tasks_examples=12)
+    train.train(config, str(tmp_path / "run"))
+    events = [e for e in read_metrics(str(tmp_path / "run")) if "downstream/nextline/acc" in e]
+    assert [e["step"] for e in events] == [2, 4]
+    assert all(e["downstream/nextline/n"] == 12 and 0 <= e["downstream/nextline/acc_norm"] <= 1
+               for e in events) and "eval_loss" in events[0]
+    out = report.compare([str(tmp_path / "run")], str(tmp_path / "report"))
+    text = open(out["report"]).read()
+    assert "## Downstream tasks" in text and "| nextline acc_norm |" in text
+    assert "nextline 12" in text and out["plots"]["nextline_acc_norm_vs_step.png"] == 1
+
+
+def test_bench_evals_measures_and_projects(tmp_path):
+    import math
+
+    from gpt_jax import aot
+    from gpt_jax import config as config_lib
+    from gpt_jax.bench import evals as bench
+
+    config = config_lib.load_preset("tiny")
+    local = bench.measure_local(config, n_examples=2, rows=8)
+    assert local["examples"] == 2 and local["examples_per_s"] > 0
+    if not aot.libtpu_available():
+        pytest.skip("the TPU projection needs libtpu (the tpu extra)")
+    tpu = bench.project_tpu(config, "v5e-8", rows=16, length=32)
+    assert tpu["hellaswag_batches"] == math.ceil(10_042 * 4 / 16)
+    assert tpu["hellaswag_s"] == pytest.approx(tpu["batch_s"] * tpu["hellaswag_batches"])
+    assert tpu["batch_s"] > 0
