@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import json
 import os
 import pathlib
 import re
@@ -31,8 +32,10 @@ DISTRIBUTED = {"coordinator_address", "num_processes", "process_id"}
 
 # command -> the flags its --help must list (and no others of ours)
 OWN_FLAGS = {
+    "prepare": {"config", "store", "num_workers", "wait_s"} | DISTRIBUTED,
     "train": {"config", "workdir"} | DISTRIBUTED,
-    "eval": {"workdir", "eval_batches"} | DISTRIBUTED,
+    "eval": {"workdir", "eval_batches", "tasks", "task_examples", "batch_rows",
+             "output"} | DISTRIBUTED,
     "sample": {"workdir", "prompt", "prompt_file", "max_new_tokens", "temperature", "top_k",
                "top_p", "num_samples", "seed", "truncate_prompt", "shard", "logprobs"},
     "aot": {"config", "topology", "preset", "mesh", "batch_size", "dtype", "remat_policy",
@@ -284,7 +287,11 @@ def test_resume_with_another_model_names_the_field_and_touches_nothing(tiny_run,
     assert "model.n_embd=32 (the config says 64)" in result.err
     assert f"--config.train.init_from={workdir}" in result.err
     assert "unreadable" not in result.err
-    assert _tree_digest(workdir) == before
+    after = _tree_digest(workdir)
+    status = json.loads((workdir / "status.json").read_text())  # how the attempt ended
+    assert status["state"] == "failed" and "model.n_embd=32" in status["error"]
+    assert {k: v for k, v in after.items() if k != "status.json"} == {
+        k: v for k, v in before.items() if k != "status.json"}
 
 
 def test_corrupt_newest_checkpoint_falls_back_with_one_warning(tiny_run):
