@@ -167,7 +167,7 @@ def compile_decode_step(config, mesh: Mesh, batch_size: int):
     trainer = Trainer.create(config, mesh)
     params = trainer.abstract_state()["params"]
     cfg = trainer.model_cfg
-    rows = NamedSharding(mesh, P(("data", "fsdp"), None))
+    rows = trainer.batch_sharding
     cache_sh = cache_sharding(cfg, mesh, trainer.rules)
     cache = jax.eval_shape(lambda: init_kv_cache(cfg, batch_size))
     cache = jax.tree.map(lambda x: _abstract(x.shape, x.dtype, cache_sh), cache)
@@ -178,7 +178,8 @@ def compile_decode_step(config, mesh: Mesh, batch_size: int):
         logits_B1V, kv_cache = model.apply({"params": params}, tokens_B1, positions_B1, kv_cache)
         return logits_B1V, kv_cache
 
-    step = jax.jit(decode, out_shardings=(NamedSharding(mesh, P(("data", "fsdp"))), cache_sh),
+    logits_sh = NamedSharding(mesh, P(sharding.batch_axes(trainer.rules)))
+    step = jax.jit(decode, out_shardings=(logits_sh, cache_sh),
                    donate_argnums=(3,))
     with sharding.activate(mesh, trainer.rules):
         t0 = time.perf_counter()

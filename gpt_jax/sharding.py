@@ -12,7 +12,9 @@ import numpy as np
 from absl import logging
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from gpt_jax.config import MESH_AXES, resolve_mesh_shape
+from gpt_jax.axes import (ACT_BATCH, DEFAULT_LOGICAL_AXIS_RULES, MESH_AXES, check_rules,
+                          normalize_rules)
+from gpt_jax.config import resolve_mesh_shape
 
 
 def make_mesh(mesh_config, devices: list | None = None) -> Mesh:
@@ -26,8 +28,10 @@ def make_mesh(mesh_config, devices: list | None = None) -> Mesh:
 
 
 def logical_rules(config) -> tuple:
-    return tuple((name, tuple(axes) if isinstance(axes, list) else axes)
-                 for name, axes in config.mesh.logical_axis_rules)
+    """The config's logical axis rules, normalised and checked (ValueError naming a bad rule)."""
+    rules = normalize_rules(config.mesh.logical_axis_rules)
+    check_rules(rules)
+    return rules
 
 
 @contextlib.contextmanager
@@ -68,9 +72,23 @@ def _divisible(named: NamedSharding, shape: tuple[int, ...], mesh: Mesh) -> Name
     return NamedSharding(mesh, P(*spec))
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Rows of a [batch, length] array split over data and fsdp, columns whole."""
-    return NamedSharding(mesh, P(("data", "fsdp"), None))
+def batch_axes(rules=DEFAULT_LOGICAL_AXIS_RULES):
+    """The mesh axes the `act_batch` rule splits a batch over (a name, a tuple or None)."""
+    return dict(normalize_rules(rules))[ACT_BATCH]
+
+
+def batch_sharding(mesh: Mesh, rules=DEFAULT_LOGICAL_AXIS_RULES) -> NamedSharding:
+    """Rows of a [batch, length] array split as `act_batch` says, columns whole."""
+    return NamedSharding(mesh, P(batch_axes(rules), None))
+
+
+def batch_shards(mesh: Mesh | None, rules=DEFAULT_LOGICAL_AXIS_RULES) -> int:
+    """How many ways the batch axis is split (1 without a mesh)."""
+    if mesh is None:
+        return 1
+    axes = batch_axes(rules)
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
+    return int(np.prod([mesh.shape[a] for a in axes]))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

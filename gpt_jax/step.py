@@ -61,7 +61,7 @@ class Trainer:
         state_sh = {"step": repl, "params": param_sh, "opt_state": opt_sh, "rng": repl}
         return cls(config, mesh, model_cfg, model, GPT(model_cfg, deterministic=False), tx,
                    lr_schedule(config.optim, num_steps), rules, state_sh,
-                   sharding.batch_sharding(mesh))
+                   sharding.batch_sharding(mesh, rules))
 
     def abstract_state(self) -> TrainState:
         """ShapeDtypeStructs with shardings: the target for restoring a checkpoint."""
@@ -113,7 +113,7 @@ class Trainer:
                 return (grad_acc, acc_loss + loss_sum, i + 1, acc_count + count), None
 
             # Row r goes to microbatch r % k, so every microbatch keeps an even share per device.
-            rows_sharded = NamedSharding(self.mesh, P(None, ("data", "fsdp")))
+            rows_sharded = NamedSharding(self.mesh, P(None, sharding.batch_axes(self.rules)))
             micro_batches = jax.tree.map(
                 lambda x: jax.lax.with_sharding_constraint(
                     jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1),

@@ -38,7 +38,7 @@ def measure(config, cache: str, batches: int, batch_size: int, seq_len: int) -> 
     import jax
 
     from gpt_jax import data
-    from gpt_jax.sharding import make_mesh
+    from gpt_jax.sharding import logical_rules, make_mesh
 
     os.environ["GPT_JAX_CACHE"] = cache
     config.data.update(data_dir="", cache_dir="")
@@ -53,7 +53,7 @@ def measure(config, cache: str, batches: int, batch_size: int, seq_len: int) -> 
     _, t_host = _timed(lambda: [train.host_batch(s, batch_size, seq_len) for s in range(batches)])
     mesh = make_mesh(config.mesh)
     loader = data.BatchLoader(train, batch_size, seq_len, config.train.seed, mesh,
-                              prefetch=max(1, config.data.prefetch))
+                              prefetch=max(1, config.data.prefetch), rules=logical_rules(config))
     next(loader)  # thread started, first batch made
 
     def consume():
