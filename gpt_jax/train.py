@@ -141,17 +141,12 @@ def describe_run(config, trainer: Trainer, workdir: str, n_params: int, log) -> 
         f"keep {config.checkpoint.keep}); metrics: {os.path.join(workdir, 'metrics.jsonl')}")
 
 
-PARENT_MODEL_FIELDS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "mlp",
-                       "mlp_ratio", "norm", "norm_eps", "position", "rope_theta",
-                       "tie_embeddings", "use_bias", "scan_layers")
-
-
 def inherit_parent(config) -> None:
     """A fine-tune takes its parent's architecture and tokenizer kind: the params must fit."""
     if not config.train.init_from:
         return
     parent = ckpt_lib.load_config(config.train.init_from)
-    changed = [f for f in PARENT_MODEL_FIELDS if config.model[f] != parent.model[f]]
+    changed = [f for f in config_lib.PARENT_MODEL_FIELDS if config.model[f] != parent.model[f]]
     for field in changed:
         config.model[field] = parent.model[field]
     config.data.tokenizer = parent.data.tokenizer
@@ -196,7 +191,8 @@ def _train(config, workdir: str, stop: StopSignal) -> dict:
         throughput = Throughput(t.global_batch_size * seq_len,
                                 flops.flops_per_token(trainer.model_cfg, seq_len))
         loader = data.BatchLoader(train_data, t.global_batch_size, seq_len, t.seed, mesh,
-                                  start_step=start_step, prefetch=config.data.prefetch)
+                                  start_step=start_step, prefetch=config.data.prefetch,
+                                  rules=trainer.rules)
         if config.train.init_from and start_step == 0:  # where the fine-tune starts from
             writer.write(0, evaluate(trainer, eval_step, state["params"], val_data, config))
         try:

@@ -1,4 +1,5 @@
-"""Logical axis rules: one table, checked, and the batch sharding derived from `act_batch`."""
+"""Said once: the logical axis rules (checked; the batch sharding derived from `act_batch`) and
+the model config schema."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from gpt_jax import axes, data, sharding
+from gpt_jax import config as config_lib
 from gpt_jax.config import ConfigError, base_config, from_json, load_preset, to_json, validate
 from gpt_jax.model import GPT, ModelConfig, kv_cache_axes
 from gpt_jax.step import Trainer
@@ -73,3 +75,12 @@ def test_runs_saved_with_the_retired_rules_still_load():
     config = from_json(json.dumps(saved))
     assert config.mesh.logical_axis_rules == axes.DEFAULT_LOGICAL_AXIS_RULES
     validate(config)
+
+
+def test_one_model_schema():
+    assert dict(base_config().model) == dataclasses.asdict(ModelConfig())
+    assert ModelConfig.from_config(base_config().model) == ModelConfig()
+    assert set(config_lib.PARENT_MODEL_FIELDS) == (set(config_lib.MODEL_FIELDS)
+                                                   - set(config_lib.RUNTIME_MODEL_FIELDS))
+    for name, policy in config_lib.REMAT_CHECKPOINT_POLICIES.items():
+        assert policy is None or callable(getattr(jax.checkpoint_policies, policy)), name
