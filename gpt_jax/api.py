@@ -110,7 +110,7 @@ class LoadedModel:
                                    num_samples=num_samples, seed=seed,
                                    truncate_prompt=truncate_prompt)
         eos = special_id(self.tokenizer, "eos_id")
-        return [self.tokenizer.decode(t[:-1] if t and t[-1] == eos else t) for t in gen.tokens]
+        return [sample_lib.decode_completion(self.tokenizer, t, eos) for t in gen.tokens]
 
 
 def _run_dir(path: str) -> str | None:

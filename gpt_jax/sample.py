@@ -78,6 +78,12 @@ def prompt_hash(prompt: Sequence[int]) -> int:
     return zlib.crc32(np.asarray(prompt, np.int32).tobytes()) & 0x7FFFFFFF
 
 
+def decode_completion(tokenizer, tokens: Sequence[int], eos_id: int | None) -> str:
+    """The text of generated `tokens`, without the EOS token that ended them."""
+    tokens = list(tokens)
+    return tokenizer.decode(tokens[:-1] if tokens and tokens[-1] == eos_id else tokens)
+
+
 def check_sampling_args(*, max_new_tokens: int, temperature: float, top_k: int, top_p: float,
                         num_samples: int) -> None:
     """Raise ValueError naming the first bad value and what is allowed."""

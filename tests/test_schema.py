@@ -11,7 +11,7 @@ import jax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from gpt_jax import axes, data, sharding
+from gpt_jax import axes, data, sharding, train
 from gpt_jax import config as config_lib
 from gpt_jax.config import ConfigError, base_config, from_json, load_preset, to_json, validate
 from gpt_jax.model import GPT, ModelConfig, kv_cache_axes
@@ -84,3 +84,17 @@ def test_one_model_schema():
                                                    - set(config_lib.RUNTIME_MODEL_FIELDS))
     for name, policy in config_lib.REMAT_CHECKPOINT_POLICIES.items():
         assert policy is None or callable(getattr(jax.checkpoint_policies, policy)), name
+
+
+def test_resolving_a_run_returns_a_new_frozen_config(tmp_path):
+    config = load_preset("tiny")  # byte tokenizer: its vocabulary replaces model.vocab_size
+    config.lock()
+    resolved, tokenizer = train.resolve_run(config, str(tmp_path / "run"))
+    assert resolved.model.vocab_size == tokenizer.vocab_size != config.model.vocab_size == 64
+    assert config.to_dict() == load_preset("tiny").to_dict()
+    with pytest.raises(AttributeError):
+        resolved.model.vocab_size = 64
+    config.model.n_head = 5
+    with pytest.raises(ConfigError, match="model.n_embd=32 is not divisible by model.n_head=5"):
+        train.resolve_run(config, str(tmp_path / "bad"))
+    assert not (tmp_path / "bad").exists()  # validated before anything is written

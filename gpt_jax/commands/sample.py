@@ -53,6 +53,7 @@ def read_prompts(prompt: str | None, prompt_file: str | None, default: str) -> l
 def main(argv: list[str]) -> None:
     del argv
     from gpt_jax import api
+    from gpt_jax import sample as sample_lib
 
     if not FLAGS.workdir:
         raise SystemExit("gpt-jax sample: --workdir is required (a run directory or checkpoint)")
@@ -73,6 +74,6 @@ def main(argv: list[str]) -> None:
         if gen.logprobs is not None and gen.logprobs[r]:
             header += f", mean log-prob {sum(gen.logprobs[r]) / len(gen.logprobs[r]):.3f}"
         print(header + " ===")
-        body = tokens[:-1] if tokens and tokens[-1] == eos else tokens
-        print(lm.tokenizer.decode(gen.prompt_tokens[r]) + lm.tokenizer.decode(body))
+        print(lm.tokenizer.decode(gen.prompt_tokens[r])
+              + sample_lib.decode_completion(lm.tokenizer, tokens, eos))
     sys.stdout.flush()

@@ -22,12 +22,9 @@ def main(argv: list[str]) -> None:
     from gpt_jax import config as config_lib
     from gpt_jax import train
 
-    config = FLAGS.config
-    with config.unlocked():
-        try:
-            config_lib.validate(config)
-            last = train.train(config, FLAGS.workdir)
-        except (config_lib.ConfigError, ValueError, FileNotFoundError,
-                train.NonFiniteLossError) as e:
-            raise SystemExit(f"gpt-jax train: {e}") from None
+    try:
+        last = train.train(FLAGS.config, FLAGS.workdir)
+    except (config_lib.ConfigError, ValueError, FileNotFoundError,
+            train.NonFiniteLossError) as e:
+        raise SystemExit(f"gpt-jax train: {e}") from None
     logging.info("done: %s", json.dumps(last))
