@@ -4,7 +4,18 @@ Functional use: `params = model.init(rng, tokens_BT)["params"]`, then
 `logits_BTV = model.apply({"params": params}, tokens_BT)`. With a `KVCache` (see
 `init_kv_cache`) the same call also writes keys/values at `positions_BT` and returns
 `(logits_BTV, kv_cache)`; the sampler uses that for prefill and decoding.
-Every parameter has logical axis names; `gpt_jax.sharding` maps them onto the mesh.
+Every parameter has logical axis names (`gpt_jax.axes`); `gpt_jax.sharding` maps them onto
+the mesh.
+
+Shape suffixes: `x_BTD` is an array of shape [B, T, D]. The letters, here and in every module:
+  B  batch rows                      T  positions of the tokens fed in (sequence length)
+  D  model width (n_embd)            V  vocabulary (vocab_size)
+  H  attention heads (n_head)        K  features per head (head_dim)
+  S  KV-cache slots (key positions)  F  MLP hidden features (mlp_dim); in RoPE: head_dim / 2
+  L  layers (stacked, scan_layers)   P  prompt positions (the sampler's padded prompt)
+  N  new (generated) tokens          R  result rows of the sampler: prompts x samples
+  C  top-k candidates                W  one window of the token stream: T + 1 tokens
+  1, 3  literal sizes: one position; the q/k/v triple.
 """
 
 from __future__ import annotations
@@ -259,3 +270,18 @@ class GPT(nn.Module):
         x_BTD, layer_caches = scanned(self.cfg, self.deterministic, name="h")(
             x_BTD, positions_BT, layer_caches)
         return x_BTD, None if kv_cache is None else KVCache(*layer_caches)
+
+
+def init_boxed_params(model: GPT, rng: jax.Array) -> dict:
+    """`model`'s params, each boxed with its logical axis names, from a one-token batch."""
+    return model.init(rng, jnp.zeros((1, 1), jnp.int32))["params"]
+
+
+def init_params(model: GPT, rng: jax.Array) -> dict:
+    """`model`'s params as a plain pytree: the initialisation training uses."""
+    return nn.unbox(init_boxed_params(model, rng))
+
+
+def abstract_params(cfg: ModelConfig) -> dict:
+    """The params pytree as ShapeDtypeStructs: nothing is allocated."""
+    return jax.eval_shape(lambda r: init_params(GPT(cfg), r), jax.random.key(0))

@@ -59,18 +59,12 @@ class SampleOutput(NamedTuple):
 
 def bucket(n: int, cap: int, minimum: int = MIN_BUCKET) -> int:
     """The smallest power of two >= max(n, minimum), but at most `cap` (itself >= n)."""
-    size = minimum
-    while size < n:
-        size *= 2
-    return min(size, cap)
+    return min(sampling_filters.power_of_two_bucket(n, minimum), cap)
 
 
 def row_bucket(n: int, multiple: int = 1) -> int:
     """Rows padded to a power of two, then to a multiple of the batch-sharding devices."""
-    size = 1
-    while size < n:
-        size *= 2
-    return -(-size // multiple) * multiple
+    return -(-sampling_filters.power_of_two_bucket(n) // multiple) * multiple
 
 
 def prompt_hash(prompt: Sequence[int]) -> int:

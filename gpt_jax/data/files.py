@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import socket
@@ -11,6 +12,7 @@ import time
 from typing import Callable, Iterator
 
 from absl import logging
+from etils import epath
 
 STALE_LOCK_SECONDS = 120.0  # a lock not refreshed for this long belongs to a dead builder
 
@@ -21,6 +23,11 @@ class DataError(ValueError):
 
 class DataFileNotFoundError(DataError, FileNotFoundError):
     """A path in the data config that does not exist."""
+
+
+def unit_hash(text: str) -> float:
+    """A stable number in [0, 1) for `text` (sha256; independent of PYTHONHASHSEED)."""
+    return int(hashlib.sha256(text.encode("utf-8")).hexdigest()[:12], 16) / 16 ** 12
 
 
 def cache_root() -> str:
@@ -35,8 +42,6 @@ def atomic_write(path: str, data: bytes | str) -> None:
     Remote paths (gs://...) are written whole by one object upload, which is atomic already.
     """
     if "://" in path:
-        from etils import epath
-
         epath.Path(path).parent.mkdir(parents=True, exist_ok=True)
         epath.Path(path).write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
         return
@@ -61,8 +66,6 @@ def atomic_write_json(path: str, obj: dict) -> None:
 
 def read_json(path: str) -> dict | None:
     """The JSON object in `path`, or None if it is missing or unreadable."""
-    from etils import epath
-
     try:
         return json.loads(epath.Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError):

@@ -11,13 +11,13 @@ contract as `TokenDataset`, so `BatchLoader` and the train loop use this dataset
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from typing import Iterator
 
 import numpy as np
+from etils import epath
 
-from gpt_jax.data.files import DataError, DataFileNotFoundError
+from gpt_jax.data.files import DataError, DataFileNotFoundError, unit_hash
 from gpt_jax.data.loader import HostBatches, epoch_slices, process_rows
 from gpt_jax.data.tokenizers import Tokenizer
 
@@ -34,8 +34,6 @@ class Pair:
 def read_jsonl(path: str, prompt_field: str = "prompt",
                response_field: str = "response") -> list[Pair]:
     """The pairs of one JSONL file; a bad line raises DataError naming the file and line."""
-    from etils import epath
-
     if not epath.Path(path).is_file():
         raise DataFileNotFoundError(f"data.paths: {path} does not exist")
     pairs = []
@@ -59,10 +57,6 @@ def read_jsonl(path: str, prompt_field: str = "prompt",
     return pairs
 
 
-def _score(text: str) -> float:
-    return int(hashlib.sha256(text.encode("utf-8")).hexdigest()[:12], 16) / 16 ** 12
-
-
 def split_pairs(d, split: str) -> list[Pair]:
     """`split` ("train" / "validation") of the configured files: `data.sft_eval_paths` is the
     held-out set if given, else a `validation_fraction` of `data.paths` by hash of the prompt."""
@@ -71,7 +65,7 @@ def split_pairs(d, split: str) -> list[Pair]:
     pairs = read(d.paths)
     if d.get("sft_eval_paths"):
         return pairs if split == "train" else read(d.sft_eval_paths)
-    held_out = [_score(p.prompt) < d.validation_fraction for p in pairs]
+    held_out = [unit_hash(p.prompt) < d.validation_fraction for p in pairs]
     return [p for p, h in zip(pairs, held_out) if h == (split == "validation")]
 
 
