@@ -22,6 +22,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from gpt_jax import sharding
@@ -98,7 +99,7 @@ def topology_devices(tpu: TpuSlice) -> list:
                        "(the version jax 0.10.2 pins; or the gpt_jax[tpu] extra)")
     # Only compiling: skip libtpu's one-process-per-host lock (tests and users run several).
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    from jax.experimental import topologies
+    from jax.experimental import topologies  # after the line above, which libtpu reads
 
     desc = topologies.get_topology_desc(topology_name=tpu.topology, platform="tpu",
                                         chip_config_name=tpu.chip_config,
@@ -110,8 +111,6 @@ def topology_devices(tpu: TpuSlice) -> list:
 def topology_mesh(mesh_config, devices: list) -> Mesh:
     """A (data, fsdp, tensor) mesh laid out on the slice's physical torus where possible."""
     shape = resolve_mesh_shape(mesh_config, len(devices))
-    from jax.experimental import mesh_utils
-
     try:
         grid = mesh_utils.create_device_mesh(shape, devices)
     except (ValueError, NotImplementedError, AssertionError):

@@ -19,8 +19,11 @@ from typing import Any, NamedTuple, Sequence
 
 from jax.sharding import Mesh
 
+from gpt_jax import checkpoint
 from gpt_jax import sample as sample_lib
+from gpt_jax.data import load_tokenizer
 from gpt_jax.model import ModelConfig
+from gpt_jax.sharding import logical_rules, make_mesh
 
 
 class Generation(NamedTuple):
@@ -50,11 +53,7 @@ class LoadedModel:
             raise ValueError(f"tokenizer vocab_size={vocab} does not fit the checkpoint's "
                              f"model.vocab_size={self.model_cfg.vocab_size}; the tokenizer "
                              "must be the one the model was trained with")
-        self.rules = None
-        if self.mesh is not None:
-            from gpt_jax.sharding import logical_rules
-
-            self.rules = logical_rules(self.config)
+        self.rules = None if self.mesh is None else logical_rules(self.config)
 
     def encode(self, prompt: str) -> list[int]:
         """Token ids of `prompt`; an empty prompt starts from the tokenizer's BOS token."""
@@ -124,13 +123,9 @@ def _run_dir(path: str) -> str | None:
 
 def load_tokenizer_for(path: str):
     """The run's tokenizer: from its tokenizer/ folder, else from the files in the checkpoint."""
-    from gpt_jax.data import load_tokenizer
-
     run_dir = _run_dir(path)
     if run_dir is not None:
         return load_tokenizer(run_dir)
-    from gpt_jax import checkpoint
-
     tmp = tempfile.mkdtemp(prefix="gpt_jax_tokenizer_")
     checkpoint.restore_tokenizer_files(path, os.path.join(tmp, "tokenizer"))
     return load_tokenizer(tmp)
@@ -145,14 +140,10 @@ def load(path: str, *, mesh: Mesh | None = None, shard: bool = False,
     Raises FileNotFoundError when `path` holds no checkpoint, ValueError when the tokenizer
     does not fit the model.
     """
-    from gpt_jax import checkpoint
-
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} does not exist; expected a run directory (with "
                                 "checkpoints/) or a checkpoint step directory")
     if shard and mesh is None:
-        from gpt_jax.sharding import make_mesh
-
         mesh = make_mesh(checkpoint.load_config(path).mesh)
     config, params = checkpoint.load_params(path, mesh=mesh)
     if tokenizer is None:

@@ -89,6 +89,7 @@ def splash_attention(q_BTHK, k_BSHK, v_BSHK):
     if platform != "tpu":
         raise ValueError("attention_impl='splash' runs on TPU only (this backend is "
                          f"{platform!r}); use 'xla' here")
+    # TPU only: Pallas' TPU kernels are loaded where they can run.
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 

@@ -41,6 +41,7 @@ def run(argv: list[str] | None = None) -> None:
         print(f"gpt-jax: unknown command {name!r}; one of: {', '.join(available())}",
               file=sys.stderr)
         sys.exit(2)
+    # These imports wait until a command is chosen: `gpt-jax --help` starts instantly.
     from gpt_jax.host_memory import keep_freed_memory
 
     keep_freed_memory()  # before XLA allocates: see gpt_jax/host_memory.py

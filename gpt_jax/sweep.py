@@ -31,6 +31,8 @@ import ml_collections
 
 from gpt_jax import config as config_lib
 from gpt_jax.data.files import atomic_write_json, read_json
+from gpt_jax.metrics import read_metrics
+from gpt_jax.train import train
 
 SUMMARY_FILE = "sweep.json"
 MEMBER_FILE = "sweep_member.json"
@@ -229,8 +231,6 @@ def _now() -> str:
 
 def last_step(workdir: str) -> int:
     """The highest step metrics.jsonl reached (0 if none)."""
-    from gpt_jax.metrics import read_metrics
-
     return max((int(e.get("step", 0)) for e in read_metrics(workdir)), default=0)
 
 
@@ -319,8 +319,6 @@ TrainFn = Callable[[ml_collections.ConfigDict, str], Any]
 
 
 def _default_train(config: ml_collections.ConfigDict, workdir: str) -> Any:
-    from gpt_jax.train import train
-
     return train(config, workdir)
 
 

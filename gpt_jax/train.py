@@ -17,6 +17,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 from etils import epath
+from jax.experimental import multihost_utils
 
 from gpt_jax import checkpoint as ckpt_lib
 from gpt_jax import config as config_lib
@@ -49,8 +50,6 @@ class StopSignal:
 
     def should_stop(self, step: int) -> bool:
         if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
             if multihost_utils.reached_preemption_sync_point(step):
                 self.received = self.received or "SIGTERM"
         return self.received is not None

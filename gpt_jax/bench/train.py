@@ -25,9 +25,11 @@ from typing import Any
 import jax
 import numpy as np
 from absl import flags
+from ml_collections import config_flags
 
 from gpt_jax import sharding
 from gpt_jax.aot import PRESETS, AotError, apply_overrides, resolve_preset
+from gpt_jax.commands.common import define_config_flag
 from gpt_jax.config import ATTENTION_IMPLS, DTYPES, REMAT_POLICIES, validate
 from gpt_jax.flops import count_params, flops_per_token
 from gpt_jax.metrics import peak_flops
@@ -40,8 +42,6 @@ FLAGS = flags.FLAGS
 def _define_flags() -> None:
     """Defined at import (absl parses before `run`); skipped where another module defined them."""
     if "config" not in FLAGS:
-        from gpt_jax.commands.common import define_config_flag
-
         define_config_flag("default")
     defs = [
         (flags.DEFINE_string, "preset", None,
@@ -183,7 +183,7 @@ def run(argv: list[str]) -> None:
     record["command"] = "gpt-jax " + " ".join(sys.argv[1:])
     print(format_record(record), file=sys.stderr)
     if FLAGS.torch_baseline:
-        from gpt_jax.bench.torch_baseline import time_torch_step
+        from gpt_jax.bench.torch_baseline import time_torch_step  # optional: needs torch
 
         record.update(time_torch_step(record["n_layer"], record["n_head"], record["n_embd"],
                                       record["seq_len"], record["batch_size"],
@@ -202,7 +202,5 @@ def run(argv: list[str]) -> None:
 
 def _config_name() -> str:
     """The --config file's name without .py."""
-    from ml_collections import config_flags
-
     path = config_flags.get_config_filename(FLAGS["config"]) or "config"
     return os.path.splitext(os.path.basename(path))[0]

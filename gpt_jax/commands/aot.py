@@ -48,6 +48,7 @@ def _mesh_flag(text: str | None) -> tuple[int, int, int] | None:
 def main(argv: list[str]) -> None:
     del argv
     os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compile for TPU; never probe for one here
+    # Imported here, not at the top: flag parsing and --help stay fast.
     from gpt_jax import aot
 
     if not FLAGS.topology:

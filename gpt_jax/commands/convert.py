@@ -31,6 +31,7 @@ def main(argv: list[str]) -> None:
         raise SystemExit("gpt-jax convert: give exactly one of --from=hf or --to=hf")
     if not FLAGS.hf_dir or not FLAGS.workdir:
         raise SystemExit("gpt-jax convert: needs --hf_dir and --workdir")
+    # Imported here, not at the top: flag parsing and --help stay fast.
     from gpt_jax.data.files import DataError
     from gpt_jax.hf import ConversionError, from_hf, to_hf
 

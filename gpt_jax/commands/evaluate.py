@@ -17,6 +17,7 @@ FLAGS = flags.FLAGS
 
 def main(argv: list[str]) -> None:
     common.init_distributed()
+    # Imported here, not at the top: --help stays fast and JAX starts after init_distributed.
     import jax
 
     from gpt_jax import api, checkpoint, sharding

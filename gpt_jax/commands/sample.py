@@ -52,6 +52,7 @@ def read_prompts(prompt: str | None, prompt_file: str | None, default: str) -> l
 
 def main(argv: list[str]) -> None:
     del argv
+    # Imported here, not at the top: flag parsing and --help stay fast.
     from gpt_jax import api
     from gpt_jax import sample as sample_lib
 

@@ -55,6 +55,7 @@ def print_members(summary: dict) -> None:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise SystemExit(f"gpt-jax sweep: unexpected arguments {argv[1:]}; use --flags")
+    # Imported here, not at the top: flag parsing and --help stay fast.
     from gpt_jax import config as config_lib
     from gpt_jax import sweep as sweep_lib
 

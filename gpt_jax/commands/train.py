@@ -19,6 +19,7 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise SystemExit(f"gpt-jax train: unexpected arguments {argv[1:]}; use --flags")
     common.init_distributed()
+    # Imported here, not at the top: --help stays fast and JAX starts after init_distributed.
     from gpt_jax import config as config_lib
     from gpt_jax import train
 
