@@ -17,6 +17,7 @@ import os
 import tempfile
 from typing import Any, NamedTuple, Sequence
 
+from etils import epath
 from jax.sharding import Mesh
 
 from gpt_jax import checkpoint
@@ -112,22 +113,29 @@ class LoadedModel:
         return [sample_lib.decode_completion(self.tokenizer, t, eos) for t in gen.tokens]
 
 
-def _run_dir(path: str) -> str | None:
+def _run_dir(path: str) -> epath.Path | None:
     """The run directory holding `path` (itself, or two levels up from checkpoints/<step>)."""
-    path = os.path.abspath(path)
-    for candidate in (path, os.path.dirname(path), os.path.dirname(os.path.dirname(path))):
-        if os.path.isfile(os.path.join(candidate, "tokenizer", "tokenizer.json")):
+    path = epath.Path(path)
+    for candidate in (path, path.parent, path.parent.parent):
+        if (candidate / "tokenizer" / "tokenizer.json").is_file():
             return candidate
     return None
 
 
 def load_tokenizer_for(path: str):
-    """The run's tokenizer: from its tokenizer/ folder, else from the files in the checkpoint."""
+    """The run's tokenizer: from its tokenizer/ folder (local or remote, e.g. gs://), else from
+    the files in the checkpoint."""
     run_dir = _run_dir(path)
-    if run_dir is not None:
-        return load_tokenizer(run_dir)
+    if run_dir is not None and "://" not in str(run_dir):
+        return load_tokenizer(str(run_dir))
     tmp = tempfile.mkdtemp(prefix="gpt_jax_tokenizer_")
-    checkpoint.restore_tokenizer_files(path, os.path.join(tmp, "tokenizer"))
+    if run_dir is None:
+        checkpoint.restore_tokenizer_files(path, os.path.join(tmp, "tokenizer"))
+    else:  # a local copy of the remote folder
+        local = epath.Path(tmp, "tokenizer")
+        local.mkdir()
+        for file in (run_dir / "tokenizer").iterdir():
+            (local / file.name).write_bytes(file.read_bytes())
     return load_tokenizer(tmp)
 
 
@@ -140,7 +148,7 @@ def load(path: str, *, mesh: Mesh | None = None, shard: bool = False,
     Raises FileNotFoundError when `path` holds no checkpoint, ValueError when the tokenizer
     does not fit the model.
     """
-    if not os.path.exists(path):
+    if not epath.Path(path).exists():
         raise FileNotFoundError(f"{path} does not exist; expected a run directory (with "
                                 "checkpoints/) or a checkpoint step directory")
     if shard and mesh is None:
