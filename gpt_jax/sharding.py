@@ -11,10 +11,10 @@ import numpy as np
 from absl import logging
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from gpt_jax import model as model_lib
 from gpt_jax.axes import (ACT_BATCH, DEFAULT_LOGICAL_AXIS_RULES, MESH_AXES, check_rules,
                           normalize_rules)
 from gpt_jax.config import resolve_mesh_shape
-from gpt_jax import model as model_lib
 
 
 def make_mesh(mesh_config, devices: list | None = None) -> Mesh:
@@ -97,7 +97,8 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def param_shardings(model: model_lib.GPT, mesh: Mesh, rules):
     """Shardings of `model`'s params, derived from shapes only (no parameter is created)."""
-    boxed = jax.eval_shape(functools.partial(model_lib.init_boxed_params, model), jax.random.key(0))
+    boxed = jax.eval_shape(functools.partial(model_lib.init_boxed_params, model),
+                           jax.random.key(0))
     return nn.unbox(logical_to_shardings(boxed, mesh, rules))
 
 
