@@ -14,7 +14,6 @@ measures the step, not the data loader (`gpt-jax bench data` does that).
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import platform
 import statistics
@@ -29,7 +28,7 @@ from ml_collections import config_flags
 
 from gpt_jax import sharding
 from gpt_jax.aot import PRESETS, AotError, apply_overrides, resolve_preset
-from gpt_jax.commands.common import define_config_flag
+from gpt_jax.commands.common import define_config_flag, print_record
 from gpt_jax.config import ATTENTION_IMPLS, DTYPES, REMAT_POLICIES, validate
 from gpt_jax.flops import count_params, flops_per_token
 from gpt_jax.metrics import peak_flops
@@ -193,11 +192,7 @@ def run(argv: list[str]) -> None:
         print(f"  PyTorch {record['torch']} ({record['torch_threads']} threads), same shape: "
               f"step {1e3 * record['torch_step_time_s']:.2f} ms (median); gpt_jax / torch "
               f"step time = {record['jax_over_torch_time']:.2f}", file=sys.stderr)
-    line = json.dumps(record)
-    print(line)
-    if FLAGS.json_out:
-        with open(FLAGS.json_out, "a") as f:
-            f.write(line + "\n")
+    print_record(record, FLAGS.json_out)
 
 
 def _config_name() -> str:

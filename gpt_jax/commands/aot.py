@@ -8,13 +8,12 @@ Needs libtpu (`pip install 'libtpu==0.0.42.*'`); no TPU is touched.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
 from absl import flags
 
-from gpt_jax.commands.common import define_config_flag
+from gpt_jax.commands.common import define_config_flag, print_record
 from gpt_jax.config import ATTENTION_IMPLS, DTYPES, REMAT_POLICIES
 
 define_config_flag("default")
@@ -67,8 +66,4 @@ def main(argv: list[str]) -> None:
         raise SystemExit(f"gpt-jax aot: {e}") from None
     record["command"] = "gpt-jax " + " ".join(sys.argv[1:])
     print(aot.format_report(record), file=sys.stderr)
-    line = json.dumps(record)
-    print(line)
-    if FLAGS.json_out:
-        with open(FLAGS.json_out, "a") as f:
-            f.write(line + "\n")
+    print_record(record, FLAGS.json_out)

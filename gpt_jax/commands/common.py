@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import json
 import os
 
 from absl import flags, logging
@@ -57,6 +58,15 @@ def on_tpu_vm() -> bool:
     return bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*")
                 or os.environ.get("TPU_WORKER_HOSTNAMES")
                 or os.environ.get("MEGASCALE_COORDINATOR_ADDRESS"))
+
+
+def print_record(record: dict, json_out: str | None) -> None:
+    """`record` as one JSON line on stdout, also appended to the file `json_out` if given."""
+    line = json.dumps(record)
+    print(line)
+    if json_out:
+        with open(json_out, "a") as f:
+            f.write(line + "\n")
 
 
 def quiet_logging() -> None:
