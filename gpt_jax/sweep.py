@@ -318,10 +318,6 @@ def check_existing(members: list[Member]) -> None:
 TrainFn = Callable[[ml_collections.ConfigDict, str], Any]
 
 
-def _default_train(config: ml_collections.ConfigDict, workdir: str) -> Any:
-    return train(config, workdir)
-
-
 def error_line(e: BaseException) -> str:
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
     return f"{type(e).__name__}: {lines[0] if lines else ''}"[:300]
@@ -379,7 +375,7 @@ def run_sweep(sweep: Sweep | str, workdir: str, only: str | None = None,
             if is_done(member):
                 log(f"[{member.index}] {member.key}: done already; skipped")
                 continue
-            state = run_member(member, train_fn or _default_train, log,
+            state = run_member(member, train_fn or train, log,
                                on_start=lambda: write_summary(sweep, members, workdir, source))
             write_summary(sweep, members, workdir, source)
             if state == "interrupted":

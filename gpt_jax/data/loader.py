@@ -199,7 +199,7 @@ class BatchLoader:
 
     def make_batch(self, step: int) -> dict:
         """The global batch of `step` as jax.Arrays sharded over the mesh."""
-        import jax  # gpt_jax.data loads no JAX until a batch is made
+        import jax
 
         host = self.dataset.rows(step, self.batch_size, self.seq_len, self.lo, self.hi,
                                  self.seed)
