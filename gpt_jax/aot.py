@@ -22,6 +22,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from gpt_jax import sharding
@@ -98,7 +99,7 @@ def topology_devices(tpu: TpuSlice) -> list:
                        "(the version jax 0.10.2 pins; or the gpt_jax[tpu] extra)")
     # Only compiling: skip libtpu's one-process-per-host lock (tests and users run several).
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    from jax.experimental import topologies
+    from jax.experimental import topologies  # after the line above, which libtpu reads
 
     desc = topologies.get_topology_desc(topology_name=tpu.topology, platform="tpu",
                                         chip_config_name=tpu.chip_config,
@@ -110,8 +111,6 @@ def topology_devices(tpu: TpuSlice) -> list:
 def topology_mesh(mesh_config, devices: list) -> Mesh:
     """A (data, fsdp, tensor) mesh laid out on the slice's physical torus where possible."""
     shape = resolve_mesh_shape(mesh_config, len(devices))
-    from jax.experimental import mesh_utils
-
     try:
         grid = mesh_utils.create_device_mesh(shape, devices)
     except (ValueError, NotImplementedError, AssertionError):
@@ -167,7 +166,7 @@ def compile_decode_step(config, mesh: Mesh, batch_size: int):
     trainer = Trainer.create(config, mesh)
     params = trainer.abstract_state()["params"]
     cfg = trainer.model_cfg
-    rows = NamedSharding(mesh, P(("data", "fsdp"), None))
+    rows = trainer.batch_sharding
     cache_sh = cache_sharding(cfg, mesh, trainer.rules)
     cache = jax.eval_shape(lambda: init_kv_cache(cfg, batch_size))
     cache = jax.tree.map(lambda x: _abstract(x.shape, x.dtype, cache_sh), cache)
@@ -178,7 +177,8 @@ def compile_decode_step(config, mesh: Mesh, batch_size: int):
         logits_B1V, kv_cache = model.apply({"params": params}, tokens_B1, positions_B1, kv_cache)
         return logits_B1V, kv_cache
 
-    step = jax.jit(decode, out_shardings=(NamedSharding(mesh, P(("data", "fsdp"))), cache_sh),
+    logits_sh = NamedSharding(mesh, P(sharding.batch_axes(trainer.rules)))
+    step = jax.jit(decode, out_shardings=(logits_sh, cache_sh),
                    donate_argnums=(3,))
     with sharding.activate(mesh, trainer.rules):
         t0 = time.perf_counter()

@@ -17,10 +17,14 @@ import os
 import tempfile
 from typing import Any, NamedTuple, Sequence
 
+from etils import epath
 from jax.sharding import Mesh
 
+from gpt_jax import checkpoint
 from gpt_jax import sample as sample_lib
+from gpt_jax.data import load_tokenizer
 from gpt_jax.model import ModelConfig
+from gpt_jax.sharding import logical_rules, make_mesh
 
 
 class Generation(NamedTuple):
@@ -50,11 +54,7 @@ class LoadedModel:
             raise ValueError(f"tokenizer vocab_size={vocab} does not fit the checkpoint's "
                              f"model.vocab_size={self.model_cfg.vocab_size}; the tokenizer "
                              "must be the one the model was trained with")
-        self.rules = None
-        if self.mesh is not None:
-            from gpt_jax.sharding import logical_rules
-
-            self.rules = logical_rules(self.config)
+        self.rules = None if self.mesh is None else logical_rules(self.config)
 
     def encode(self, prompt: str) -> list[int]:
         """Token ids of `prompt`; an empty prompt starts from the tokenizer's BOS token."""
@@ -110,29 +110,32 @@ class LoadedModel:
                                    num_samples=num_samples, seed=seed,
                                    truncate_prompt=truncate_prompt)
         eos = special_id(self.tokenizer, "eos_id")
-        return [self.tokenizer.decode(t[:-1] if t and t[-1] == eos else t) for t in gen.tokens]
+        return [sample_lib.decode_completion(self.tokenizer, t, eos) for t in gen.tokens]
 
 
-def _run_dir(path: str) -> str | None:
+def _run_dir(path: str) -> epath.Path | None:
     """The run directory holding `path` (itself, or two levels up from checkpoints/<step>)."""
-    path = os.path.abspath(path)
-    for candidate in (path, os.path.dirname(path), os.path.dirname(os.path.dirname(path))):
-        if os.path.isfile(os.path.join(candidate, "tokenizer", "tokenizer.json")):
+    path = epath.Path(path)
+    for candidate in (path, path.parent, path.parent.parent):
+        if (candidate / "tokenizer" / "tokenizer.json").is_file():
             return candidate
     return None
 
 
 def load_tokenizer_for(path: str):
-    """The run's tokenizer: from its tokenizer/ folder, else from the files in the checkpoint."""
-    from gpt_jax.data import load_tokenizer
-
+    """The run's tokenizer: from its tokenizer/ folder (local or remote, e.g. gs://), else from
+    the files in the checkpoint."""
     run_dir = _run_dir(path)
-    if run_dir is not None:
-        return load_tokenizer(run_dir)
-    from gpt_jax import checkpoint
-
+    if run_dir is not None and "://" not in str(run_dir):
+        return load_tokenizer(str(run_dir))
     tmp = tempfile.mkdtemp(prefix="gpt_jax_tokenizer_")
-    checkpoint.restore_tokenizer_files(path, os.path.join(tmp, "tokenizer"))
+    if run_dir is None:
+        checkpoint.restore_tokenizer_files(path, os.path.join(tmp, "tokenizer"))
+    else:  # a local copy of the remote folder
+        local = epath.Path(tmp, "tokenizer")
+        local.mkdir()
+        for file in (run_dir / "tokenizer").iterdir():
+            (local / file.name).write_bytes(file.read_bytes())
     return load_tokenizer(tmp)
 
 
@@ -145,14 +148,10 @@ def load(path: str, *, mesh: Mesh | None = None, shard: bool = False,
     Raises FileNotFoundError when `path` holds no checkpoint, ValueError when the tokenizer
     does not fit the model.
     """
-    from gpt_jax import checkpoint
-
-    if not os.path.exists(path):
+    if not epath.Path(path).exists():
         raise FileNotFoundError(f"{path} does not exist; expected a run directory (with "
                                 "checkpoints/) or a checkpoint step directory")
     if shard and mesh is None:
-        from gpt_jax.sharding import make_mesh
-
         mesh = make_mesh(checkpoint.load_config(path).mesh)
     config, params = checkpoint.load_params(path, mesh=mesh)
     if tokenizer is None:

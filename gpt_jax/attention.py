@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from gpt_jax.axes import ACT_BATCH, ACT_HEADS, ACT_KV, ACT_LENGTH
 
 
 def attend(q_BTHK: jax.Array, k_BSHK: jax.Array, v_BSHK: jax.Array, *, impl: str,
@@ -86,6 +89,7 @@ def splash_attention(q_BTHK, k_BSHK, v_BSHK):
     if platform != "tpu":
         raise ValueError("attention_impl='splash' runs on TPU only (this backend is "
                          f"{platform!r}); use 'xla' here")
+    # TPU only: Pallas' TPU kernels are loaded where they can run.
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
@@ -100,9 +104,7 @@ def splash_attention(q_BTHK, k_BSHK, v_BSHK):
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
         return local(q_BTHK, k_BSHK, v_BSHK)
-    import flax.linen as nn
-
-    spec = nn.logical_to_mesh_axes(("act_batch", "act_length", "act_heads", "act_kv"))
+    spec = nn.logical_to_mesh_axes((ACT_BATCH, ACT_LENGTH, ACT_HEADS, ACT_KV))
     return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec,
                          check_vma=False)(q_BTHK, k_BSHK, v_BSHK)
 

@@ -18,8 +18,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
+from jax.sharding import SingleDeviceSharding
 
 from gpt_jax import config as config_lib
+from gpt_jax import sharding as sharding_lib
+from gpt_jax.model import GPT, ModelConfig, abstract_params
 
 ITEMS = ("params", "opt_state", "meta", "config", "tokenizer")
 
@@ -255,16 +258,10 @@ def load_params(path: str, mesh=None, shardings: Any = None):
     Params land on `shardings` if given, else sharded for `mesh` by the config's logical rules,
     else on the first device; the mesh may differ from the one the run was trained on.
     """
-    from jax.sharding import SingleDeviceSharding
-
-    from gpt_jax import sharding as sharding_lib
-    from gpt_jax.flops import param_shapes
-    from gpt_jax.model import GPT, ModelConfig
-
     directory, step = _resolve(path)
     config = load_config(os.path.join(directory, str(step)))
     model = GPT(ModelConfig.from_config(config.model))
-    shapes = param_shapes(model.cfg)
+    shapes = abstract_params(model.cfg)
     if shardings is None and mesh is None:
         shardings = jax.tree.map(lambda _: SingleDeviceSharding(jax.devices()[0]), shapes)
     elif shardings is None:

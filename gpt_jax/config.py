@@ -7,6 +7,7 @@ they need; `validate()` checks the result once, with one clear line per problem.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import math
@@ -15,9 +16,18 @@ from typing import Any
 
 import ml_collections
 
-MESH_AXES = ("data", "fsdp", "tensor")
+from gpt_jax.axes import (DEFAULT_LOGICAL_AXIS_RULES, MESH_AXES, RETIRED_AXES, check_rules,
+                          normalize_rules)
+
 ATTENTION_IMPLS = ("xla", "cudnn", "reference", "splash")
-REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch")
+# model.remat_policy -> the `jax.checkpoint_policies` member a block is rematerialised with.
+REMAT_CHECKPOINT_POLICIES = {
+    "none": None,  # no rematerialisation
+    "full": "nothing_saveable",  # recompute the whole block in the backward pass
+    "save_dots": "checkpoint_dots",
+    "save_dots_no_batch": "checkpoint_dots_with_no_batch_dims",
+}
+REMAT_POLICIES = tuple(REMAT_CHECKPOINT_POLICIES)
 POSITIONS = ("learned", "rope")
 NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "swiglu")
@@ -27,57 +37,63 @@ DATA_SOURCES = ("python_stdlib", "text_files", "tfds", "jsonl", "parquet", "sft_
 TOKENIZERS = ("sentencepiece", "byte", "char", "gpt2_bpe")
 SPM_TYPES = ("bpe", "unigram")
 
-# Logical axis -> mesh axes. Parameters use the plain names, activations the `act_` ones, so
-# that `batch` and `embed` may both map to `fsdp` without one constraint using an axis twice.
-DEFAULT_LOGICAL_AXIS_RULES = (
-    ("batch", ("data", "fsdp")),
-    ("vocab", "tensor"),
-    ("embed", "fsdp"),
-    ("heads", "tensor"),
-    ("kv", None),
-    ("mlp", "tensor"),
-    ("layers", None),
-    ("norm", None),
-    ("length", None),
-    ("act_batch", ("data", "fsdp")),
-    ("act_length", None),
-    ("act_embed", None),
-    ("act_heads", "tensor"),
-    ("act_kv", None),
-    ("act_mlp", "tensor"),
-    ("act_vocab", "tensor"),
-)
-
-
 class ConfigError(ValueError):
     """A config value that cannot work; the message names the field and what is allowed."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The `model` section; `base_config().model` holds these fields with these defaults.
+
+    Frozen, so that Flax modules can hold it.
+    """
+    vocab_size: int = 4096
+    block_size: int = 256  # context length
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 256
+    mlp: str = "gelu"  # gelu | swiglu
+    mlp_ratio: float = 4.0  # MLP hidden width / n_embd
+    norm: str = "layernorm"  # layernorm | rmsnorm
+    norm_eps: float = 1e-5
+    position: str = "learned"  # learned | rope
+    rope_theta: float = 10_000.0
+    tie_embeddings: bool = True  # the LM head is the token embedding
+    use_bias: bool = True
+    dropout: float = 0.0
+    dtype: str = "float32"  # compute dtype
+    param_dtype: str = "float32"
+    attention_impl: str = "xla"  # xla | cudnn | reference | splash
+    scan_layers: bool = False  # one nn.scan over stacked layers instead of n_layer modules
+    remat_policy: str = "none"  # see REMAT_CHECKPOINT_POLICIES
+    init_std: float = 0.02
+
+    @classmethod
+    def from_config(cls, model_config) -> "ModelConfig":
+        return cls(**{k: v for k, v in dict(model_config).items() if k in MODEL_FIELDS})
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def mlp_dim(self) -> int:
+        return int(round(self.mlp_ratio * self.n_embd))
+
+
+MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig))
+# How a run computes, not what its params are: a fine-tune may choose these for itself.
+RUNTIME_MODEL_FIELDS = ("dropout", "dtype", "param_dtype", "attention_impl", "remat_policy",
+                        "init_std")
+# The architecture a fine-tune takes from its parent, so that the parent's params fit.
+PARENT_MODEL_FIELDS = tuple(f for f in MODEL_FIELDS if f not in RUNTIME_MODEL_FIELDS)
 
 
 def base_config() -> ml_collections.ConfigDict:
     """Every field with its default: a small GPT on the built-in corpus, trainable on a CPU."""
     c = ml_collections.ConfigDict()
 
-    c.model = m = ml_collections.ConfigDict()
-    m.vocab_size = 4096
-    m.block_size = 256  # context length
-    m.n_layer = 4
-    m.n_head = 4
-    m.n_embd = 256
-    m.mlp = "gelu"
-    m.mlp_ratio = 4.0
-    m.norm = "layernorm"
-    m.norm_eps = 1e-5
-    m.position = "learned"
-    m.rope_theta = 10_000.0
-    m.tie_embeddings = True
-    m.use_bias = True
-    m.dropout = 0.0
-    m.dtype = "float32"  # compute dtype
-    m.param_dtype = "float32"
-    m.attention_impl = "xla"
-    m.scan_layers = False
-    m.remat_policy = "none"
-    m.init_std = 0.02
+    c.model = ml_collections.ConfigDict(dataclasses.asdict(ModelConfig()))
 
     c.data = d = ml_collections.ConfigDict()
     d.source = "python_stdlib"  # python_stdlib | text_files | tfds | jsonl | parquet | sft_jsonl
@@ -284,6 +300,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     _check(o.clip_norm >= 0, f"optim.clip_norm={o.clip_norm} must be >= 0 (0 disables)")
     _check(0 < config.sample.top_p <= 1, f"sample.top_p={config.sample.top_p} must be in (0, 1]")
     _check(config.checkpoint.keep >= 1, f"checkpoint.keep={config.checkpoint.keep} must be >= 1")
+    try:
+        check_rules(normalize_rules(config.mesh.logical_axis_rules))
+    except ValueError as e:
+        raise ConfigError(f"mesh.logical_axis_rules: {e}") from None
 
     if num_devices is not None:
         data, fsdp, tensor = resolve_mesh_shape(config.mesh, num_devices)
@@ -325,6 +345,6 @@ def _merge(config: ml_collections.ConfigDict, raw: dict) -> None:
         elif isinstance(config[key], ml_collections.ConfigDict):
             _merge(config[key], value)
         elif key == "logical_axis_rules":
-            config[key] = tuple((n, tuple(a) if isinstance(a, list) else a) for n, a in value)
+            config[key] = tuple((n, a) for n, a in normalize_rules(value) if n not in RETIRED_AXES)
         else:
             config[key] = value

@@ -8,7 +8,9 @@ import math
 import os
 import time
 
+import jax
 from etils import epath
+from tqdm import tqdm
 
 # Dense bf16 peak FLOP/s per device (chip; per GPU), from the vendors' published spec sheets.
 PEAK_FLOPS = {
@@ -50,8 +52,6 @@ class MetricsWriter:
     """Writes on process 0 only; other processes get a writer that does nothing."""
 
     def __init__(self, workdir: str, total_steps: int, start_step: int, enabled: bool = True):
-        import jax
-
         self.enabled = enabled and jax.process_index() == 0
         self.total_steps = total_steps
         self._bar = None
@@ -61,14 +61,12 @@ class MetricsWriter:
         epath.Path(workdir).mkdir(parents=True, exist_ok=True)
         self._jsonl = _AppendFile(epath.Path(workdir, "metrics.jsonl"))
         try:
-            from tensorboardX import SummaryWriter
+            from tensorboardX import SummaryWriter  # optional: failing to load it is fine
 
             self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
         except Exception as e:  # noqa: BLE001 -- TensorBoard is optional, metrics.jsonl is not
             print(f"TensorBoard off ({type(e).__name__}: {e}); metrics.jsonl still written")
             self._tb = None
-        from tqdm import tqdm
-
         self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
                          mininterval=1.0, smoothing=0.1, disable=None)
 
@@ -150,8 +148,6 @@ class Throughput:
     """Tokens/s, step time and MFU over the steps since the last call."""
 
     def __init__(self, tokens_per_step: int, flops_per_token: float):
-        import jax
-
         self.tokens_per_step = tokens_per_step
         self.flops_per_token = flops_per_token
         peak = peak_flops(jax.devices()[0].device_kind)

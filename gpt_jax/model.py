@@ -4,12 +4,22 @@ Functional use: `params = model.init(rng, tokens_BT)["params"]`, then
 `logits_BTV = model.apply({"params": params}, tokens_BT)`. With a `KVCache` (see
 `init_kv_cache`) the same call also writes keys/values at `positions_BT` and returns
 `(logits_BTV, kv_cache)`; the sampler uses that for prefill and decoding.
-Every parameter has logical axis names; `gpt_jax.sharding` maps them onto the mesh.
+Every parameter has logical axis names (`gpt_jax.axes`); `gpt_jax.sharding` maps them onto
+the mesh.
+
+Shape suffixes: `x_BTD` is an array of shape [B, T, D]. The letters, here and in every module:
+  B  batch rows                      T  positions of the tokens fed in (sequence length)
+  D  model width (n_embd)            V  vocabulary (vocab_size)
+  H  attention heads (n_head)        K  features per head (head_dim)
+  S  KV-cache slots (key positions)  F  MLP hidden features (mlp_dim); in RoPE: head_dim / 2
+  L  layers (stacked, scan_layers)   P  prompt positions (the sampler's padded prompt)
+  N  new (generated) tokens          R  result rows of the sampler: prompts x samples
+  C  top-k candidates                W  one window of the token stream: T + 1 tokens
+  1, 3  literal sizes: one position; the q/k/v triple.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from typing import NamedTuple
 
 import flax.linen as nn
@@ -17,47 +27,9 @@ import jax
 import jax.numpy as jnp
 
 from gpt_jax import attention
-
-Dtype = jnp.dtype
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelConfig:
-    """The `model` section of a config, frozen so that modules can hold it."""
-    vocab_size: int = 50257
-    block_size: int = 1024
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
-    mlp: str = "gelu"
-    mlp_ratio: float = 4.0
-    norm: str = "layernorm"
-    norm_eps: float = 1e-5
-    position: str = "learned"
-    rope_theta: float = 10_000.0
-    tie_embeddings: bool = True
-    use_bias: bool = True
-    dropout: float = 0.0
-    dtype: str = "float32"
-    param_dtype: str = "float32"
-    attention_impl: str = "xla"
-    scan_layers: bool = False
-    remat_policy: str = "none"
-    init_std: float = 0.02
-
-    @classmethod
-    def from_config(cls, model_config) -> "ModelConfig":
-        fields = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in dict(model_config).items() if k in fields})
-
-    @property
-    def head_dim(self) -> int:
-        return self.n_embd // self.n_head
-
-    @property
-    def mlp_dim(self) -> int:
-        return int(round(self.mlp_ratio * self.n_embd))
-
+from gpt_jax.axes import (ACT_BATCH, ACT_EMBED, ACT_HEADS, ACT_KV, ACT_LENGTH, ACT_MLP,
+                          ACT_VOCAB, EMBED, HEADS, KV, LAYERS, MLP_HIDDEN, NORM, VOCAB)
+from gpt_jax.config import REMAT_CHECKPOINT_POLICIES, ModelConfig
 
 class KVCache(NamedTuple):
     """Keys and values of every layer at every cache slot; slot s holds position s.
@@ -72,12 +44,12 @@ class KVCache(NamedTuple):
     values: tuple[jax.Array, ...] | jax.Array
 
 
-KV_CACHE_AXES = ("act_batch", "act_heads", "act_length", "act_kv")  # of one layer's array
+KV_CACHE_AXES = (ACT_BATCH, ACT_HEADS, ACT_LENGTH, ACT_KV)  # of one layer's array
 
 
 def kv_cache_axes(cfg: ModelConfig) -> tuple[str, ...]:
     """Logical axes of each cache array: one layer's, or ("layers", ...) when stacked."""
-    return ("layers",) + KV_CACHE_AXES if cfg.scan_layers else KV_CACHE_AXES
+    return (LAYERS,) + KV_CACHE_AXES if cfg.scan_layers else KV_CACHE_AXES
 
 
 def init_kv_cache(cfg: ModelConfig, batch_size: int, max_len: int | None = None,
@@ -128,11 +100,11 @@ def _dense(features, axes, cfg: ModelConfig, *, axis=-1, std=None, name=None, bi
 def _norm(cfg: ModelConfig, name=None):
     if cfg.norm == "rmsnorm":
         return nn.RMSNorm(epsilon=cfg.norm_eps, dtype=jnp.float32, param_dtype=cfg.param_dtype,
-                          scale_init=_param(nn.initializers.ones, ("norm",)), name=name)
+                          scale_init=_param(nn.initializers.ones, (NORM,)), name=name)
     return nn.LayerNorm(epsilon=cfg.norm_eps, use_bias=cfg.use_bias, dtype=jnp.float32,
                         param_dtype=cfg.param_dtype,
-                        scale_init=_param(nn.initializers.ones, ("norm",)),
-                        bias_init=_param(nn.initializers.zeros, ("norm",)), name=name)
+                        scale_init=_param(nn.initializers.ones, (NORM,)),
+                        bias_init=_param(nn.initializers.zeros, (NORM,)), name=name)
 
 
 def apply_rope(x_BTHK: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Array:
@@ -156,13 +128,13 @@ class CausalSelfAttention(nn.Module):
     @nn.compact
     def __call__(self, x_BTD, positions_BT, layer_cache):
         cfg = self.cfg
-        qkv_BT3HK = _dense((3, cfg.n_head, cfg.head_dim), ("embed", None, "heads", "kv"), cfg,
+        qkv_BT3HK = _dense((3, cfg.n_head, cfg.head_dim), (EMBED, None, HEADS, KV), cfg,
                            name="qkv")(x_BTD)
         q_BTHK, k_BTHK, v_BTHK = (qkv_BT3HK[:, :, i] for i in range(3))
         if cfg.position == "rope":
             q_BTHK = apply_rope(q_BTHK, positions_BT, cfg.rope_theta)
             k_BTHK = apply_rope(k_BTHK, positions_BT, cfg.rope_theta)
-        axes = ("act_batch", "act_length", "act_heads", "act_kv")
+        axes = (ACT_BATCH, ACT_LENGTH, ACT_HEADS, ACT_KV)
         q_BTHK = nn.with_logical_constraint(q_BTHK, axes)
         if layer_cache is None:
             out_BTHK = attention.attend(q_BTHK, k_BTHK, v_BTHK, impl=cfg.attention_impl)
@@ -176,7 +148,7 @@ class CausalSelfAttention(nn.Module):
                                         mask_BTS=mask_BTS, kv_layout="bhsk")
         out_BTHK = nn.with_logical_constraint(out_BTHK, axes)
         std = cfg.init_std / (2 * cfg.n_layer) ** 0.5  # GPT-2's scaled residual init
-        y_BTD = _dense(cfg.n_embd, ("heads", "kv", "embed"), cfg, axis=(-2, -1), std=std,
+        y_BTD = _dense(cfg.n_embd, (HEADS, KV, EMBED), cfg, axis=(-2, -1), std=std,
                        name="proj")(out_BTHK)
         return y_BTD, layer_cache
 
@@ -197,15 +169,15 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x_BTD):
         cfg = self.cfg
-        h_BTF = _dense(cfg.mlp_dim, ("embed", "mlp"), cfg, name="fc")(x_BTD)
+        h_BTF = _dense(cfg.mlp_dim, (EMBED, MLP_HIDDEN), cfg, name="fc")(x_BTD)
         if cfg.mlp == "swiglu":
-            gate_BTF = _dense(cfg.mlp_dim, ("embed", "mlp"), cfg, name="gate")(x_BTD)
+            gate_BTF = _dense(cfg.mlp_dim, (EMBED, MLP_HIDDEN), cfg, name="gate")(x_BTD)
             h_BTF = nn.silu(gate_BTF) * h_BTF
         else:
             h_BTF = nn.gelu(h_BTF, approximate=True)  # GPT-2's tanh approximation
-        h_BTF = nn.with_logical_constraint(h_BTF, ("act_batch", "act_length", "act_mlp"))
+        h_BTF = nn.with_logical_constraint(h_BTF, (ACT_BATCH, ACT_LENGTH, ACT_MLP))
         std = cfg.init_std / (2 * cfg.n_layer) ** 0.5
-        return _dense(cfg.n_embd, ("mlp", "embed"), cfg, std=std, name="proj")(h_BTF)
+        return _dense(cfg.n_embd, (MLP_HIDDEN, EMBED), cfg, std=std, name="proj")(h_BTF)
 
 
 class Block(nn.Module):
@@ -223,21 +195,15 @@ class Block(nn.Module):
         x_BTD = x_BTD + drop(a_BTD)
         h_BTD = _norm(cfg, "ln_2")(x_BTD).astype(cfg.dtype)
         x_BTD = x_BTD + drop(MLP(cfg, name="mlp")(h_BTD))
-        x_BTD = nn.with_logical_constraint(x_BTD, ("act_batch", "act_length", "act_embed"))
+        x_BTD = nn.with_logical_constraint(x_BTD, (ACT_BATCH, ACT_LENGTH, ACT_EMBED))
         return x_BTD, layer_cache
-
-
-REMAT_POLICIES = {
-    "full": None,  # save nothing: recompute the whole block in the backward pass
-    "save_dots": jax.checkpoint_policies.checkpoint_dots,
-    "save_dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-}
 
 
 def _block_class(cfg: ModelConfig):
     if cfg.remat_policy == "none":
         return Block
-    return nn.remat(Block, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=not cfg.scan_layers)
+    policy = getattr(jax.checkpoint_policies, REMAT_CHECKPOINT_POLICIES[cfg.remat_policy])
+    return nn.remat(Block, policy=policy, prevent_cse=not cfg.scan_layers)
 
 
 class GPT(nn.Module):
@@ -255,15 +221,15 @@ class GPT(nn.Module):
             positions_BT = jnp.broadcast_to(jnp.arange(T), (B, T))
         wte = nn.Embed(cfg.vocab_size, cfg.n_embd, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                        embedding_init=_param(nn.initializers.normal(cfg.init_std),
-                                             ("vocab", "embed")), name="wte")
+                                             (VOCAB, EMBED)), name="wte")
         x_BTD = wte(tokens_BT)
         if cfg.position == "learned":
             wpe = nn.Embed(cfg.block_size, cfg.n_embd, dtype=cfg.dtype,
                            param_dtype=cfg.param_dtype, name="wpe",
-                           embedding_init=_param(nn.initializers.normal(0.01), (None, "embed")))
+                           embedding_init=_param(nn.initializers.normal(0.01), (None, EMBED)))
             x_BTD = x_BTD + wpe(positions_BT)
         x_BTD = nn.Dropout(cfg.dropout, deterministic=self.deterministic)(x_BTD)
-        x_BTD = nn.with_logical_constraint(x_BTD, ("act_batch", "act_length", "act_embed"))
+        x_BTD = nn.with_logical_constraint(x_BTD, (ACT_BATCH, ACT_LENGTH, ACT_EMBED))
 
         block = _block_class(cfg)
         if cfg.scan_layers:
@@ -277,10 +243,10 @@ class GPT(nn.Module):
         if cfg.tie_embeddings:
             logits_BTV = wte.attend(x_BTD)
         else:
-            logits_BTV = _dense(cfg.vocab_size, ("embed", "vocab"), cfg, bias=False,
+            logits_BTV = _dense(cfg.vocab_size, (EMBED, VOCAB), cfg, bias=False,
                                 name="lm_head")(x_BTD)
-        logits_BTV = nn.with_logical_constraint(logits_BTV, ("act_batch", "act_length",
-                                                             "act_vocab"))
+        logits_BTV = nn.with_logical_constraint(logits_BTV, (ACT_BATCH, ACT_LENGTH,
+                                                             ACT_VOCAB))
         return logits_BTV if kv_cache is None else (logits_BTV, kv_cache)
 
     def _loop_blocks(self, block, x_BTD, positions_BT, kv_cache):
@@ -299,8 +265,23 @@ class GPT(nn.Module):
         scanned = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True,
                                                                           "dropout": True},
                           in_axes=(nn.broadcast, 0), length=self.cfg.n_layer,
-                          metadata_params={nn.PARTITION_NAME: "layers"})
+                          metadata_params={nn.PARTITION_NAME: LAYERS})
         layer_caches = None if kv_cache is None else tuple(kv_cache)
         x_BTD, layer_caches = scanned(self.cfg, self.deterministic, name="h")(
             x_BTD, positions_BT, layer_caches)
         return x_BTD, None if kv_cache is None else KVCache(*layer_caches)
+
+
+def init_boxed_params(model: GPT, rng: jax.Array) -> dict:
+    """`model`'s params, each boxed with its logical axis names, from a one-token batch."""
+    return model.init(rng, jnp.zeros((1, 1), jnp.int32))["params"]
+
+
+def init_params(model: GPT, rng: jax.Array) -> dict:
+    """`model`'s params as a plain pytree: the initialisation training uses."""
+    return nn.unbox(init_boxed_params(model, rng))
+
+
+def abstract_params(cfg: ModelConfig) -> dict:
+    """The params pytree as ShapeDtypeStructs: nothing is allocated."""
+    return jax.eval_shape(lambda r: init_params(GPT(cfg), r), jax.random.key(0))

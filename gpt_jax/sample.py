@@ -31,7 +31,9 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gpt_jax import sampling_filters
+from gpt_jax.axes import normalize_rules
 from gpt_jax.model import GPT, KVCache, ModelConfig, init_kv_cache, kv_cache_axes
+from gpt_jax.sharding import activate, batch_shards
 
 MIN_BUCKET = 16
 
@@ -57,23 +59,23 @@ class SampleOutput(NamedTuple):
 
 def bucket(n: int, cap: int, minimum: int = MIN_BUCKET) -> int:
     """The smallest power of two >= max(n, minimum), but at most `cap` (itself >= n)."""
-    size = minimum
-    while size < n:
-        size *= 2
-    return min(size, cap)
+    return min(sampling_filters.power_of_two_bucket(n, minimum), cap)
 
 
 def row_bucket(n: int, multiple: int = 1) -> int:
     """Rows padded to a power of two, then to a multiple of the batch-sharding devices."""
-    size = 1
-    while size < n:
-        size *= 2
-    return -(-size // multiple) * multiple
+    return -(-sampling_filters.power_of_two_bucket(n) // multiple) * multiple
 
 
 def prompt_hash(prompt: Sequence[int]) -> int:
     """A stable 31-bit hash of a token sequence (keys each row's random stream)."""
     return zlib.crc32(np.asarray(prompt, np.int32).tobytes()) & 0x7FFFFFFF
+
+
+def decode_completion(tokenizer, tokens: Sequence[int], eos_id: int | None) -> str:
+    """The text of generated `tokens`, without the EOS token that ended them."""
+    tokens = list(tokens)
+    return tokenizer.decode(tokens[:-1] if tokens and tokens[-1] == eos_id else tokens)
 
 
 def check_sampling_args(*, max_new_tokens: int, temperature: float, top_k: int, top_p: float,
@@ -127,16 +129,6 @@ def cache_sharding(model_cfg: ModelConfig, mesh: Mesh | None, rules) -> NamedSha
     return nn.logical_to_mesh_sharding(PartitionSpec(*kv_cache_axes(model_cfg)), mesh, rules)
 
 
-def batch_shards(mesh: Mesh | None, rules) -> int:
-    """How many ways the batch axis is split (rows are padded to a multiple of it)."""
-    if mesh is None:
-        return 1
-    spec = nn.logical_to_mesh_sharding(PartitionSpec("act_batch"), mesh, rules).spec
-    axes = spec[0] if spec else None
-    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-    return int(np.prod([mesh.shape[a] for a in axes]))
-
-
 def sample_tokens(model_cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *,
                   max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
                   top_p: float = 1.0, num_samples: int = 1, seed: int = 0,
@@ -173,8 +165,7 @@ def sample_tokens(model_cfg: ModelConfig, params, prompts: Sequence[Sequence[int
         sample_B[r] = r % num_samples
     live_B = np.arange(batch) < num_rows
     if rules is not None:  # hashable: it is a static argument of the compiled function
-        rules = tuple((name, tuple(axes) if isinstance(axes, list) else axes)
-                      for name, axes in rules)
+        rules = normalize_rules(rules)
 
     args = (params, prompt_BP, prompt_len_B, hash_B, sample_B, live_B,
             np.int32(seed), np.int32(max_new_tokens), np.float32(temperature), np.int32(top_k),
@@ -186,7 +177,7 @@ def sample_tokens(model_cfg: ModelConfig, params, prompts: Sequence[Sequence[int
     if mesh is None:
         outs = _generate(*args, **static)
     else:
-        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        with activate(mesh, rules):
             outs = _generate(*args, **static)
     tokens, logprobs, logits, steps = jax.device_get(outs)
 

@@ -18,14 +18,19 @@ NEG_INF = -jnp.inf
 MIN_K_BUCKET = 64
 
 
+def power_of_two_bucket(n: int, minimum: int = 1) -> int:
+    """The smallest `minimum * 2**k` (k >= 0) that is >= n: few sizes, few compilations."""
+    size = minimum
+    while size < n:
+        size *= 2
+    return size
+
+
 def k_bucket_for(top_k: int, vocab_size: int) -> int:
     """The static candidate count for `top_k`: 0 (no top-k) or a power of two >= top_k."""
     if top_k <= 0 or top_k >= vocab_size:
         return 0
-    bucket = MIN_K_BUCKET
-    while bucket < top_k:
-        bucket *= 2
-    return min(bucket, vocab_size)
+    return min(power_of_two_bucket(top_k, MIN_K_BUCKET), vocab_size)
 
 
 def mask_top_k(sorted_BC: jax.Array, top_k: jax.Array) -> jax.Array:

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable
+import functools
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from gpt_jax.config import MESH_AXES, resolve_mesh_shape
+from gpt_jax import model as model_lib
+from gpt_jax.axes import (ACT_BATCH, DEFAULT_LOGICAL_AXIS_RULES, MESH_AXES, check_rules,
+                          normalize_rules)
+from gpt_jax.config import resolve_mesh_shape
 
 
 def make_mesh(mesh_config, devices: list | None = None) -> Mesh:
@@ -26,8 +28,10 @@ def make_mesh(mesh_config, devices: list | None = None) -> Mesh:
 
 
 def logical_rules(config) -> tuple:
-    return tuple((name, tuple(axes) if isinstance(axes, list) else axes)
-                 for name, axes in config.mesh.logical_axis_rules)
+    """The config's logical axis rules, normalised and checked (ValueError naming a bad rule)."""
+    rules = normalize_rules(config.mesh.logical_axis_rules)
+    check_rules(rules)
+    return rules
 
 
 @contextlib.contextmanager
@@ -68,44 +72,44 @@ def _divisible(named: NamedSharding, shape: tuple[int, ...], mesh: Mesh) -> Name
     return NamedSharding(mesh, P(*spec))
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Rows of a [batch, length] array split over data and fsdp, columns whole."""
-    return NamedSharding(mesh, P(("data", "fsdp"), None))
+def batch_axes(rules=DEFAULT_LOGICAL_AXIS_RULES):
+    """The mesh axes the `act_batch` rule splits a batch over (a name, a tuple or None)."""
+    return dict(normalize_rules(rules))[ACT_BATCH]
+
+
+def batch_sharding(mesh: Mesh, rules=DEFAULT_LOGICAL_AXIS_RULES) -> NamedSharding:
+    """Rows of a [batch, length] array split as `act_batch` says, columns whole."""
+    return NamedSharding(mesh, P(batch_axes(rules), None))
+
+
+def batch_shards(mesh: Mesh | None, rules=DEFAULT_LOGICAL_AXIS_RULES) -> int:
+    """How many ways the batch axis is split (1 without a mesh)."""
+    if mesh is None:
+        return 1
+    axes = batch_axes(rules)
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
+    return int(np.prod([mesh.shape[a] for a in axes]))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def init_sharded(init_fn: Callable[[jax.Array], Any], rng: jax.Array, mesh: Mesh, rules):
-    """Run `init_fn(rng)` (returning boxed params) so that every leaf is born sharded.
-
-    `jax.eval_shape` gives the boxes without allocating; their logical names give the
-    shardings; `jax.jit(..., out_shardings=...)` then creates each shard on its own device.
-    Returns (params, shardings), both plain (unboxed) pytrees.
-    """
-    boxed_shapes = jax.eval_shape(init_fn, rng)
-    shardings = nn.unbox(logical_to_shardings(boxed_shapes, mesh, rules))
-
-    def unboxed_init(rng):
-        return nn.unbox(init_fn(rng))
-
-    with activate(mesh, rules):
-        params = jax.jit(unboxed_init, out_shardings=shardings)(rng)
-    return params, shardings
-
-
-def param_shardings(model: nn.Module, mesh: Mesh, rules, seq_len: int = 1):
+def param_shardings(model: model_lib.GPT, mesh: Mesh, rules):
     """Shardings of `model`'s params, derived from shapes only (no parameter is created)."""
-    tokens = jnp.zeros((1, seq_len), jnp.int32)
-    boxed = jax.eval_shape(lambda r: model.init(r, tokens)["params"], jax.random.key(0))
+    boxed = jax.eval_shape(functools.partial(model_lib.init_boxed_params, model),
+                           jax.random.key(0))
     return nn.unbox(logical_to_shardings(boxed, mesh, rules))
 
 
-def init_params(model: nn.Module, rng: jax.Array, mesh: Mesh, rules, seq_len: int = 1):
-    """Sharded `params` of a GPT (a plain pytree) and their shardings."""
-    tokens = jnp.zeros((1, seq_len), jnp.int32)
-    return init_sharded(lambda r: model.init(r, tokens)["params"], rng, mesh, rules)
+def init_params(model: model_lib.GPT, rng: jax.Array, mesh: Mesh, rules):
+    """(params, shardings) of `model`, each leaf born sharded: `Trainer.init_state`'s
+    initialisation of the params alone."""
+    shardings = param_shardings(model, mesh, rules)
+    with activate(mesh, rules):
+        init = functools.partial(model_lib.init_params, model)
+        params = jax.jit(init, out_shardings=shardings)(rng)
+    return params, shardings
 
 
 def shard_like(tree, shardings):

@@ -11,7 +11,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from gpt_jax import sharding
-from gpt_jax.model import GPT, ModelConfig
+from gpt_jax.model import GPT, ModelConfig, abstract_params, init_params
 from gpt_jax.optim import lr_schedule, make_optimizer
 
 TrainState = dict  # {"step": int32[], "params": pytree, "opt_state": pytree, "rng": uint32[2]}
@@ -53,7 +53,7 @@ class Trainer:
         tx = make_optimizer(config.optim, num_steps)
         model = GPT(model_cfg)
         param_sh = sharding.param_shardings(model, mesh, rules)
-        params_abs = jax.eval_shape(lambda: _init_params(model, jax.random.PRNGKey(0)))
+        params_abs = abstract_params(model_cfg)
         opt_abs = jax.eval_shape(tx.init, params_abs)
         repl = sharding.replicated(mesh)
         opt_sh = optax.tree_map_params(tx, lambda _, s: s, opt_abs, param_sh,
@@ -61,7 +61,7 @@ class Trainer:
         state_sh = {"step": repl, "params": param_sh, "opt_state": opt_sh, "rng": repl}
         return cls(config, mesh, model_cfg, model, GPT(model_cfg, deterministic=False), tx,
                    lr_schedule(config.optim, num_steps), rules, state_sh,
-                   sharding.batch_sharding(mesh))
+                   sharding.batch_sharding(mesh, rules))
 
     def abstract_state(self) -> TrainState:
         """ShapeDtypeStructs with shardings: the target for restoring a checkpoint."""
@@ -70,7 +70,7 @@ class Trainer:
                             shapes, self.state_shardings)
 
     def _init_state(self, rng) -> TrainState:
-        params = _init_params(self.model, rng)
+        params = init_params(self.model, rng)
         return {"step": jnp.zeros((), jnp.int32), "params": params,
                 "opt_state": self.tx.init(params), "rng": jax.random.fold_in(rng, 1)}
 
@@ -113,7 +113,7 @@ class Trainer:
                 return (grad_acc, acc_loss + loss_sum, i + 1, acc_count + count), None
 
             # Row r goes to microbatch r % k, so every microbatch keeps an even share per device.
-            rows_sharded = NamedSharding(self.mesh, P(None, ("data", "fsdp")))
+            rows_sharded = NamedSharding(self.mesh, P(None, sharding.batch_axes(self.rules)))
             micro_batches = jax.tree.map(
                 lambda x: jax.lax.with_sharding_constraint(
                     jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1),
@@ -154,8 +154,3 @@ class Trainer:
                        in_shardings=(self.state_shardings["params"], self.batch_sharding),
                        out_shardings=sharding.replicated(self.mesh))
 
-
-def _init_params(model: GPT, rng):
-    import flax.linen as nn
-
-    return nn.unbox(model.init(rng, jnp.zeros((1, 1), jnp.int32))["params"])

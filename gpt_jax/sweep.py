@@ -31,6 +31,8 @@ import ml_collections
 
 from gpt_jax import config as config_lib
 from gpt_jax.data.files import atomic_write_json, read_json
+from gpt_jax.metrics import read_metrics
+from gpt_jax.train import train
 
 SUMMARY_FILE = "sweep.json"
 MEMBER_FILE = "sweep_member.json"
@@ -229,8 +231,6 @@ def _now() -> str:
 
 def last_step(workdir: str) -> int:
     """The highest step metrics.jsonl reached (0 if none)."""
-    from gpt_jax.metrics import read_metrics
-
     return max((int(e.get("step", 0)) for e in read_metrics(workdir)), default=0)
 
 
@@ -318,12 +318,6 @@ def check_existing(members: list[Member]) -> None:
 TrainFn = Callable[[ml_collections.ConfigDict, str], Any]
 
 
-def _default_train(config: ml_collections.ConfigDict, workdir: str) -> Any:
-    from gpt_jax.train import train
-
-    return train(config, workdir)
-
-
 def error_line(e: BaseException) -> str:
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
     return f"{type(e).__name__}: {lines[0] if lines else ''}"[:300]
@@ -381,7 +375,7 @@ def run_sweep(sweep: Sweep | str, workdir: str, only: str | None = None,
             if is_done(member):
                 log(f"[{member.index}] {member.key}: done already; skipped")
                 continue
-            state = run_member(member, train_fn or _default_train, log,
+            state = run_member(member, train_fn or train, log,
                                on_start=lambda: write_summary(sweep, members, workdir, source))
             write_summary(sweep, members, workdir, source)
             if state == "interrupted":

@@ -6,19 +6,23 @@ continues from the newest checkpoint; SIGTERM/SIGINT save a checkpoint and retur
 
 from __future__ import annotations
 
-import math
+import dataclasses
 import os
 import signal
 import time
+from typing import Any, Callable
 
 import jax
+import ml_collections
 import numpy as np
 from absl import logging
 from etils import epath
+from jax.experimental import multihost_utils
 
 from gpt_jax import checkpoint as ckpt_lib
 from gpt_jax import config as config_lib
 from gpt_jax import data, evals, flops, run_status, sharding
+from gpt_jax.evaluate import evaluate, open_split
 from gpt_jax.metrics import MetricsWriter, Throughput
 from gpt_jax.step import Trainer
 
@@ -47,8 +51,6 @@ class StopSignal:
 
     def should_stop(self, step: int) -> bool:
         if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
             if multihost_utils.reached_preemption_sync_point(step):
                 self.received = self.received or "SIGTERM"
         if self.received is not None:
@@ -61,7 +63,8 @@ class StopSignal:
 
 
 def setup_tokenizer(config, workdir: str):
-    """The run's tokenizer; a fine-tune inherits its parent's. Fixes byte/char vocab sizes."""
+    """The run's tokenizer; a fine-tune inherits its parent's. Sets a byte/char vocab size
+    in `config` (the run's own copy, see `resolve_run`)."""
     own = epath.Path(workdir, "tokenizer")
     if config.train.init_from and not own.exists() and jax.process_index() == 0:
         parent = epath.Path(config.train.init_from, "tokenizer")
@@ -95,42 +98,6 @@ def initial_state(trainer: Trainer, checkpointer, config):
     return trainer.init_state(config.train.seed, params), 0
 
 
-def open_split(config, tokenizer, split: str):
-    """The train or validation split: token windows, or prompt/response pairs for SFT."""
-    if config.data.source == "sft_jsonl":
-        return data.SFTDataset(config, tokenizer, split=split)
-    return data.open_dataset(config, tokenizer, split)
-
-
-def to_global(host_batch: dict, batch_sharding) -> dict:
-    """This process's rows -> global arrays sharded over the mesh's batch axes."""
-    return {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(v))
-            for k, v in host_batch.items()}
-
-
-def evaluate(trainer: Trainer, eval_step, params, val_data, config) -> dict:
-    """Mean token loss and perplexity over the fixed validation batches."""
-    t = config.train
-    loss_sum, count = 0.0, 0.0
-    for host_batch in val_data.eval_batches(t.eval_batches, t.global_batch_size,
-                                            config.model.block_size, jax.process_index(),
-                                            jax.process_count()):
-        batch = to_global(host_batch, trainer.batch_sharding)
-        s, c = jax.device_get(eval_step(params, batch))
-        loss_sum, count = loss_sum + float(s), count + float(c)
-    loss = loss_sum / max(count, 1.0)
-    result = {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
-    bytes_per_token = getattr(val_data, "bytes_per_token", None)  # SFT data has none
-    if bytes_per_token:
-        result["eval_bits_per_byte"] = loss / math.log(2) / bytes_per_token
-    if getattr(val_data, "pairs", None) and config.data.get("sft_exact_match", 0) > 0:
-        from gpt_jax.sft_eval import exact_match  # fine-tuning: greedy answers to held-out pairs
-
-        result.update(exact_match(trainer.model_cfg, params, val_data.tokenizer, val_data.pairs,
-                                  config.data.sft_exact_match, trainer.mesh, trainer.rules))
-    return result
-
-
 def describe_run(config, trainer: Trainer, workdir: str, n_params: int, log) -> None:
     mesh = trainer.mesh
     log(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind} "
@@ -145,17 +112,13 @@ def describe_run(config, trainer: Trainer, workdir: str, n_params: int, log) -> 
         f"keep {config.checkpoint.keep}); metrics: {os.path.join(workdir, 'metrics.jsonl')}")
 
 
-PARENT_MODEL_FIELDS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "mlp",
-                       "mlp_ratio", "norm", "norm_eps", "position", "rope_theta",
-                       "tie_embeddings", "use_bias", "scan_layers")
-
-
 def inherit_parent(config) -> None:
-    """A fine-tune takes its parent's architecture and tokenizer kind: the params must fit."""
+    """A fine-tune takes its parent's architecture and tokenizer kind into `config` (the run's
+    own copy, see `resolve_run`): the params must fit."""
     if not config.train.init_from:
         return
     parent = ckpt_lib.load_config(config.train.init_from)
-    changed = [f for f in PARENT_MODEL_FIELDS if config.model[f] != parent.model[f]]
+    changed = [f for f in config_lib.PARENT_MODEL_FIELDS if config.model[f] != parent.model[f]]
     for field in changed:
         config.model[field] = parent.model[field]
     config.data.tokenizer = parent.data.tokenizer
@@ -164,23 +127,49 @@ def inherit_parent(config) -> None:
                         config.train.init_from, ", ".join(changed))
 
 
-def train(config, workdir: str) -> dict:
-    """Train (or resume) the run in `workdir`; returns the last logged metrics."""
+def resolve_run(config, workdir: str) -> tuple[ml_collections.FrozenConfigDict, Any]:
+    """(the run's frozen config, its tokenizer); `config` itself is left as it was.
+
+    A fine-tune takes its parent's architecture and tokenizer kind, a byte/char tokenizer sets
+    the vocabulary; the config is validated once, before the tokenizer is built.
+    """
+    config = config.copy_and_resolve_references()
     inherit_parent(config)
     config_lib.validate(config, num_devices=jax.device_count())
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+    tokenizer = setup_tokenizer(config, workdir)
+    return ml_collections.FrozenConfigDict(config), tokenizer
+
+
+def train(config, workdir: str) -> dict:
+    """Train (or resume) the run in `workdir`; returns the last logged metrics."""
     stop = StopSignal()  # installed first: a SIGTERM during set-up still ends in a clean save
     run_status.write(workdir, "running")
     try:
-        last = _train(config, workdir, stop)
+        config, tokenizer = resolve_run(config, workdir)
+        last = _train(config, tokenizer, workdir, stop)
     finally:
         stop.restore()
     run_status.ended(workdir, config.train.num_steps, stop.received, stop.stopped_at)
     return last
 
 
-def _train(config, workdir: str, stop: StopSignal) -> dict:
-    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-    tokenizer = setup_tokenizer(config, workdir)
+@dataclasses.dataclass
+class Loop:
+    """What the training loop steps through, evaluates with and writes to."""
+    config: Any
+    trainer: Trainer
+    train_step: Callable
+    eval_step: Callable
+    loader: data.BatchLoader
+    val_data: Any
+    checkpointer: ckpt_lib.Checkpointer
+    writer: MetricsWriter
+    throughput: Throughput
+    stop: StopSignal
+
+
+def _train(config, tokenizer, workdir: str, stop: StopSignal) -> dict:
     ckpt_lib.check_resume_compatible(workdir, config)  # before config.json or any checkpoint
     if jax.process_index() == 0:
         epath.Path(workdir, "config.json").write_text(config_lib.to_json(config))
@@ -204,12 +193,14 @@ def _train(config, workdir: str, stop: StopSignal) -> dict:
         throughput = Throughput(t.global_batch_size * seq_len,
                                 flops.flops_per_token(trainer.model_cfg, seq_len))
         loader = data.BatchLoader(train_data, t.global_batch_size, seq_len, t.seed, mesh,
-                                  start_step=start_step, prefetch=config.data.prefetch)
+                                  start_step=start_step, prefetch=config.data.prefetch,
+                                  rules=trainer.rules)
         if config.train.init_from and start_step == 0:  # where the fine-tune starts from
             writer.write(0, evaluate(trainer, eval_step, state["params"], val_data, config))
+        loop = Loop(config, trainer, train_step, eval_step, loader, val_data, checkpointer,
+                    writer, throughput, stop)
         try:
-            last = _loop(state, start_step, train_step, eval_step, loader, val_data, trainer,
-                         checkpointer, writer, throughput, stop, config)
+            last = _loop(loop, state)
         finally:
             loader.close()
             checkpointer.close()
@@ -217,47 +208,48 @@ def _train(config, workdir: str, stop: StopSignal) -> dict:
     return last
 
 
-def _loop(state, step, train_step, eval_step, loader, val_data, trainer, checkpointer, writer,
-          throughput, stop, config) -> dict:
+def _loop(loop: Loop, state) -> dict:
+    config, writer, throughput = loop.config, loop.writer, loop.throughput
     t = config.train
     pending, last = [], {}
     first = True
-    for step, batch in loader:
+    for step, batch in loop.loader:
         if step >= t.num_steps:
             break
         if first:  # the first call compiles: time it apart from the steady state
             with throughput.excluded():
                 start = time.perf_counter()
-                state, metrics = jax.block_until_ready(train_step(state, batch))
+                state, metrics = jax.block_until_ready(loop.train_step(state, batch))
                 writer.message(f"compiled and ran the first step in "
                                f"{time.perf_counter() - start:.1f} s")
             first = False
         else:
-            state, metrics = train_step(state, batch)
+            state, metrics = loop.train_step(state, batch)
             throughput.tick()
         pending.append((step, metrics))
         writer.advance()
         done = step + 1
         if done % t.log_every == 0 or done == t.num_steps:
-            sources = getattr(loader.dataset, "tokens_seen", None)  # a mixture's per-store count
-            last = _log(pending, throughput, writer, config, checkpointer,
-                        sources(done, t.global_batch_size, loader.seq_len) if sources else {})
+            sources = getattr(loop.loader.dataset, "tokens_seen", None)  # per store of a mixture
+            last = _log(pending, throughput, writer, config, loop.checkpointer,
+                        sources(done, t.global_batch_size, loop.loader.seq_len) if sources else {})
             pending = []
         if done % t.eval_every == 0 or done == t.num_steps:
             with throughput.excluded():
-                evaluation = evaluate(trainer, eval_step, state["params"], val_data, config)
-                evaluation.update(evals.during_training(trainer, state["params"],
-                                                        val_data.tokenizer, config))
+                evaluation = evaluate(loop.trainer, loop.eval_step, state["params"],
+                                      loop.val_data, config)
+                evaluation.update(evals.during_training(loop.trainer, state["params"],
+                                                        loop.val_data.tokenizer, config))
             writer.write(done, evaluation)
             last = {**last, **evaluation}
-        data_state = {"step": done, "seed": t.seed}  # the batch of step s is f(seed, s)
+        data_state = loop.loader.state()  # the batch of step s is f(seed, s)
         if done % config.checkpoint.every == 0 or done == t.num_steps:
             with throughput.excluded():
-                checkpointer.save(state, data_state, config)
-        if stop.should_stop(done):
-            _log(pending, throughput, writer, config, checkpointer)
-            checkpointer.save(state, data_state, config, force=True)
-            writer.message(f"{stop.received}: saved a checkpoint at step {done}; exiting")
+                loop.checkpointer.save(state, data_state, config)
+        if loop.stop.should_stop(done):
+            _log(pending, throughput, writer, config, loop.checkpointer)
+            loop.checkpointer.save(state, data_state, config, force=True)
+            writer.message(f"{loop.stop.received}: saved a checkpoint at step {done}; exiting")
             break
     return last
 

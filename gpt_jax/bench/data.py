@@ -13,9 +13,12 @@ import platform
 import tempfile
 import time
 
+import jax
 from absl import flags
 
+from gpt_jax import data
 from gpt_jax.commands.common import define_config_flag
+from gpt_jax.sharding import logical_rules, make_mesh
 
 if "config" not in flags.FLAGS:
     define_config_flag("default")
@@ -35,11 +38,6 @@ def _timed(fn):
 
 def measure(config, cache: str, batches: int, batch_size: int, seq_len: int) -> dict:
     """The numbers of this benchmark as a dict (see module docstring)."""
-    import jax
-
-    from gpt_jax import data
-    from gpt_jax.sharding import make_mesh
-
     os.environ["GPT_JAX_CACHE"] = cache
     config.data.update(data_dir="", cache_dir="")
     start = time.perf_counter()
@@ -54,7 +52,7 @@ def measure(config, cache: str, batches: int, batch_size: int, seq_len: int) -> 
     _, t_host = _timed(lambda: [train.host_batch(s, batch_size, seq_len) for s in range(batches)])
     mesh = make_mesh(config.mesh)
     loader = data.BatchLoader(train, batch_size, seq_len, config.train.seed, mesh,
-                              prefetch=max(1, config.data.prefetch))
+                              prefetch=max(1, config.data.prefetch), rules=logical_rules(config))
     next(loader)  # thread started, first batch made
 
     def consume():

@@ -29,7 +29,7 @@ from absl import flags
 
 from gpt_jax import sample
 from gpt_jax.commands.common import define_config_flag
-from gpt_jax.model import GPT, ModelConfig
+from gpt_jax.model import GPT, ModelConfig, init_params
 
 if "config" not in flags.FLAGS:
     define_config_flag("gpt2_124m")
@@ -74,33 +74,33 @@ def cached_tokens_per_s(cfg, params, batch: int, prompt_len: int, new_tokens: in
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "steps"))
-def _no_cache_greedy(params, tokens_BL, prompt_len, *, cfg, steps: int):
+def _no_cache_greedy(params, tokens_BT, prompt_len, *, cfg, steps: int):
     """`steps` greedy tokens, each from a full forward pass over the whole window."""
-    def step(t, tokens_BL):
-        logits_BLV = GPT(cfg).apply({"params": params}, tokens_BL)
+    def step(t, tokens_BT):
+        logits_BTV = GPT(cfg).apply({"params": params}, tokens_BT)
         pos = prompt_len + t - 1
-        next_B = jnp.argmax(jax.lax.dynamic_index_in_dim(logits_BLV, pos, 1, False), -1)
-        return jax.lax.dynamic_update_index_in_dim(tokens_BL, next_B.astype(tokens_BL.dtype),
+        next_B = jnp.argmax(jax.lax.dynamic_index_in_dim(logits_BTV, pos, 1, False), -1)
+        return jax.lax.dynamic_update_index_in_dim(tokens_BT, next_B.astype(tokens_BT.dtype),
                                                    pos + 1, 1)
 
-    return jax.lax.fori_loop(0, steps, step, tokens_BL)
+    return jax.lax.fori_loop(0, steps, step, tokens_BT)
 
 
 def no_cache_tokens_per_s(cfg, params, batch: int, prompt_len: int, new_tokens: int,
                           steps: int, repeats: int) -> float:
-    tokens_BL = np.zeros((batch, prompt_len + new_tokens), np.int32)
-    tokens_BL[:, :prompt_len] = _prompts(batch, prompt_len, cfg.vocab_size)
-    compiled = _no_cache_greedy.lower(params, tokens_BL, np.int32(prompt_len), cfg=cfg,
+    tokens_BT = np.zeros((batch, prompt_len + new_tokens), np.int32)
+    tokens_BT[:, :prompt_len] = _prompts(batch, prompt_len, cfg.vocab_size)
+    compiled = _no_cache_greedy.lower(params, tokens_BT, np.int32(prompt_len), cfg=cfg,
                                       steps=steps).compile()
     seconds = _median_seconds(
-        lambda: jax.block_until_ready(compiled(params, tokens_BL, np.int32(prompt_len))), repeats)
+        lambda: jax.block_until_ready(compiled(params, tokens_BT, np.int32(prompt_len))), repeats)
     return batch * steps / seconds
 
 
 def measure(config, batch_sizes: list[int], prompt_len: int, new_tokens: int, repeats: int,
             baseline_steps: int, baseline_repeats: int, long_total: int) -> list[dict]:
     cfg = ModelConfig.from_config(config.model)
-    params = jax.jit(GPT(cfg).init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+    params = jax.jit(functools.partial(init_params, GPT(cfg)))(jax.random.key(0))
     cases = [(b, prompt_len) for b in batch_sizes]
     if long_total:
         cases.append((1, long_total - new_tokens))

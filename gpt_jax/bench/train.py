@@ -14,7 +14,6 @@ measures the step, not the data loader (`gpt-jax bench data` does that).
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import platform
 import statistics
@@ -25,9 +24,11 @@ from typing import Any
 import jax
 import numpy as np
 from absl import flags
+from ml_collections import config_flags
 
 from gpt_jax import sharding
 from gpt_jax.aot import PRESETS, AotError, apply_overrides, resolve_preset
+from gpt_jax.commands.common import define_config_flag, print_record
 from gpt_jax.config import ATTENTION_IMPLS, DTYPES, REMAT_POLICIES, validate
 from gpt_jax.flops import count_params, flops_per_token
 from gpt_jax.metrics import peak_flops
@@ -40,8 +41,6 @@ FLAGS = flags.FLAGS
 def _define_flags() -> None:
     """Defined at import (absl parses before `run`); skipped where another module defined them."""
     if "config" not in FLAGS:
-        from gpt_jax.commands.common import define_config_flag
-
         define_config_flag("default")
     defs = [
         (flags.DEFINE_string, "preset", None,
@@ -183,7 +182,7 @@ def run(argv: list[str]) -> None:
     record["command"] = "gpt-jax " + " ".join(sys.argv[1:])
     print(format_record(record), file=sys.stderr)
     if FLAGS.torch_baseline:
-        from gpt_jax.bench.torch_baseline import time_torch_step
+        from gpt_jax.bench.torch_baseline import time_torch_step  # optional: needs torch
 
         record.update(time_torch_step(record["n_layer"], record["n_head"], record["n_embd"],
                                       record["seq_len"], record["batch_size"],
@@ -193,16 +192,10 @@ def run(argv: list[str]) -> None:
         print(f"  PyTorch {record['torch']} ({record['torch_threads']} threads), same shape: "
               f"step {1e3 * record['torch_step_time_s']:.2f} ms (median); gpt_jax / torch "
               f"step time = {record['jax_over_torch_time']:.2f}", file=sys.stderr)
-    line = json.dumps(record)
-    print(line)
-    if FLAGS.json_out:
-        with open(FLAGS.json_out, "a") as f:
-            f.write(line + "\n")
+    print_record(record, FLAGS.json_out)
 
 
 def _config_name() -> str:
     """The --config file's name without .py."""
-    from ml_collections import config_flags
-
     path = config_flags.get_config_filename(FLAGS["config"]) or "config"
     return os.path.splitext(os.path.basename(path))[0]

@@ -8,13 +8,13 @@ Needs libtpu (`pip install 'libtpu==0.0.42.*'`); no TPU is touched.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
 from absl import flags
 
-from gpt_jax.commands.common import CommandError, define_config_flag, usage_error
+from gpt_jax.commands.common import (CommandError, define_config_flag, print_record,
+                                     usage_error)
 from gpt_jax.config import ATTENTION_IMPLS, DTYPES, REMAT_POLICIES
 
 define_config_flag("default")
@@ -48,6 +48,7 @@ def _mesh_flag(text: str | None) -> tuple[int, int, int] | None:
 def main(argv: list[str]) -> None:
     del argv
     os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compile for TPU; never probe for one here
+    # Imported here, not at the top: flag parsing and --help stay fast.
     from gpt_jax import aot
 
     if not FLAGS.topology:
@@ -66,8 +67,4 @@ def main(argv: list[str]) -> None:
         raise CommandError(str(e)) from e
     record["command"] = "gpt-jax " + " ".join(sys.argv[1:])
     print(aot.format_report(record), file=sys.stderr)
-    line = json.dumps(record)
-    print(line)
-    if FLAGS.json_out:
-        with open(FLAGS.json_out, "a") as f:
-            f.write(line + "\n")
+    print_record(record, FLAGS.json_out)

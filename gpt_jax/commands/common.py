@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import glob
+import json
 import os
 
-from absl import flags
+from absl import flags, logging
 from ml_collections import config_flags
+
+from gpt_jax.config import preset_path
 
 
 class CommandError(Exception):
@@ -22,8 +26,6 @@ def usage_error(message: str) -> CommandError:
 
 def define_config_flag(default_preset: str = "default") -> None:
     """--config=path/to/config.py (default: the shipped preset), overridable per field."""
-    from gpt_jax.config import preset_path
-
     config_flags.DEFINE_config_file("config", preset_path(default_preset),
                                     "A config file with get_config(); override fields with "
                                     "--config.section.field=value.", lock_config=True)
@@ -42,7 +44,7 @@ def init_distributed() -> None:
     On TPU VMs it discovers the slice by itself; elsewhere it needs the explicit flags (or the
     GPT_JAX_COORDINATOR / _NUM_PROCESSES / _PROCESS_ID environment variables).
     """
-    import jax
+    import jax  # here: every command imports this module, not every command needs JAX
 
     f = flags.FLAGS
     address = f.coordinator_address or os.environ.get("GPT_JAX_COORDINATOR")
@@ -63,8 +65,6 @@ def init_distributed() -> None:
 
 def on_tpu_vm() -> bool:
     """TPU chips attached (/dev/accel* on v4/v5p, /dev/vfio on v5e/v6e) or a TPU slice env."""
-    import glob
-
     if os.environ.get("JAX_PLATFORMS", "").strip() == "cpu":
         return False
     return bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*")
@@ -72,9 +72,16 @@ def on_tpu_vm() -> bool:
                 or os.environ.get("MEGASCALE_COORDINATOR_ADDRESS"))
 
 
+def print_record(record: dict, json_out: str | None) -> None:
+    """`record` as one JSON line on stdout, also appended to the file `json_out` if given."""
+    line = json.dumps(record)
+    print(line)
+    if json_out:
+        with open(json_out, "a") as f:
+            f.write(line + "\n")
+
+
 def quiet_logging() -> None:
     """Keep the console to our own lines: absl INFO from TFDS/Orbax only with --verbosity=0."""
-    from absl import logging
-
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)

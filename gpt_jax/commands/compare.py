@@ -29,6 +29,7 @@ def main(argv: list[str]) -> None:
                           "gpt-jax compare runs/position")
     if not 0 <= FLAGS.smoothing < 1:
         raise usage_error(f"--smoothing={FLAGS.smoothing} must be in [0, 1)")
+    # Imported here, not at the top: flag parsing and --help stay fast.
     from gpt_jax import report
 
     try:

@@ -33,6 +33,7 @@ def main(argv: list[str]) -> None:
         raise usage_error("give exactly one of --from=hf or --to=hf")
     if not FLAGS.hf_dir or not FLAGS.workdir:
         raise usage_error("needs --hf_dir and --workdir")
+    # Imported here, not at the top: flag parsing and --help stay fast.
     from gpt_jax.data.files import DataError
     from gpt_jax.hf import ConversionError, from_hf, to_hf
 

@@ -48,9 +48,11 @@ def main(argv: list[str]) -> None:
     common.init_distributed()
     if FLAGS.tasks:
         return run_tasks()
+    # Imported here, not at the top: --help stays fast and JAX starts after init_distributed.
     import jax
 
-    from gpt_jax import api, checkpoint, sharding, train
+    from gpt_jax import api, checkpoint, sharding
+    from gpt_jax.evaluate import evaluate, open_split
     from gpt_jax.step import Trainer
 
     config = checkpoint.load_config(FLAGS.workdir)  # a missing run: one line from the CLI
@@ -62,9 +64,9 @@ def main(argv: list[str]) -> None:
     _, params = checkpoint.load_params(FLAGS.workdir,
                                        shardings=trainer.state_shardings["params"])
     tokenizer = api.load_tokenizer_for(FLAGS.workdir)
-    val = train.open_split(config, tokenizer, "validation")
+    val = open_split(config, tokenizer, "validation")
     with sharding.activate(mesh, trainer.rules):
-        result = train.evaluate(trainer, trainer.jit_eval_step(), params, val, config)
+        result = evaluate(trainer, trainer.jit_eval_step(), params, val, config)
     if jax.process_index() == 0:
         print(json.dumps({"workdir": FLAGS.workdir, **result}))
 

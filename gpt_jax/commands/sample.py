@@ -54,7 +54,9 @@ def read_prompts(prompt: str | None, prompt_file: str | None, default: str) -> l
 
 def main(argv: list[str]) -> None:
     del argv
+    # Imported here, not at the top: flag parsing and --help stay fast.
     from gpt_jax import api
+    from gpt_jax import sample as sample_lib
 
     if not FLAGS.workdir:
         raise usage_error("--workdir is required (a run directory or checkpoint)")
@@ -75,6 +77,6 @@ def main(argv: list[str]) -> None:
         if gen.logprobs is not None and gen.logprobs[r]:
             header += f", mean log-prob {sum(gen.logprobs[r]) / len(gen.logprobs[r]):.3f}"
         print(header + " ===")
-        body = tokens[:-1] if tokens and tokens[-1] == eos else tokens
-        print(lm.tokenizer.decode(gen.prompt_tokens[r]) + lm.tokenizer.decode(body))
+        print(lm.tokenizer.decode(gen.prompt_tokens[r])
+              + sample_lib.decode_completion(lm.tokenizer, tokens, eos))
     sys.stdout.flush()

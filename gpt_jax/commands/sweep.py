@@ -55,6 +55,7 @@ def print_members(summary: dict) -> None:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise common.usage_error(f"unexpected arguments {argv[1:]}; use --flags")
+    # Imported here, not at the top: flag parsing and --help stay fast.
     from gpt_jax import sweep as sweep_lib
 
     extra = parse_sets(FLAGS.set)

@@ -20,18 +20,15 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise common.usage_error(f"unexpected arguments {argv[1:]}; use --flags")
     common.init_distributed()
-    from gpt_jax import config as config_lib
+    # Imported here, not at the top: --help stays fast and JAX starts after init_distributed.
     from gpt_jax import run_status, train
 
-    config = FLAGS.config
-    with config.unlocked():
-        try:
-            config_lib.validate(config)  # a ConfigError is a usage error (exit 2) in the CLI
-            last = train.train(config, FLAGS.workdir)
-        except Exception as e:
-            known = expected_exit_code(e) is not None or isinstance(e, ValueError)
-            run_status.failed(FLAGS.workdir, str(e) if known else f"{type(e).__name__}: {e}")
-            if isinstance(e, ValueError) and expected_exit_code(e) is None:
-                raise common.CommandError(str(e)) from e  # e.g. the tokenizer does not fit
-            raise
+    try:
+        last = train.train(FLAGS.config, FLAGS.workdir)
+    except Exception as e:
+        known = expected_exit_code(e) is not None or isinstance(e, ValueError)
+        run_status.failed(FLAGS.workdir, str(e) if known else f"{type(e).__name__}: {e}")
+        if isinstance(e, ValueError) and expected_exit_code(e) is None:
+            raise common.CommandError(str(e)) from e  # e.g. the tokenizer does not fit
+        raise
     logging.info("done: %s", json.dumps(last))

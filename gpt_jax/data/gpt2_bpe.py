@@ -18,8 +18,9 @@ from typing import Iterable, Sequence
 import numpy as np
 import tiktoken
 
-from gpt_jax.data.files import DataError, DataFileNotFoundError, atomic_write, exists, read_bytes
-from gpt_jax.data.tokenizer_base import META_FILE, Tokenizer, digest
+from gpt_jax.data.files import (DataError, DataFileNotFoundError, atomic_write, digest, exists,
+                                read_bytes)
+from gpt_jax.data.tokenizer_base import META_FILE, Tokenizer
 
 KIND = "gpt2_bpe"
 VOCAB_FILE = "vocab.json"

@@ -17,6 +17,7 @@ from typing import Iterator
 import numpy as np
 from absl import logging
 
+from gpt_jax.axes import DEFAULT_LOGICAL_AXIS_RULES
 from gpt_jax.data.files import DataError
 from gpt_jax.data.store import Store, auto_store, open_store
 from gpt_jax.data.tokenizer_base import Tokenizer
@@ -184,12 +185,13 @@ class BatchLoader:
     """
 
     def __init__(self, dataset: TokenDataset, global_batch_size: int, seq_len: int, seed: int,
-                 mesh, start_step: int = 0, prefetch: int = 2):
-        from gpt_jax.sharding import batch_sharding
+                 mesh, start_step: int = 0, prefetch: int = 2,
+                 rules=DEFAULT_LOGICAL_AXIS_RULES):
+        from gpt_jax.sharding import batch_sharding, batch_shards  # gpt_jax.data loads no JAX
 
         self.dataset, self.batch_size, self.seq_len = dataset, global_batch_size, seq_len
-        self.seed, self.sharding = int(seed), batch_sharding(mesh)
-        shards = mesh.shape["data"] * mesh.shape["fsdp"]
+        self.seed, self.sharding = int(seed), batch_sharding(mesh, rules)
+        shards = batch_shards(mesh, rules)
         if global_batch_size % shards:
             raise DataError(f"global_batch_size={global_batch_size} is not divisible by the "
                             f"data*fsdp={shards} devices it is split over")

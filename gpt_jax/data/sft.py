@@ -15,6 +15,7 @@ import json
 from typing import Iterator
 
 import numpy as np
+from etils import epath
 
 from gpt_jax.data.files import DataError, DataFileNotFoundError, unit_hash
 from gpt_jax.data.loader import HostBatches, epoch_slices, process_rows
@@ -33,8 +34,6 @@ class Pair:
 def read_jsonl(path: str, prompt_field: str = "prompt",
                response_field: str = "response") -> list[Pair]:
     """The pairs of one JSONL file; a bad line raises DataError naming the file and line."""
-    from etils import epath
-
     if not epath.Path(path).is_file():
         raise DataFileNotFoundError(f"data.paths: {path} does not exist")
     pairs = []

@@ -6,7 +6,6 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from gpt_jax.data.files import digest  # noqa: F401  (fingerprints of every kind)
 
 TOKENIZER_DIR = "tokenizer"
 META_FILE = "tokenizer.json"

@@ -18,10 +18,10 @@ import numpy as np
 import sentencepiece as spm
 from absl import logging
 
-from gpt_jax.data.files import (DataError, DataFileNotFoundError, atomic_write, exists, read_bytes,
-                                read_json)
+from gpt_jax.data.files import (DataError, DataFileNotFoundError, atomic_write, digest, exists,
+                                read_bytes, read_json)
 from gpt_jax.data.gpt2_bpe import GPT2BPETokenizer, load_dir
-from gpt_jax.data.tokenizer_base import META_FILE, TOKENIZER_DIR, Tokenizer, digest
+from gpt_jax.data.tokenizer_base import META_FILE, TOKENIZER_DIR, Tokenizer
 
 SPM_FILE = "spm.model"
 MAX_SPM_LINE = 4096  # bytes; SentencePiece skips longer training "sentences"

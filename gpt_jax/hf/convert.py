@@ -11,9 +11,16 @@ from __future__ import annotations
 import json
 import os
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from gpt_jax import checkpoint
+from gpt_jax import config as config_lib
+from gpt_jax.api import load_tokenizer_for
+from gpt_jax.data.gpt2_bpe import load_dir
+from gpt_jax.optim import make_optimizer
 from gpt_jax.hf.mapping import (ConversionError, check_hf_tensors, hf_config_from_model,
                                 hf_from_params, model_fields_from_hf, normalize_hf_names,
                                 params_from_hf)
@@ -36,7 +43,7 @@ def read_hf_config(hf_dir: str) -> dict:
 
 
 def _read_safetensors(path: str) -> dict[str, np.ndarray]:
-    from safetensors.numpy import load_file
+    from safetensors.numpy import load_file  # optional: the gpt_jax[hf] extra
 
     try:
         return load_file(path)
@@ -59,7 +66,7 @@ def read_hf_weights(hf_dir: str) -> tuple[dict[str, np.ndarray], str]:
     binary = os.path.join(hf_dir, TORCH_BIN)
     if os.path.isfile(binary):
         try:
-            import torch
+            import torch  # optional: only .bin checkpoints need it
         except ImportError:
             raise ConversionError(f"{binary} needs torch to read (pip install 'gpt_jax[hf]'), "
                                   "or convert it to model.safetensors first") from None
@@ -84,8 +91,6 @@ def load_hf(hf_dir: str) -> tuple[dict, dict]:
 
 def run_config(fields: dict, hf_dir: str):
     """A gpt_jax config for the converted model: GPT-2 tokenizer, fine-tuning friendly."""
-    from gpt_jax import config as config_lib
-
     config = config_lib.base_config()
     config.model.update(fields)
     config.data.tokenizer = "gpt2_bpe"
@@ -97,9 +102,6 @@ def run_config(fields: dict, hf_dir: str):
 
 def from_hf(hf_dir: str, workdir: str, seed: int = 0) -> str:
     """Write a run directory (config, tokenizer/, checkpoint step 0) from a HF GPT-2 folder."""
-    from gpt_jax import checkpoint, config as config_lib
-    from gpt_jax.data.gpt2_bpe import load_dir
-
     if os.path.isdir(checkpoint.checkpoint_dir(workdir)) and os.listdir(
             checkpoint.checkpoint_dir(workdir)):
         raise ConversionError(f"--workdir={workdir} already holds checkpoints; convert into a "
@@ -130,11 +132,6 @@ def from_hf(hf_dir: str, workdir: str, seed: int = 0) -> str:
 def _train_state(config, params: dict, seed: int) -> dict:
     """A step-0 TrainState like `Trainer.init_state` makes (the optimizer state a resumed run
     expects), built eagerly: no compiled random init of weights that are replaced anyway."""
-    import jax
-    import jax.numpy as jnp
-
-    from gpt_jax.optim import make_optimizer
-
     params = jax.device_put(params, jax.devices()[0])
     tx = make_optimizer(config.optim, config.train.num_steps)
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
@@ -142,18 +139,13 @@ def _train_state(config, params: dict, seed: int) -> dict:
 
 
 def save_safetensors(tensors: dict[str, np.ndarray], path: str) -> None:
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save_file  # optional: the gpt_jax[hf] extra
 
     save_file(tensors, path, metadata={"format": "pt"})
 
 
 def to_hf(workdir: str, hf_dir: str) -> str:
     """Write config.json, model.safetensors (+ vocab.json/merges.txt) for GPT2LMHeadModel."""
-    import jax
-
-    from gpt_jax import checkpoint
-    from gpt_jax.api import load_tokenizer_for
-
     config, params = checkpoint.load_params(workdir)
     params = jax.device_get(params)
     tokenizer = load_tokenizer_for(workdir)

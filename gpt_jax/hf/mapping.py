@@ -9,6 +9,7 @@ are needed; only the fused attention projections are reshaped to the named-head 
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 
 # activation_function values that are GPT-2's tanh-approximated GELU (what model.MLP computes).
@@ -147,8 +148,6 @@ def params_from_hf(tensors: dict[str, np.ndarray], f: dict) -> dict:
 def _blocks(params: dict, n_layer: int) -> list[dict]:
     """Per-layer param dicts, whether the run stored `h_{i}` or one scanned (stacked) `h`."""
     if "h" in params:
-        import jax
-
         return [jax.tree.map(lambda x, i=i: np.asarray(x[i]), params["h"]) for i in range(n_layer)]
     return [params[f"h_{i}"] for i in range(n_layer)]
 

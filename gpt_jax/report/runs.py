@@ -1,5 +1,4 @@
-"""`gpt-jax compare`: gather run directories into variants, summarise them over seeds, write
-report.md (tables) and PNG plots (gpt_jax.report_plots).
+"""Run directories gathered into variants and summarised over seeds.
 
 A variant is a sweep member's variant (sweep.json / sweep_member.json), else the parent folder
 of a `seed_<n>` directory, else the run directory's own name. Statistics over seeds are the
@@ -15,11 +14,11 @@ import re
 import statistics
 from functools import lru_cache
 
-from gpt_jax.config import flatten
+from gpt_jax.config import ModelConfig, flatten
 from gpt_jax.data.files import read_json
+from gpt_jax.flops import count_params
 from gpt_jax.metrics import read_metrics
-
-SWEEP_FILE, MEMBER_FILE = "sweep.json", "sweep_member.json"
+from gpt_jax.sweep import MEMBER_FILE, SUMMARY_FILE
 DOWNSTREAM = "downstream/"  # gpt_jax.evals.PREFIX: downstream/<task>/<acc|acc_norm|n>
 
 
@@ -146,7 +145,7 @@ def discover(paths: list[str]) -> tuple[list[Run], str | None, dict]:
     for path in paths:
         if not os.path.isdir(path):
             raise ReportError(f"{path} is not a directory")
-        sweep = (read_json(os.path.join(path, SWEEP_FILE)) or {})
+        sweep = (read_json(os.path.join(path, SUMMARY_FILE)) or {})
         if sweep:
             summary = summary or sweep
             baseline = baseline or sweep.get("baseline")
@@ -179,9 +178,6 @@ def split_without_eval(runs: list[Run]) -> tuple[list[Run], list[Run]]:
 @lru_cache(maxsize=None)
 def _count_params(model_json: str) -> int | None:
     try:
-        from gpt_jax.flops import count_params
-        from gpt_jax.model import ModelConfig
-
         return count_params(ModelConfig.from_config(json.loads(model_json)))
     except Exception:  # an old or foreign config: the count is simply unknown
         return None
@@ -251,29 +247,3 @@ def varied_keys(stats: list[VariantStats]) -> list[str]:
 def default_out(paths: list[str]) -> str:
     return paths[0] if len(paths) == 1 else os.path.commonpath(
         [os.path.abspath(p) for p in paths])
-
-
-def compare(paths: list[str], out_dir: str | None = None, baseline: str | None = None,
-            smoothing: float = 0.6) -> dict:
-    """Write <out_dir>/report.md and the plots; returns {"report", "plots", "stats", "warnings"}.
-
-    "plots" maps each PNG's file name to the number of variants drawn in it (lines or bars).
-    """
-    from gpt_jax import report_markdown, report_plots
-
-    runs, sweep_baseline, summary = discover(paths)
-    runs, no_eval = split_without_eval(runs)
-    warnings = [f"{r.path}: no eval metrics yet; left out" for r in no_eval]
-    warnings += config_warnings(runs)
-    names = list(dict.fromkeys(r.variant for r in runs))
-    if baseline and baseline not in names:
-        raise ReportError(f"--baseline={baseline!r} is not a variant; one of {', '.join(names)}")
-    baseline = baseline or (sweep_baseline if sweep_baseline in names else names[0])
-    stats = group(runs, baseline)
-    out_dir = out_dir or default_out(paths)
-    os.makedirs(out_dir, exist_ok=True)
-    plots = report_plots.plot_all(stats, out_dir, smoothing)
-    path = os.path.join(out_dir, "report.md")
-    with open(path, "w") as f:
-        f.write(report_markdown.render(stats, baseline, list(plots), paths, warnings, summary))
-    return {"report": path, "plots": plots, "stats": stats, "warnings": warnings}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import statistics
 
-from gpt_jax.report import VariantStats, std, varied_keys
+from gpt_jax.report.runs import VariantStats, std, varied_keys
 
 
 def fmt_pm(values: list[float]) -> str:

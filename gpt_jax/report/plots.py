@@ -4,7 +4,7 @@ variant (the mean over seeds) with a band from the lowest to the highest seed.""
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import matplotlib
 
@@ -12,10 +12,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-if TYPE_CHECKING:
-    from gpt_jax.report import Run, VariantStats
+from gpt_jax.report.runs import Run, VariantStats  # noqa: E402
 
-Curve = Callable[["Run"], list[tuple[float, float]]]
+Curve = Callable[[Run], list[tuple[float, float]]]
 
 
 def ema(values: list[float], smoothing: float) -> list[float]:
@@ -36,14 +35,14 @@ def band(curves: list[list[tuple[float, float]]]) -> tuple[np.ndarray, ...]:
             np.array([max(v) for v in at]))
 
 
-def colours(stats: list["VariantStats"]) -> dict[str, tuple]:
+def colours(stats: list[VariantStats]) -> dict[str, tuple]:
     """A fixed colour per variant, in the order the variants were found."""
     order = sorted(stats, key=lambda s: min(r.path for r in s.runs))
     cmap = plt.get_cmap("tab10")
     return {s.name: cmap(i % 10) for i, s in enumerate(order)}
 
 
-def line_plot(stats: list["VariantStats"], curve: Curve, path: str, xlabel: str, ylabel: str,
+def line_plot(stats: list[VariantStats], curve: Curve, path: str, xlabel: str, ylabel: str,
               title: str, marker: str | None = None) -> int:
     """One mean line + min-max band per variant; returns the number of lines drawn."""
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
@@ -67,7 +66,7 @@ def line_plot(stats: list["VariantStats"], curve: Curve, path: str, xlabel: str,
     return n
 
 
-def _zoom(ax, stats: list["VariantStats"], curve: Curve) -> None:
+def _zoom(ax, stats: list[VariantStats], curve: Curve) -> None:
     """With many points, leave out the first quarter's high loss so that the curves' ends can
     be told apart; with few (eval curves), show them whole."""
     curves = [curve(r) for s in stats for r in s.runs]
@@ -78,7 +77,7 @@ def _zoom(ax, stats: list["VariantStats"], curve: Curve) -> None:
         ax.set_ylim(lo - 0.05 * (hi - lo + 1e-9), hi + 0.1 * (hi - lo + 1e-9))
 
 
-def bar_plot(stats: list["VariantStats"], path: str) -> int:
+def bar_plot(stats: list[VariantStats], path: str) -> int:
     """Final eval loss per variant (best first), error bars ± one sample std; returns #bars."""
     fig, ax = plt.subplots(figsize=(1.6 + 1.1 * len(stats), 4.5), dpi=110)
     colour = colours(stats)
@@ -102,13 +101,13 @@ def bar_plot(stats: list["VariantStats"], path: str) -> int:
     return len(bars)
 
 
-def plot_all(stats: list["VariantStats"], out_dir: str, smoothing: float = 0.6) -> dict:
+def plot_all(stats: list[VariantStats], out_dir: str, smoothing: float = 0.6) -> dict:
     """Write the four PNGs, plus one per downstream task, into out_dir; returns
     {file name: variants drawn in it}."""
-    def tokens(r: "Run") -> list[tuple[float, float]]:
+    def tokens(r: Run) -> list[tuple[float, float]]:
         return [(step * (r.tokens_per_step or 0), y) for step, y in r.evals]
 
-    def smoothed(r: "Run") -> list[tuple[float, float]]:
+    def smoothed(r: Run) -> list[tuple[float, float]]:
         steps, losses = zip(*r.losses) if r.losses else ((), ())
         return list(zip(steps, ema(list(losses), smoothing)))
 
