@@ -23,6 +23,7 @@ from jax.sharding import Mesh
 from gpt_jax import checkpoint
 from gpt_jax import sample as sample_lib
 from gpt_jax.data import load_tokenizer
+from gpt_jax.data.tokenizer_base import META_FILE, TOKENIZER_DIR
 from gpt_jax.model import ModelConfig
 from gpt_jax.sharding import logical_rules, make_mesh
 
@@ -117,7 +118,7 @@ def _run_dir(path: str) -> epath.Path | None:
     """The run directory holding `path` (itself, or two levels up from checkpoints/<step>)."""
     path = epath.Path(path)
     for candidate in (path, path.parent, path.parent.parent):
-        if (candidate / "tokenizer" / "tokenizer.json").is_file():
+        if (candidate / TOKENIZER_DIR / META_FILE).is_file():
             return candidate
     return None
 
