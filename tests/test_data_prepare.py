@@ -95,7 +95,7 @@ def test_store_bytes_do_not_depend_on_workers_or_processes(tmp_path, corpus):
            "--config=configs/default.py", "--config.data.source=jsonl",
            f"--config.data.paths={folder}", "--config.data.tokenizer=byte",
            "--config.data.shard_mb=0.02", "--config.data.validation_fraction=0.1",
-           f"--store={tmp_path / 'procs'}", "--num_workers=1"]
+           f"--store={tmp_path / 'procs'}", "--num_workers=2"]  # forked workers
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert out.returncode == 0, out.stdout + out.stderr

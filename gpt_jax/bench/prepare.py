@@ -1,12 +1,14 @@
 """`gpt-jax bench prepare`: tokenization throughput of `prepare` on a synthetic English-like corpus.
 
-For each tokenizer (gpt2_bpe, sentencepiece, byte), corpus size (JSONL) and worker count, one
-fresh process prepares a store (each worker encodes with one thread) and reports MB/s per
-wall-second and per CPU-second, tokens/s, the read / encode / write split, and peak RSS. From
-1 vs 2 workers on the largest size it derives the speed-up, the serial fraction f = 2/S - 1
-(Amdahl) and the projected time for 40 GB on a 96-vCPU host:
-40,000 MB x (1-worker seconds per MB) / min(96, 1/f). A last run prepares one large file (the
-largest corpus repeated) to show that memory stays bounded.
+For each tokenizer (gpt2_bpe, sentencepiece, byte), corpus size (JSONL) and worker count, a
+fresh process prepares a store (each worker encodes with one thread), --bench_repeats times,
+interleaved; the run of median wall time gives MB/s per wall-second and per CPU-second,
+tokens/s, the read / encode / write split and peak memory (PSS of the process and its
+workers). From 1 vs 2 workers on the largest size come the speed-up S, the serial fraction
+f = 2/S - 1 (Amdahl; at least 1/96) and the projected time for 40 GB on a 96-vCPU host:
+40,000 MB x (1-worker seconds per MB) / min(96, 1/f). A verified copy of a remote store
+(memory:// standing in for gs://) is timed, and one large file (the largest corpus repeated)
+shows that memory stays bounded.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 from absl import flags
@@ -30,6 +33,7 @@ flags.DEFINE_string("bench_bpe_dir", "", "GPT-2's vocab.json + merges.txt ('': a
                     "byte-level BPE trained here on the corpus with Hugging Face tokenizers).")
 flags.DEFINE_integer("bench_spm_vocab", 32000, "SentencePiece vocabulary trained here.")
 flags.DEFINE_integer("bench_big_mb", 1024, "One file of this size for the memory check (0: off).")
+flags.DEFINE_integer("bench_repeats", 3, "Runs per measurement; the median is reported.")
 flags.DEFINE_string("bench_dir", "", "Where corpora and tokenizers are kept ('': a temp dir).")
 FLAGS = flags.FLAGS
 PROJECT_MB, PROJECT_CPUS = 40_000, 96
@@ -70,15 +74,64 @@ def _tokenizer(kind: str, corpus: str, work: str):
     return tokenizers.load_dir(os.path.expanduser(bpe_dir))
 
 
+def _pss_mb(pid: int) -> float:
+    """Proportional set size: resident memory with pages shared after a fork split fairly."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("Pss:")) / 1024
+    except (OSError, StopIteration):
+        return 0.0
+
+
+def _tree_pss_mb(root: int) -> float:
+    """Memory of `root` and its direct children (the prepare workers), in MB."""
+    total = _pss_mb(root)
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            if ppid == root:
+                total += _pss_mb(int(entry))
+    return total
+
+
+class PeakMemory:
+    """Samples the summed PSS of this process and its children every 0.2 s (Linux /proc):
+    getrusage's maxrss would count what a forked or exec'd process inherited, and summed RSS
+    would count pages a fork shares once per process."""
+
+    def __init__(self):
+        self.peak, self._stop = 0.0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while True:
+            self.peak = max(self.peak, _tree_pss_mb(os.getpid()))
+            if self._stop.wait(0.2):
+                return
+
+    def __enter__(self) -> "PeakMemory":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def child(spec: dict) -> dict:
-    """One measurement, in a fresh process (so that peak RSS is this run's own)."""
+    """One measurement, in a fresh process."""
     from gpt_jax.data.prepare import prepare
     from gpt_jax.data.tokenizers import load_tokenizer
 
     tok = load_tokenizer(spec["store"])
     before = [resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
     start = time.perf_counter()
-    stats = prepare(_config(spec["corpus"]), spec["store"], tok, spec["workers"], threads=1)
+    with PeakMemory() as memory:
+        stats = prepare(_config(spec["corpus"]), spec["store"], tok, spec["workers"], threads=1)
     wall = time.perf_counter() - start
     after = [resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
     cpu = sum(a.ru_utime + a.ru_stime - b.ru_utime - b.ru_stime for a, b in zip(after, before))
@@ -88,7 +141,7 @@ def child(spec: dict) -> dict:
             "cpu_s": cpu, "mb_per_s": mb / wall, "mb_per_cpu_s": mb / cpu,
             "tokens_per_s": stats["num_tokens"] / wall,
             **{f"{k}_pct": 100 * v / split for k, v in stats["seconds"].items()},
-            "peak_rss_mb": max(a.ru_maxrss for a in after) / 1024}
+            "peak_memory_mb": memory.peak}
 
 
 def _measure(spec: dict, tok) -> dict:
@@ -123,11 +176,16 @@ def copy_speed(corpus: str, work: str) -> dict:
     return {"store_mb": megabytes, "copy_s": seconds, "copy_mb_per_s": megabytes / seconds}
 
 
+def _median(runs: list[dict]) -> dict:
+    """The run of median wall time (its other numbers belong to that same run)."""
+    return sorted(runs, key=lambda r: r["wall_s"])[len(runs) // 2]
+
+
 def _row(r: dict) -> str:
     return (f"| {r['tokenizer']} | {r['size_mb']:.0f} | {r['workers']} | {r['mb_per_s']:.2f} | "
             f"{r['mb_per_cpu_s']:.2f} | {r['tokens_per_s'] / 1e6:.2f} | "
             f"{r['read_pct']:.0f} / {r['encode_pct']:.0f} / {r['write_pct']:.0f} | "
-            f"{r['peak_rss_mb']:.0f} |")
+            f"{r['peak_memory_mb']:.0f} |")
 
 
 def run(argv: list[str]) -> None:
@@ -141,25 +199,29 @@ def run(argv: list[str]) -> None:
         if not os.path.exists(corpora[size]):
             synthetic.write_jsonl(corpora[size], size)
     print("| tokenizer | MB | workers | MB/s | MB per CPU-s | M tokens/s | read / encode / "
-          "write % | peak RSS MB |\n|---|---|---|---|---|---|---|---|", flush=True)
-    results = []
+          "write % | peak memory (PSS) MB |\n|---|---|---|---|---|---|---|---|", flush=True)
+    medians = []
     for kind in FLAGS.bench_tokenizers.split(","):
         tok = _tokenizer(kind, corpora[sizes[0]], work)
-        for size in sizes:
-            for workers in (int(w) for w in FLAGS.bench_workers.split(",")):
-                results.append(_measure({"tokenizer": kind, "size_mb": size,
-                                         "workers": workers, "corpus": corpora[size],
-                                         "work": work}, tok))
-                print(_row(results[-1]), flush=True)
+        specs = [{"tokenizer": kind, "size_mb": size, "workers": int(w), "corpus": corpora[size],
+                  "work": work} for size in sizes for w in FLAGS.bench_workers.split(",")]
+        runs = [[] for _ in specs]
+        for _ in range(FLAGS.bench_repeats):  # interleaved, so drifting load hits all alike
+            for spec, out in zip(specs, runs):
+                out.append(_measure(spec, tok))
+        for out in runs:
+            medians.append(_median(out))
+            print(_row(medians[-1]), flush=True)
     for kind in FLAGS.bench_tokenizers.split(","):
-        one = [r for r in results if r["tokenizer"] == kind and r["size_mb"] == sizes[-1]]
-        by = {r["workers"]: r for r in one}
+        by = {r["workers"]: r for r in medians
+              if r["tokenizer"] == kind and r["size_mb"] == sizes[-1]}
         if 1 in by and 2 in by:
             speedup = by[1]["wall_s"] / by[2]["wall_s"]
-            serial = min(1.0, max(2 / speedup - 1, 1e-6))
-            hours = PROJECT_MB * (by[1]["wall_s"] / sizes[-1]) / min(PROJECT_CPUS, 1 / serial)
+            serial = min(1.0, max(2 / speedup - 1, 1 / PROJECT_CPUS))
+            minutes = PROJECT_MB * (by[1]["wall_s"] / sizes[-1]) / min(PROJECT_CPUS,
+                                                                       1 / serial) / 60
             print(f"{kind}: 2 workers {speedup:.2f}x one; serial fraction {serial:.3f}; 40 GB "
-                  f"on {PROJECT_CPUS} vCPUs: {hours / 60:.1f} min (projected)")
+                  f"on {PROJECT_CPUS} vCPUs: {minutes:.1f} min (projected)")
     c = copy_speed(corpora[sizes[-1]], work)
     print(f"verified copy of a remote store to local disk: {c['store_mb']:.0f} MB in "
           f"{c['copy_s']:.2f} s ({c['copy_mb_per_s']:.0f} MB/s, sha256 included)", flush=True)

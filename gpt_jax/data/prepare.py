@@ -19,6 +19,7 @@ import dataclasses
 import hashlib
 import multiprocessing
 import os
+import sys
 import tempfile
 import time
 from typing import Any
@@ -149,6 +150,12 @@ def is_local_fs(fs) -> bool:
     return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
 
 
+def _worker_context():
+    """fork (workers start in milliseconds) unless this process runs JAX, whose threads do not
+    survive a fork; then spawn."""
+    return multiprocessing.get_context("spawn" if "jax" in sys.modules else "fork")
+
+
 def write_shard(index: int, piece: Piece, build_key: str) -> dict:
     """Tokenize `piece` into its shard files, then write its record; returns stage timings."""
     d, store, tok = _WORKER["d"], _WORKER["store"], _WORKER["tok"]
@@ -264,9 +271,13 @@ def prepare(config, store: str, tok: Tokenizer, num_workers: int = 0, process_in
         for i in todo:
             done(i, write_shard(i, plan.pieces[i], plan.build_key))
     else:
-        with futures.ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"),
-                                         initializer=_init_worker,
-                                         initargs=(data, store, threads)) as pool:
+        context = _worker_context()
+        tok.encode_batch(["warm"])  # tiktoken's tables are built once, here, and forked
+        # Forked workers inherit `tok`; spawned ones load it from the store.
+        initargs = (data, store, threads) + ((tok,) if context.get_start_method() == "fork"
+                                             else ())
+        with futures.ProcessPoolExecutor(workers, context, initializer=_init_worker,
+                                         initargs=initargs) as pool:
             jobs = {pool.submit(write_shard, i, plan.pieces[i], plan.build_key): i for i in todo}
             for job in futures.as_completed(jobs):
                 done(jobs[job], job.result())
