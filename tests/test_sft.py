@@ -25,17 +25,17 @@ def test_jsonl_errors_name_the_line(tmp_path):
     path = tmp_path / "pairs.jsonl"
     good = json.dumps({"prompt": "a", "response": "b"})
     for lines, message in [
-        ([good, "{not json", good], "pairs.jsonl line 2 is not JSON"),
-        ([good, "", json.dumps({"prompt": "a"})], "pairs.jsonl line 3 has no 'response' field"),
-        ([json.dumps({"prompt": 1, "response": "b"})], "line 1 has a non-string 'prompt' field"),
-        ([json.dumps(["a", "b"])], "line 1 is a JSON list, not an object"),
+        ([good, "{not json", good], "pairs.jsonl:2: not JSON"),
+        ([good, "", json.dumps({"prompt": "a"})], "pairs.jsonl:3: has no 'response' field"),
+        ([json.dumps({"prompt": 1, "response": "b"})], "jsonl:1: has a non-string 'prompt' field"),
+        ([json.dumps(["a", "b"])], "jsonl:1: a JSON list, expected an object"),
     ]:
         path.write_text("\n".join(lines) + "\n")
         with pytest.raises(DataError, match=message):
             read_jsonl(str(path))
     path.write_text(good + "\n\n" + good + "\n")
-    assert read_jsonl(str(path)) == [Pair("a", "b", f"{path} line 1"),
-                                     Pair("a", "b", f"{path} line 3")]
+    assert read_jsonl(str(path)) == [Pair("a", "b", f"{path}:1"),
+                                     Pair("a", "b", f"{path}:3")]
     with pytest.raises(DataError, match="missing.jsonl does not exist"):
         read_jsonl(str(tmp_path / "missing.jsonl"))
 

@@ -78,6 +78,26 @@ def exists(path: str) -> bool:
     return fs.exists(inner)
 
 
+def json_objects(path: str, error: type[ValueError] = DataError
+                 ) -> Iterator[tuple[str, dict]]:
+    """(`path:line`, object) for each non-blank line of a small JSONL file, local or remote; a
+    missing file or a line that is not a JSON object raises `error` naming `path:line`."""
+    if not exists(path):
+        missing = DataFileNotFoundError if error is DataError else error
+        raise missing(f"{path} does not exist; expected a JSONL file")
+    for number, line in enumerate(read_bytes(path).decode("utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            obj = json.loads(line)
+        except ValueError as e:
+            raise error(f"{where}: not JSON ({e})") from None
+        if not isinstance(obj, dict):
+            raise error(f"{where}: a JSON {type(obj).__name__}, expected an object")
+        yield where, obj
+
+
 def atomic_write(path: str, data: bytes | str) -> None:
     """Write `path` so that readers see either nothing or the whole file (tmp + fsync + rename).
 

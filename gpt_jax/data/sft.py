@@ -11,13 +11,11 @@ contract as `TokenDataset`, so `BatchLoader` and the train loop use this dataset
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Iterator
 
 import numpy as np
-from etils import epath
 
-from gpt_jax.data.files import DataError, DataFileNotFoundError, unit_hash
+from gpt_jax.data.files import DataError, json_objects, unit_hash
 from gpt_jax.data.loader import HostBatches, epoch_slices, process_rows
 from gpt_jax.data.tokenizers import Tokenizer
 
@@ -28,31 +26,19 @@ _SEED_SALT = 0x73667400
 class Pair:
     prompt: str
     response: str
-    where: str  # "file line N", for error messages
+    where: str  # "file:N", for error messages
 
 
 def read_jsonl(path: str, prompt_field: str = "prompt",
                response_field: str = "response") -> list[Pair]:
     """The pairs of one JSONL file; a bad line raises DataError naming the file and line."""
-    if not epath.Path(path).is_file():
-        raise DataFileNotFoundError(f"data.paths: {path} does not exist")
     pairs = []
-    for number, line in enumerate(epath.Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path} line {number}"
-        try:
-            obj = json.loads(line)
-        except ValueError as e:
-            raise DataError(f"{where} is not JSON ({e})") from None
-        if not isinstance(obj, dict):
-            raise DataError(f"{where} is a JSON {type(obj).__name__}, not an object with "
-                            f"{prompt_field!r} and {response_field!r}")
+    for where, obj in json_objects(path):
         for field in (prompt_field, response_field):
             if not isinstance(obj.get(field), str):
                 problem = "has no" if field not in obj else "has a non-string"
-                raise DataError(f"{where} {problem} {field!r} field (needs {prompt_field!r} and "
-                                f"{response_field!r} strings)")
+                raise DataError(f"{where}: {problem} {field!r} field (needs {prompt_field!r} "
+                                f"and {response_field!r} strings)")
         pairs.append(Pair(obj[prompt_field], obj[response_field], where))
     return pairs
 

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-import json
 import os
 import re
 from typing import Iterable
 
 import numpy as np
 
+from gpt_jax.data.files import json_objects
 from gpt_jax.evals.choice import Example
 from gpt_jax.evals.scoring import EvalError
 
@@ -60,20 +60,7 @@ def parse_specs(spec: str) -> list[tuple[str, str]]:
 
 
 def _json_lines(path: str) -> Iterable[tuple[str, dict]]:
-    if not os.path.isfile(path):
-        raise EvalError(f"{path} does not exist; expected a JSONL task file")
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                obj = json.loads(line)
-            except ValueError as e:
-                raise EvalError(f"{where}: not JSON ({e})") from None
-            if not isinstance(obj, dict):
-                raise EvalError(f"{where}: a JSON {type(obj).__name__}, expected an object")
-            yield where, obj
+    return json_objects(path, EvalError)
 
 
 def make_example(where: str, context, endings, label, separator: str = " ") -> Example:
