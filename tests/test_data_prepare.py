@@ -198,6 +198,9 @@ def test_store_errors_name_the_store(tmp_path, corpus):
         make_store(config, str(tmp_path / "s"), num_workers=1)
     with pytest.raises(data.DataError, match="is not a token store"):
         data.open_store(str(tmp_path / "nothing"))
+    remote_cache = jsonl_config(tmp_path, str(folder), cache_dir="memory://cache")
+    with pytest.raises(data.DataError, match="data.cache_dir='memory://cache' is remote"):
+        data.TokenDataset(remote_cache, data.ByteTokenizer(), "train")  # never a local "memory:"
     os.remove(tmp_path / "s" / prepare_lib.MANIFEST)
     config = jsonl_config(tmp_path, "", store=str(tmp_path / "s"))
     with pytest.raises(data.DataError, match="not finished .* run `gpt-jax prepare` again"):
@@ -287,3 +290,20 @@ def test_tfds_by_name_is_read_record_by_record_into_shards(tmp_path):
     assert stats["pieces"] == 6  # 3 record ranges of 2 per split
     store = data.open_store(str(tmp_path / "s"))
     assert split_documents(store.tokens("train").to_numpy(), data.ByteTokenizer()) == texts
+
+
+def test_training_on_a_mixture_logs_tokens_per_store(tmp_path):
+    from gpt_jax import config as config_lib
+    from gpt_jax import train as train_lib
+
+    a, b = one_letter_store(tmp_path, "a"), one_letter_store(tmp_path, "b")
+    config = config_lib.load_preset("tiny")
+    config.data.store = f"{a}=1,{b}=3"
+    config.train.update(num_steps=4, log_every=2, eval_every=4, eval_batches=1)
+    train_lib.train(config, str(tmp_path / "run"))
+    logged = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    seen = [r for r in logged if "tokens_store_a" in r]
+    batch, seq = config.train.global_batch_size, config.model.block_size
+    assert [r["step"] for r in seen] == [2, 4]
+    assert seen[-1]["tokens_store_a"] == 4 * batch * seq // 4
+    assert seen[-1]["tokens_store_b"] == 4 * batch * seq * 3 // 4

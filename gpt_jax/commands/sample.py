@@ -20,7 +20,7 @@ def _define(define, name: str, default, help_text: str) -> None:
 
 
 _define(flags.DEFINE_string, "workdir", None,
-        "Run directory (latest checkpoint) or a checkpoint step directory.")
+        "Required: a run directory (latest checkpoint) or a checkpoint step directory.")
 _define(flags.DEFINE_string, "prompt", None,
         "The prompt (default: the run's sample.prompt; '' starts from BOS).")
 _define(flags.DEFINE_string, "prompt_file", None, "A file with one prompt per line.")
