@@ -175,8 +175,9 @@ def test_bad_sources_are_one_line_errors(tmp_path):
         config = jsonl_config(tmp_path, str(tmp_path / name))
         config.data.shard_mb = 1e-5  # the bad line lies in a later byte range
         with pytest.raises(data.DataError, match=message) as e:
-            make_store(config, str(tmp_path / f"s-{name}"), num_workers=1)
+            make_store(config, str(tmp_path / f"s-{name}"), num_workers=2)
         assert "\n" not in str(e.value)
+        assert not list((tmp_path / f"s-{name}" / "shards").glob(".shard-*"))  # no leftovers
     (tmp_path / "latin1.jsonl").write_bytes(good.encode() + b'{"text": "caf\xe9"}\n')
     with pytest.raises(data.DataError, match="latin1.jsonl:2: the line is not UTF-8 text"):
         make_store(jsonl_config(tmp_path, str(tmp_path / "latin1.jsonl")),

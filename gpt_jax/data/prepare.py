@@ -15,6 +15,7 @@ or hosts. Process p of P tokenizes the pieces i with i % P == p; a rerun skips f
 from __future__ import annotations
 
 import concurrent.futures as futures
+import contextlib
 import dataclasses
 import hashlib
 import multiprocessing
@@ -131,6 +132,11 @@ class _SplitWriter:
         self.num_tokens, self.num_docs = self.num_tokens + chunk.size, self.num_docs + docs
         self.num_bytes += text_bytes
 
+    def discard(self) -> None:
+        self.file.close()
+        with contextlib.suppress(OSError):
+            os.remove(self.tmp)
+
     def commit(self, path: str) -> dict:
         self.file.flush()
         os.fsync(self.file.fileno())
@@ -156,6 +162,31 @@ def _worker_context():
     return multiprocessing.get_context("spawn" if "jax" in sys.modules else "fork")
 
 
+def _tokenize(stream, tok: Tokenizer, dtype: np.dtype, writers: dict[str, _SplitWriter],
+              seconds: dict[str, float], tmp_dir: str) -> None:
+    """Encode (split, text) documents in batches into one writer per split, timing each stage."""
+    bos, eos = np.array([tok.bos_id], dtype), np.array([tok.eos_id], dtype)
+    while True:
+        start = time.perf_counter()
+        batch = [doc for _, doc in zip(range(DOCS_PER_BATCH), stream)]
+        seconds["read"] += time.perf_counter() - start
+        if not batch:
+            return
+        start = time.perf_counter()
+        ids = tok.encode_batch([text for _, text in batch], num_threads=_WORKER["threads"])
+        seconds["encode"] += time.perf_counter() - start
+        start = time.perf_counter()
+        for split in dict.fromkeys(s for s, _ in batch):
+            rows = [i for i, (s, _) in enumerate(batch) if s == split]
+            chunk = np.concatenate([part for i in rows
+                                    for part in (bos, ids[i].astype(dtype), eos)])
+            if split not in writers:
+                writers[split] = _SplitWriter(tmp_dir)
+            writers[split].write(chunk, len(rows), sum(len(batch[i][1].encode("utf-8"))
+                                                       for i in rows))
+        seconds["write"] += time.perf_counter() - start
+
+
 def write_shard(index: int, piece: Piece, build_key: str) -> dict:
     """Tokenize `piece` into its shard files, then write its record; returns stage timings."""
     d, store, tok = _WORKER["d"], _WORKER["store"], _WORKER["tok"]
@@ -167,26 +198,12 @@ def write_shard(index: int, piece: Piece, build_key: str) -> dict:
     writers: dict[str, _SplitWriter] = {}
     seconds = {"read": 0.0, "encode": 0.0, "write": 0.0}
     stream = documents.piece_documents(piece, d, _WORKER["corpus"])
-    bos, eos = np.array([tok.bos_id], dtype), np.array([tok.eos_id], dtype)
-    while True:
-        start = time.perf_counter()
-        batch = [doc for _, doc in zip(range(DOCS_PER_BATCH), stream)]
-        seconds["read"] += time.perf_counter() - start
-        if not batch:
-            break
-        start = time.perf_counter()
-        ids = tok.encode_batch([text for _, text in batch], num_threads=_WORKER["threads"])
-        seconds["encode"] += time.perf_counter() - start
-        start = time.perf_counter()
-        for split in dict.fromkeys(s for s, _ in batch):
-            rows = [i for i, (s, _) in enumerate(batch) if s == split]
-            chunk = np.concatenate([part for i in rows
-                                    for part in (bos, ids[i].astype(dtype), eos)])
-            if split not in writers:
-                writers[split] = _SplitWriter(local_dir or tempfile.gettempdir())
-            writers[split].write(chunk, len(rows), sum(len(batch[i][1].encode("utf-8"))
-                                                       for i in rows))
-        seconds["write"] += time.perf_counter() - start
+    try:
+        _tokenize(stream, tok, dtype, writers, seconds, local_dir or tempfile.gettempdir())
+    except BaseException:
+        for writer in writers.values():
+            writer.discard()
+        raise
     start = time.perf_counter()
     splits = {split: w.commit(shard_name(store, index, split)) for split, w in writers.items()}
     atomic_write_json(shard_name(store, index), {"build_key": build_key,
@@ -279,8 +296,12 @@ def prepare(config, store: str, tok: Tokenizer, num_workers: int = 0, process_in
         with futures.ProcessPoolExecutor(workers, context, initializer=_init_worker,
                                          initargs=initargs) as pool:
             jobs = {pool.submit(write_shard, i, plan.pieces[i], plan.build_key): i for i in todo}
-            for job in futures.as_completed(jobs):
-                done(jobs[job], job.result())
+            try:
+                for job in futures.as_completed(jobs):
+                    done(jobs[job], job.result())
+            except BaseException:  # a bad document: do not tokenize the rest of the corpus first
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
     progress.close()
     stats["wall_seconds"] = round(time.perf_counter() - start, 3)
     stats["seconds"] = {k: round(v, 3) for k, v in stats["seconds"].items()}
