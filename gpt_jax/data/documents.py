@@ -195,6 +195,18 @@ def piece_documents(piece: Piece, d, corpus=None) -> Iterator[tuple[str, str]]:
         yield split_of(key, d.validation_fraction), text
 
 
+def training_texts(d) -> Iterator[str]:
+    """The documents of the training split, in order: what a tokenizer is trained on."""
+    if d.source not in FILE_SOURCES:
+        from gpt_jax.data.sources import open_corpus  # TFDS: imported for TFDS-backed sources
+
+        yield from open_corpus(d).texts(d.train_split)
+        return
+    files = list_files(d.paths, FILE_SOURCES[d.source])
+    for piece in file_pieces(d.source, files, int(d.shard_mb * 2 ** 20)):
+        yield from (text for split, text in piece_documents(piece, d) if split == "train")
+
+
 def fingerprint(files: list[FileInfo], settings: dict) -> str:
     return digest(json.dumps(settings, sort_keys=True),
                   *(f"{f.rel}\0{f.size}\0{f.version}" for f in files))

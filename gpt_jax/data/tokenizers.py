@@ -20,6 +20,7 @@ from absl import logging
 
 from gpt_jax.data.files import (DataError, DataFileNotFoundError, atomic_write, digest, exists,
                                 read_bytes, read_json)
+from gpt_jax.data.documents import training_texts
 from gpt_jax.data.gpt2_bpe import GPT2BPETokenizer, load_dir
 from gpt_jax.data.tokenizer_base import META_FILE, TOKENIZER_DIR, Tokenizer
 
@@ -254,9 +255,7 @@ def _new_tokenizer(config) -> Tokenizer:
         return load_dir(os.path.expanduser(d.bpe_dir))
     if d.tokenizer == "sentencepiece" and d.spm_model:
         return load_sentencepiece(os.path.expanduser(d.spm_model))
-    from gpt_jax.data.sources import open_corpus
-
-    texts = open_corpus(d).texts(d.train_split)
+    texts = training_texts(d)
     if d.tokenizer == "char":
         return CharTokenizer.from_texts(texts)
     if d.tokenizer == "sentencepiece":
