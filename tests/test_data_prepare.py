@@ -311,13 +311,13 @@ def test_training_on_a_mixture_logs_tokens_per_store(tmp_path):
 
 
 def test_a_tokenizer_trained_on_jsonl_documents(tmp_path, corpus):
-    from gpt_jax.data.documents import training_texts
+    from gpt_jax.data.documents import split_texts
 
     folder, texts = corpus
     config = jsonl_config(tmp_path, str(folder), tokenizer="char")
     make_store(config, str(tmp_path / "s"), num_workers=1)
     tok = data.load_tokenizer(str(tmp_path / "s"))
-    train_texts = list(training_texts(config.data))
+    train_texts = list(split_texts(config.data))
     assert tok.kind == "char" and tok.chars == "".join(sorted(set("".join(train_texts))))
     assert 0.75 * len(texts) < len(train_texts) < len(texts)
     expected = [i for t in train_texts for i in [tok.bos_id] + tok.encode(t) + [tok.eos_id]]

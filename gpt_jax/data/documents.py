@@ -195,16 +195,17 @@ def piece_documents(piece: Piece, d, corpus=None) -> Iterator[tuple[str, str]]:
         yield split_of(key, d.validation_fraction), text
 
 
-def training_texts(d) -> Iterator[str]:
-    """The documents of the training split, in order: what a tokenizer is trained on."""
+def split_texts(d, split: str = "train") -> Iterator[str]:
+    """The documents of `split` ("train" or "validation"), in order: what a tokenizer is
+    trained on ("train"), what a cloze task is made from ("validation")."""
     if d.source not in FILE_SOURCES:
         from gpt_jax.data.sources import open_corpus  # TFDS: imported for TFDS-backed sources
 
-        yield from open_corpus(d).texts(d.train_split)
+        yield from open_corpus(d).texts(d.train_split if split == "train" else d.eval_split)
         return
     files = list_files(d.paths, FILE_SOURCES[d.source])
     for piece in file_pieces(d.source, files, int(d.shard_mb * 2 ** 20)):
-        yield from (text for split, text in piece_documents(piece, d) if split == "train")
+        yield from (text for s, text in piece_documents(piece, d) if s == split)
 
 
 def fingerprint(files: list[FileInfo], settings: dict) -> str:

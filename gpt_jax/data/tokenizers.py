@@ -20,7 +20,7 @@ from absl import logging
 
 from gpt_jax.data.files import (DataError, DataFileNotFoundError, atomic_write, digest, exists,
                                 read_bytes, read_json)
-from gpt_jax.data.documents import training_texts
+from gpt_jax.data.documents import split_texts
 from gpt_jax.data.gpt2_bpe import GPT2BPETokenizer, load_dir
 from gpt_jax.data.tokenizer_base import META_FILE, TOKENIZER_DIR, Tokenizer
 
@@ -255,7 +255,7 @@ def _new_tokenizer(config) -> Tokenizer:
         return load_dir(os.path.expanduser(d.bpe_dir))
     if d.tokenizer == "sentencepiece" and d.spm_model:
         return load_sentencepiece(os.path.expanduser(d.spm_model))
-    texts = training_texts(d)
+    texts = split_texts(d)
     if d.tokenizer == "char":
         return CharTokenizer.from_texts(texts)
     if d.tokenizer == "sentencepiece":

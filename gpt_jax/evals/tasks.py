@@ -23,6 +23,7 @@ from typing import Iterable
 
 import numpy as np
 
+from gpt_jax.data.documents import split_texts
 from gpt_jax.data.files import json_objects
 from gpt_jax.evals.choice import Example
 from gpt_jax.evals.scoring import EvalError
@@ -199,9 +200,10 @@ def load_task(kind: str, path: str, *, limit: int = 0, config=None) -> list[Exam
             return nextline_examples(texts, limit or 1000, source=path, max_bytes=max_bytes)
         if config is None:
             raise EvalError("nextline without a path needs a run (its validation split)")
-        from gpt_jax.data import open_corpus
-
-        texts = open_corpus(config.data).texts(config.data.eval_split)
+        if config.data.get("store"):
+            raise EvalError(f"nextline without a path needs the run's text; this run reads the "
+                            f"token store {config.data.store}: give nextline:PATH (text files)")
+        texts = split_texts(config.data, "validation")
         return nextline_examples(texts, limit or 1000, source="validation split",
                                  max_bytes=max_bytes)
     else:
