@@ -323,3 +323,53 @@ def test_a_tokenizer_trained_on_jsonl_documents(tmp_path, corpus):
     expected = [i for t in train_texts for i in [tok.bos_id] + tok.encode(t) + [tok.eos_id]]
     store = data.open_store(str(tmp_path / "s"), tok)
     assert store.tokens("train").to_numpy().tolist() == expected
+
+
+def test_a_store_repairs_a_lost_shard_and_refuses_another_build(tmp_path, corpus):
+    folder, _ = corpus
+    config = jsonl_config(tmp_path, str(folder))
+    store = tmp_path / "s"
+    first = make_store(config, str(store), num_workers=1)
+    whole = store_bytes(str(store))
+    lost = sorted((store / "shards").glob("*.train.tokens"))[2]
+    lost.unlink()
+    again = make_store(config, str(store), num_workers=1)
+    assert again["built"] == 1 and first["built"] == again["pieces"]
+    assert store_bytes(str(store)) == whole
+    other = jsonl_config(tmp_path, str(folder), shard_mb=0.05)  # another cut of the corpus
+    (store / prepare_lib.MANIFEST).unlink()
+    with pytest.raises(data.DataError, match="belongs to another build of this store"):
+        make_store(other, str(store), num_workers=1)
+
+
+def test_a_store_refuses_a_config_naming_another_tokenizer(tmp_path, corpus):
+    from test_convert_hf import write_bpe_files
+
+    folder, _ = corpus
+    for name, merges in (("bpe_a", 40), ("bpe_b", 20)):
+        (tmp_path / name).mkdir()
+        write_bpe_files(tmp_path / name, n_merges=merges)
+    config = jsonl_config(tmp_path, str(folder), tokenizer="gpt2_bpe",
+                          bpe_dir=str(tmp_path / "bpe_a"))
+    prepare_lib.prepare(config, str(tmp_path / "s"),
+                        prepare_lib.store_tokenizer(config, str(tmp_path / "s")), num_workers=1)
+    config.data.bpe_dir = str(tmp_path / "bpe_b")
+    with pytest.raises(data.DataError, match="prepared with another gpt2_bpe tokenizer"):
+        prepare_lib.store_tokenizer(config, str(tmp_path / "s"))
+
+
+def test_mixture_batch_too_small_and_paths_with_equals_signs(tmp_path):
+    stores = [one_letter_store(tmp_path, c) for c in "abcd"]
+    mix = MixtureDataset(jsonl_config(tmp_path, "", store=",".join(stores)),
+                         data.ByteTokenizer(), "train")
+    with pytest.raises(data.DataError, match="global_batch_size=2 is too small .* at least 12"):
+        mix.host_batch(1, 2, T)
+    assert mix.host_batch(1, 12, T)["inputs"].shape == (12, T)
+    assert files.store_paths("gs://b/year=2024/s=0.5,gs://b/k=v") == [
+        ("gs://b/year=2024/s", 0.5 / 1.5), ("gs://b/k=v", 1 / 1.5)]
+
+
+def test_json_objects_keep_unicode_line_separators_inside_strings(tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_bytes(json.dumps({"text": "a\u2028b\x85c"}, ensure_ascii=False).encode() + b"\n")
+    assert list(files.json_objects(str(path))) == [(f"{path}:1", {"text": "a\u2028b\x85c"})]

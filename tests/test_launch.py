@@ -21,7 +21,7 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from launch import gcloud, local_multihost, supervisor, tpu, tpu_types  # noqa: E402
+from launch import gcloud, local_multihost, tpu, tpu_types  # noqa: E402
 
 PY = sys.executable
 WHERE = ["--name=my-tpu", "--project=my-proj", "--zone=us-west4-a"]

@@ -34,28 +34,23 @@ def process_layout() -> tuple[int, int]:
     if index is None:
         index = int(os.environ.get("GPT_JAX_PROCESS_ID", "0"))
     if not 0 <= index < count:
-        raise SystemExit(f"gpt-jax prepare: --process_id={index} is not in [0, {count}) for "
-                         f"--num_processes={count}")
+        raise common.usage_error(f"--process_id={index} is not in [0, {count}) for "
+                                 f"--num_processes={count}")
     return index, count
 
 
 def main(argv: list[str]) -> None:
     del argv
+    # Imported here, not at the top: --help stays fast.
     from gpt_jax import config as config_lib
-    from gpt_jax.data import tokenizers
-    from gpt_jax.data.files import DataError
-    from gpt_jax.data.prepare import prepare
+    from gpt_jax.data.prepare import prepare, store_tokenizer
 
     config = FLAGS.config
     index, count = process_layout()
-    try:
-        config_lib.validate(config, num_devices=None)
-        start = time.perf_counter()
-        tok = tokenizers.build_tokenizer(config, FLAGS.store, process_index=index)
-        stats = prepare(config, FLAGS.store, tok, FLAGS.num_workers, index, count,
-                        FLAGS.wait_s)
-    except DataError as e:
-        raise SystemExit(f"gpt-jax prepare: {e}") from None
+    config_lib.validate(config, num_devices=None)  # errors: one line each, from the CLI
+    start = time.perf_counter()
+    tok = store_tokenizer(config, FLAGS.store, index)
+    stats = prepare(config, FLAGS.store, tok, FLAGS.num_workers, index, count, FLAGS.wait_s)
     stats.update(store=FLAGS.store, process_index=index, process_count=count,
                  tokenizer=tok.kind, total_seconds=round(time.perf_counter() - start, 3))
     print(json.dumps(stats, sort_keys=True, default=lambda x: round(float(x), 3)))

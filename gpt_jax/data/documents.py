@@ -25,7 +25,7 @@ import zstandard
 
 from gpt_jax.data.files import DataError, DataFileNotFoundError, digest, filesystem, unit_hash
 
-JSONL_EXTENSIONS = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json", ".json.gz", ".json.zst")
+JSONL_EXTENSIONS = (".jsonl", ".jsonl.gz", ".jsonl.zst")  # in folders; named files may be .json
 PARQUET_EXTENSIONS = (".parquet",)
 FILE_SOURCES = {"jsonl": JSONL_EXTENSIONS, "parquet": PARQUET_EXTENSIONS}
 
@@ -76,7 +76,11 @@ def list_files(paths: str, extensions: tuple[str, ...]) -> list[FileInfo]:
         found.update({fs.unstrip_protocol(p) if "://" in entry else p: (fs, i)
                       for p, i in matches.items()})
     names = sorted(found)
-    root = os.path.dirname(names[0]) if len(names) == 1 else os.path.commonpath(names)
+    try:
+        root = os.path.dirname(names[0]) if len(names) == 1 else os.path.commonpath(names)
+    except ValueError:
+        raise DataError(f"data.paths={paths!r} mixes local and remote files; keep one kind "
+                        "per corpus") from None
     return [FileInfo(name, os.path.relpath(name, root), int(info.get("size") or 0),
                      str(info.get("mtime") or info.get("updated") or info.get("generation")
                          or info.get("created") or ""))

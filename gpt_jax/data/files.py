@@ -78,6 +78,22 @@ def exists(path: str) -> bool:
     return fs.exists(inner)
 
 
+def store_paths(spec: str) -> list[tuple[str, float]]:
+    """`data.store` as [(path, weight)]: 'PATH' or 'PATH=W,PATH=W,...' (weights sum to 1)."""
+    out = []
+    for entry in (e.strip() for e in spec.split(",") if e.strip()):
+        path, _, weight = entry.rpartition("=")
+        try:  # a path may hold "=" itself (gs://b/year=2024/store): only a number is a weight
+            out.append((path, float(weight)) if path else (entry, 1.0))
+        except ValueError:
+            out.append((entry, 1.0))
+    if not out or any(w <= 0 for _, w in out):
+        raise DataError(f"data.store={spec!r}: expected PATH or PATH=WEIGHT,PATH=WEIGHT,... "
+                        "with positive weights")
+    total = sum(w for _, w in out)
+    return [(p, w / total) for p, w in out]
+
+
 def json_objects(path: str, error: type[ValueError] = DataError
                  ) -> Iterator[tuple[str, dict]]:
     """(`path:line`, object) for each non-blank line of a small JSONL file, local or remote; a
@@ -85,12 +101,14 @@ def json_objects(path: str, error: type[ValueError] = DataError
     if not exists(path):
         missing = DataFileNotFoundError if error is DataError else error
         raise missing(f"{path} does not exist; expected a JSONL file")
-    for number, line in enumerate(read_bytes(path).decode("utf-8").splitlines(), 1):
+    for number, line in enumerate(read_bytes(path).split(b"\n"), 1):
         if not line.strip():
             continue
         where = f"{path}:{number}"
         try:
             obj = json.loads(line)
+        except UnicodeDecodeError:
+            raise error(f"{where}: the line is not UTF-8 text") from None
         except ValueError as e:
             raise error(f"{where}: not JSON ({e})") from None
         if not isinstance(obj, dict):

@@ -110,8 +110,7 @@ class GPT2BPETokenizer(Tokenizer):
     @classmethod
     def from_hf_tokenizer_json(cls, path: str) -> "GPT2BPETokenizer":
         """From a Hugging Face `tokenizer.json` whose model is a byte-level BPE."""
-        with open(path, encoding="utf-8") as f:
-            model = json.load(f).get("model") or {}
+        model = json.loads(read_bytes(path)).get("model") or {}
         if model.get("type") != "BPE" or "vocab" not in model:
             raise DataError(f"{path}: model.type={model.get('type')!r} is not a BPE vocabulary")
         merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
@@ -183,10 +182,10 @@ class GPT2BPETokenizer(Tokenizer):
 
 def load_dir(directory: str) -> GPT2BPETokenizer:
     """The tokenizer of a HF model directory: vocab.json + merges.txt, else tokenizer.json."""
-    if os.path.isfile(os.path.join(directory, VOCAB_FILE)):
+    if exists(os.path.join(directory, VOCAB_FILE)):
         return GPT2BPETokenizer.from_files(directory)
     hf_json = os.path.join(directory, "tokenizer.json")
-    if os.path.isfile(hf_json):
+    if exists(hf_json):
         return GPT2BPETokenizer.from_hf_tokenizer_json(hf_json)
     raise DataFileNotFoundError(f"{directory} has no {VOCAB_FILE} + {MERGES_FILE} (nor a "
                                 "Hugging Face tokenizer.json); copy them from the model's source")

@@ -44,7 +44,7 @@ class TokenDataset(HostBatches):
 
     def __init__(self, config, tok: Tokenizer, split: str = "train", store: Store | None = None):
         d = config.data
-        self.split = {"train": d.train_split, "validation": d.eval_split}.get(split, split)
+        self.split = split  # a store names its splits train / validation, whatever the source
         self.seed = int(config.train.seed)
         self.tokenizer = tok
         self.store = store or (open_store(d.store, tok) if d.get("store") else

@@ -13,9 +13,9 @@ from typing import Iterator
 
 import numpy as np
 
-from gpt_jax.data.files import DataError
 from gpt_jax.data.loader import HostBatches, TokenDataset, process_rows
-from gpt_jax.data.store import open_store, store_paths
+from gpt_jax.data.files import DataError, store_paths
+from gpt_jax.data.store import open_store
 from gpt_jax.data.tokenizer_base import Tokenizer
 
 _MIX_SALT = 0x6D697800
@@ -55,14 +55,18 @@ class MixtureDataset(HostBatches):
         return counts
 
     def check_batch(self, batch_size: int) -> None:
-        if np.any(np.diff(np.stack([self.taken(s * batch_size) for s in (0, 1)]), axis=0) < 0):
-            raise DataError(f"global_batch_size={batch_size} is too small for a mixture of "
-                            f"{len(self.parts)} stores; use at least "
-                            f"{len(self.parts) * (len(self.parts) - 1)}")
+        """Every step gives the heaviest store N(s+1) - N(s) >= B * w_max - (k - 1) rows: that
+        must not be negative for any step, so B * w_max >= k - 1."""
+        k, heaviest = len(self.parts), float(self.weights[self.heaviest])
+        if batch_size * heaviest + 1e-9 < k - 1:
+            raise DataError(f"global_batch_size={batch_size} is too small for a mixture of {k} "
+                            f"stores whose largest weight is {heaviest:.3g}: use at least "
+                            f"{int(np.ceil((k - 1) / heaviest))}")
 
     def rows(self, step: int, batch_size: int, seq_len: int, lo: int, hi: int,
              seed: int | None = None) -> dict[str, np.ndarray]:
         seed = self.seed if seed is None else seed
+        self.check_batch(batch_size)
         first, last = self.taken(step * batch_size), self.taken((step + 1) * batch_size)
         source_B = np.repeat(np.arange(len(self.parts)), last - first)
         sample_B = np.concatenate([np.arange(a, b) for a, b in zip(first, last)])

@@ -34,7 +34,7 @@ from gpt_jax.data import documents
 from gpt_jax.data.documents import Piece
 from gpt_jax.data.files import DataError, atomic_write_json, digest, filesystem, read_json
 from gpt_jax.data.tokenizer_base import Tokenizer
-from gpt_jax.data.tokenizers import load_tokenizer
+from gpt_jax.data.tokenizers import build_tokenizer, is_saved, load_tokenizer, ready_tokenizer
 
 FORMAT = "gpt_jax-store-v1"
 MANIFEST = "manifest.json"
@@ -67,10 +67,11 @@ def make_plan(d, tok: Tokenizer) -> Plan:
     if d.source in RECORD_SOURCES:
         corpus = _open_corpus(d)
         pieces = []
-        for split in dict.fromkeys((d.train_split, d.eval_split)):
-            n = len(corpus.split(split))
-            pieces += [Piece("records", split, split, lo, min(lo + d.shard_docs, n), split,
-                             min(d.shard_docs, n - lo)) for lo in range(0, n, d.shard_docs)]
+        for split, source_split in (("train", d.train_split), ("validation", d.eval_split)):
+            n = len(corpus.split(source_split))
+            pieces += [Piece("records", source_split, source_split, lo,
+                             min(lo + d.shard_docs, n), split, min(d.shard_docs, n - lo))
+                       for lo in range(0, n, d.shard_docs)]
         name, fingerprint, meta = corpus.name, corpus.fingerprint, corpus.metadata
     elif d.source in documents.FILE_SOURCES:
         files = documents.list_files(d.paths, documents.FILE_SOURCES[d.source])
@@ -82,7 +83,8 @@ def make_plan(d, tok: Tokenizer) -> Plan:
     else:
         raise DataError(f"data.source={d.source!r} cannot be prepared into a token store; one "
                         f"of {', '.join(RECORD_SOURCES + tuple(documents.FILE_SOURCES))}")
-    key = digest(FORMAT, fingerprint, tok.fingerprint, str(d.shard_mb), str(d.shard_docs))
+    key = digest(FORMAT, fingerprint, tok.fingerprint, str(d.shard_mb), str(d.shard_docs),
+                 d.train_split, d.eval_split)
     return Plan(name, fingerprint, meta, pieces, key)
 
 
@@ -241,6 +243,19 @@ def _manifest(store: str, plan: Plan, tok: Tokenizer) -> dict:
             "dtype": token_dtype(tok.vocab_size).name, "splits": splits}
 
 
+def store_tokenizer(config, store: str, process_index: int = 0) -> Tokenizer:
+    """The store's tokenizer: made (trained) and saved on first use; a saved one must be the
+    one the config names, where that needs no training to tell."""
+    if is_saved(store):
+        saved, wanted = load_tokenizer(store), ready_tokenizer(config)
+        if wanted is not None and wanted.fingerprint != saved.fingerprint:
+            raise DataError(f"{store} was prepared with another {saved.kind} tokenizer "
+                            f"(fingerprint {saved.fingerprint}) than the config's "
+                            f"{wanted.kind} (fingerprint {wanted.fingerprint}); use another "
+                            "--store")
+    return build_tokenizer(config, store, process_index=process_index)
+
+
 def check_manifest(store: str, manifest: dict, build_key: str) -> None:
     if manifest.get("build_key") != build_key:
         raise DataError(f"{store} holds a store prepared from another corpus, tokenizer or "
@@ -262,7 +277,13 @@ def prepare(config, store: str, tok: Tokenizer, num_workers: int = 0, process_in
     manifest = read_json(os.path.join(store, MANIFEST))
     if manifest is not None:
         check_manifest(store, manifest, plan.build_key)
-        return {"pieces": len(plan.pieces), "built": 0, "skipped": len(plan.pieces)}
+        if all(shard_is_done(store, i, plan.build_key, itemsize)
+               for i in range(len(plan.pieces))):
+            return {"pieces": len(plan.pieces), "built": 0, "skipped": len(plan.pieces)}
+        if process_index == 0:  # a shard went missing: rebuild it, then the manifest
+            logging.warning("%s: some shards are missing or damaged; preparing them again", store)
+            filesystem(store)[0].rm(filesystem(os.path.join(store, MANIFEST))[1])
+    _check_no_foreign_shards(store, plan)
     mine = [i for i in range(len(plan.pieces)) if i % process_count == process_index]
     todo = [i for i in mine if not shard_is_done(store, i, plan.build_key, itemsize)]
     workers = max(1, min(num_workers or os.cpu_count() or 1, len(todo) or 1))
@@ -336,16 +357,30 @@ class _Progress:
                                  or self.done == self.total):
             self.last = time.perf_counter()
             eta = elapsed * (self.total - self.done) / max(self.done, 1)
-            print(f"{self.desc}: {self.done / self.total:.1%} of {self.total:,} {self.unit}, "
-                  f"{rates}, eta {time.strftime('%H:%M:%S', time.gmtime(eta))}", flush=True)
+            print(f"{self.desc}: {self.done / max(self.total, 1):.1%} of {self.total:,} "
+                  f"{self.unit}, {rates}, eta {time.strftime('%H:%M:%S', time.gmtime(eta))}",
+                  flush=True)
 
     def close(self) -> None:
         self.bar.close()
 
 
+def _check_no_foreign_shards(store: str, plan: Plan) -> None:
+    """A shard record of another build (other files, tokenizer or shard size) is never
+    overwritten: that store belongs to someone else, or the hosts disagree on the corpus."""
+    for index in range(len(plan.pieces)):
+        meta = read_json(shard_name(store, index))
+        if meta and meta.get("build_key") != plan.build_key:
+            raise DataError(f"{shard_name(store, index)} belongs to another build of this store "
+                            f"({meta.get('build_key')}, this one is {plan.build_key}): another "
+                            "corpus, tokenizer or shard size, or hosts whose copies of the corpus "
+                            "differ (size or modification time); use another --store")
+
+
 def _wait_for_shards(store: str, plan: Plan, itemsize: int, wait_seconds: float) -> None:
     deadline, missing = time.time() + wait_seconds, list(range(len(plan.pieces)))
     while True:
+        _check_no_foreign_shards(store, plan)
         missing = [i for i in missing if not shard_is_done(store, i, plan.build_key, itemsize)]
         if not missing:
             return

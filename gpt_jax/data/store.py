@@ -11,6 +11,7 @@ from __future__ import annotations
 import concurrent.futures as futures
 import hashlib
 import os
+import resource
 import tempfile
 
 import numpy as np
@@ -25,10 +26,24 @@ from gpt_jax.data.tokenizers import is_saved, tokenizer_dir
 COPY_THREADS = 16
 
 
+def _allow_open_files(needed: int) -> None:
+    """Raise this process's soft limit on open files (often 1024) toward the hard limit: a 40 GB
+    store has over a thousand shards, each mapped with a descriptor of its own."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        target = needed if hard == resource.RLIM_INFINITY else min(hard, needed)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        if target < needed:
+            raise DataError(f"a store split of {needed - 256} shards needs more open files than "
+                            f"the hard limit {hard} allows; raise it (ulimit -Hn) or prepare "
+                            "with a larger data.shard_mb")
+
+
 class SplitTokens:
     """The shards of one split as a single 1-D token sequence (memory-mapped files)."""
 
     def __init__(self, paths: list[str], counts: list[int], dtype: np.dtype):
+        _allow_open_files(len(paths) + 256)  # each memory map holds a file descriptor
         self.shards = [np.memmap(p, dtype=dtype, mode="r", shape=(n,))
                        for p, n in zip(paths, counts) if n]
         self.starts = np.concatenate([[0], np.cumsum([s.shape[0] for s in self.shards])])
@@ -146,23 +161,6 @@ def open_store(path: str, tok: Tokenizer | None = None) -> Store:
                         f"(fingerprint {theirs['fingerprint']}), not this run's {tok.kind} "
                         f"(fingerprint {tok.fingerprint}); prepare it with this run's tokenizer")
     return Store(path, manifest)
-
-
-def store_paths(spec: str) -> list[tuple[str, float]]:
-    """`data.store` as [(path, weight)]: 'PATH' or 'PATH=W,PATH=W,...' (weights sum to 1)."""
-    out = []
-    for entry in (e.strip() for e in spec.split(",") if e.strip()):
-        path, _, weight = entry.rpartition("=") if "=" in entry else (entry, "", "1")
-        try:
-            out.append((path, float(weight)))
-        except ValueError:
-            raise DataError(f"data.store entry {entry!r}: weight {weight!r} is not a number "
-                            "(expected PATH or PATH=WEIGHT)") from None
-    if not out or any(w <= 0 for _, w in out):
-        raise DataError(f"data.store={spec!r}: expected PATH or PATH=WEIGHT,PATH=WEIGHT,... "
-                        "with positive weights")
-    total = sum(w for _, w in out)
-    return [(p, w / total) for p, w in out]
 
 
 def auto_store(config, tok: Tokenizer) -> Store:

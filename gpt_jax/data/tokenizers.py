@@ -19,7 +19,7 @@ import sentencepiece as spm
 from absl import logging
 
 from gpt_jax.data.files import (DataError, DataFileNotFoundError, atomic_write, digest, exists,
-                                read_bytes, read_json)
+                                read_bytes, read_json, store_paths)
 from gpt_jax.data.documents import split_texts
 from gpt_jax.data.gpt2_bpe import GPT2BPETokenizer, load_dir
 from gpt_jax.data.tokenizer_base import META_FILE, TOKENIZER_DIR, Tokenizer
@@ -237,15 +237,14 @@ def load_tokenizer(workdir: str) -> Tokenizer:
     return tok
 
 
-def _new_tokenizer(config) -> Tokenizer:
-    """Build the tokenizer that config.data asks for (training on the training split if needed).
+def ready_tokenizer(config) -> Tokenizer | None:
+    """The tokenizer config.data names when it needs no training (else None).
 
     With data.store, the run takes the (first) store's tokenizer.
     """
     d = config.data
     if d.get("store"):
-        first = d.store.split(",")[0].strip()
-        return load_tokenizer(first.rpartition("=")[0] if "=" in first else first)
+        return load_tokenizer(store_paths(d.store)[0][0])
     if d.tokenizer == "byte":
         return ByteTokenizer()
     if d.tokenizer == "gpt2_bpe":  # GPT-2's files (vocab.json + merges.txt), never trained here
@@ -255,6 +254,15 @@ def _new_tokenizer(config) -> Tokenizer:
         return load_dir(os.path.expanduser(d.bpe_dir))
     if d.tokenizer == "sentencepiece" and d.spm_model:
         return load_sentencepiece(os.path.expanduser(d.spm_model))
+    return None
+
+
+def _new_tokenizer(config) -> Tokenizer:
+    """Build the tokenizer that config.data asks for (training on the training split if needed)."""
+    d = config.data
+    ready = ready_tokenizer(config)
+    if ready is not None:
+        return ready
     texts = split_texts(d)
     if d.tokenizer == "char":
         return CharTokenizer.from_texts(texts)
