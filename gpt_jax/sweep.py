@@ -32,10 +32,9 @@ import ml_collections
 from gpt_jax import config as config_lib
 from gpt_jax.data.files import atomic_write_json, read_json
 from gpt_jax.metrics import read_metrics
+from gpt_jax.report.runs import MEMBER_FILE, SUMMARY_FILE
 from gpt_jax.train import train
 
-SUMMARY_FILE = "sweep.json"
-MEMBER_FILE = "sweep_member.json"
 STATES = ("pending", "running", "done", "failed", "interrupted")
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.=+-]+$")
 

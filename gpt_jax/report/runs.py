@@ -18,7 +18,9 @@ from gpt_jax.config import ModelConfig, flatten
 from gpt_jax.data.files import read_json
 from gpt_jax.flops import count_params
 from gpt_jax.metrics import read_metrics
-from gpt_jax.sweep import MEMBER_FILE, SUMMARY_FILE
+
+SUMMARY_FILE = "sweep.json"  # written by gpt_jax.sweep into a sweep's directory
+MEMBER_FILE = "sweep_member.json"  # ... and into each member's run directory
 DOWNSTREAM = "downstream/"  # gpt_jax.evals.PREFIX: downstream/<task>/<acc|acc_norm|n>
 
 
