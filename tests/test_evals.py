@@ -333,7 +333,8 @@ HARNESS_TASKS = ["gpt_jax_local_mc", "gpt_jax_local_gen", "gpt_jax_local_rolling
 
 def test_lm_eval_two_processes_match_one(hf_run, tmp_path, monkeypatch):
     """`python -m gpt_jax.evals.harness` on 2 processes (process 0 drives, process 1
-    follows) gives the single-process results: multiple choice, generation and rolling."""
+    follows; params split over both processes' 4 devices) gives the single-process results:
+    multiple choice, generation and rolling."""
     pytest.importorskip("lm_eval", reason="needs the eval extra: pip install 'gpt_jax[eval]'")
     offline = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
     for name, value in offline.items():
@@ -352,7 +353,7 @@ def test_lm_eval_two_processes_match_one(hf_run, tmp_path, monkeypatch):
     proc = subprocess.run(
         [sys.executable, os.path.join(ROOT, "launch", "local_multihost.py"), "--num_processes=2",
          "--devices_per_process=2", "--", sys.executable, "-m", "gpt_jax.evals.harness",
-         "--model", "gpt_jax", "--model_args", model_args, "--tasks", *HARNESS_TASKS,
+         "--model", "gpt_jax", "--model_args", f"{model_args},fsdp=4", "--tasks", *HARNESS_TASKS,
          "--include_path", tasks, "--log_samples", f"--output_path={out}"],
         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ROOT, **offline},
         cwd=ROOT, timeout=240)

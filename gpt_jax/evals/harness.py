@@ -78,14 +78,25 @@ def split_pair(context: str, continuation: str) -> tuple[str, str]:
     return stripped, context[len(stripped):] + continuation
 
 
+def fsdp_mesh(workdir: str, fsdp: int):
+    """The run's mesh with params split `fsdp` ways (e.g. over every process's devices)."""
+    from gpt_jax import checkpoint, sharding
+
+    mesh = checkpoint.load_config(workdir).mesh
+    mesh.update(data=-1, fsdp=fsdp, tensor=1)
+    return sharding.make_mesh(mesh)
+
+
 @register_model("gpt_jax")
 class GptJaxLM(LM):
     def __init__(self, workdir: str, batch_rows: int | str = 32, shard: bool | str = True,
-                 max_gen_toks: int | str = 256, **unused: Any):
+                 fsdp: int | str = 0, max_gen_toks: int | str = 256, **unused: Any):
         super().__init__()
         import gpt_jax
 
-        self.lm = gpt_jax.load(workdir, shard=str(shard).lower() not in ("false", "0"))
+        shard = str(shard).lower() not in ("false", "0")
+        self.lm = gpt_jax.load(workdir, shard=shard,
+                               mesh=fsdp_mesh(workdir, int(fsdp)) if shard and int(fsdp) else None)
         self.batch_rows = int(batch_rows)
         self.max_gen_toks = int(max_gen_toks)
         self.tok = self.lm.tokenizer
