@@ -255,4 +255,8 @@ def _generate(params, prompt_BP, prompt_len_B, hash_B, sample_B, live_B, seed, m
 
     state = (jnp.int32(1), cache, tok_B, done_B, tokens_BN, logprobs_BN, logits_BNV)
     steps, _, _, _, tokens_BN, logprobs_BN, logits_BNV = jax.lax.while_loop(cond, body, state)
-    return tokens_BN, logprobs_BN, logits_BNV, steps
+    outs = tokens_BN, logprobs_BN, logits_BNV, steps
+    if cache_sharding is not None:  # replicated, so that every process can read them
+        outs = jax.lax.with_sharding_constraint(
+            outs, NamedSharding(cache_sharding.mesh, PartitionSpec()))
+    return outs

@@ -280,6 +280,30 @@ def test_loglikelihoods_equal_gpt2lmheadmodel(hf_run, tmp_path):
                                    for sums, ns in zip(want_sums, ours["tokens"])]
 
 
+def local_lm_eval_tasks(tmp_path) -> tuple[str, str]:
+    """(the JSONL of CHOICES, a folder of YAML tasks over it): gpt_jax_local_mc (multiple
+    choice), gpt_jax_local_gen (generate_until) and gpt_jax_local_rolling (perplexity)."""
+    data = write_jsonl(tmp_path / "local.jsonl", CHOICES)
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    source = (f"dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
+              "test_split: test\n")
+    (tasks / "local_mc.yaml").write_text(
+        f"task: gpt_jax_local_mc\n{source}output_type: multiple_choice\n"
+        'doc_to_text: "{{context}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: label\n'
+        "metric_list:\n  - metric: acc\n")
+    (tasks / "local_gen.yaml").write_text(
+        f"task: gpt_jax_local_gen\n{source}output_type: generate_until\n"
+        'doc_to_text: "{{context}}"\ndoc_to_target: "{{choices[label]}}"\n'
+        'generation_kwargs:\n  until: ["\\n"]\n  max_gen_toks: 6\n'
+        "metric_list:\n  - metric: exact_match\n")
+    (tasks / "local_rolling.yaml").write_text(
+        f"task: gpt_jax_local_rolling\n{source}output_type: loglikelihood_rolling\n"
+        'doc_to_text: ""\ndoc_to_target: "{{context}}"\n'
+        "metric_list:\n  - metric: word_perplexity\n")
+    return data, str(tasks)
+
+
 def test_lm_eval_local_task_matches_our_scorer(hf_run, tmp_path, monkeypatch):
     pytest.importorskip("lm_eval", reason="needs the eval extra: pip install 'gpt_jax[eval]'")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
@@ -291,16 +315,10 @@ def test_lm_eval_local_task_matches_our_scorer(hf_run, tmp_path, monkeypatch):
     import gpt_jax.evals.harness  # noqa: F401 -- registers --model gpt_jax
 
     _, run = hf_run
-    data = write_jsonl(tmp_path / "local.jsonl", CHOICES)
-    (tmp_path / "tasks").mkdir()
-    (tmp_path / "tasks" / "local_mc.yaml").write_text(
-        "task: gpt_jax_local_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
-        f"    test: {data}\ntest_split: test\noutput_type: multiple_choice\n"
-        'doc_to_text: "{{context}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: label\n'
-        "metric_list:\n  - metric: acc\n")
+    data, tasks = local_lm_eval_tasks(tmp_path)
     out = lm_eval.simple_evaluate(
         model="gpt_jax", model_args=f"workdir={run},batch_rows=8", tasks=["gpt_jax_local_mc"],
-        task_manager=TaskManager(include_path=str(tmp_path / "tasks")), log_samples=True)
+        task_manager=TaskManager(include_path=tasks), log_samples=True)
     lm = gpt_jax.load(run)
     ours = score_examples(lm.model_cfg, lm.params, lm.tokenizer,
                           load_task("choices", data))
@@ -308,6 +326,53 @@ def test_lm_eval_local_task_matches_our_scorer(hf_run, tmp_path, monkeypatch):
     samples = sorted(out["samples"]["gpt_jax_local_mc"], key=lambda s: s["doc_id"])
     theirs = [[r[0][0] for r in s["resps"]] for s in samples]
     np.testing.assert_allclose(theirs, ours["logprobs"], atol=1e-5)
+
+
+HARNESS_TASKS = ["gpt_jax_local_mc", "gpt_jax_local_gen", "gpt_jax_local_rolling"]
+
+
+def test_lm_eval_two_processes_match_one(hf_run, tmp_path, monkeypatch):
+    """`python -m gpt_jax.evals.harness` on 2 processes (process 0 drives, process 1
+    follows; params split over both processes' 4 devices) gives the single-process results:
+    multiple choice, generation and rolling."""
+    pytest.importorskip("lm_eval", reason="needs the eval extra: pip install 'gpt_jax[eval]'")
+    offline = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    for name, value in offline.items():
+        monkeypatch.setenv(name, value)
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    import gpt_jax.evals.harness  # noqa: F401 -- registers --model gpt_jax
+
+    _, run = hf_run
+    _, tasks = local_lm_eval_tasks(tmp_path)
+    model_args = f"workdir={run},batch_rows=4"
+    one = lm_eval.simple_evaluate(model="gpt_jax", model_args=model_args, tasks=HARNESS_TASKS,
+                                  task_manager=TaskManager(include_path=tasks), log_samples=True)
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "launch", "local_multihost.py"), "--num_processes=2",
+         "--devices_per_process=2", "--", sys.executable, "-m", "gpt_jax.evals.harness",
+         "--model", "gpt_jax", "--model_args", f"{model_args},fsdp=4", "--tasks", *HARNESS_TASKS,
+         "--include_path", tasks, "--log_samples", f"--output_path={out}"],
+        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ROOT, **offline},
+        cwd=ROOT, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:]  # 0 only when both processes exit 0
+    two = json.loads(next(out.rglob("results_*.json")).read_text())["results"]
+    for task in HARNESS_TASKS:
+        metrics = {k: v for k, v in one["results"][task].items() if "," in k}
+        assert metrics and {k: two[task][k] for k in metrics} == pytest.approx(metrics)
+        lines = next(out.rglob(f"samples_{task}_*.jsonl")).read_text().splitlines()
+        got = sorted((json.loads(line) for line in lines), key=lambda s: s["doc_id"])
+        want = sorted(one["samples"][task], key=lambda s: s["doc_id"])
+        got, want = ([s["filtered_resps"] for s in x] for x in (got, want))
+        if task == "gpt_jax_local_gen":
+            assert got == want and any(text for texts in got for text in texts)
+        else:  # log-likelihoods (and greedy flags), which the samples file writes with str()
+            as_floats = np.vectorize(lambda v: float(v == "True") if v in ("True", "False")
+                                     else float(v))
+            np.testing.assert_allclose(as_floats(np.array(got, str)),
+                                       as_floats(np.array(want, str)), atol=1e-5)
 
 
 def test_lm_eval_rolling_and_generation(hf_run):

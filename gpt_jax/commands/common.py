@@ -44,12 +44,17 @@ def init_distributed() -> None:
     On TPU VMs it discovers the slice by itself; elsewhere it needs the explicit flags (or the
     GPT_JAX_COORDINATOR / _NUM_PROCESSES / _PROCESS_ID environment variables).
     """
+    f = flags.FLAGS
+    start_distributed(f.coordinator_address, f.num_processes, f.process_id)
+
+
+def start_distributed(address: str | None, num: int | None, pid: int | None) -> None:
+    """`init_distributed` with the three settings given (None: from the environment)."""
     import jax  # here: every command imports this module, not every command needs JAX
 
-    f = flags.FLAGS
-    address = f.coordinator_address or os.environ.get("GPT_JAX_COORDINATOR")
-    num = f.num_processes or int(os.environ.get("GPT_JAX_NUM_PROCESSES", "0")) or None
-    pid = f.process_id if f.process_id is not None else os.environ.get("GPT_JAX_PROCESS_ID")
+    address = address or os.environ.get("GPT_JAX_COORDINATOR")
+    num = num or int(os.environ.get("GPT_JAX_NUM_PROCESSES", "0")) or None
+    pid = pid if pid is not None else os.environ.get("GPT_JAX_PROCESS_ID")
     if address:
         if num is None or pid is None:
             raise usage_error("--coordinator_address needs --num_processes and --process_id")
