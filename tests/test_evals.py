@@ -460,3 +460,29 @@ def test_bench_evals_measures_and_projects(tmp_path):
     assert tpu["hellaswag_batches"] == math.ceil(10_042 * 4 / 16)
     assert tpu["hellaswag_s"] == pytest.approx(tpu["batch_s"] * tpu["hellaswag_batches"])
     assert tpu["batch_s"] > 0
+
+
+def test_a_briefly_trained_model_beats_chance_on_a_learnable_task(tmp_path):
+    """Text that cycles through 12 short lines: the next line follows from the last one, so a
+    model trained on it picks it among 4 far above 25%; at step 0 it is near chance."""
+    from conftest import tiny_run_config
+    from gpt_jax import evals, train
+
+    words = ["red fox", "blue jay", "old oak", "wet moss", "dry sand", "hot tea",
+             "cold rain", "tall pine", "soft wool", "loud bell", "dim lamp", "fast car"]
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for doc in range(4):
+        (corpus / f"cycle{doc}.txt").write_text("\n".join(words * 40) + "\n")
+    config = tiny_run_config(corpus, tmp_path / "cache", num_steps=300, log_every=100,
+                             eval_every=300, eval_batches=1)
+    config.checkpoint.update(every=300)
+    config.optim.update(lr=3e-3, warmup_steps=10)
+    task = f"nextline:{corpus / 'cycle0.txt'}"
+    train.train(config, str(tmp_path / "run"))
+    trained = evals.evaluate_run(str(tmp_path / "run"), task, limit=200)["nextline"]
+    config.train.num_steps = 1  # the same architecture, barely trained
+    train.train(config, str(tmp_path / "fresh"))
+    fresh = evals.evaluate_run(str(tmp_path / "fresh"), task, limit=200)["nextline"]
+    assert trained["n"] == fresh["n"] == 200
+    assert trained["acc_norm"] > 0.8 and fresh["acc_norm"] < 0.45, (trained, fresh)
