@@ -181,12 +181,19 @@ def pad_vocab(params, rows: int, scale: float = 50.0):
     return padded
 
 
-@pytest.mark.parametrize("loss_chunks", [0, 4])
-def test_padded_vocabulary_gives_the_unpadded_loss(loss_chunks):
+@pytest.fixture(scope="module")
+def tied_reference():
+    """(params, batch, loss, grads) of the tied, unpadded, unchunked step on the 2x2x2 mesh."""
     plain = model_config(tie=True)
+    params, batch = initial_params(plain), weighted_batch(plain)
+    return (params, batch) + loss_and_grads(plain, mesh_of(2, 2, 2), params, batch)
+
+
+@pytest.mark.parametrize("loss_chunks", [0, 4])
+def test_padded_vocabulary_gives_the_unpadded_loss(loss_chunks, tied_reference):
+    params, batch, loss, grads = tied_reference
     padded = model_config(tie=True, loss_chunks=loss_chunks, vocab_multiple=48)  # 64 -> 96
-    params, batch, mesh = initial_params(plain), weighted_batch(plain), mesh_of(2, 2, 2)
-    loss, grads = loss_and_grads(plain, mesh, params, batch)
+    mesh = mesh_of(2, 2, 2)
     padded_loss, padded_grads = loss_and_grads(padded, mesh, pad_vocab(params, 32), batch)
     np.testing.assert_allclose(padded_loss, loss, rtol=1e-6)
     wte_grad = padded_grads["wte"]["embedding"]
