@@ -30,7 +30,8 @@ ITEMS = ("params", "opt_state", "meta", "config", "tokenizer")
 # Fields a resumed run must share with its checkpoints: they fix the shapes and tree of the state.
 STATE_FIELDS = ("model.vocab_size", "model.block_size", "model.n_layer", "model.n_head",
                 "model.n_embd", "model.mlp", "model.mlp_ratio", "model.norm", "model.position",
-                "model.tie_embeddings", "model.use_bias", "model.scan_layers", "data.tokenizer")
+                "model.tie_embeddings", "model.use_bias", "model.scan_layers",
+                "model.vocab_multiple", "optim.mu_dtype", "data.tokenizer")
 
 
 class NoCheckpointError(FileNotFoundError):

@@ -20,12 +20,16 @@ from gpt_jax.axes import (DEFAULT_LOGICAL_AXIS_RULES, MESH_AXES, RETIRED_AXES, c
                           normalize_rules)
 
 ATTENTION_IMPLS = ("xla", "cudnn", "reference", "splash")
-# model.remat_policy -> the `jax.checkpoint_policies` member a block is rematerialised with.
+# model.remat_policy -> the `jax.checkpoint_policies` member a block is rematerialised with,
+# or a tuple of `checkpoint_name`s (model.py) for `save_only_these_names`: only those are kept.
 REMAT_CHECKPOINT_POLICIES = {
     "none": None,  # no rematerialisation
     "full": "nothing_saveable",  # recompute the whole block in the backward pass
     "save_dots": "checkpoint_dots",
     "save_dots_no_batch": "checkpoint_dots_with_no_batch_dims",
+    "save_qkv_proj": ("qkv_proj",),  # the attention's q/k/v projection
+    "save_out_proj": ("out_proj",),  # the attention's output projection
+    "save_qkv_out_proj": ("qkv_proj", "out_proj"),
 }
 REMAT_POLICIES = tuple(REMAT_CHECKPOINT_POLICIES)
 POSITIONS = ("learned", "rope")
@@ -67,6 +71,12 @@ class ModelConfig:
     scan_layers: bool = False  # one nn.scan over stacked layers instead of n_layer modules
     remat_policy: str = "none"  # see REMAT_CHECKPOINT_POLICIES
     init_std: float = 0.02
+    # >1: the loss runs the LM head + log-softmax over this many sequence chunks, recomputed in
+    # the backward pass, so no [B, T, V] float32 logits exist at once; 0 or 1: one piece.
+    loss_chunks: int = 0
+    # Embedding/head rows padded to a multiple of this (e.g. 128, the TPU tile); the padded
+    # logits are -inf: no loss, no sample. 1: no padding.
+    vocab_multiple: int = 1
 
     @classmethod
     def from_config(cls, model_config) -> "ModelConfig":
@@ -80,11 +90,16 @@ class ModelConfig:
     def mlp_dim(self) -> int:
         return int(round(self.mlp_ratio * self.n_embd))
 
+    @property
+    def padded_vocab_size(self) -> int:
+        """Rows of the embedding and LM head: vocab_size up to a multiple of vocab_multiple."""
+        return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
+
 
 MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig))
 # How a run computes, not what its params are: a fine-tune may choose these for itself.
 RUNTIME_MODEL_FIELDS = ("dropout", "dtype", "param_dtype", "attention_impl", "remat_policy",
-                        "init_std")
+                        "init_std", "loss_chunks")
 # The architecture a fine-tune takes from its parent, so that the parent's params fit.
 PARENT_MODEL_FIELDS = tuple(f for f in MODEL_FIELDS if f not in RUNTIME_MODEL_FIELDS)
 
@@ -152,6 +167,7 @@ def base_config() -> ml_collections.ConfigDict:
     o.weight_decay = 0.1
     o.decay_embeddings = False
     o.clip_norm = 1.0  # 0 disables clipping
+    o.mu_dtype = ""  # AdamW's first moment: "" = the param dtype, or e.g. "bfloat16"
 
     c.mesh = ms = ml_collections.ConfigDict()
     ms.data = -1  # -1: the devices the other axes leave
@@ -277,6 +293,12 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     _check_choice(m.mlp, "model.mlp", MLPS)
     _check_choice(m.dtype, "model.dtype", DTYPES)
     _check_choice(m.param_dtype, "model.param_dtype", DTYPES)
+    _check(m.loss_chunks >= 0, f"model.loss_chunks={m.loss_chunks} must be >= 0 (0 or 1: off)")
+    if m.loss_chunks > 1:
+        _check(m.block_size % m.loss_chunks == 0, f"model.loss_chunks={m.loss_chunks} does "
+               f"not divide model.block_size={m.block_size}")
+    _check(m.vocab_multiple >= 1,
+           f"model.vocab_multiple={m.vocab_multiple} must be >= 1 (1: no padding)")
 
     _validate_data(config.data)
 
@@ -298,6 +320,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     _check_choice(o.schedule, "optim.schedule", SCHEDULES)
     _check(o.warmup_steps >= 0, f"optim.warmup_steps={o.warmup_steps} must be >= 0")
     _check(o.clip_norm >= 0, f"optim.clip_norm={o.clip_norm} must be >= 0 (0 disables)")
+    _check(o.get("mu_dtype", "") in ("",) + DTYPES, f"optim.mu_dtype={o.get('mu_dtype')!r} is "
+           f"not one of '' (the param dtype), {', '.join(DTYPES)}")
     _check(0 < config.sample.top_p <= 1, f"sample.top_p={config.sample.top_p} must be in (0, 1]")
     _check(config.checkpoint.keep >= 1, f"checkpoint.keep={config.checkpoint.keep} must be >= 1")
     try:

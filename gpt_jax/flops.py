@@ -11,8 +11,13 @@ from gpt_jax.model import ModelConfig, abstract_params
 param_shapes = abstract_params  # the name this module gave it first
 
 
-def count_params(cfg: ModelConfig) -> int:
-    return sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_params(cfg)))
+def count_params(cfg: ModelConfig, padding: bool = True) -> int:
+    """Parameters of the params pytree; `padding=False`: without the vocab_multiple rows."""
+    n = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_params(cfg)))
+    if padding:
+        return n
+    tables = 1 if cfg.tie_embeddings else 2  # the token embedding (and the untied LM head)
+    return n - tables * (cfg.padded_vocab_size - cfg.vocab_size) * cfg.n_embd
 
 
 def count_position_params(cfg: ModelConfig) -> int:
@@ -25,10 +30,11 @@ def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> float:
     N counts the matmul weights a token passes through: every parameter except the position
     table and, when untied, the input embedding table (both are lookups; a tied embedding
     counts once, as the LM head). 12 L D T is attention's QK^T and AV (forward + backward)
-    for context T, without discounting the causal half.
+    for context T, without discounting the causal half. The vocab_multiple padding is not
+    counted: its logits are thrown away, so it is no useful work.
     """
     seq_len = seq_len or cfg.block_size
-    n = count_params(cfg) - count_position_params(cfg)
+    n = count_params(cfg, padding=False) - count_position_params(cfg)
     if not cfg.tie_embeddings:
         n -= cfg.vocab_size * cfg.n_embd  # the input table is looked up, not multiplied
     return 6 * n + 12 * cfg.n_layer * cfg.n_embd * seq_len

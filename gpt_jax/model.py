@@ -25,6 +25,7 @@ from typing import NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from gpt_jax import attention
 from gpt_jax.axes import (ACT_BATCH, ACT_EMBED, ACT_HEADS, ACT_KV, ACT_LENGTH, ACT_MLP,
@@ -130,6 +131,7 @@ class CausalSelfAttention(nn.Module):
         cfg = self.cfg
         qkv_BT3HK = _dense((3, cfg.n_head, cfg.head_dim), (EMBED, None, HEADS, KV), cfg,
                            name="qkv")(x_BTD)
+        qkv_BT3HK = checkpoint_name(qkv_BT3HK, "qkv_proj")  # what save_qkv_proj keeps
         q_BTHK, k_BTHK, v_BTHK = (qkv_BT3HK[:, :, i] for i in range(3))
         if cfg.position == "rope":
             q_BTHK = apply_rope(q_BTHK, positions_BT, cfg.rope_theta)
@@ -150,7 +152,7 @@ class CausalSelfAttention(nn.Module):
         std = cfg.init_std / (2 * cfg.n_layer) ** 0.5  # GPT-2's scaled residual init
         y_BTD = _dense(cfg.n_embd, (HEADS, KV, EMBED), cfg, axis=(-2, -1), std=std,
                        name="proj")(out_BTHK)
-        return y_BTD, layer_cache
+        return checkpoint_name(y_BTD, "out_proj"), layer_cache
 
 
 def _write_cache(layer_cache, positions_BT, k_BTHK, v_BTHK):
@@ -202,7 +204,11 @@ class Block(nn.Module):
 def _block_class(cfg: ModelConfig):
     if cfg.remat_policy == "none":
         return Block
-    policy = getattr(jax.checkpoint_policies, REMAT_CHECKPOINT_POLICIES[cfg.remat_policy])
+    saved = REMAT_CHECKPOINT_POLICIES[cfg.remat_policy]
+    if isinstance(saved, tuple):
+        policy = jax.checkpoint_policies.save_only_these_names(*saved)
+    else:
+        policy = getattr(jax.checkpoint_policies, saved)
     return nn.remat(Block, policy=policy, prevent_cse=not cfg.scan_layers)
 
 
@@ -212,14 +218,18 @@ class GPT(nn.Module):
 
     @nn.compact
     def __call__(self, tokens_BT, positions_BT=None, kv_cache: KVCache | None = None,
-                 logits_at_B=None):
+                 logits_at_B=None, hidden_only: bool = False):
         """Logits at every position, or, with `logits_at_B`, only at row b's position
-        logits_at_B[b] (shape [B, 1, V]: a prefill needs just the last prompt token's)."""
+        logits_at_B[b] (shape [B, 1, V]: a prefill needs just the last prompt token's).
+
+        V is `padded_vocab_size`; the padded ids' logits are -inf. `hidden_only`: the final
+        normalised hidden states x_BTD instead, for `lm_head_logits` (the chunked loss).
+        """
         cfg = self.cfg
         B, T = tokens_BT.shape
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(jnp.arange(T), (B, T))
-        wte = nn.Embed(cfg.vocab_size, cfg.n_embd, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+        wte = nn.Embed(cfg.padded_vocab_size, cfg.n_embd, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                        embedding_init=_param(nn.initializers.normal(cfg.init_std),
                                              (VOCAB, EMBED)), name="wte")
         x_BTD = wte(tokens_BT)
@@ -240,11 +250,14 @@ class GPT(nn.Module):
         if logits_at_B is not None:
             x_BTD = x_BTD[jnp.arange(B), logits_at_B][:, None]
         x_BTD = _norm(cfg, "ln_f")(x_BTD).astype(cfg.dtype)
+        if hidden_only:
+            return x_BTD
         if cfg.tie_embeddings:
             logits_BTV = wte.attend(x_BTD)
         else:
-            logits_BTV = _dense(cfg.vocab_size, (EMBED, VOCAB), cfg, bias=False,
+            logits_BTV = _dense(cfg.padded_vocab_size, (EMBED, VOCAB), cfg, bias=False,
                                 name="lm_head")(x_BTD)
+        logits_BTV = mask_padded_vocab(cfg, logits_BTV)
         logits_BTV = nn.with_logical_constraint(logits_BTV, (ACT_BATCH, ACT_LENGTH,
                                                              ACT_VOCAB))
         return logits_BTV if kv_cache is None else (logits_BTV, kv_cache)
@@ -270,6 +283,28 @@ class GPT(nn.Module):
         x_BTD, layer_caches = scanned(self.cfg, self.deterministic, name="h")(
             x_BTD, positions_BT, layer_caches)
         return x_BTD, None if kv_cache is None else KVCache(*layer_caches)
+
+
+def mask_padded_vocab(cfg: ModelConfig, logits_BTV: jax.Array) -> jax.Array:
+    """-inf at the ids past vocab_size (the vocab_multiple padding): never a loss or a sample."""
+    if cfg.padded_vocab_size == cfg.vocab_size:
+        return logits_BTV
+    real_V = jnp.arange(cfg.padded_vocab_size) < cfg.vocab_size
+    return jnp.where(real_V, logits_BTV, -jnp.inf)
+
+
+def head_kernel_DV(cfg: ModelConfig, params: dict) -> jax.Array:
+    """The LM head as a [D, V] matrix: the transposed token embedding, or lm_head's kernel."""
+    if cfg.tie_embeddings:
+        return params["wte"]["embedding"].T
+    return params["lm_head"]["kernel"]
+
+
+def lm_head_logits(cfg: ModelConfig, x_BTD: jax.Array, kernel_DV: jax.Array) -> jax.Array:
+    """The logits `GPT` returns, from its `hidden_only` states and `head_kernel_DV`."""
+    logits_BTV = jnp.dot(x_BTD.astype(cfg.dtype), kernel_DV.astype(cfg.dtype))
+    logits_BTV = mask_padded_vocab(cfg, logits_BTV)
+    return nn.with_logical_constraint(logits_BTV, (ACT_BATCH, ACT_LENGTH, ACT_VOCAB))
 
 
 def init_boxed_params(model: GPT, rng: jax.Array) -> dict:

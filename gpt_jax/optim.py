@@ -46,7 +46,7 @@ def decay_mask(params, decay_embeddings: bool = False):
 def make_optimizer(optim_config, num_steps: int) -> optax.GradientTransformation:
     o = optim_config
     adamw = optax.adamw(lr_schedule(o, num_steps), b1=o.b1, b2=o.b2, eps=o.eps,
-                        weight_decay=o.weight_decay,
+                        mu_dtype=o.get("mu_dtype") or None, weight_decay=o.weight_decay,
                         mask=lambda p: decay_mask(p, o.decay_embeddings))
     if o.clip_norm > 0:
         return optax.chain(optax.clip_by_global_norm(o.clip_norm), adamw)

@@ -219,11 +219,14 @@ def _generate(params, prompt_BP, prompt_len_B, hash_B, sample_B, live_B, seed, m
                                                                     cache_sharding))
         return model.apply({"params": params}, tokens_BT, positions_BT, cache, logits_at_B)
 
+    def real_vocab(logits_B1V):  # the vocab_multiple padding (-inf logits) is never a candidate
+        return logits_B1V[:, 0, :model_cfg.vocab_size].astype(jnp.float32)
+
     # Prefill: the whole (padded) prompt in one pass; row b's next token reads position len_b-1.
     cache = init_kv_cache(model_cfg, B, cache_len)
     positions_BP = jnp.broadcast_to(jnp.arange(prompt_BP.shape[1]), prompt_BP.shape)
     logits_B1V, cache = forward(prompt_BP, positions_BP, cache, prompt_len_B - 1)
-    logits_BV = logits_B1V[:, 0].astype(jnp.float32)
+    logits_BV = real_vocab(logits_B1V)
     tok_B, logp_B = pick(logits_BV, 0)
 
     tokens_BN = jnp.full((B, out_len), pad_id, jnp.int32).at[:, 0].set(tok_B)
@@ -243,7 +246,7 @@ def _generate(params, prompt_BP, prompt_len_B, hash_B, sample_B, live_B, seed, m
         positions_B1 = (prompt_len_B + t - 1)[:, None]
         logits_B1V, cache = forward(jnp.where(done_B, pad_id, tok_B)[:, None], positions_B1,
                                     cache)
-        logits_BV = logits_B1V[:, 0].astype(jnp.float32)
+        logits_BV = real_vocab(logits_B1V)
         tok_B, logp_B = pick(logits_BV, t)
         tok_B = jnp.where(done_B, pad_id, tok_B)
         tokens_BN = tokens_BN.at[:, t].set(tok_B)

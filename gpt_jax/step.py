@@ -11,7 +11,8 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from gpt_jax import sharding
-from gpt_jax.model import GPT, ModelConfig, abstract_params, init_params
+from gpt_jax.model import (GPT, ModelConfig, abstract_params, head_kernel_DV, init_params,
+                           lm_head_logits)
 from gpt_jax.optim import lr_schedule, make_optimizer
 
 TrainState = dict  # {"step": int32[], "params": pytree, "opt_state": pytree, "rng": uint32[2]}
@@ -29,6 +30,35 @@ def cross_entropy(logits_BTV, targets_BT, weights_BT=None, z_loss: float = 0.0):
         weights_BT = jnp.ones_like(loss_BT)
     weights_BT = weights_BT.astype(jnp.float32)
     return jnp.sum(loss_BT * weights_BT), jnp.sum(weights_BT)
+
+
+def chunked_cross_entropy(cfg: ModelConfig, x_BTD, kernel_DV, targets_BT, weights_BT=None,
+                          z_loss: float = 0.0):
+    """`cross_entropy` of `lm_head_logits(cfg, x_BTD, kernel_DV)`, cfg.loss_chunks positions'
+    chunks at a time: a scan whose body is one `jax.checkpoint`, so the forward pass keeps no
+    chunk's logits and the backward pass makes each again; [B, T/loss_chunks, V] at most."""
+    B, T, _ = x_BTD.shape
+    n = cfg.loss_chunks
+    if T % n:
+        raise ValueError(f"model.loss_chunks={n} does not divide the sequence length {T}")
+    if weights_BT is None:
+        weights_BT = jnp.ones((B, T), jnp.float32)
+
+    def chunked(a):  # [B, T, ...] -> [n, B, T/n, ...]: the scan runs over the chunks
+        return jnp.swapaxes(a.reshape(B, n, T // n, *a.shape[2:]), 0, 1)
+
+    @jax.checkpoint
+    def chunk_sums(kernel_DV, x_BtD, targets_Bt, weights_Bt):  # t: one chunk's positions
+        return cross_entropy(lm_head_logits(cfg, x_BtD, kernel_DV), targets_Bt, weights_Bt,
+                             z_loss)
+
+    def add_chunk(sums, chunk):
+        loss_sum, count = chunk_sums(kernel_DV, *chunk)
+        return (sums[0] + loss_sum, sums[1] + count), None
+
+    sums, _ = jax.lax.scan(add_chunk, (jnp.float32(0), jnp.float32(0)),
+                           (chunked(x_BTD), chunked(targets_BT), chunked(weights_BT)))
+    return sums
 
 
 @dataclasses.dataclass
@@ -90,9 +120,15 @@ class Trainer:
     # -- the steps ------------------------------------------------------------------------
 
     def loss_sums(self, params, batch, rng, model: GPT):
+        z_loss = self.config.train.z_loss
+        if self.model_cfg.loss_chunks > 1:
+            x_BTD = model.apply({"params": params}, batch["inputs"], rngs={"dropout": rng},
+                                hidden_only=True)
+            return chunked_cross_entropy(self.model_cfg, x_BTD,
+                                         head_kernel_DV(self.model_cfg, params),
+                                         batch["targets"], batch.get("weights"), z_loss)
         logits_BTV = model.apply({"params": params}, batch["inputs"], rngs={"dropout": rng})
-        return cross_entropy(logits_BTV, batch["targets"], batch.get("weights"),
-                             self.config.train.z_loss)
+        return cross_entropy(logits_BTV, batch["targets"], batch.get("weights"), z_loss)
 
     def _grads(self, params, batch, rng):
         """Gradient of the mean token loss, accumulated over microbatches with lax.scan."""

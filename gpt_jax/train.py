@@ -102,7 +102,10 @@ def describe_run(config, trainer: Trainer, workdir: str, n_params: int, log) -> 
     mesh = trainer.mesh
     log(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind} "
         f"({jax.process_count()} process(es)); mesh {dict(mesh.shape)}")
-    log(f"model: {n_params:,} parameters; {config.model.n_layer} layers, width "
+    padded = flops.count_params(trainer.model_cfg)
+    padding = (f" ({padded:,} with the vocabulary padded to "
+               f"{trainer.model_cfg.padded_vocab_size})" if padded != n_params else "")
+    log(f"model: {n_params:,} parameters{padding}; {config.model.n_layer} layers, width "
         f"{config.model.n_embd}, context {config.model.block_size}, vocab "
         f"{config.model.vocab_size}")
     log(f"tokens per step: {config.train.global_batch_size * config.model.block_size:,} "
@@ -184,7 +187,7 @@ def _train(config, tokenizer, workdir: str, stop: StopSignal) -> dict:
         state, start_step = initial_state(trainer, checkpointer, config)
         train_step, eval_step = trainer.jit_train_step(), trainer.jit_eval_step()
         writer = MetricsWriter(workdir, t.num_steps, start_step)
-        n_params = flops.count_params(trainer.model_cfg)
+        n_params = flops.count_params(trainer.model_cfg, padding=False)
         describe_run(config, trainer, workdir, n_params, writer.message)
         if start_step:
             writer.message(f"resuming at step {start_step} of {t.num_steps}"

@@ -61,6 +61,12 @@ INVALID = {
     "unknown_dtype": (_set("model", dtype="float8"), r"model\.dtype='float8'"),
     "microbatches": (_set("train", global_batch_size=8, microbatches=3),
                      r"global_batch_size=8 is not divisible by train\.microbatches=3"),
+    "indivisible_loss_chunks": (_set("model", loss_chunks=5),
+                                r"model\.loss_chunks=5 does not divide model\.block_size=32"),
+    "negative_loss_chunks": (_set("model", loss_chunks=-1), r"model\.loss_chunks=-1 must be >= 0"),
+    "zero_vocab_multiple": (_set("model", vocab_multiple=0),
+                            r"model\.vocab_multiple=0 must be >= 1 \(1: no padding\)"),
+    "unknown_mu_dtype": (_set("optim", mu_dtype="int8"), r"optim\.mu_dtype='int8' is not one of"),
 }
 
 

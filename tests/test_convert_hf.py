@@ -170,6 +170,45 @@ def test_untied_head_and_stacked_layers_map_back(tmp_path):
             np.testing.assert_array_equal(back[name], value, err_msg=name)
 
 
+def test_padded_vocabulary_imports_padded_and_exports_exactly(tmp_path):
+    import gpt_jax
+
+    V = write_bpe_files(tmp_path)
+    cfg = hf_config(V, n_layer=1, n_embd=32, n_head=2, n_positions=16)
+    tensors = random_hf_tensors(cfg, seed=5)
+    write_hf_dir(tmp_path / "hf", cfg, tensors)
+    run = from_hf(str(tmp_path / "hf"), str(tmp_path / "run"), vocab_multiple=128)
+    lm = gpt_jax.load(run)
+    padded_V = -(-V // 128) * 128
+    assert lm.model_cfg.vocab_size == V and lm.model_cfg.padded_vocab_size == padded_V > V
+    assert lm.params["wte"]["embedding"].shape == (padded_V, 32)
+    tokens_BT = np.random.default_rng(2).integers(0, V, (2, 16))
+    logits_BTV = gpt_jax_logits(lm.model_cfg, lm.params, tokens_BT)
+    assert np.all(logits_BTV[..., V:] == -np.inf)
+    np.testing.assert_allclose(logits_BTV[..., :V], numpy_gpt2_logits(tensors, cfg, tokens_BT),
+                               atol=1e-4, rtol=0)
+    to_hf(run, str(tmp_path / "back"))
+    back, _ = read_hf_weights(str(tmp_path / "back"))
+    assert sorted(back) == sorted(tensors)
+    for name, value in tensors.items():
+        np.testing.assert_array_equal(back[name], value, err_msg=name)
+    assert json.loads((tmp_path / "back" / "config.json").read_text())["vocab_size"] == V
+
+
+def test_padded_untied_head_maps_back(tmp_path):
+    cfg = hf_config(50, n_layer=1, tie_word_embeddings=False)
+    tensors = random_hf_tensors(cfg, seed=6)
+    tensors["lm_head.weight"] = np.random.default_rng(7).normal(0, 0.2, (50, 32)).astype(
+        np.float32)
+    write_hf_dir(tmp_path / "hf", cfg, tensors, tokenizer=False)
+    fields, params = load_hf(str(tmp_path / "hf"), vocab_multiple=16)
+    assert params["wte"]["embedding"].shape == (64, 32)
+    assert params["lm_head"]["kernel"].shape == (32, 64)
+    back = hf_from_params(params, ModelConfig(**fields))
+    for name, value in tensors.items():
+        np.testing.assert_array_equal(back[name], value, err_msg=name)
+
+
 def test_bad_hf_directories_fail_with_one_clear_line(tmp_path):
     V = write_bpe_files(tmp_path)
     good = hf_config(V)

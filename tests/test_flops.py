@@ -111,3 +111,15 @@ def test_flops_per_token_gpt2_124m_closed_form():
     L, D, V, T = 12, 768, 50257, 1024
     n = 12 * L * D**2 + 13 * L * D + V * D + 2 * D
     assert flops.flops_per_token(preset_model("gpt2_124m")) == 6 * n + 12 * L * D * T
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_vocab_padding_counted_apart(tie: bool):
+    plain = small_gpt2(tie_embeddings=tie)
+    padded = dataclasses.replace(plain, vocab_multiple=128)  # 50257 -> 50304 rows
+    tables = 1 if tie else 2
+    assert padded.padded_vocab_size == 50304
+    assert eval_shape_param_count(padded) == flops.count_params(padded) == (
+        flops.count_params(plain) + tables * 47 * plain.n_embd)
+    assert flops.count_params(padded, padding=False) == flops.count_params(plain)
+    assert flops.flops_per_token(padded) == flops.flops_per_token(plain)

@@ -242,6 +242,7 @@ def loop_reference() -> tuple:
 LAYOUTS = [(scan, remat) for scan in (False, True)
            for remat in ("none", "full", "save_dots", "save_dots_no_batch")
            if scan or remat != "none"]  # (loop, none) is the reference itself
+LAYOUTS += [(False, "save_qkv_proj"), (True, "save_out_proj"), (False, "save_qkv_out_proj")]
 
 
 @pytest.mark.parametrize("scan_layers, remat_policy", LAYOUTS)
@@ -256,6 +257,18 @@ def test_scan_and_remat_match_the_plain_loop(scan_layers: bool, remat_policy: st
     np.testing.assert_allclose(logits2_BTV, logits_BTV, atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(loss2, loss, rtol=1e-6)
     assert_trees_close(grads2, grads)
+
+
+@pytest.mark.parametrize("remat_policy, saved", [
+    ("save_qkv_proj", {"qkv_proj"}), ("save_out_proj", {"out_proj"}),
+    ("save_qkv_out_proj", {"qkv_proj", "out_proj"}), ("full", set())])
+def test_named_remat_policies_save_only_their_projections(remat_policy, saved, capsys):
+    cfg = tiny_cfg(remat_policy=remat_policy, n_layer=1)
+    params = jax.tree.map(jnp.asarray, random_params(cfg))
+    jax.ad_checkpoint.print_saved_residuals(
+        lambda p: GPT(cfg).apply({"params": p}, random_tokens()).sum(), params)
+    residuals = capsys.readouterr().out
+    assert {name for name in ("qkv_proj", "out_proj") if f"named '{name}'" in residuals} == saved
 
 
 def test_scan_init_stacks_distinct_layers():

@@ -3,12 +3,14 @@
 import math
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from gpt_jax import config as config_lib
 from gpt_jax.flops import param_shapes
-from gpt_jax.model import ModelConfig
-from gpt_jax.optim import decay_mask, lr_schedule
+from gpt_jax.model import GPT, ModelConfig, init_params
+from gpt_jax.optim import decay_mask, lr_schedule, make_optimizer
 
 
 def optim(**kw):
@@ -60,3 +62,60 @@ def test_decay_mask_spares_biases_norms_embeddings(scan):
     assert len(decayed) == n_kernels
     with_emb = jax.tree.leaves(decay_mask(shapes, decay_embeddings=True))
     assert sum(with_emb) == n_kernels + 2  # + wte and wpe
+
+
+def adam_moments(opt_state, name: str) -> list:
+    """The leaves of AdamW's `mu` or `nu` in an optimizer state."""
+    return [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(opt_state)
+            if any(getattr(k, "name", None) == name for k in path)]
+
+
+def test_bf16_first_moment_update_is_close_to_float32():
+    config = config_lib.load_preset("tiny")
+    params = init_params(GPT(ModelConfig.from_config(config.model)), jax.random.key(0))
+    grads = jax.tree.map(lambda p: 0.01 * jax.random.normal(jax.random.key(1), p.shape), params)
+    updates = {}
+    for mu_dtype in ("", "bfloat16"):
+        config.optim.mu_dtype = mu_dtype
+        tx = make_optimizer(config.optim, 10)
+
+        @jax.jit
+        def two_steps(params, grads):
+            state = tx.init(params)
+            for _ in range(2):
+                update, state = tx.update(grads, state, params)
+            return update, state
+
+        updates[mu_dtype], state = two_steps(params, grads)
+        mu = adam_moments(state, "mu")
+        assert {x.dtype for x in mu} == {jnp.dtype(mu_dtype or "float32")}
+        assert {x.dtype for x in adam_moments(state, "nu")} == {jnp.dtype("float32")}
+    for got, want in zip(jax.tree.leaves(updates["bfloat16"]), jax.tree.leaves(updates[""])):
+        np.testing.assert_allclose(got, want, rtol=1e-2, atol=1e-7)
+    with pytest.raises(config_lib.ConfigError, match="optim.mu_dtype='bf16' is not one of"):
+        config.optim.mu_dtype = "bf16"
+        config_lib.validate(config)
+
+
+def test_bf16_first_moment_checkpoint_restores(tmp_path):
+    from gpt_jax import checkpoint, sharding
+    from gpt_jax.step import Trainer
+
+    config = config_lib.load_preset("tiny")
+    config.optim.mu_dtype = "bfloat16"
+    trainer = Trainer.create(config, sharding.make_mesh(config.mesh, jax.devices()[:1]))
+    state = trainer.init_state(0)
+    tokens = np.random.default_rng(0).integers(0, 64, (8, 33), dtype=np.int32)
+    state, _ = trainer.jit_train_step()(state, {"inputs": tokens[:, :-1],
+                                                "targets": tokens[:, 1:]})
+    saved = jax.device_get(state["opt_state"])
+    saver = checkpoint.Checkpointer(str(tmp_path), config.checkpoint)
+    saver.save(state, {"step": 1}, config, force=True)
+    saver.close()
+    restored, _ = checkpoint.Checkpointer(str(tmp_path), config.checkpoint).restore_latest(
+        trainer.abstract_state())
+    mu = adam_moments(restored["opt_state"], "mu")
+    assert {x.dtype for x in mu} == {jnp.dtype("bfloat16")}
+    assert any(np.any(np.asarray(x, np.float32) != 0) for x in mu)
+    for got, want in zip(jax.tree.leaves(restored["opt_state"]), jax.tree.leaves(saved)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))

@@ -244,3 +244,21 @@ def test_truncation_only_when_asked():
     again = sample.sample_tokens(BASE, params, [long_prompt[-16:]], **kw)
     assert np.array_equal(out.tokens, again.tokens)
 
+
+
+def test_padded_vocabulary_is_never_sampled():
+    import flax.linen as nn
+
+    cfg = model_cfg(vocab_multiple=48, tie_embeddings=False)  # 64 ids, 96 head columns
+    params = jax.tree.map(np.array, nn.unbox(init_params(cfg)))
+    # Every position's final hidden state is b, and the padded columns are 100 b: unmasked,
+    # a padded id would be the argmax everywhere and take nearly all the probability.
+    b_D = np.random.default_rng(0).normal(size=cfg.n_embd).astype(np.float32)
+    params["ln_f"]["scale"][:], params["ln_f"]["bias"][:] = 0.0, b_D
+    params["lm_head"]["kernel"][:, 64:] = 100 * b_D[:, None]
+    x_BTD = GPT(cfg).apply({"params": params}, jnp.asarray(PROMPTS[:1]), hidden_only=True)
+    assert int(jnp.argmax(x_BTD[0, -1] @ params["lm_head"]["kernel"])) >= 64
+    for temperature in (1.0, 0.0):
+        out = sample.sample_tokens(cfg, params, PROMPTS, max_new_tokens=12, num_samples=4,
+                                   temperature=temperature, return_logits=True)
+        assert out.logits.shape[-1] == 64 and out.tokens.max() < 64, out.tokens

@@ -105,3 +105,98 @@ def test_nonfinite_step_leaves_state_untouched():
     np.testing.assert_array_equal(after["h_0"]["mlp"]["fc"]["kernel"],
                                   poisoned["h_0"]["mlp"]["fc"]["kernel"])
     assert not np.array_equal(before["ln_f"]["scale"], after["ln_f"]["scale"])
+
+
+def loss_and_grads(config, mesh, params, host_batch):
+    """The train step's (mean loss, grads) for `params` and one batch, jitted on `mesh`."""
+    trainer = Trainer.create(config, mesh)
+    with sharding.activate(mesh, trainer.rules):
+        params = sharding.shard_like(params, trainer.state_shardings["params"])
+        batch = {k: jax.device_put(v, trainer.batch_sharding) for k, v in host_batch.items()}
+        loss, grads = jax.jit(trainer._grads)(params, batch, jax.random.PRNGKey(0))
+    return float(loss), jax.device_get(grads)
+
+
+def weighted_batch(config, seed=0):
+    batch = next(random_batches(config, 1, seed))
+    rng = np.random.default_rng(seed + 1)
+    batch["weights"] = (rng.random(batch["targets"].shape) < 0.7).astype(np.float32)
+    return batch
+
+
+def model_config(tie: bool = True, z_loss: float = 1e-2, **model):
+    config = tiny_config(z_loss=z_loss)
+    config.model.update(tie_embeddings=tie, **model)
+    return config
+
+
+def initial_params(config):
+    trainer = Trainer.create(config, mesh_of(1, 1, 1))
+    return jax.device_get(trainer.init_state(0)["params"])
+
+
+def test_chunked_loss_equals_full_loss_on_the_mesh():
+    full = model_config(tie=False)  # the tied head is covered by the padded-vocabulary test
+    chunked = model_config(tie=False, loss_chunks=4)
+    params, batch, mesh = initial_params(full), weighted_batch(full), mesh_of(2, 2, 2)
+    loss, grads = loss_and_grads(full, mesh, params, batch)
+    chunked_loss, chunked_grads = loss_and_grads(chunked, mesh, params, batch)
+    np.testing.assert_allclose(chunked_loss, loss, rtol=1e-6)
+    assert_trees_close(chunked_grads, grads, rtol=1e-5, atol=1e-7)
+
+
+def test_chunked_cross_entropy_is_the_full_one_of_the_head_logits():
+    from gpt_jax.model import lm_head_logits
+    from gpt_jax.step import chunked_cross_entropy
+
+    cfg = config_lib.ModelConfig(vocab_size=7, n_embd=3, loss_chunks=3, vocab_multiple=4)
+    rng = np.random.default_rng(0)
+    x_BTD, kernel_DV = rng.normal(size=(2, 6, 3)), rng.normal(size=(3, 8)) * 3
+    targets_BT, weights_BT = rng.integers(0, 7, (2, 6)), rng.random((2, 6))
+
+    def full(x_BTD, kernel_DV):
+        return cross_entropy(lm_head_logits(cfg, x_BTD, kernel_DV), targets_BT, weights_BT, 0.1)
+
+    def chunked(x_BTD, kernel_DV):
+        return chunked_cross_entropy(cfg, x_BTD, kernel_DV, targets_BT, weights_BT, 0.1)
+
+    def value_and_grads(f):
+        return jax.value_and_grad(lambda *a: f(*a)[0], (0, 1))(x_BTD, kernel_DV)
+
+    assert_trees_close(value_and_grads(chunked), value_and_grads(full), rtol=1e-5, atol=1e-6)
+    assert float(chunked(x_BTD, kernel_DV)[1]) == pytest.approx(weights_BT.sum(), rel=1e-6)
+    with pytest.raises(ValueError, match="loss_chunks=4 does not divide the sequence length 6"):
+        chunked_cross_entropy(config_lib.ModelConfig(loss_chunks=4), x_BTD, kernel_DV,
+                              targets_BT)
+
+
+def pad_vocab(params, rows: int, scale: float = 50.0):
+    """Tied `params` with `rows` extra embedding rows of large values: were the padded logits
+    not masked, they would dominate the log-sum-exp."""
+    rng = np.random.default_rng(7)
+    padded = jax.tree.map(np.asarray, params)
+    wte = padded["wte"]["embedding"]
+    padded["wte"]["embedding"] = np.concatenate(
+        [wte, scale * rng.normal(size=(rows, wte.shape[1])).astype(wte.dtype)])
+    return padded
+
+
+@pytest.fixture(scope="module")
+def tied_reference():
+    """(params, batch, loss, grads) of the tied, unpadded, unchunked step on the 2x2x2 mesh."""
+    plain = model_config(tie=True)
+    params, batch = initial_params(plain), weighted_batch(plain)
+    return (params, batch) + loss_and_grads(plain, mesh_of(2, 2, 2), params, batch)
+
+
+@pytest.mark.parametrize("loss_chunks", [0, 4])
+def test_padded_vocabulary_gives_the_unpadded_loss(loss_chunks, tied_reference):
+    params, batch, loss, grads = tied_reference
+    padded = model_config(tie=True, loss_chunks=loss_chunks, vocab_multiple=48)  # 64 -> 96
+    mesh = mesh_of(2, 2, 2)
+    padded_loss, padded_grads = loss_and_grads(padded, mesh, pad_vocab(params, 32), batch)
+    np.testing.assert_allclose(padded_loss, loss, rtol=1e-6)
+    wte_grad = padded_grads["wte"]["embedding"]
+    np.testing.assert_array_equal(wte_grad[64:], 0.0)  # the padded rows never learn
+    padded_grads["wte"]["embedding"] = wte_grad[:64]
+    assert_trees_close(padded_grads, grads, rtol=1e-5, atol=1e-7)

@@ -23,6 +23,8 @@ _define(flags.DEFINE_enum, "from", None, "Convert from this format into --workdi
 _define(flags.DEFINE_enum, "to", None, "Convert --workdir into this format.", ["hf"])
 _define(flags.DEFINE_string, "hf_dir", None, "The Hugging Face model directory (in or out).")
 _define(flags.DEFINE_string, "workdir", None, "The gpt_jax run directory (out or in).")
+_define(flags.DEFINE_integer, "vocab_multiple", 1, "--from=hf: pad the vocabulary rows to a "
+        "multiple of this (model.vocab_multiple, e.g. 128); --to=hf drops the padding.")
 FLAGS = flags.FLAGS
 
 
@@ -39,7 +41,7 @@ def main(argv: list[str]) -> None:
 
     try:
         if source == "hf":
-            from_hf(FLAGS.hf_dir, FLAGS.workdir)
+            from_hf(FLAGS.hf_dir, FLAGS.workdir, vocab_multiple=FLAGS.vocab_multiple)
             print(f"converted {FLAGS.hf_dir} -> run directory {FLAGS.workdir}")
         else:
             to_hf(FLAGS.workdir, FLAGS.hf_dir)

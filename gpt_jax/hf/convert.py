@@ -76,9 +76,13 @@ def read_hf_weights(hf_dir: str) -> tuple[dict[str, np.ndarray], str]:
                           f"or {TORCH_BIN}")
 
 
-def load_hf(hf_dir: str) -> tuple[dict, dict]:
-    """(model fields, gpt_jax params as NumPy) of a HF GPT-2 directory, fully checked."""
+def load_hf(hf_dir: str, vocab_multiple: int = 1) -> tuple[dict, dict]:
+    """(model fields, gpt_jax params as NumPy) of a HF GPT-2 directory, fully checked; the
+    vocabulary padded to a multiple of `vocab_multiple` (model.vocab_multiple)."""
     fields = model_fields_from_hf(read_hf_config(hf_dir), os.path.join(hf_dir, "config.json"))
+    if vocab_multiple < 1:
+        raise ConversionError(f"vocab_multiple={vocab_multiple} must be >= 1 (1: no padding)")
+    fields["vocab_multiple"] = vocab_multiple
     raw, name = read_hf_weights(hf_dir)
     tensors = normalize_hf_names(raw)
     check_hf_tensors(tensors, fields, os.path.join(hf_dir, name))
@@ -100,13 +104,14 @@ def run_config(fields: dict, hf_dir: str):
     return config
 
 
-def from_hf(hf_dir: str, workdir: str, seed: int = 0) -> str:
-    """Write a run directory (config, tokenizer/, checkpoint step 0) from a HF GPT-2 folder."""
+def from_hf(hf_dir: str, workdir: str, seed: int = 0, vocab_multiple: int = 1) -> str:
+    """Write a run directory (config, tokenizer/, checkpoint step 0) from a HF GPT-2 folder;
+    `vocab_multiple` > 1 pads the embedding/head rows (model.vocab_multiple)."""
     if os.path.isdir(checkpoint.checkpoint_dir(workdir)) and os.listdir(
             checkpoint.checkpoint_dir(workdir)):
         raise ConversionError(f"--workdir={workdir} already holds checkpoints; convert into a "
                               "new directory")
-    fields, params = load_hf(hf_dir)
+    fields, params = load_hf(hf_dir, vocab_multiple)
     tokenizer = load_dir(hf_dir)
     if tokenizer.vocab_size > fields["vocab_size"]:
         raise ConversionError(f"{hf_dir}: the tokenizer files have {tokenizer.vocab_size} "

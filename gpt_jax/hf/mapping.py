@@ -12,6 +12,8 @@ from __future__ import annotations
 import jax
 import numpy as np
 
+from gpt_jax.config import ModelConfig
+
 # activation_function values that are GPT-2's tanh-approximated GELU (what model.MLP computes).
 TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 BUFFER_SUFFIXES = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers of old checkpoints
@@ -122,10 +124,15 @@ def check_hf_tensors(tensors: dict[str, np.ndarray], f: dict, where: str) -> Non
 
 
 def params_from_hf(tensors: dict[str, np.ndarray], f: dict) -> dict:
-    """gpt_jax params (unstacked `h_{i}` blocks, float32) from normalized HF tensors."""
+    """gpt_jax params (unstacked `h_{i}` blocks, float32) from normalized HF tensors; the
+    vocabulary rows padded with zeros to the multiple `f["vocab_multiple"]` (if given)."""
     D, H = f["n_embd"], f["n_head"]
     K = D // H
     t = {k: np.asarray(v, np.float32) for k, v in tensors.items()}
+    padding = ModelConfig(**f).padded_vocab_size - f["vocab_size"]  # f["vocab_multiple"]'s
+    for name in ("wte.weight", "lm_head.weight"):  # [V, D]: zero rows, masked in the model
+        if name in t:
+            t[name] = np.pad(t[name], ((0, padding), (0, 0)))
     ln = lambda p: {"scale": t[p + ".weight"], "bias": t[p + ".bias"]}  # noqa: E731
     params = {"wte": {"embedding": t["wte.weight"]}, "wpe": {"embedding": t["wpe.weight"]},
               "ln_f": ln("ln_f")}
@@ -154,9 +161,9 @@ def _blocks(params: dict, n_layer: int) -> list[dict]:
 
 def hf_from_params(params: dict, m) -> dict[str, np.ndarray]:
     """HF tensors (names as `save_pretrained` writes them) from gpt_jax params."""
-    D = int(m.n_embd)
+    D, V = int(m.n_embd), int(m.vocab_size)  # the vocab_multiple padding is dropped
     a = lambda x: np.ascontiguousarray(np.asarray(x, np.float32))  # noqa: E731
-    out = {"transformer.wte.weight": a(params["wte"]["embedding"]),
+    out = {"transformer.wte.weight": a(np.asarray(params["wte"]["embedding"])[:V]),
            "transformer.wpe.weight": a(params["wpe"]["embedding"]),
            "transformer.ln_f.weight": a(params["ln_f"]["scale"]),
            "transformer.ln_f.bias": a(params["ln_f"]["bias"])}
@@ -174,5 +181,5 @@ def hf_from_params(params: dict, m) -> dict[str, np.ndarray]:
             p + "mlp.c_proj.weight": a(mlp["proj"]["kernel"]),
             p + "mlp.c_proj.bias": a(mlp["proj"]["bias"])})
     if not m.tie_embeddings:
-        out["lm_head.weight"] = a(np.asarray(params["lm_head"]["kernel"]).T)
+        out["lm_head.weight"] = a(np.asarray(params["lm_head"]["kernel"])[:, :V].T)
     return out
