@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging as py_logging
 import os
 import sys
 from typing import Any
@@ -96,11 +97,11 @@ class Checkpointer:
         """
         steps = sorted(self.manager.all_steps(), reverse=True)
         errors = []
+        _drop_abandoned_read_errors(_absolute(self.directory))  # before a read can fail
         for i, step in enumerate(steps):
             try:
                 return self._restore(step, abstract_state)
             except Exception as e:  # noqa: BLE001 -- any unreadable checkpoint falls back
-                _drop_abandoned_read_errors()
                 then = f"trying step {steps[i + 1]}" if i + 1 < len(steps) else "none is left"
                 logging.warning("checkpoint %d in %s is unreadable (%s); %s", step,
                                 self.directory, _short(e), then)
@@ -141,21 +142,22 @@ def _short(error: BaseException, limit: int = 160) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
-_dropping = False
+_dropping: set[str] = set()  # checkpoint directories whose abandoned reads are silenced
 
 
-def _drop_abandoned_read_errors() -> None:
+def _drop_abandoned_read_errors(directory: str) -> None:
     """Keep a failed restore's stray reads from printing tracebacks later.
 
     When one array of a checkpoint fails to read, Orbax gives up and closes its event loop while
     TensorStore still finishes the other reads; their callbacks then raise "Event loop is
     closed" (printed as tracebacks, one per read) and their coroutines are discarded with the
-    original error. Both are dropped here, for this process; every other error still prints.
+    original error, or logged by asyncio as never retrieved (naming a file under `directory`).
+    These are dropped here, for this process; every other error still prints.
     """
-    global _dropping
-    if _dropping:
+    first = not _dropping
+    _dropping.add(directory)
+    if not first:
         return
-    _dropping = True
     excepthook, unraisablehook = sys.excepthook, sys.unraisablehook
 
     def stray(error: BaseException | None, obj: object = None) -> bool:
@@ -171,6 +173,16 @@ def _drop_abandoned_read_errors() -> None:
             unraisablehook(unraisable)
 
     sys.excepthook, sys.unraisablehook = on_exception, on_unraisable
+    py_logging.getLogger("asyncio").addFilter(_StrayReadFilter())
+
+
+class _StrayReadFilter(py_logging.Filter):
+    """asyncio's "Task/Future exception was never retrieved" for an abandoned checkpoint read."""
+
+    def filter(self, record: py_logging.LogRecord) -> bool:
+        text = record.getMessage()
+        return not ("exception was never retrieved" in text
+                    and any(directory in text for directory in _dropping))
 
 
 def saved_config(workdir: str):

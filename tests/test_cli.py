@@ -42,7 +42,7 @@ OWN_FLAGS = {
             "attention_impl", "scan_layers", "decode", "decode_batch_size", "json_out"},
     "sweep": {"config", "workdir", "only", "set", "list"} | DISTRIBUTED,
     "compare": {"out", "baseline", "smoothing"},
-    "convert": {"from", "to", "hf_dir", "workdir"},
+    "convert": {"from", "to", "hf_dir", "workdir", "vocab_multiple"},
     "bench": set(),
     "bench train": {"config", "preset", "batch_size", "seq_len", "attention_impl",
                     "remat_policy", "scan_layers", "dtype", "steps", "warmup", "json_out",
