@@ -462,27 +462,42 @@ def test_bench_evals_measures_and_projects(tmp_path):
     assert tpu["batch_s"] > 0
 
 
+LEARNABLE = """
+import json, sys
+from conftest import tiny_run_config
+from gpt_jax import evals, train
+root = sys.argv[1]
+config = tiny_run_config(root + "/corpus", __import__("pathlib").Path(root) / "cache",
+                         num_steps=300, log_every=100, eval_every=300, eval_batches=1)
+config.checkpoint.update(every=300)
+config.optim.update(lr=3e-3, warmup_steps=10)
+task = "nextline:" + root + "/corpus/cycle0.txt"
+out = {}
+for name, steps in (("trained", 300), ("fresh", 1)):  # fresh: the same model, barely trained
+    config.train.num_steps = steps
+    train.train(config, f"{root}/{name}")
+    out[name] = evals.evaluate_run(f"{root}/{name}", task, limit=200)["nextline"]
+print(json.dumps(out))
+"""
+
+
 def test_a_briefly_trained_model_beats_chance_on_a_learnable_task(tmp_path):
     """Text that cycles through 12 short lines: the next line follows from the last one, so a
-    model trained on it picks it among 4 far above 25%; at step 0 it is near chance."""
-    from conftest import tiny_run_config
-    from gpt_jax import evals, train
-
+    model trained on it picks it among 4 far above 25%; at step 1 it is near chance. (In its
+    own process: a 300-step run, like the CLI's.)"""
     words = ["red fox", "blue jay", "old oak", "wet moss", "dry sand", "hot tea",
              "cold rain", "tall pine", "soft wool", "loud bell", "dim lamp", "fast car"]
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
+    (tmp_path / "corpus").mkdir()
     for doc in range(4):
-        (corpus / f"cycle{doc}.txt").write_text("\n".join(words * 40) + "\n")
-    config = tiny_run_config(corpus, tmp_path / "cache", num_steps=300, log_every=100,
-                             eval_every=300, eval_batches=1)
-    config.checkpoint.update(every=300)
-    config.optim.update(lr=3e-3, warmup_steps=10)
-    task = f"nextline:{corpus / 'cycle0.txt'}"
-    train.train(config, str(tmp_path / "run"))
-    trained = evals.evaluate_run(str(tmp_path / "run"), task, limit=200)["nextline"]
-    config.train.num_steps = 1  # the same architecture, barely trained
-    train.train(config, str(tmp_path / "fresh"))
-    fresh = evals.evaluate_run(str(tmp_path / "fresh"), task, limit=200)["nextline"]
+        (tmp_path / "corpus" / f"cycle{doc}.txt").write_text("\n".join(words * 40) + "\n")
+    tests = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               PYTHONPATH=os.pathsep.join([tests, os.path.dirname(tests),
+                                           os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-c", LEARNABLE, str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    trained, fresh = result["trained"], result["fresh"]
     assert trained["n"] == fresh["n"] == 200
-    assert trained["acc_norm"] > 0.8 and fresh["acc_norm"] < 0.45, (trained, fresh)
+    assert trained["acc_norm"] > 0.8 and fresh["acc_norm"] < 0.45, result
