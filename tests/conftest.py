@@ -3,8 +3,13 @@
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# XLA:CPU aborts the process when a collective's 8 device threads have not all arrived within
+# its timeout; on a loaded 2-core machine (two test workers, subprocess runs) they can be starved
+# that long, so tests wait up to 10 minutes instead.
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                           + " --xla_force_host_platform_device_count=8").strip()
+                           + " --xla_force_host_platform_device_count=8"
+                           + " --xla_cpu_collective_timeout_seconds=600"
+                           + " --xla_cpu_collective_call_terminate_timeout_seconds=600").strip()
 
 import jax  # noqa: E402
 
