@@ -1,19 +1,16 @@
-"""Every test runs on 8 simulated CPU devices (set before JAX starts its backend)."""
+"""Every test runs on 8 simulated CPU devices (set before JAX starts its backend); a test's own
+subprocess may ask for 1 with GPT_JAX_TEST_DEVICES=1."""
 
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# XLA:CPU aborts the process when a collective's 8 device threads have not all arrived within
-# its timeout; on a loaded 2-core machine (two test workers, subprocess runs) they can be starved
-# that long, so tests wait up to 10 minutes instead.
+DEVICES = int(os.environ.get("GPT_JAX_TEST_DEVICES", "8"))  # 1: a test's own subprocess
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                           + " --xla_force_host_platform_device_count=8"
-                           + " --xla_cpu_collective_timeout_seconds=600"
-                           + " --xla_cpu_collective_call_terminate_timeout_seconds=600").strip()
+                           + f" --xla_force_host_platform_device_count={DEVICES}").strip()
 
 import jax  # noqa: E402
 
-jax.config.update("jax_num_cpu_devices", 8)
+jax.config.update("jax_num_cpu_devices", DEVICES)
 
 from gpt_jax.host_memory import keep_freed_memory  # noqa: E402
 
