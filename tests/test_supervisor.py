@@ -19,6 +19,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from launch import gcloud, supervisor  # noqa: E402
+from test_launch import wait_for  # noqa: E402
 
 PY = sys.executable
 T = gcloud.Target("my-tpu", "my-proj", "us-west4-a", queued=True)
@@ -313,15 +314,6 @@ def worker_home(tmp_path, name: str, version: str = "v1") -> dict[str, str]:
 def bash(script: str, env: dict[str, str]) -> subprocess.CompletedProcess:
     return subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True,
                           timeout=60)
-
-
-def wait_for(predicate, timeout=20.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def pid_of(env) -> int | None:

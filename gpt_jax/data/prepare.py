@@ -32,7 +32,8 @@ from tqdm import tqdm
 
 from gpt_jax.data import documents
 from gpt_jax.data.documents import Piece
-from gpt_jax.data.files import DataError, atomic_write_json, digest, filesystem, read_json
+from gpt_jax.data.files import (DataError, atomic_write_json, digest, filesystem, is_remote,
+                                read_json)
 from gpt_jax.data.tokenizer_base import Tokenizer
 from gpt_jax.data.tokenizers import build_tokenizer, is_saved, load_tokenizer, ready_tokenizer
 
@@ -89,9 +90,8 @@ def make_plan(d, tok: Tokenizer) -> Plan:
 
 
 def shard_name(store: str, index: int, split: str | None = None) -> str:
-    suffix = "json" if split is None else f"{split}.tokens"
-    safe = suffix.replace("/", "_").replace("[", "(").replace("]", ")").replace(":", "_")
-    return os.path.join(store, "shards", f"{index:06d}.{safe}")
+    suffix = "json" if split is None else f"{split}.tokens"  # split: train | validation
+    return os.path.join(store, "shards", f"{index:06d}.{suffix}")
 
 
 def shard_is_done(store: str, index: int, build_key: str, itemsize: int) -> bool:
@@ -144,7 +144,7 @@ class _SplitWriter:
         os.fsync(self.file.fileno())
         self.file.close()
         fs, inner = filesystem(path)
-        if is_local_fs(fs):
+        if not is_remote(path):
             fs.makedirs(os.path.dirname(inner), exist_ok=True)
             os.replace(self.tmp, inner)
         else:
@@ -152,10 +152,6 @@ class _SplitWriter:
             os.remove(self.tmp)
         return {"num_tokens": self.num_tokens, "num_docs": self.num_docs,
                 "num_bytes": self.num_bytes, "sha256": self.sha.hexdigest()}
-
-
-def is_local_fs(fs) -> bool:
-    return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
 
 
 def _worker_context():
@@ -193,8 +189,7 @@ def write_shard(index: int, piece: Piece, build_key: str) -> dict:
     """Tokenize `piece` into its shard files, then write its record; returns stage timings."""
     d, store, tok = _WORKER["d"], _WORKER["store"], _WORKER["tok"]
     dtype = token_dtype(tok.vocab_size)
-    fs, inner = filesystem(store)
-    local_dir = os.path.join(inner, "shards") if is_local_fs(fs) else None
+    local_dir = None if is_remote(store) else os.path.join(filesystem(store)[1], "shards")
     if local_dir:
         os.makedirs(local_dir, exist_ok=True)
     writers: dict[str, _SplitWriter] = {}
@@ -264,7 +259,8 @@ def check_manifest(store: str, manifest: dict, build_key: str) -> None:
 
 
 def prepare(config, store: str, tok: Tokenizer, num_workers: int = 0, process_index: int = 0,
-            process_count: int = 1, wait_seconds: float = 86400.0, threads: int = 0) -> dict:
+            process_count: int = 1, wait_seconds: float = 86400.0, threads: int = 0,
+            plan: Plan | None = None) -> dict:
     """Tokenize this process's unfinished shards; process 0 then writes the manifest.
 
     `tok` must already be saved in `<store>/tokenizer`. `num_workers` processes (0: one per
@@ -272,7 +268,7 @@ def prepare(config, store: str, tok: Tokenizer, num_workers: int = 0, process_in
     and stage timings (seconds summed over workers).
     """
     d = config.data
-    plan = make_plan(d, tok)
+    plan = plan or make_plan(d, tok)  # the caller's, if it made one already
     itemsize = token_dtype(tok.vocab_size).itemsize
     manifest = read_json(os.path.join(store, MANIFEST))
     if manifest is not None:

@@ -173,7 +173,7 @@ def auto_store(config, tok: Tokenizer) -> Store:
     def build() -> None:
         if not is_saved(path):
             tok.save(tokenizer_dir(path))
-        prepare(config, path, tok, num_workers=1)
+        prepare(config, path, tok, num_workers=1, plan=plan)
 
     if is_remote(path):
         raise DataError(f"data.cache_dir={d.cache_dir!r} is remote; prepare large corpora with "
