@@ -32,7 +32,8 @@ ITEMS = ("params", "opt_state", "meta", "config", "tokenizer")
 STATE_FIELDS = ("model.vocab_size", "model.block_size", "model.n_layer", "model.n_head",
                 "model.n_embd", "model.mlp", "model.mlp_ratio", "model.norm", "model.position",
                 "model.tie_embeddings", "model.use_bias", "model.scan_layers",
-                "model.vocab_multiple", "optim.mu_dtype", "data.tokenizer")
+                "model.vocab_multiple", "optim.mu_dtype", "optim.optimizer",
+                "data.tokenizer")
 
 
 class NoCheckpointError(FileNotFoundError):
@@ -208,10 +209,11 @@ def check_resume_compatible(workdir: str, config) -> None:
     if saved is None:
         return
     step, old = saved
-    diffs = []
+    diffs, defaults = [], config_lib.base_config()
     for field in STATE_FIELDS:
         section, name = field.split(".")
-        was, now = old[section].get(name), config[section].get(name)
+        default = defaults[section].get(name)  # a field newer than the run's checkpoint
+        was, now = old[section].get(name, default), config[section].get(name, default)
         if was != now:
             diffs.append(f"{field}={was!r} (the config says {now!r})")
     if diffs:

@@ -37,6 +37,7 @@ NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "swiglu")
 DTYPES = ("float32", "bfloat16", "float16")
 SCHEDULES = ("cosine", "linear", "constant", "wsd")
+OPTIMIZERS = ("adamw", "muon")
 DATA_SOURCES = ("python_stdlib", "text_files", "tfds", "jsonl", "parquet", "sft_jsonl")
 TOKENIZERS = ("sentencepiece", "byte", "char", "gpt2_bpe")
 SPM_TYPES = ("bpe", "unigram")
@@ -168,6 +169,11 @@ def base_config() -> ml_collections.ConfigDict:
     o.decay_embeddings = False
     o.clip_norm = 1.0  # 0 disables clipping
     o.mu_dtype = ""  # AdamW's first moment: "" = the param dtype, or e.g. "bfloat16"
+    o.optimizer = "adamw"  # "muon": Muon on the attention/MLP kernels, AdamW on the rest
+    o.muon_lr = 0.02  # Muon's peak lr; its schedule has the shape of lr's (warmup, decay)
+    o.muon_momentum = 0.95  # Muon's momentum (EMA) coefficient
+    o.muon_nesterov = True  # Nesterov momentum for Muon
+    o.muon_weight_decay = 0.0  # decoupled weight decay of Muon's matrices (x the Muon lr)
 
     c.mesh = ms = ml_collections.ConfigDict()
     ms.data = -1  # -1: the devices the other axes leave
@@ -320,6 +326,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     _check_choice(o.schedule, "optim.schedule", SCHEDULES)
     _check(o.warmup_steps >= 0, f"optim.warmup_steps={o.warmup_steps} must be >= 0")
     _check(o.clip_norm >= 0, f"optim.clip_norm={o.clip_norm} must be >= 0 (0 disables)")
+    _check_choice(o.get("optimizer", "adamw"), "optim.optimizer", OPTIMIZERS)
+    _check(o.get("muon_lr", 1) > 0, f"optim.muon_lr={o.get('muon_lr')!r} must be > 0")
+    _check(0 <= o.get("muon_momentum", 0) < 1,
+           f"optim.muon_momentum={o.get('muon_momentum')!r} must be in [0, 1)")
     _check(o.get("mu_dtype", "") in ("",) + DTYPES, f"optim.mu_dtype={o.get('mu_dtype')!r} is "
            f"not one of '' (the param dtype), {', '.join(DTYPES)}")
     _check(0 < config.sample.top_p <= 1, f"sample.top_p={config.sample.top_p} must be in (0, 1]")

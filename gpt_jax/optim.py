@@ -1,53 +1,106 @@
-"""The optimizer: AdamW with a decay mask, a learning-rate schedule and global-norm clipping."""
+"""The optimizer: AdamW (or Muon on the hidden matrices, AdamW on the rest) with a decay mask,
+a learning-rate schedule and global-norm clipping."""
 
 from __future__ import annotations
 
 import jax
 import optax
+from optax.contrib import MuonDimensionNumbers, scale_by_muon
+from optax.contrib._muon import scale_by_shape  # not re-exported by optax.contrib (0.2.8)
 
 EMBEDDINGS = ("wte", "wpe")
+# Matrices that Muon leaves to AdamW: the embedding tables and an untied LM head.
+NOT_MUON = EMBEDDINGS + ("lm_head",)
+STACKED_BLOCKS = "h"  # the scan_layers blocks: every leaf has a leading [L] layer axis
 
 
-def lr_schedule(optim_config, num_steps: int) -> optax.Schedule:
-    """Linear warmup to `lr`, then cosine / linear / constant / WSD down to lr*min_lr_ratio."""
+def lr_schedule(optim_config, num_steps: int, peak_lr: float | None = None) -> optax.Schedule:
+    """Linear warmup to `peak_lr` (default `lr`), then cosine / linear / constant / WSD down to
+    peak_lr*min_lr_ratio."""
     o = optim_config
+    lr = o.lr if peak_lr is None else peak_lr
     decay_steps = num_steps if o.decay_steps < 0 else o.decay_steps
     warmup = min(o.warmup_steps, decay_steps)
-    end_lr = o.lr * o.min_lr_ratio
+    end_lr = lr * o.min_lr_ratio
     rest = max(decay_steps - warmup, 1)
     if o.schedule == "cosine":
-        after = optax.cosine_decay_schedule(o.lr, rest, alpha=o.min_lr_ratio)
+        after = optax.cosine_decay_schedule(lr, rest, alpha=o.min_lr_ratio)
     elif o.schedule == "linear":
-        after = optax.linear_schedule(o.lr, end_lr, rest)
+        after = optax.linear_schedule(lr, end_lr, rest)
     elif o.schedule == "constant":
-        after = optax.constant_schedule(o.lr)
+        after = optax.constant_schedule(lr)
     elif o.schedule == "wsd":  # warmup, stable, then a linear decay over the last fraction
         decay = max(int(rest * o.wsd_decay_fraction), 1)
-        after = optax.join_schedules([optax.constant_schedule(o.lr),
-                                      optax.linear_schedule(o.lr, end_lr, decay)], [rest - decay])
+        after = optax.join_schedules([optax.constant_schedule(lr),
+                                      optax.linear_schedule(lr, end_lr, decay)], [rest - decay])
     else:
         raise ValueError(f"optim.schedule={o.schedule!r} is not one of cosine, linear, "
                          "constant, wsd")
     if warmup == 0:
         return after
-    return optax.join_schedules([optax.linear_schedule(0.0, o.lr, warmup), after], [warmup])
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), after], [warmup])
+
+
+def _names(path) -> set:
+    return {getattr(k, "key", None) for k in path}
 
 
 def decay_mask(params, decay_embeddings: bool = False):
     """True for the weights that get weight decay: matrices; not biases, norms (or embeddings)."""
     def wants_decay(path, leaf) -> bool:
-        names = {getattr(k, "key", None) for k in path}
+        names = _names(path)
         if names & set(EMBEDDINGS):
             return decay_embeddings
         return leaf.ndim >= 2 and "kernel" in names
     return jax.tree_util.tree_map_with_path(wants_decay, params)
 
 
+def muon_labels(params):
+    """"muon" for the hidden matrices (attention and MLP kernels), "adamw" for the rest."""
+    def label(path, leaf) -> str:
+        names = _names(path)
+        hidden = leaf.ndim >= 2 and "kernel" in names and not names & set(NOT_MUON)
+        return "muon" if hidden else "adamw"
+    return jax.tree_util.tree_map_with_path(label, params)
+
+
+def muon_dimension_numbers(params):
+    """Each Muon leaf as a batch of [fan_in, fan_out] matrices, orthogonalised one by one.
+
+    A stacked block's leading layer axis is a batch axis (one matrix per layer). The fused qkv
+    kernel [D, 3, H, K] is one [D, 3HK] matrix; every other kernel contracts all but its last
+    axis (attention's output [H, K, D] is [HK, D]; the MLP's are plain [in, out]).
+    """
+    def dims(path, leaf) -> MuonDimensionNumbers:
+        names = _names(path)
+        first = 1 if STACKED_BLOCKS in names else 0
+        if "qkv" in names:
+            return MuonDimensionNumbers(first, tuple(range(first + 1, leaf.ndim)))
+        return MuonDimensionNumbers(tuple(range(first, leaf.ndim - 1)), leaf.ndim - 1)
+    return jax.tree_util.tree_map_with_path(dims, params)
+
+
+def muon(optim_config, num_steps: int) -> optax.GradientTransformation:
+    """Muon on the matrices `muon_labels` picks: (Nesterov) momentum, 5 quintic Newton-Schulz
+    iterations in float32, scaled by sqrt(max(1, fan_out/fan_in)), decoupled weight decay,
+    times the schedule peaking at `muon_lr` (optax.contrib's scale_by_muon/scale_by_shape)."""
+    o = optim_config
+    return optax.chain(
+        scale_by_muon(beta=o.muon_momentum, nesterov=o.muon_nesterov,
+                      mu_dtype=o.get("mu_dtype") or None,
+                      weight_dimension_numbers=muon_dimension_numbers),
+        scale_by_shape(weight_dimension_numbers=muon_dimension_numbers),
+        optax.add_decayed_weights(o.muon_weight_decay),
+        optax.scale_by_learning_rate(lr_schedule(o, num_steps, peak_lr=o.muon_lr)))
+
+
 def make_optimizer(optim_config, num_steps: int) -> optax.GradientTransformation:
     o = optim_config
-    adamw = optax.adamw(lr_schedule(o, num_steps), b1=o.b1, b2=o.b2, eps=o.eps,
-                        mu_dtype=o.get("mu_dtype") or None, weight_decay=o.weight_decay,
-                        mask=lambda p: decay_mask(p, o.decay_embeddings))
+    tx = optax.adamw(lr_schedule(o, num_steps), b1=o.b1, b2=o.b2, eps=o.eps,
+                     mu_dtype=o.get("mu_dtype") or None, weight_decay=o.weight_decay,
+                     mask=lambda p: decay_mask(p, o.decay_embeddings))
+    if o.get("optimizer", "adamw") == "muon":
+        tx = optax.multi_transform({"muon": muon(o, num_steps), "adamw": tx}, muon_labels)
     if o.clip_norm > 0:
-        return optax.chain(optax.clip_by_global_norm(o.clip_norm), adamw)
-    return adamw
+        return optax.chain(optax.clip_by_global_norm(o.clip_norm), tx)
+    return tx

@@ -86,8 +86,9 @@ class Trainer:
         params_abs = abstract_params(model_cfg)
         opt_abs = jax.eval_shape(tx.init, params_abs)
         repl = sharding.replicated(mesh)
-        opt_sh = optax.tree_map_params(tx, lambda _, s: s, opt_abs, param_sh,
-                                       transform_non_params=lambda _: repl)
+        masked = lambda x: isinstance(x, optax.MaskedNode)  # a leaf multi_transform left out
+        opt_sh = optax.tree_map_params(tx, lambda v, s: v if masked(v) else s, opt_abs, param_sh,
+                                       transform_non_params=lambda _: repl, is_leaf=masked)
         state_sh = {"step": repl, "params": param_sh, "opt_state": opt_sh, "rng": repl}
         return cls(config, mesh, model_cfg, model, GPT(model_cfg, deterministic=False), tx,
                    lr_schedule(config.optim, num_steps), rules, state_sh,
