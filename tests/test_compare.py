@@ -106,7 +106,8 @@ def test_report_md_states_seeds_deltas_and_noise(runs_dir):
 def test_plots_are_written_with_one_line_per_variant(runs_dir, tmp_path):
     result = report.compare([str(runs_dir)], out_dir=str(tmp_path / "out"))
     assert result["plots"] == {"eval_loss_vs_step.png": 4, "eval_loss_vs_tokens.png": 4,
-                               "train_loss.png": 4, "final_eval_loss.png": 4}
+                               "train_loss.png": 4, "final_eval_loss.png": 4,
+                               "time_to_target.png": 4}
     for name in result["plots"]:
         data = open(tmp_path / "out" / name, "rb").read()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
@@ -175,8 +176,62 @@ def test_cli_compare_writes_the_report_and_explains_bad_input(runs_dir, tmp_path
                         capture_output=True, text=True, timeout=120)
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert "better" in ok.stdout and os.path.exists(tmp_path / "o" / "report.md")
+    assert "time to eval loss 2.2000 (the baseline base's mean final eval loss):" in ok.stdout
+    assert "3/3 reached" in ok.stdout
     write_run(tmp_path / "noeval", 2.0, evals=False)
     bad = subprocess.run(cli + [str(tmp_path / "noeval")], cwd=ROOT, capture_output=True,
                          text=True, timeout=120)
     assert bad.returncode != 0
     assert "no eval metrics" in bad.stderr and str(tmp_path / "noeval") in bad.stderr
+
+
+# variant/seed -> (eval losses at steps 4, 8, 12; step_time_s of the intervals ending at 4, 8, 12)
+CROSSINGS = {"base/seed_0": ([3.0, 2.0, 1.5], [1.0, 1.0, 1.0]),
+             "base/seed_1": ([2.4, 2.0, 1.9], [0.5, 0.5, 0.5]),
+             "fast/seed_0": ([2.6, 2.2, 1.6], [2.0, 0.75, 1.0]),
+             "fast/seed_1": ([3.0, 2.9, 2.8], [1.0, 1.0, 1.0])}
+
+
+@pytest.fixture
+def crossing_runs(tmp_path):
+    for name, (evals, times) in CROSSINGS.items():
+        events = []
+        for step, loss, t in zip([4, 8, 12], evals, times):
+            events += [{"step": step, "loss": loss, "step_time_s": t},
+                       {"step": step, "eval_loss": loss}]
+        os.makedirs(tmp_path / "runs" / name)
+        with open(tmp_path / "runs" / name / "metrics.jsonl", "w") as f:
+            f.writelines(json.dumps(e) + "\n" for e in events)
+    return tmp_path / "runs"
+
+
+def test_time_to_target_interpolates_steps_and_training_time(crossing_runs, tmp_path):
+    result = report.compare([str(crossing_runs)], str(tmp_path / "out"), baseline="base",
+                            target_loss=2.5)
+    ttt = {t.name: t for t in result["time_to_target"]}
+    # base/0 crosses 2.5 half-way from step 4 (3.0) to 8 (2.0): step 6, 6 steps x 1 s;
+    # base/1 is below at its first eval: step 4, 4 x 0.5 s.
+    assert ttt["base"].first_eval == [8, 4] and ttt["base"].steps == pytest.approx([6, 4])
+    assert ttt["base"].seconds == pytest.approx([6.0, 2.0])
+    # fast/0: 4 + 4 x (2.6-2.5)/(2.6-2.2) = step 5: 4 steps x 2 s + 1 x 0.75 s; fast/1 never.
+    assert (ttt["fast"].reached, ttt["fast"].n, ttt["fast"].first_eval) == (1, 2, [8])
+    assert ttt["fast"].steps == pytest.approx([5.0])
+    assert ttt["fast"].seconds == pytest.approx([8.75])
+    text = open(tmp_path / "out" / "report.md").read()
+    assert "Target eval loss: **2.5000** (--target_loss)." in text
+    assert "| base | 2/2 reached | 6 ± 3 | 5.0 ± 1.4 | 1.00× | 4.0 ± 2.8 s | 1.00× |" in text
+    assert "| fast | 1/2 reached | 8 | 5.0 | 1.00× | 8.8 s | 2.19× |" in text
+    assert "- **base** reaches eval loss 2.5000 first in training time (4.0 s, 2/2 seeds)." in text
+    assert result["plots"]["time_to_target.png"] == 2
+    assert "](time_to_target.png)" in text
+
+
+def test_default_target_is_the_baseline_mean_final_eval_loss(crossing_runs, tmp_path):
+    result = report.compare([str(crossing_runs)], str(tmp_path / "out"), baseline="base")
+    assert result["target"] == pytest.approx(1.7)  # (1.5 + 1.9) / 2
+    ttt = {t.name: t for t in result["time_to_target"]}
+    assert ttt["base"].steps == pytest.approx([8 + 4 * 0.3 / 0.5])  # base/1 ends at 1.9
+    assert ttt["fast"].steps == pytest.approx([8 + 4 * 0.5 / 0.6])
+    assert ttt["fast"].seconds == pytest.approx([4 * 2 + 4 * 0.75 + 4 * 0.5 / 0.6])
+    text = open(tmp_path / "out" / "report.md").read()
+    assert "(the baseline base's mean final eval loss)" in text and "1/2 reached" in text

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import statistics
 
-from gpt_jax.report.runs import VariantStats, std, varied_keys
+from gpt_jax.report.runs import TimeToTarget, VariantStats, std, varied_keys
 
 
-def fmt_pm(values: list[float]) -> str:
+def fmt_pm(values: list[float], spec: str = ".4f") -> str:
     s = std(values)
     mean = statistics.fmean(values)
-    return f"{mean:.4f} ± {s:.4f}" if s is not None else f"{mean:.4f}"
+    return f"{mean:{spec}} ± {s:{spec}}" if s is not None else f"{mean:{spec}}"
 
 
 def human(v: float) -> str:
@@ -101,6 +101,52 @@ def findings(stats: list[VariantStats], baseline: str) -> list[str]:
     return lines
 
 
+def _ratio(values: list[float], base: list[float]) -> str:
+    if not values or not base:
+        return "–"
+    return f"{statistics.fmean(values) / statistics.fmean(base):.2f}×"
+
+
+def target_table(target: float, source: str, ttt: list[TimeToTarget], baseline: str
+                 ) -> list[str]:
+    base = next(t for t in ttt if t.name == baseline)
+    rows = ["## Time to target", "", f"Target eval loss: **{target:.4f}** ({source}).", "",
+            "| variant | seeds reached | first eval step ≤ target | steps to target "
+            "| × baseline steps | training time to target | × baseline time |",
+            "|---|---|---|---|---|---|---|"]
+    for t in ttt:
+        rows.append(
+            f"| {t.name} | {t.reached}/{t.n} reached | "
+            f"{fmt_pm(t.first_eval, '.0f') if t.first_eval else '–'} | "
+            f"{fmt_pm(t.steps, '.1f') if t.steps else '–'} | {_ratio(t.steps, base.steps)} | "
+            f"{fmt_pm(t.seconds, '.1f') + ' s' if t.seconds else '–'} | "
+            f"{_ratio(t.seconds, base.seconds)} |")
+    return rows + [
+        "", "Steps to target: the step at which a seed's eval loss crosses the target, "
+        "interpolated linearly between the two evaluations around the crossing (the first "
+        "evaluation at or below the target is its own step if it is the run's first "
+        "evaluation); the first eval step at or below the target is shown beside it, so the "
+        "eval interval bounds the error. Training time: the sum of the logged step_time_s × "
+        "steps up to that step (linear within a log interval): the train steps' own time, "
+        "without the first step's compilation, evaluation or checkpointing. Mean ± sample std "
+        "over the seeds that reached the target; the others are left out of the means and "
+        "counted in *seeds reached*. × baseline: the variant's mean over the baseline's "
+        f"(**{baseline}**).", ""]
+
+
+def target_finding(target: float, ttt: list[TimeToTarget]) -> str:
+    timed = [t for t in ttt if t.seconds]
+    if not timed:
+        reached = [t.name for t in ttt if t.reached]
+        return (f"- No variant has step times to reach eval loss {target:.4f} in; reached by: "
+                f"{', '.join(reached) or 'none'}.")
+    fastest = min(timed, key=lambda t: statistics.fmean(t.seconds))
+    never = [t.name for t in ttt if not t.reached]
+    return (f"- **{fastest.name}** reaches eval loss {target:.4f} first in training time "
+            f"({statistics.fmean(fastest.seconds):.1f} s, {fastest.reached}/{fastest.n} seeds)"
+            + (f"; never reached by {', '.join(never)}." if never else "."))
+
+
 def per_run(stats: list[VariantStats]) -> list[str]:
     rows = ["| run | variant | seed | last step | final eval loss | best eval loss |",
             "|---|---|---|---|---|---|"]
@@ -124,7 +170,9 @@ def variant_lines(stats: list[VariantStats]) -> list[str]:
 
 
 def render(stats: list[VariantStats], baseline: str, plots: list[str], paths: list[str],
-           warnings: list[str], summary: dict) -> str:
+           warnings: list[str], summary: dict,
+           target: tuple[float, str, list[TimeToTarget]] | None = None) -> str:
+    """`target`: (target eval loss, where it came from, each variant's time to it)."""
     seeds = ", ".join(f"{s.name} {s.n}" for s in stats)
     out = [f"# Comparison: {', '.join(paths)}", ""]
     if summary.get("description"):
@@ -140,8 +188,13 @@ def render(stats: list[VariantStats], baseline: str, plots: list[str], paths: li
         "after the first (which may include compilation); MFU is n/a where the device's peak "
         "is unknown (CPU). Wall time: the sweep's time per member (setup and compilation "
         "included), else the sum of the logged step times.", ""]
-    out += downstream_table(stats) + ["## Findings", ""]
-    out += findings(stats, baseline) + ["", "## Variants", ""] + variant_lines(stats)
+    out += downstream_table(stats)
+    if target is not None:
+        out += target_table(*target, baseline)
+    out += ["## Findings", ""] + findings(stats, baseline)
+    if target is not None:
+        out.append(target_finding(target[0], target[2]))
+    out += ["", "## Variants", ""] + variant_lines(stats)
     out += ["", "## Plots", ""] + [f"![{p[:-4]}]({p})" for p in plots]
     out += ["", "Lines: mean over seeds; bands: min to max over seeds. Train loss is smoothed "
             "(exponential moving average, debiased) before averaging. The bar chart's error "

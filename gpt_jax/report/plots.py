@@ -101,9 +101,34 @@ def bar_plot(stats: list[VariantStats], path: str) -> int:
     return len(bars)
 
 
-def plot_all(stats: list[VariantStats], out_dir: str, smoothing: float = 0.6) -> dict:
-    """Write the four PNGs, plus one per downstream task, into out_dir; returns
-    {file name: variants drawn in it}."""
+def target_plot(stats: list[VariantStats], target: float, path: str) -> int:
+    """Eval loss vs training time per variant (both the mean over seeds at each eval step),
+    the target as a dashed horizontal line; returns the number of variants drawn."""
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    colour, n = colours(stats), 0
+    for s in stats:
+        timed = [[(step, r.train_time_at(step), loss) for step, loss in r.evals] for r in s.runs]
+        steps, times = band([[(st, t) for st, t, _ in c if t is not None] for c in timed])[:2]
+        losses = band([[(st, loss) for st, t, loss in c if t is not None] for c in timed])[1]
+        if len(steps):
+            ax.plot(times, losses, color=colour[s.name], lw=1.8, marker="o", ms=3,
+                    label=f"{s.name} (n={s.n})")
+            n += 1
+    ax.axhline(target, color="black", ls="--", lw=1, label=f"target {target:.4f}")
+    ax.set(xlabel="training time (s; compilation, eval, checkpoints excluded)",
+           ylabel="eval loss", title="eval loss vs training time (mean over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return n
+
+
+def plot_all(stats: list[VariantStats], out_dir: str, smoothing: float = 0.6,
+             target: float | None = None) -> dict:
+    """Write the four PNGs, time_to_target.png (with a target and logged step times), plus
+    one per downstream task, into out_dir; returns {file name: variants drawn in it}."""
     def tokens(r: Run) -> list[tuple[float, float]]:
         return [(step * (r.tokens_per_step or 0), y) for step, y in r.evals]
 
@@ -123,6 +148,9 @@ def plot_all(stats: list[VariantStats], out_dir: str, smoothing: float = 0.6) ->
             "train loss (smoothed)", f"train loss, EMA smoothing {smoothing}"),
         "final_eval_loss.png": bar_plot(stats, os.path.join(out_dir, "final_eval_loss.png")),
     }
+    if target is not None and any(len(r.train_time) > 1 for s in stats for r in s.runs):
+        plots["time_to_target.png"] = target_plot(stats, target,
+                                                  os.path.join(out_dir, "time_to_target.png"))
     for task in dict.fromkeys(t for s in stats for t in s.tasks):  # train.eval_tasks
         name = f"{task}_acc_norm_vs_step.png"
         plots[name] = line_plot(stats, lambda r, t=task: r.downstream(t),

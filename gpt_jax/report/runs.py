@@ -14,6 +14,8 @@ import re
 import statistics
 from functools import lru_cache
 
+import numpy as np
+
 from gpt_jax.config import ModelConfig, flatten
 from gpt_jax.data.files import read_json
 from gpt_jax.flops import count_params
@@ -73,15 +75,43 @@ class Run:
         return statistics.fmean(values) if values else None
 
     @property
+    def train_time(self) -> list[tuple[int, float]]:
+        """(step, training seconds up to it) at each logged interval, from (0, 0): the sum of
+        step_time_s x steps per interval (compilation, eval and checkpoints excluded)."""
+        points = [(0, 0.0)]
+        for e in self.events:
+            if "step_time_s" in e and e["step"] > points[-1][0]:
+                step, total = points[-1]
+                points.append((e["step"], total + e["step_time_s"] * (e["step"] - step)))
+        return points
+
+    def train_time_at(self, step: float) -> float | None:
+        """Training seconds at `step`, linear within a logged interval (each of its steps took
+        its step_time_s); None past the last logged step or without step times."""
+        points = self.train_time
+        if step > points[-1][0]:
+            return None
+        return float(np.interp(step, *zip(*points)))
+
+    @property
     def wall_s(self) -> float | None:
         """The sweep's wall time of the member; else the sum of the logged step times."""
         if self.member.get("wall_s") is not None:
             return float(self.member["wall_s"])
-        total, previous = 0.0, 0
-        for e in self.events:
-            if "step_time_s" in e:
-                total, previous = total + e["step_time_s"] * (e["step"] - previous), e["step"]
-        return total or None
+        return self.train_time[-1][1] or None
+
+    def crossing(self, target: float) -> tuple[int, float] | None:
+        """(first eval step with eval loss <= target, the step interpolated linearly between
+        the two evals bracketing the crossing); None if no eval reaches the target."""
+        previous = None
+        for step, loss in self.evals:
+            if loss <= target:
+                if previous is None or previous[1] == loss:
+                    return step, float(step)
+                s0, l0 = previous
+                return step, s0 + (l0 - target) / (l0 - loss) * (step - s0)
+            previous = (step, loss)
+        return None
 
 
 @dataclasses.dataclass
@@ -118,6 +148,31 @@ class VariantStats:
     def mean_of(self, values: list[float | None]) -> float | None:
         known = [v for v in values if v is not None]
         return statistics.fmean(known) if known else None
+
+
+@dataclasses.dataclass
+class TimeToTarget:
+    """When a variant's seeds first reach the target eval loss; seeds that never do are left
+    out of the lists (counted in `n`)."""
+    name: str
+    n: int  # seeds in all
+    first_eval: list[int]  # first eval step at or below the target, per seed that reached it
+    steps: list[float]  # the interpolated crossing step, per seed that reached it
+    seconds: list[float]  # training seconds at that step (the seeds with logged step times)
+
+    @property
+    def reached(self) -> int:
+        return len(self.steps)
+
+
+def time_to_target(stats: list[VariantStats], target: float) -> list[TimeToTarget]:
+    out = []
+    for s in stats:
+        hits = [(r, c) for r in s.runs if (c := r.crossing(target)) is not None]
+        seconds = [r.train_time_at(c[1]) for r, c in hits]
+        out.append(TimeToTarget(s.name, s.n, [c[0] for _, c in hits], [c[1] for _, c in hits],
+                                [t for t in seconds if t is not None]))
+    return out
 
 
 def std(values: list[float]) -> float | None:
