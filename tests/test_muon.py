@@ -2,7 +2,6 @@
 reference, which leaves get Muon, sharded == one device, AOT compile, exact checkpoint resume."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
