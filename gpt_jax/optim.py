@@ -82,7 +82,8 @@ def muon_dimension_numbers(params):
 
 def muon(optim_config, num_steps: int) -> optax.GradientTransformation:
     """Muon on the matrices `muon_labels` picks: (Nesterov) momentum, 5 quintic Newton-Schulz
-    iterations in float32, scaled by sqrt(max(1, fan_out/fan_in)), decoupled weight decay,
+    iterations (in the gradients' dtype: float32 for float32 params), scaled by
+    sqrt(max(1, fan_out/fan_in)), decoupled weight decay (muon_weight_decay),
     times the schedule peaking at `muon_lr` (optax.contrib's scale_by_muon/scale_by_shape)."""
     o = optim_config
     return optax.chain(
