@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import optax
 
-EMBEDDINGS = ("wte", "wpe")
+EMBEDDINGS = ("wte", "wpe", "value_embed")
 
 
 def lr_schedule(optim_config, num_steps: int) -> optax.Schedule:
