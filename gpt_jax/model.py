@@ -15,8 +15,8 @@ Shape suffixes: `x_BTD` is an array of shape [B, T, D]. The letters, here and in
   L  layers (stacked, scan_layers)   P  prompt positions (the sampler's padded prompt)
   N  new (generated) tokens          R  result rows of the sampler: prompts x samples
   C  top-k candidates                W  one window of the token stream: T + 1 tokens
-  G  key/value heads (n_kv_head; n_head when it is 0)   Q  query heads per key/value head: H / G
-  J  rows of the fused q/k/v projection: Q + 2         X  in grouped attention: T * Q query rows
+  G  key/value heads (kv_heads)      Q  query heads per key/value head: H / G
+  J  fused q/k/v rows: Q + 2        X  grouped attention's query rows: T * Q
   1, 3  literal sizes: one position; the q/k/v triple.
 """
 
@@ -37,8 +37,9 @@ from gpt_jax.config import REMAT_CHECKPOINT_POLICIES, ModelConfig
 class KVCache(NamedTuple):
     """Keys and values of every layer at every cache slot; slot s holds position s.
 
-    Each layer's keys are [B, G, S, K] (G: key/value heads), heads before slots, so attention reads them as they are
-    (a slots-major cache cost a transpose of every layer per decoded token). `keys`/`values`
+    Each layer's keys are [B, G, S, K] (G: key/value heads), heads before slots, so attention
+    reads them as they are (a slots-major cache cost a transpose of every layer per decoded
+    token). `keys`/`values`
     are a tuple of n_layer such arrays: each layer updates and reads its own buffer in place,
     where slicing one stacked array copied a layer per token. With `scan_layers` they are one
     stacked [L, B, G, S, K] array each, which the layer scan slices.

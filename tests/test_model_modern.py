@@ -184,7 +184,7 @@ def test_switches_shape_the_param_tree():
     assert shapes["value_embed"] == {"embedding": (64, G * K)}
     assert shapes["h_0"]["mlp"] == param_shapes(tiny_cfg())["h_0"]["mlp"]  # relu2: as gelu
     init = init_params(GPT(tiny_cfg(value_embeddings=True)), jax.random.key(0))
-    assert float(init["h_0"]["attn"]["v_scale"]) == 1 and float(init["h_0"]["attn"]["ve_scale"]) == 0
+    assert (float(init["h_0"]["attn"]["v_scale"]), float(init["h_0"]["attn"]["ve_scale"])) == (1, 0)
     # The scan layout stacks the new per-layer params like the others.
     stacked = param_shapes(tiny_cfg(**ALL_ON, scan_layers=True))["h"]["attn"]
     assert stacked["ve_scale"] == (2,) and stacked["q_norm"]["scale"] == (2, K)
