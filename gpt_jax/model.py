@@ -16,7 +16,7 @@ Shape suffixes: `x_BTD` is an array of shape [B, T, D]. The letters, here and in
   N  new (generated) tokens          R  result rows of the sampler: prompts x samples
   C  top-k candidates                W  one window of the token stream: T + 1 tokens
   G  key/value heads (kv_heads)      Q  query heads per key/value head: H / G
-  J  fused q/k/v rows: Q + 2        X  grouped attention's query rows: T * Q
+  J  fused q/k/v rows: Q + 2         X  grouped attention's query rows: T * Q
   1, 3  literal sizes: one position; the q/k/v triple.
 """
 
