@@ -263,10 +263,11 @@ def project(config, slice_name: str, *, decode_batch_size: int = 0,
     mesh = topology_mesh(config.mesh, devices)
     data, fsdp, tensor = (mesh.shape[a] for a in MESH_AXES)
     B, T = config.train.global_batch_size, config.model.block_size
-    if B % (data * fsdp) or config.model.n_head % tensor:
-        raise AotError(f"batch {B} must divide over data*fsdp={data * fsdp} and n_head "
-                       f"{config.model.n_head} over tensor={tensor}")
     model_cfg = ModelConfig.from_config(config.model)
+    if B % (data * fsdp) or model_cfg.n_head % tensor or model_cfg.kv_heads % tensor:
+        raise AotError(f"batch {B} must divide over data*fsdp={data * fsdp} and n_head "
+                       f"{model_cfg.n_head} (n_kv_head {model_cfg.kv_heads}) over "
+                       f"tensor={tensor}")
     n_dev, peak = len(devices), peak_flops(devices[0].device_kind)
     try:
         compiled, compile_s, state = compile_train_step(config, mesh)

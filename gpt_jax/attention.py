@@ -6,6 +6,9 @@
   costs the shakespeare_char step 2 ms (BENCHMARKS.md).
 - `cudnn`: the same API with cuDNN's fused flash attention (NVIDIA GPUs, bf16/fp16).
 - `splash`: the TPU Pallas splash-attention kernel (TPU backends only).
+
+Grouped-query attention: k and v may have fewer heads G than q's H (H % G == 0); query head
+h reads key/value head h // (H / G) (group-major, as `jax.nn.dot_product_attention`).
 """
 
 from __future__ import annotations
@@ -19,21 +22,21 @@ import jax.numpy as jnp
 from gpt_jax.axes import ACT_BATCH, ACT_HEADS, ACT_KV, ACT_LENGTH
 
 
-def attend(q_BTHK: jax.Array, k_BSHK: jax.Array, v_BSHK: jax.Array, *, impl: str,
+def attend(q_BTHK: jax.Array, k_BSGK: jax.Array, v_BSGK: jax.Array, *, impl: str,
            mask_BTS: jax.Array | None = None, kv_layout: str = "bshk") -> jax.Array:
     """softmax(q k^T / sqrt(K)) v; causal when `mask_BTS` is None (T == S), else `mask_BTS`.
 
-    `kv_layout="bhsk"` takes k and v heads-major ([B, H, S, K], the KV cache's layout); only
-    the masked (cache) path accepts it.
+    k and v have G heads (G divides H). `kv_layout="bhsk"` takes them heads-major ([B, G, S,
+    K], the KV cache's layout); only the masked (cache) path accepts it.
     """
     if kv_layout != "bshk" and mask_BTS is None:
         raise ValueError(f"kv_layout={kv_layout!r} needs mask_BTS (the KV-cache path)")
     if impl == "reference" or (impl == "splash" and mask_BTS is not None):
-        return reference_attention(q_BTHK, k_BSHK, v_BSHK, mask_BTS, kv_layout=kv_layout)
+        return reference_attention(q_BTHK, k_BSGK, v_BSGK, mask_BTS, kv_layout=kv_layout)
     if impl in ("xla", "cudnn"):
         if mask_BTS is not None or impl == "xla":
             # cuDNN takes causal masks only; an explicit mask (the KV-cache path) goes to XLA.
-            return einsum_attention(q_BTHK, k_BSHK, v_BSHK, mask_BTS, probs_dtype=v_BSHK.dtype,
+            return einsum_attention(q_BTHK, k_BSGK, v_BSGK, mask_BTS, probs_dtype=v_BSGK.dtype,
                                     kv_layout=kv_layout)
         platform = jax.devices()[0].platform
         if platform != "gpu":  # jax's own error here is a bare "cuDNN is not detected."
@@ -42,10 +45,10 @@ def attend(q_BTHK: jax.Array, k_BSHK: jax.Array, v_BSHK: jax.Array, *, impl: str
         if q_BTHK.dtype not in (jnp.bfloat16, jnp.float16):
             raise ValueError("attention_impl='cudnn' needs model.dtype bfloat16 or float16, got "
                              f"{q_BTHK.dtype}; use 'xla' for float32")
-        return jax.nn.dot_product_attention(q_BTHK, k_BSHK, v_BSHK, is_causal=True,
+        return jax.nn.dot_product_attention(q_BTHK, k_BSGK, v_BSGK, is_causal=True,
                                             implementation="cudnn")
     if impl == "splash":
-        return splash_attention(q_BTHK, k_BSHK, v_BSHK)
+        return splash_attention(q_BTHK, k_BSGK, v_BSGK)
     raise ValueError(f"attention_impl={impl!r} is not one of reference, xla, cudnn, splash")
 
 
@@ -54,16 +57,26 @@ def reference_attention(q_BTHK, k_BSHK, v_BSHK, mask_BTS=None, kv_layout="bshk")
                             kv_layout=kv_layout)
 
 
-def einsum_attention(q_BTHK, k_BSHK, v_BSHK, mask_BTS=None, *, probs_dtype, kv_layout="bshk"):
-    """Scores and softmax in float32; probabilities (and so the second einsum) in probs_dtype."""
-    T, S, K = q_BTHK.shape[1], k_BSHK.shape[kv_layout.index("s")], q_BTHK.shape[-1]
+def einsum_attention(q_BTHK, k_BSGK, v_BSGK, mask_BTS=None, *, probs_dtype, kv_layout="bshk"):
+    """Scores and softmax in float32; probabilities (and so the second einsum) in probs_dtype.
+
+    With G < H key/value heads, each one's Q = H / G query heads become Q query rows per
+    position (X = T * Q rows; no copy of k or v), under the same mask."""
+    B, T, H, K = q_BTHK.shape
+    S, G = k_BSGK.shape[kv_layout.index("s")], k_BSGK.shape[kv_layout.index("h")]
     if mask_BTS is None:
         mask_BTS = jnp.tril(jnp.ones((T, S), bool))[None]
-    scores_BHTS = jnp.einsum(f"bthk,{kv_layout}->bhts", q_BTHK, k_BSHK,
+    if G != H:
+        Q = H // G
+        q_BXGK = jnp.swapaxes(q_BTHK.reshape(B, T, G, Q, K), 2, 3).reshape(B, T * Q, G, K)
+        out_BXGK = einsum_attention(q_BXGK, k_BSGK, v_BSGK, jnp.repeat(mask_BTS, Q, axis=1),
+                                    probs_dtype=probs_dtype, kv_layout=kv_layout)
+        return jnp.swapaxes(out_BXGK.reshape(B, T, Q, G, K), 2, 3).reshape(B, T, H, K)
+    scores_BHTS = jnp.einsum(f"bthk,{kv_layout}->bhts", q_BTHK, k_BSGK,
                              preferred_element_type=jnp.float32) / jnp.sqrt(jnp.float32(K))
     scores_BHTS = jnp.where(mask_BTS[:, None], scores_BHTS, jnp.finfo(jnp.float32).min)
     probs_BHTS = jax.nn.softmax(scores_BHTS, axis=-1).astype(probs_dtype)
-    out_BTHK = jnp.einsum(f"bhts,{kv_layout}->bthk", probs_BHTS, v_BSHK.astype(probs_dtype),
+    out_BTHK = jnp.einsum(f"bhts,{kv_layout}->bthk", probs_BHTS, v_BSGK.astype(probs_dtype),
                           preferred_element_type=jnp.float32)
     return out_BTHK.astype(q_BTHK.dtype)
 
@@ -78,8 +91,12 @@ def splash_attention(q_BTHK, k_BSHK, v_BSHK):
     """Causal splash attention (Pallas, TPU only); heads go through the kernel, batch via vmap.
 
     Under a mesh the kernel runs per shard (shard_map over the batch and head axes of the
-    logical rules), since XLA cannot partition a Pallas call by itself.
+    logical rules), since XLA cannot partition a Pallas call by itself. Grouped-query k and v
+    are repeated to H heads first.
     """
+    Q = q_BTHK.shape[2] // k_BSHK.shape[2]
+    if Q > 1:
+        k_BSHK, v_BSHK = jnp.repeat(k_BSHK, Q, axis=2), jnp.repeat(v_BSHK, Q, axis=2)
     platform = _target_platform()
     if platform is None and jax.devices()[0].platform != "tpu":
         # No mesh: shape-only tracing (e.g. eval_shape of init on a CPU host compiling for a

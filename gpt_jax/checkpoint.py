@@ -32,8 +32,8 @@ ITEMS = ("params", "opt_state", "meta", "config", "tokenizer")
 STATE_FIELDS = ("model.vocab_size", "model.block_size", "model.n_layer", "model.n_head",
                 "model.n_embd", "model.mlp", "model.mlp_ratio", "model.norm", "model.position",
                 "model.tie_embeddings", "model.use_bias", "model.scan_layers",
-                "model.vocab_multiple", "optim.mu_dtype", "optim.optimizer",
-                "data.tokenizer")
+                "model.vocab_multiple", "model.n_kv_head", "model.qk_norm",
+                "model.value_embeddings", "optim.mu_dtype", "optim.optimizer", "data.tokenizer")
 
 
 class NoCheckpointError(FileNotFoundError):

@@ -34,7 +34,7 @@ REMAT_CHECKPOINT_POLICIES = {
 REMAT_POLICIES = tuple(REMAT_CHECKPOINT_POLICIES)
 POSITIONS = ("learned", "rope")
 NORMS = ("layernorm", "rmsnorm")
-MLPS = ("gelu", "swiglu")
+MLPS = ("gelu", "swiglu", "relu2")
 DTYPES = ("float32", "bfloat16", "float16")
 SCHEDULES = ("cosine", "linear", "constant", "wsd")
 OPTIMIZERS = ("adamw", "muon")
@@ -57,7 +57,7 @@ class ModelConfig:
     n_layer: int = 4
     n_head: int = 4
     n_embd: int = 256
-    mlp: str = "gelu"  # gelu | swiglu
+    mlp: str = "gelu"  # gelu | swiglu | relu2 (squared ReLU)
     mlp_ratio: float = 4.0  # MLP hidden width / n_embd
     norm: str = "layernorm"  # layernorm | rmsnorm
     norm_eps: float = 1e-5
@@ -78,6 +78,17 @@ class ModelConfig:
     # Embedding/head rows padded to a multiple of this (e.g. 128, the TPU tile); the padded
     # logits are -inf: no loss, no sample. 1: no padding.
     vocab_multiple: int = 1
+    n_kv_head: int = 0  # key/value heads (grouped-query attention); 0: n_head
+    qk_norm: bool = False  # RMSNorm (learned [head_dim] scale) on each query and key head
+    zero_init_proj: bool = False  # attention and MLP output projections start at zero
+    logit_softcap: float = 0.0  # >0: logits = cap * tanh(logits / cap), in float32; 0: off
+    # Per-layer v = a*v + b*value_embed(tokens): an extra [vocab, kv width] table; a=1, b=0 at init.
+    value_embeddings: bool = False
+
+    def __post_init__(self):
+        if self.n_kv_head and self.n_head % self.n_kv_head:
+            raise ValueError(f"model.n_head={self.n_head} is not divisible by "
+                             f"model.n_kv_head={self.n_kv_head}")
 
     @classmethod
     def from_config(cls, model_config) -> "ModelConfig":
@@ -86,6 +97,11 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads: n_kv_head, or n_head when it is 0."""
+        return self.n_kv_head or self.n_head
 
     @property
     def mlp_dim(self) -> int:
@@ -303,6 +319,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     if m.loss_chunks > 1:
         _check(m.block_size % m.loss_chunks == 0, f"model.loss_chunks={m.loss_chunks} does "
                f"not divide model.block_size={m.block_size}")
+    _check(m.n_kv_head >= 0, f"model.n_kv_head={m.n_kv_head} must be >= 0 (0: n_head)")
+    _check(m.n_kv_head == 0 or m.n_head % m.n_kv_head == 0,
+           f"model.n_head={m.n_head} is not divisible by model.n_kv_head={m.n_kv_head}")
+    _check(m.logit_softcap >= 0, f"model.logit_softcap={m.logit_softcap} must be >= 0 (0: off)")
     _check(m.vocab_multiple >= 1,
            f"model.vocab_multiple={m.vocab_multiple} must be >= 1 (1: no padding)")
 
@@ -347,6 +367,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
                f"data*fsdp={data * fsdp} devices it is split over")
         _check(m.n_head % tensor == 0,
                f"model.n_head={m.n_head} is not divisible by mesh.tensor={tensor}")
+        _check(m.n_kv_head % tensor == 0, f"model.n_kv_head={m.n_kv_head} is not divisible "
+               f"by mesh.tensor={tensor} (key/value heads are split over it)")
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:

@@ -28,13 +28,17 @@ def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> float:
     """Training FLOPs per token, PaLM appendix B: 6N + 12 L D T.
 
     N counts the matmul weights a token passes through: every parameter except the position
-    table and, when untied, the input embedding table (both are lookups; a tied embedding
-    counts once, as the LM head). 12 L D T is attention's QK^T and AV (forward + backward)
-    for context T, without discounting the causal half. The vocab_multiple padding is not
+    table, the value-embedding table and, when untied, the input embedding table (all
+    lookups; a tied embedding counts once, as the LM head); with grouped-query attention the
+    smaller k/v projection is in N. 12 L D T is attention's QK^T and AV (forward + backward)
+    for context T over the n_head query heads (as many with n_kv_head < n_head), without
+    discounting the causal half. The vocab_multiple padding is not
     counted: its logits are thrown away, so it is no useful work.
     """
     seq_len = seq_len or cfg.block_size
     n = count_params(cfg, padding=False) - count_position_params(cfg)
     if not cfg.tie_embeddings:
         n -= cfg.vocab_size * cfg.n_embd  # the input table is looked up, not multiplied
+    if cfg.value_embeddings:
+        n -= cfg.vocab_size * cfg.kv_heads * cfg.head_dim  # so is the value-embedding table
     return 6 * n + 12 * cfg.n_layer * cfg.n_embd * seq_len

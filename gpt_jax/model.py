@@ -15,6 +15,8 @@ Shape suffixes: `x_BTD` is an array of shape [B, T, D]. The letters, here and in
   L  layers (stacked, scan_layers)   P  prompt positions (the sampler's padded prompt)
   N  new (generated) tokens          R  result rows of the sampler: prompts x samples
   C  top-k candidates                W  one window of the token stream: T + 1 tokens
+  G  key/value heads (kv_heads)      Q  query heads per key/value head: H / G
+  J  fused q/k/v rows: Q + 2         X  grouped attention's query rows: T * Q
   1, 3  literal sizes: one position; the q/k/v triple.
 """
 
@@ -35,11 +37,12 @@ from gpt_jax.config import REMAT_CHECKPOINT_POLICIES, ModelConfig
 class KVCache(NamedTuple):
     """Keys and values of every layer at every cache slot; slot s holds position s.
 
-    Each layer's keys are [B, H, S, K], heads before slots, so attention reads them as they are
-    (a slots-major cache cost a transpose of every layer per decoded token). `keys`/`values`
+    Each layer's keys are [B, G, S, K] (G: key/value heads), heads before slots, so attention
+    reads them as they are (a slots-major cache cost a transpose of every layer per decoded
+    token). `keys`/`values`
     are a tuple of n_layer such arrays: each layer updates and reads its own buffer in place,
     where slicing one stacked array copied a layer per token. With `scan_layers` they are one
-    stacked [L, B, H, S, K] array each, which the layer scan slices.
+    stacked [L, B, G, S, K] array each, which the layer scan slices.
     """
     keys: tuple[jax.Array, ...] | jax.Array
     values: tuple[jax.Array, ...] | jax.Array
@@ -55,11 +58,11 @@ def kv_cache_axes(cfg: ModelConfig) -> tuple[str, ...]:
 
 def init_kv_cache(cfg: ModelConfig, batch_size: int, max_len: int | None = None,
                   dtype: str | None = None) -> KVCache:
-    shape_BHSK = (batch_size, cfg.n_head, max_len or cfg.block_size, cfg.head_dim)
+    shape_BGSK = (batch_size, cfg.kv_heads, max_len or cfg.block_size, cfg.head_dim)
     if cfg.scan_layers:
-        zeros = jnp.zeros((cfg.n_layer,) + shape_BHSK, dtype or cfg.dtype)
+        zeros = jnp.zeros((cfg.n_layer,) + shape_BGSK, dtype or cfg.dtype)
         return KVCache(zeros, zeros)
-    zeros = tuple(jnp.zeros(shape_BHSK, dtype or cfg.dtype) for _ in range(cfg.n_layer))
+    zeros = tuple(jnp.zeros(shape_BGSK, dtype or cfg.dtype) for _ in range(cfg.n_layer))
     return KVCache(zeros, zeros)
 
 
@@ -68,7 +71,9 @@ def _param(init, axes):
 
 
 class Dense(nn.Module):
-    """x @ W (+ b) contracting `in_axes` of x; W has logical names `axes` (inputs, outputs)."""
+    """x @ W (+ b) contracting `in_axes` of x; W has logical names `axes` (inputs, outputs).
+
+    W ~ normal(std) (default cfg.init_std); std 0: W starts at zero."""
     features: tuple[int, ...]
     axes: tuple
     cfg: ModelConfig
@@ -80,8 +85,9 @@ class Dense(nn.Module):
     def __call__(self, x):
         cfg, n_in = self.cfg, len(self.in_axes)
         in_shape = tuple(x.shape[a] for a in self.in_axes)
-        kernel = self.param("kernel", _param(nn.initializers.normal(self.std or cfg.init_std),
-                                             self.axes), in_shape + self.features,
+        std = cfg.init_std if self.std is None else self.std
+        init = nn.initializers.normal(std) if std else nn.initializers.zeros
+        kernel = self.param("kernel", _param(init, self.axes), in_shape + self.features,
                             cfg.param_dtype)
         contract = (tuple(a % x.ndim for a in self.in_axes), tuple(range(n_in)))
         y = jax.lax.dot_general(x.astype(cfg.dtype), kernel.astype(cfg.dtype), (contract, ((), ())))
@@ -98,14 +104,20 @@ def _dense(features, axes, cfg: ModelConfig, *, axis=-1, std=None, name=None, bi
     return Dense(features, axes, cfg, in_axes, std, bias, name=name)
 
 
-def _norm(cfg: ModelConfig, name=None):
-    if cfg.norm == "rmsnorm":
+def _norm(cfg: ModelConfig, name=None, rms: bool = False):
+    """cfg.norm over the last axis (float32); `rms`: RMSNorm whatever cfg.norm says."""
+    if rms or cfg.norm == "rmsnorm":
         return nn.RMSNorm(epsilon=cfg.norm_eps, dtype=jnp.float32, param_dtype=cfg.param_dtype,
                           scale_init=_param(nn.initializers.ones, (NORM,)), name=name)
     return nn.LayerNorm(epsilon=cfg.norm_eps, use_bias=cfg.use_bias, dtype=jnp.float32,
                         param_dtype=cfg.param_dtype,
                         scale_init=_param(nn.initializers.ones, (NORM,)),
                         bias_init=_param(nn.initializers.zeros, (NORM,)), name=name)
+
+
+def _residual_std(cfg: ModelConfig) -> float:
+    """Init std of the projections into the residual stream: GPT-2's scaled init, or 0."""
+    return 0.0 if cfg.zero_init_proj else cfg.init_std / (2 * cfg.n_layer) ** 0.5
 
 
 def apply_rope(x_BTHK: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Array:
@@ -122,47 +134,59 @@ def apply_rope(x_BTHK: jax.Array, positions_BT: jax.Array, theta: float) -> jax.
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention; with a cache, also writes K/V at `positions_BT`.
 
-    `layer_cache` is this layer's (k_BHSK, v_BHSK); only the new slots are written.
+    G = cfg.kv_heads key/value heads; query head g * Q + i reads key/value head g. The fused
+    projection is [D, Q + 2, G, K]: rows :Q are queries, then k, then v ([D, 3, H, K] when
+    G == H). `ve_BTGK`: the value embeddings of the tokens (cfg.value_embeddings), else None.
+    `layer_cache` is this layer's (k_BGSK, v_BGSK); only the new slots are written.
     """
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BTD, positions_BT, layer_cache):
+    def __call__(self, x_BTD, positions_BT, ve_BTGK, layer_cache):
         cfg = self.cfg
-        qkv_BT3HK = _dense((3, cfg.n_head, cfg.head_dim), (EMBED, None, HEADS, KV), cfg,
-                           name="qkv")(x_BTD)
-        qkv_BT3HK = checkpoint_name(qkv_BT3HK, "qkv_proj")  # what save_qkv_proj keeps
-        q_BTHK, k_BTHK, v_BTHK = (qkv_BT3HK[:, :, i] for i in range(3))
+        (B, T), H, G, K = x_BTD.shape[:2], cfg.n_head, cfg.kv_heads, cfg.head_dim
+        Q = H // G
+        qkv_BTJGK = _dense((Q + 2, G, K), (EMBED, None, HEADS, KV), cfg, name="qkv")(x_BTD)
+        qkv_BTJGK = checkpoint_name(qkv_BTJGK, "qkv_proj")  # what save_qkv_proj keeps
+        q_BTHK = jnp.swapaxes(qkv_BTJGK[:, :, :Q], 2, 3).reshape(B, T, H, K)
+        k_BTGK, v_BTGK = qkv_BTJGK[:, :, Q], qkv_BTJGK[:, :, Q + 1]
+        if cfg.qk_norm:
+            q_BTHK = _norm(cfg, "q_norm", rms=True)(q_BTHK).astype(cfg.dtype)
+            k_BTGK = _norm(cfg, "k_norm", rms=True)(k_BTGK).astype(cfg.dtype)
+        if ve_BTGK is not None:
+            a, b = (self.param(name, _param(nn.initializers.constant(value), ()), (),
+                               cfg.param_dtype).astype(cfg.dtype)
+                    for name, value in (("v_scale", 1.0), ("ve_scale", 0.0)))
+            v_BTGK = a * v_BTGK + b * ve_BTGK
         if cfg.position == "rope":
             q_BTHK = apply_rope(q_BTHK, positions_BT, cfg.rope_theta)
-            k_BTHK = apply_rope(k_BTHK, positions_BT, cfg.rope_theta)
+            k_BTGK = apply_rope(k_BTGK, positions_BT, cfg.rope_theta)
         axes = (ACT_BATCH, ACT_LENGTH, ACT_HEADS, ACT_KV)
         q_BTHK = nn.with_logical_constraint(q_BTHK, axes)
         if layer_cache is None:
-            out_BTHK = attention.attend(q_BTHK, k_BTHK, v_BTHK, impl=cfg.attention_impl)
+            out_BTHK = attention.attend(q_BTHK, k_BTGK, v_BTGK, impl=cfg.attention_impl)
         else:
-            layer_cache = _write_cache(layer_cache, positions_BT, k_BTHK, v_BTHK)
-            k_BHSK, v_BHSK = layer_cache
+            layer_cache = _write_cache(layer_cache, positions_BT, k_BTGK, v_BTGK)
+            k_BGSK, v_BGSK = layer_cache
             # A query at position p sees slots 0..p: what the prompt and earlier steps wrote.
-            mask_BTS = jnp.arange(k_BHSK.shape[2])[None, None] <= positions_BT[:, :, None]
-            out_BTHK = attention.attend(q_BTHK, k_BHSK.astype(q_BTHK.dtype),
-                                        v_BHSK.astype(q_BTHK.dtype), impl=cfg.attention_impl,
+            mask_BTS = jnp.arange(k_BGSK.shape[2])[None, None] <= positions_BT[:, :, None]
+            out_BTHK = attention.attend(q_BTHK, k_BGSK.astype(q_BTHK.dtype),
+                                        v_BGSK.astype(q_BTHK.dtype), impl=cfg.attention_impl,
                                         mask_BTS=mask_BTS, kv_layout="bhsk")
         out_BTHK = nn.with_logical_constraint(out_BTHK, axes)
-        std = cfg.init_std / (2 * cfg.n_layer) ** 0.5  # GPT-2's scaled residual init
-        y_BTD = _dense(cfg.n_embd, (HEADS, KV, EMBED), cfg, axis=(-2, -1), std=std,
-                       name="proj")(out_BTHK)
+        y_BTD = _dense(cfg.n_embd, (HEADS, KV, EMBED), cfg, axis=(-2, -1),
+                       std=_residual_std(cfg), name="proj")(out_BTHK)
         return checkpoint_name(y_BTD, "out_proj"), layer_cache
 
 
-def _write_cache(layer_cache, positions_BT, k_BTHK, v_BTHK):
-    """This layer's (k_BHSK, v_BHSK) with the new keys/values written at `positions_BT`."""
-    rows_B1 = jnp.arange(k_BTHK.shape[0])[:, None]
-    # Row b, every head, slot positions_BT[b, t]: the indexed values come out as [B, T, H, K].
+def _write_cache(layer_cache, positions_BT, k_BTGK, v_BTGK):
+    """This layer's (k_BGSK, v_BGSK) with the new keys/values written at `positions_BT`."""
+    rows_B1 = jnp.arange(k_BTGK.shape[0])[:, None]
+    # Row b, every head, slot positions_BT[b, t]: the indexed values come out as [B, T, G, K].
     index = (rows_B1, slice(None), positions_BT)
-    k_BHSK, v_BHSK = layer_cache
-    return (k_BHSK.at[index].set(k_BTHK.astype(k_BHSK.dtype)),
-            v_BHSK.at[index].set(v_BTHK.astype(v_BHSK.dtype)))
+    k_BGSK, v_BGSK = layer_cache
+    return (k_BGSK.at[index].set(k_BTGK.astype(k_BGSK.dtype)),
+            v_BGSK.at[index].set(v_BTGK.astype(v_BGSK.dtype)))
 
 
 class MLP(nn.Module):
@@ -175,11 +199,13 @@ class MLP(nn.Module):
         if cfg.mlp == "swiglu":
             gate_BTF = _dense(cfg.mlp_dim, (EMBED, MLP_HIDDEN), cfg, name="gate")(x_BTD)
             h_BTF = nn.silu(gate_BTF) * h_BTF
+        elif cfg.mlp == "relu2":
+            h_BTF = jnp.square(nn.relu(h_BTF))
         else:
             h_BTF = nn.gelu(h_BTF, approximate=True)  # GPT-2's tanh approximation
         h_BTF = nn.with_logical_constraint(h_BTF, (ACT_BATCH, ACT_LENGTH, ACT_MLP))
-        std = cfg.init_std / (2 * cfg.n_layer) ** 0.5
-        return _dense(cfg.n_embd, (MLP_HIDDEN, EMBED), cfg, std=std, name="proj")(h_BTF)
+        return _dense(cfg.n_embd, (MLP_HIDDEN, EMBED), cfg, std=_residual_std(cfg),
+                      name="proj")(h_BTF)
 
 
 class Block(nn.Module):
@@ -188,12 +214,12 @@ class Block(nn.Module):
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, x_BTD, positions_BT, layer_cache):
+    def __call__(self, x_BTD, positions_BT, ve_BTGK, layer_cache):
         cfg = self.cfg
         drop = nn.Dropout(cfg.dropout, deterministic=self.deterministic)
         h_BTD = _norm(cfg, "ln_1")(x_BTD).astype(cfg.dtype)
         a_BTD, layer_cache = CausalSelfAttention(cfg, name="attn")(
-            h_BTD, positions_BT, layer_cache)
+            h_BTD, positions_BT, ve_BTGK, layer_cache)
         x_BTD = x_BTD + drop(a_BTD)
         h_BTD = _norm(cfg, "ln_2")(x_BTD).astype(cfg.dtype)
         x_BTD = x_BTD + drop(MLP(cfg, name="mlp")(h_BTD))
@@ -240,12 +266,17 @@ class GPT(nn.Module):
             x_BTD = x_BTD + wpe(positions_BT)
         x_BTD = nn.Dropout(cfg.dropout, deterministic=self.deterministic)(x_BTD)
         x_BTD = nn.with_logical_constraint(x_BTD, (ACT_BATCH, ACT_LENGTH, ACT_EMBED))
+        ve_BTGK = None
+        if cfg.value_embeddings:  # one table; every layer mixes it into its values
+            value_embed = nn.Embed(cfg.vocab_size, cfg.kv_heads * cfg.head_dim, dtype=cfg.dtype,
+                                   param_dtype=cfg.param_dtype, name="value_embed",
+                                   embedding_init=_param(nn.initializers.normal(cfg.init_std),
+                                                         (VOCAB, EMBED)))
+            ve_BTGK = value_embed(tokens_BT).reshape(B, T, cfg.kv_heads, cfg.head_dim)
 
         block = _block_class(cfg)
-        if cfg.scan_layers:
-            x_BTD, kv_cache = self._scan_blocks(block, x_BTD, positions_BT, kv_cache)
-        else:
-            x_BTD, kv_cache = self._loop_blocks(block, x_BTD, positions_BT, kv_cache)
+        blocks = self._scan_blocks if cfg.scan_layers else self._loop_blocks
+        x_BTD, kv_cache = blocks(block, x_BTD, positions_BT, ve_BTGK, kv_cache)
 
         if logits_at_B is not None:
             x_BTD = x_BTD[jnp.arange(B), logits_at_B][:, None]
@@ -257,32 +288,40 @@ class GPT(nn.Module):
         else:
             logits_BTV = _dense(cfg.padded_vocab_size, (EMBED, VOCAB), cfg, bias=False,
                                 name="lm_head")(x_BTD)
-        logits_BTV = mask_padded_vocab(cfg, logits_BTV)
-        logits_BTV = nn.with_logical_constraint(logits_BTV, (ACT_BATCH, ACT_LENGTH,
-                                                             ACT_VOCAB))
+        logits_BTV = finish_logits(cfg, logits_BTV)
         return logits_BTV if kv_cache is None else (logits_BTV, kv_cache)
 
-    def _loop_blocks(self, block, x_BTD, positions_BT, kv_cache):
+    def _loop_blocks(self, block, x_BTD, positions_BT, ve_BTGK, kv_cache):
         keys = values = None
         if kv_cache is not None:
             keys, values = list(kv_cache.keys), list(kv_cache.values)
         for i in range(self.cfg.n_layer):
             layer_cache = None if keys is None else (keys[i], values[i])
             x_BTD, layer_cache = block(self.cfg, self.deterministic, name=f"h_{i}")(
-                x_BTD, positions_BT, layer_cache)
+                x_BTD, positions_BT, ve_BTGK, layer_cache)
             if keys is not None:
                 keys[i], values[i] = layer_cache
         return x_BTD, None if keys is None else KVCache(tuple(keys), tuple(values))
 
-    def _scan_blocks(self, block, x_BTD, positions_BT, kv_cache):
+    def _scan_blocks(self, block, x_BTD, positions_BT, ve_BTGK, kv_cache):
         scanned = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True,
                                                                           "dropout": True},
-                          in_axes=(nn.broadcast, 0), length=self.cfg.n_layer,
+                          in_axes=(nn.broadcast, nn.broadcast, 0), length=self.cfg.n_layer,
                           metadata_params={nn.PARTITION_NAME: LAYERS})
         layer_caches = None if kv_cache is None else tuple(kv_cache)
         x_BTD, layer_caches = scanned(self.cfg, self.deterministic, name="h")(
-            x_BTD, positions_BT, layer_caches)
+            x_BTD, positions_BT, ve_BTGK, layer_caches)
         return x_BTD, None if kv_cache is None else KVCache(*layer_caches)
+
+
+def finish_logits(cfg: ModelConfig, logits_BTV: jax.Array) -> jax.Array:
+    """The head's last steps: the soft cap (float32, cfg.logit_softcap > 0), then -inf at the
+    padded ids (after the cap, which would make them -cap), then the vocab sharding."""
+    if cfg.logit_softcap > 0:
+        cap = jnp.float32(cfg.logit_softcap)
+        logits_BTV = cap * jnp.tanh(logits_BTV.astype(jnp.float32) / cap)
+    logits_BTV = mask_padded_vocab(cfg, logits_BTV)
+    return nn.with_logical_constraint(logits_BTV, (ACT_BATCH, ACT_LENGTH, ACT_VOCAB))
 
 
 def mask_padded_vocab(cfg: ModelConfig, logits_BTV: jax.Array) -> jax.Array:
@@ -302,9 +341,7 @@ def head_kernel_DV(cfg: ModelConfig, params: dict) -> jax.Array:
 
 def lm_head_logits(cfg: ModelConfig, x_BTD: jax.Array, kernel_DV: jax.Array) -> jax.Array:
     """The logits `GPT` returns, from its `hidden_only` states and `head_kernel_DV`."""
-    logits_BTV = jnp.dot(x_BTD.astype(cfg.dtype), kernel_DV.astype(cfg.dtype))
-    logits_BTV = mask_padded_vocab(cfg, logits_BTV)
-    return nn.with_logical_constraint(logits_BTV, (ACT_BATCH, ACT_LENGTH, ACT_VOCAB))
+    return finish_logits(cfg, jnp.dot(x_BTD.astype(cfg.dtype), kernel_DV.astype(cfg.dtype)))
 
 
 def init_boxed_params(model: GPT, rng: jax.Array) -> dict:

@@ -8,7 +8,7 @@ import optax
 from optax.contrib import MuonDimensionNumbers, scale_by_muon
 from optax.contrib._muon import scale_by_shape  # not re-exported by optax.contrib (0.2.8)
 
-EMBEDDINGS = ("wte", "wpe")
+EMBEDDINGS = ("wte", "wpe", "value_embed")
 # Matrices that Muon leaves to AdamW: the embedding tables and an untied LM head.
 NOT_MUON = EMBEDDINGS + ("lm_head",)
 STACKED_BLOCKS = "h"  # the scan_layers blocks: every leaf has a leading [L] layer axis

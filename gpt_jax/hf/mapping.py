@@ -59,10 +59,16 @@ def model_fields_from_hf(hf: dict, where: str = "config.json") -> dict:
 
 def hf_config_from_model(m, eos_id: int | None) -> dict:
     """A HF `config.json` (GPT2LMHeadModel) for the `model` section `m` of a gpt_jax config."""
+    # zero_init_proj only changes the initialisation: a model trained with it converts.
     for field, allowed in (("mlp", "gelu"), ("norm", "layernorm"), ("position", "learned"),
-                           ("use_bias", True)):
-        _require(m[field] == allowed, f"model.{field}={m[field]!r} has no GPT-2 equivalent "
-                 f"(Hugging Face GPT-2 needs {allowed!r})")
+                           ("use_bias", True), ("qk_norm", False), ("logit_softcap", 0.0),
+                           ("value_embeddings", False)):
+        value = m.get(field, allowed)
+        _require(value == allowed, f"model.{field}={value!r} has no GPT-2 (Hugging Face) "
+                 f"equivalent (GPT-2 needs {allowed!r})")
+    n_kv_head = m.get("n_kv_head", 0)
+    _require(n_kv_head in (0, m.n_head), f"model.n_kv_head={n_kv_head!r} has no GPT-2 (Hugging "
+             f"Face) equivalent (GPT-2 needs 0 or n_head={m.n_head})")
     n_inner = int(round(m.mlp_ratio * m.n_embd))
     return {
         "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
