@@ -231,6 +231,21 @@ def test_shipped_ablations_plan_and_match_parameters(tmp_path):
             assert max(params) / min(params) < 1.02, (name, params)
         if name == "lr":
             assert [m.config.optim.lr for m in members[:3]] == [3e-4, 1e-3, 3e-3]
+        if name == "modern":  # the recipe at the default's size: parameters within 5%
+            params = [count_params(ModelConfig.from_config(m.config.model)) for m in members[:2]]
+            assert abs(params[1] / params[0] - 1) < 0.05, params
+
+
+def test_recipe_sweep_holds_every_switch_file_member():
+    """recipe.py's members are those of qk_norm.py, muon.py, ...: one run serves every report."""
+    ablations = os.path.join(ROOT, "configs/ablations")
+    recipe = sweep_lib.plan(sweep_lib.load_sweep(os.path.join(ablations, "recipe.py")), "w")
+    by_key = {(m.variant, m.seed): config_lib.to_json(m.config) for m in recipe}
+    switches = [n for n, _ in sweep_lib.load_sweep(os.path.join(ablations, "recipe.py")).variants]
+    assert len(switches) == 7 and switches[0] == "baseline"
+    for name in switches[1:]:
+        for m in sweep_lib.plan(sweep_lib.load_sweep(os.path.join(ablations, f"{name}.py")), "w"):
+            assert config_lib.to_json(m.config) == by_key[(m.variant, m.seed)], (name, m.variant)
 
 
 def test_a_field_the_schema_gained_since_a_member_ran_is_not_a_change(tmp_path):

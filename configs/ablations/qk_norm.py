@@ -1,0 +1,7 @@
+"""One recipe switch against the default config: see RECIPE_SWITCHES["qk_norm"] in __init__.py."""
+
+from configs.ablations import switch_sweep
+
+
+def get_sweep():
+    return switch_sweep("qk_norm")
