@@ -67,7 +67,7 @@ class ModelConfig:
     dropout: float = 0.0
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
-    attention_impl: str = "auto"  # auto (TPU: splash where it fits, else xla) | xla | cudnn | reference | splash
+    attention_impl: str = "auto"  # auto (TPU: splash if it fits, else xla) | xla | cudnn | splash
     scan_layers: bool = False  # one nn.scan over stacked layers instead of n_layer modules
     remat_policy: str = "none"  # see REMAT_CHECKPOINT_POLICIES
     init_std: float = 0.02
