@@ -162,3 +162,37 @@ def test_tiny_search_compiles_the_winner_and_a_second_run_is_cached():
     assert all(r.cached for r in again if r.record)
     assert aot_search.table([r for r in again if r.record],
                             aot.get_slice("v5e-4")).count("| cached |") == len(compiled)
+
+
+_PROBE = """
+import os, sys
+os.environ.update(JAX_PLATFORMS="cpu", ALLOW_MULTIPLE_LIBTPU_LOAD="1", LIBTPU_INIT_ARGS=sys.argv[1])
+import jax, jax.numpy as jnp
+from gpt_jax import aot
+devices = aot.topology_devices(aot.get_slice("v5e-4"), overlap_flags=False)
+mesh = jax.sharding.Mesh(devices, ("x",))
+s = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("x"))
+x = jax.ShapeDtypeStruct((512, 512), jnp.bfloat16, sharding=s)
+jax.jit(lambda a: (a @ a.T).sum()).lower(x).compile()
+print("compiled")
+"""
+
+
+@requires_libtpu
+def test_every_overlap_flag_is_known_to_the_installed_libtpu():
+    """libtpu aborts on an unknown flag: a compile with all of ours succeeds, a bogus one not."""
+    import os
+    import subprocess
+    import sys
+
+    flags = sorted({f for fs in tpu_flags.OVERLAP_FLAGS.values() for f in fs})
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+
+    def run(args):
+        return subprocess.run([sys.executable, "-c", _PROBE, args], env=env,
+                              capture_output=True, text=True, timeout=300)
+
+    ok = run(" ".join(flags))
+    assert ok.returncode == 0 and "compiled" in ok.stdout, ok.stderr[-2000:]
+    bad = run("--xla_tpu_no_such_flag_gpt_jax=true")
+    assert bad.returncode != 0 and "Unknown command line flag" in bad.stderr
