@@ -372,6 +372,9 @@ def search(config, topology: str, *, tokens_per_step: int | None = None, top: in
                     record = fut.result()
                 except Exception as e:  # a crashed compile process (e.g. out of host memory)
                     record = {"error": f"{type(e).__name__}: {e}"}
+                    if isinstance(e, cf.process.BrokenProcessPool) and pool is not None:
+                        pool.shutdown(wait=False, cancel_futures=True)
+                        pool = None  # a fresh pool for the compiles still to start
                 finish(row, key, record, False)
     finally:
         if pool is not None:
