@@ -25,7 +25,8 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from gpt_jax import sharding
+from gpt_jax import sharding, tpu_flags
+from gpt_jax.attention import resolve_impl
 from gpt_jax.config import MESH_AXES, ConfigError, list_presets, load_preset, resolve_mesh_shape
 from gpt_jax.flops import count_params, flops_per_token
 from gpt_jax.metrics import peak_flops
@@ -92,14 +93,26 @@ def libtpu_available() -> bool:
     return importlib.util.find_spec("libtpu") is not None
 
 
-def topology_devices(tpu: TpuSlice) -> list:
-    """Compile-only TPU devices of the slice (no TPU needed; JAX stays on the CPU)."""
+# LIBTPU_INIT_ARGS as libtpu saw it when this process first initialised it (read once).
+LIBTPU_ARGS_AT_INIT: str | None = None
+
+
+def topology_devices(tpu: TpuSlice, overlap_flags: bool = True) -> list:
+    """Compile-only TPU devices of the slice (no TPU needed; JAX stays on the CPU).
+
+    The first call in a process sets gpt_jax.tpu_flags' overlap flags for the slice's
+    generation into LIBTPU_INIT_ARGS (unless `overlap_flags` is False or
+    GPT_JAX_XLA_OVERLAP_FLAGS=0): libtpu reads them once, when its topology client starts.
+    """
+    global LIBTPU_ARGS_AT_INIT
     if not libtpu_available():
         raise AotError("TPU AOT compilation needs libtpu: pip install 'libtpu==0.0.42.*' "
                        "(the version jax 0.10.2 pins; or the gpt_jax[tpu] extra)")
     # Only compiling: skip libtpu's one-process-per-host lock (tests and users run several).
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    from jax.experimental import topologies  # after the line above, which libtpu reads
+    if LIBTPU_ARGS_AT_INIT is None:
+        LIBTPU_ARGS_AT_INIT = tpu_flags.apply_to_environ(tpu.name, on=overlap_flags)
+    from jax.experimental import topologies  # after the lines above, which libtpu reads
 
     desc = topologies.get_topology_desc(topology_name=tpu.topology, platform="tpu",
                                         chip_config_name=tpu.chip_config,
@@ -231,22 +244,26 @@ def layer_extrapolated_cost(config, compile_fn: Callable) -> dict[str, float]:
 
 
 def cost_report(cost: dict[str, float], model_flops_per_chip: float, peak: float | None,
-                hbm_bytes_per_s: float) -> dict[str, Any]:
+                hbm_bytes_per_s: float, extra_flops: float = 0.0) -> dict[str, Any]:
     """XLA's FLOPs and estimated seconds per chip (from `xla_cost`); MFU if the step ran so.
 
     The estimate is XLA's `optimal_seconds` where it gives a plausible one (at most 10x the
     roofline), else the roofline max(FLOPs / peak, XLA bytes accessed / HBM bandwidth), with
     FLOPs = XLA's count or the model's where XLA counted less (its cost analysis misses the
-    matmuls of some fsdp programs); `estimate_source` says which.
+    matmuls of some fsdp programs); `estimate_source` says which. `extra_flops`: work XLA
+    cannot see (Pallas kernels): added to its FLOPs, and to its estimate at peak.
     """
-    flops, bytes_accessed = cost.get("flops", 0.0), cost.get("bytes accessed", 0.0)
+    flops, bytes_accessed = cost.get("flops", 0.0) + extra_flops, cost.get("bytes accessed", 0.0)
     roofline = (max(max(flops, model_flops_per_chip) / peak, bytes_accessed / hbm_bytes_per_s)
                 if peak else None)
     seconds, source = cost.get("optimal_seconds"), "xla optimal_seconds"
+    if seconds and seconds > 0 and extra_flops and peak:
+        seconds += extra_flops / peak
     if not (seconds and seconds > 0) or (roofline and seconds > 10 * roofline):
         seconds, source = roofline, "roofline"
     seconds = float(seconds) if seconds and seconds > 0 else None
     out = {"xla_flops_per_chip": flops, "xla_bytes_accessed_per_chip": bytes_accessed,
+           "flops_added_back_per_chip": extra_flops,
            "xla_flops_below_model": flops < model_flops_per_chip,
            "xla_estimated_step_s": seconds, "estimate_source": source if seconds else None,
            "model_flops_per_chip": model_flops_per_chip}
@@ -255,11 +272,20 @@ def cost_report(cost: dict[str, float], model_flops_per_chip: float, peak: float
     return out
 
 
+def attention_flops(model_cfg: ModelConfig, batch_size: int) -> float:
+    """Causal attention's QK^T and AV FLOPs of one train step (fwd + bwd, masked half skipped).
+
+    The backward pass is twice the forward: 3 x 2 matmuls x 2 B T^2 D / 2 per layer.
+    """
+    T = model_cfg.block_size
+    return 6.0 * model_cfg.n_layer * batch_size * T * T * model_cfg.n_embd
+
+
 def project(config, slice_name: str, *, decode_batch_size: int = 0,
-            decode: bool = True) -> dict[str, Any]:
+            decode: bool = True, overlap_flags: bool = True) -> dict[str, Any]:
     """Compile train (and decode) for the slice; one flat record of memory, FLOPs and MFU."""
     tpu = get_slice(slice_name)
-    devices = topology_devices(tpu)
+    devices = topology_devices(tpu, overlap_flags)
     mesh = topology_mesh(config.mesh, devices)
     data, fsdp, tensor = (mesh.shape[a] for a in MESH_AXES)
     B, T = config.train.global_batch_size, config.model.block_size
@@ -281,6 +307,12 @@ def project(config, slice_name: str, *, decode_batch_size: int = 0,
         "dtype": model_cfg.dtype, "param_dtype": model_cfg.param_dtype,
         "remat_policy": model_cfg.remat_policy, "scan_layers": model_cfg.scan_layers,
         "attention_impl": model_cfg.attention_impl,
+        "attention_impl_resolved": resolve_impl(model_cfg.attention_impl, "tpu",
+                                                model_cfg.head_dim, T),
+        "loss_chunks": model_cfg.loss_chunks,
+        "libtpu_init_args": LIBTPU_ARGS_AT_INIT or "",
+        "xla_overlap_flags": bool(LIBTPU_ARGS_AT_INIT) and all(
+            f in (LIBTPU_ARGS_AT_INIT or "") for f in tpu_flags.OVERLAP_FLAGS["v4"]),
         "peak_tflops_per_chip": peak / 1e12 if peak else None, "train_compile_s": compile_s,
         "params_bytes_per_chip": shard_bytes(state["params"]),
         "opt_state_bytes_per_chip": shard_bytes(state["opt_state"]),
@@ -291,8 +323,12 @@ def project(config, slice_name: str, *, decode_batch_size: int = 0,
                   if scanned else xla_cost(compiled))
     record["cost_source"] = ("unscanned 1- and 2-layer compiles, extrapolated" if scanned
                              else "this compile")
+    # XLA's cost analysis does not count FLOPs inside Pallas kernels (splash attention).
+    added = (attention_flops(model_cfg, B) / n_dev
+             if record["attention_impl_resolved"] == "splash" else 0.0)
     record.update({f"train_{k}": v for k, v in
-                   cost_report(train_cost, model_flops, peak, tpu.hbm_bytes_per_s).items()})
+                   cost_report(train_cost, model_flops, peak, tpu.hbm_bytes_per_s,
+                               extra_flops=added).items()})
     if record["train_xla_estimated_step_s"]:
         record["projected_tokens_per_s"] = B * T / record["train_xla_estimated_step_s"]
     if decode:
@@ -346,6 +382,11 @@ def format_report(r: dict[str, Any]) -> str:
         f"compiled in "
         f"{r['train_compile_s']:.1f} s",
     ]
+    if r.get("train_flops_added_back_per_chip"):
+        lines.append(f"  attention FLOPs added back: "
+                     f"{r['train_flops_added_back_per_chip'] / 1e12:.2f} TFLOP per chip (splash "
+                     f"is a Pallas kernel; XLA's cost analysis does not count it)")
+    lines.append("  XLA overlap flags: " + ("on" if r.get("xla_overlap_flags") else "off"))
     if "decode_total_bytes" in r:
         dest = r["decode_xla_estimated_step_s"]
         lines.append(f"  decode step (batch {r['decode_batch_size']}, cache "

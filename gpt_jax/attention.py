@@ -6,6 +6,8 @@
   costs the shakespeare_char step 2 ms (BENCHMARKS.md).
 - `cudnn`: the same API with cuDNN's fused flash attention (NVIDIA GPUs, bf16/fp16).
 - `splash`: the TPU Pallas splash-attention kernel (TPU backends only).
+- `auto`: `splash` when compiling for a TPU and the shapes suit the kernel (`resolve_impl`),
+  else `xla`; so on CPU and GPU exactly `xla`.
 
 Grouped-query attention: k and v may have fewer heads G than q's H (H % G == 0); query head
 h reads key/value head h // (H / G) (group-major, as `jax.nn.dot_product_attention`).
@@ -22,6 +24,16 @@ import jax.numpy as jnp
 from gpt_jax.axes import ACT_BATCH, ACT_HEADS, ACT_KV, ACT_LENGTH
 
 
+def resolve_impl(impl: str, platform: str | None, head_dim: int, seq_len: int) -> str:
+    """`auto` -> `splash` on TPU when head_dim % 64 == 0 and seq_len % 128 == 0 (the kernel's
+    lane width and block tiles), else `xla`; any other impl is returned unchanged."""
+    if impl != "auto":
+        return impl
+    if platform == "tpu" and head_dim % 64 == 0 and seq_len % 128 == 0:
+        return "splash"
+    return "xla"
+
+
 def attend(q_BTHK: jax.Array, k_BSGK: jax.Array, v_BSGK: jax.Array, *, impl: str,
            mask_BTS: jax.Array | None = None, kv_layout: str = "bshk") -> jax.Array:
     """softmax(q k^T / sqrt(K)) v; causal when `mask_BTS` is None (T == S), else `mask_BTS`.
@@ -29,6 +41,9 @@ def attend(q_BTHK: jax.Array, k_BSGK: jax.Array, v_BSGK: jax.Array, *, impl: str
     k and v have G heads (G divides H). `kv_layout="bhsk"` takes them heads-major ([B, G, S,
     K], the KV cache's layout); only the masked (cache) path accepts it.
     """
+    if impl == "auto":
+        impl = resolve_impl(impl, _target_platform() or jax.devices()[0].platform,
+                            q_BTHK.shape[-1], q_BTHK.shape[1] if mask_BTS is None else 1)
     if kv_layout != "bshk" and mask_BTS is None:
         raise ValueError(f"kv_layout={kv_layout!r} needs mask_BTS (the KV-cache path)")
     if impl == "reference" or (impl == "splash" and mask_BTS is not None):

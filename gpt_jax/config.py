@@ -19,7 +19,7 @@ import ml_collections
 from gpt_jax.axes import (DEFAULT_LOGICAL_AXIS_RULES, MESH_AXES, RETIRED_AXES, check_rules,
                           normalize_rules)
 
-ATTENTION_IMPLS = ("xla", "cudnn", "reference", "splash")
+ATTENTION_IMPLS = ("xla", "cudnn", "reference", "splash", "auto")  # auto: splash on TPU, else xla
 # model.remat_policy -> the `jax.checkpoint_policies` member a block is rematerialised with,
 # or a tuple of `checkpoint_name`s (model.py) for `save_only_these_names`: only those are kept.
 REMAT_CHECKPOINT_POLICIES = {
@@ -68,7 +68,7 @@ class ModelConfig:
     dropout: float = 0.0
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
-    attention_impl: str = "xla"  # xla | cudnn | reference | splash
+    attention_impl: str = "auto"  # auto (TPU: splash if it fits, else xla) | xla | cudnn | splash
     scan_layers: bool = False  # one nn.scan over stacked layers instead of n_layer modules
     remat_policy: str = "none"  # see REMAT_CHECKPOINT_POLICIES
     init_std: float = 0.02

@@ -23,6 +23,7 @@ import time
 if __package__ in (None, ""):  # run as `python launch/tpu.py`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from gpt_jax import tpu_flags  # noqa: E402  (stdlib only)
 from launch import gcloud, supervisor  # noqa: E402
 from launch.tpu_types import (LaunchError, accelerator, check_env, check_name,  # noqa: E402
                               check_project, check_train_args, check_workdir, check_zone)
@@ -62,6 +63,10 @@ def _train_flags(p: argparse.ArgumentParser, with_accelerator: bool = True) -> N
         p.add_argument("--accelerator", required=True, help="e.g. v5litepod-8, v4-32")
     p.add_argument("--workdir", help="gs://bucket/path: checkpoints, metrics, TensorBoard")
     p.add_argument("--env", action="append", default=[], help="NAME=value for gpt-jax train")
+    p.add_argument("--no-xla-overlap-flags", dest="xla_overlap_flags", action="store_false",
+                   help="do not put gpt_jax/tpu_flags.py's collective-overlap flags into the "
+                        "workers' LIBTPU_INIT_ARGS (by default they are; --env="
+                        "LIBTPU_INIT_ARGS=... is appended after them and wins)")
     p.add_argument("--skip-write-check", action="store_true",
                    help="do not probe that --workdir is writable before starting")
     p.add_argument("train_args", nargs="*", help="after --: flags for `gpt-jax train`")
@@ -132,6 +137,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
             raise LaunchError("--dry-run after -- would go to gpt-jax train; put --dry-run before --")
         args.workdir = check_workdir(args.workdir)
         args.env_vars = check_env(args.env)
+        merged = tpu_flags.merge(args.acc.generation, args.env_vars.get(tpu_flags.ENV, ""),
+                                 on=args.xla_overlap_flags)
+        if merged:
+            args.env_vars[tpu_flags.ENV] = merged
         check_train_args(args.train_args, args.acc)
     if getattr(args, "pip_spec", None) is None and hasattr(args, "source"):
         if not os.path.isfile(os.path.join(args.source, "setup.cfg")):

@@ -18,6 +18,8 @@ import time
 
 import pytest
 
+from gpt_jax import tpu_flags
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
@@ -144,10 +146,31 @@ def test_train_dry_run(capsys):
     assert "--worker=all" in ssh and "--zone=us-west4-a" in ssh
     script = remote_command(ssh)
     inner = shlex.split(script.split("nohup bash -c ", 1)[1])[0]
-    assert ("env -u JAX_PLATFORMS LIBTPU_INIT_ARGS=--xla_tpu_x=1 \"$R/venv/bin/gpt-jax\""
-            " train --workdir=gs://bkt/runs/a --config=configs/gpt2_124m.py "
+    ours = " ".join(tpu_flags.OVERLAP_FLAGS["v4"])
+    assert (f"env -u JAX_PLATFORMS LIBTPU_INIT_ARGS='{ours} --xla_tpu_x=1' "
+            "\"$R/venv/bin/gpt-jax\" train --workdir=gs://bkt/runs/a --config=configs/gpt2_124m.py "
             "--config.train.num_steps=5 &") in inner
     assert script.endswith('>> "$HOME/gpt_jax_logs/train.log" 2>&1 < /dev/null &')
+
+
+def test_train_overlap_flags_override_and_off(capsys):
+    """The workers get the generation's overlap flags; a user's value for one of them wins."""
+    def env_of(*extra):
+        *_, ssh = dry_run(capsys, "train", *WHERE, "--accelerator=v5litepod-8",
+                          "--workdir=gs://bkt/r", "--skip-write-check", *extra, "--",
+                          "--config=configs/gpt2_124m.py")
+        inner = shlex.split(remote_command(ssh).split("nohup bash -c ", 1)[1])[0]
+        words = shlex.split(inner.split("env -u JAX_PLATFORMS ", 1)[1].split(" &")[0])
+        return {k: v for k, _, v in (w.partition("=") for w in words if "=" in w
+                                      and not w.startswith("--"))}
+    got = env_of()["LIBTPU_INIT_ARGS"].split()
+    assert got == list(tpu_flags.OVERLAP_FLAGS["v5e"])
+    user = "--xla_tpu_enable_async_collective_fusion=false --xla_foo=1"
+    got = env_of(f"--env=LIBTPU_INIT_ARGS={user}")["LIBTPU_INIT_ARGS"]
+    assert got.endswith(user) and got.count("xla_tpu_enable_async_collective_fusion=") == 1
+    assert "LIBTPU_INIT_ARGS" not in env_of("--no-xla-overlap-flags")
+    assert env_of("--no-xla-overlap-flags", "--env=LIBTPU_INIT_ARGS=--a=1") == {
+        "LIBTPU_INIT_ARGS": "--a=1"}
 
 
 @pytest.mark.parametrize("queued", [False, True])

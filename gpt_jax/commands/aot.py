@@ -29,7 +29,18 @@ flags.DEFINE_enum("attention_impl", None, ATTENTION_IMPLS, "Attention implementa
 flags.DEFINE_bool("scan_layers", None, "Scan over layers (default: the config's).")
 flags.DEFINE_bool("decode", True, "Also compile one cached decoding step.")
 flags.DEFINE_integer("decode_batch_size", 0, "Decode rows (0: 8 per data*fsdp shard).")
-flags.DEFINE_string("json_out", "", "Also append the JSON record to this file.")
+flags.DEFINE_string("json_out", "", "Also append the JSON record (--search: the ranking) to "
+                    "this file.")
+flags.DEFINE_bool("xla_overlap_flags", True, "Compile with gpt_jax.tpu_flags' libtpu "
+                  "collective-overlap flags (LIBTPU_INIT_ARGS; yours are appended and win).")
+flags.DEFINE_bool("search", False, "Search meshes, batches, remat, scan, attention and "
+                  "loss_chunks for the fastest config that fits (gpt_jax/aot_search.py).")
+flags.DEFINE_integer("tokens_per_step", None, "--search: fix the global batch to this many "
+                     "tokens (else powers of two up to the config's batch).")
+flags.DEFINE_float("budget_s", 1200.0, "--search: start no compile after this many seconds.")
+flags.DEFINE_integer("workers", 2, "--search: compiles at once (each in its own process).")
+flags.DEFINE_integer("top", 8, "--search: compile the best-estimated candidates until this "
+                     "many fit.")
 FLAGS = flags.FLAGS
 
 
@@ -53,6 +64,8 @@ def main(argv: list[str]) -> None:
 
     if not FLAGS.topology:
         raise usage_error(f"--topology is required; one of: {', '.join(aot.SLICES)}")
+    if FLAGS.search:
+        return _search()
     try:
         aot.get_slice(FLAGS.topology)
         config = aot.resolve_preset(FLAGS.preset) if FLAGS.preset else FLAGS.config
@@ -62,9 +75,50 @@ def main(argv: list[str]) -> None:
                                      scan_layers=FLAGS.scan_layers, dtype=FLAGS.dtype,
                                      mesh=_mesh_flag(FLAGS.mesh))
         record = aot.project(config, FLAGS.topology, decode=FLAGS.decode,
-                             decode_batch_size=FLAGS.decode_batch_size)
+                             decode_batch_size=FLAGS.decode_batch_size,
+                             overlap_flags=FLAGS.xla_overlap_flags)
     except aot.AotError as e:
         raise CommandError(str(e)) from e
     record["command"] = "gpt-jax " + " ".join(sys.argv[1:])
     print(aot.format_report(record), file=sys.stderr)
     print_record(record, FLAGS.json_out)
+
+
+def _search() -> None:
+    import json
+    import time
+
+    from gpt_jax import aot, aot_search
+
+    for name in ("mesh", "batch_size", "remat_policy", "attention_impl", "scan_layers"):
+        if FLAGS[name].present:
+            raise usage_error(f"--{name} is searched by --search; leave it out (or drop --search)")
+    t0 = time.monotonic()
+    try:
+        tpu = aot.get_slice(FLAGS.topology)
+        config = aot.resolve_preset(FLAGS.preset) if FLAGS.preset else FLAGS.config
+        config = aot.apply_overrides(config, dtype=FLAGS.dtype)
+        rows = aot_search.search(config, FLAGS.topology, tokens_per_step=FLAGS.tokens_per_step,
+                                 top=FLAGS.top, workers=FLAGS.workers, budget_s=FLAGS.budget_s,
+                                 overlap=FLAGS.xla_overlap_flags)
+    except aot.AotError as e:
+        raise CommandError(str(e)) from e
+    shown = [r for r in rows if r.record is not None] or rows[:FLAGS.top]
+    print(aot_search.table(shown, tpu))
+    winner = rows[0] if rows and rows[0].fits else None
+    config_arg = (f"configs/{aot.PRESETS.get(FLAGS.preset, FLAGS.preset)}.py" if FLAGS.preset
+                  else "CONFIG")
+    if winner:
+        print("\nwinner:\n  " + "\n  ".join(aot_search.commands(winner, config_arg,
+                                                                 FLAGS.topology)))
+        if FLAGS.dtype:
+            print(f"  (add --config.model.dtype={FLAGS.dtype} to both)")
+    else:
+        print("\nno compiled candidate fits yet (budget spent?); rows above are estimates")
+    print(f"search took {time.monotonic() - t0:.0f} s", file=sys.stderr)
+    if FLAGS.json_out:
+        out = aot_search.ranking_json(rows, FLAGS.topology, {
+            "command": "gpt-jax " + " ".join(sys.argv[1:]), "preset": FLAGS.preset,
+            "search_s": time.monotonic() - t0})
+        with open(FLAGS.json_out, "a") as fh:
+            fh.write(json.dumps(out) + "\n")
