@@ -49,8 +49,8 @@ RECIPE_SWITCHES = {
     "softcap": ({"model.logit_softcap": 30.0}, "tanh softcap of the head's logits at 30"),
     "gqa": ({"model.n_kv_head": 2},
             "grouped-query attention, 2 key/value heads for 6 query heads (3.8% fewer params)"),
-    "muon": ({"optim.optimizer": "muon"},
-             "Muon (lr 0.02) on the hidden matrices, AdamW on the rest"),
+    "muon": ({"optim.optimizer": "muon", "optim.muon_lr": 0.01},
+             "Muon (lr 0.01, the best in muon_lr.py) on the hidden matrices, AdamW on the rest"),
 }
 
 
