@@ -84,9 +84,13 @@ def assert_trees_close(actual, expected, atol: float = 1e-5, rtol: float = 1e-5)
 
 # ------------------------------------------------------------- an independent numpy GPT
 
+def np_rmsnorm(x, scale, eps: float):
+    return x / np.sqrt(np.mean(x**2, -1, keepdims=True) + eps) * scale
+
+
 def np_norm(x, p, cfg: ModelConfig):
     if cfg.norm == "rmsnorm":
-        return x / np.sqrt(np.mean(x**2, -1, keepdims=True) + cfg.norm_eps) * p["scale"]
+        return np_rmsnorm(x, p["scale"], cfg.norm_eps)
     mean = x.mean(-1, keepdims=True)
     var = ((x - mean) ** 2).mean(-1, keepdims=True)
     y = (x - mean) / np.sqrt(var + cfg.norm_eps) * p["scale"]
@@ -112,12 +116,21 @@ def np_gelu_tanh(x):
     return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
 
 
-def np_attention(x_TD, p, cfg: ModelConfig):
-    qkv_T3HK = np_dense(x_TD, p["qkv"])
-    t_len, H, K = x_TD.shape[0], cfg.n_head, cfg.head_dim
+def np_attention(x_TD, ve_TGK, p, cfg: ModelConfig):
+    """Head h = g * Q + i: query row i of key/value group g in the [D, Q + 2, G, K] kernel
+    (G = n_kv_head groups of Q = H / G query heads; G = H is plain multi-head attention)."""
+    H, G, K = cfg.n_head, cfg.kv_heads, cfg.head_dim
+    Q, t_len = H // G, x_TD.shape[0]
+    qkv_TJGK = np_dense(x_TD, p["qkv"])
     out_THK = np.zeros((t_len, H, K))
     for h in range(H):
-        q_TK, k_TK, v_TK = (qkv_T3HK[:, i, h] for i in range(3))
+        g, i = divmod(h, Q)
+        q_TK, k_TK, v_TK = qkv_TJGK[:, i, g], qkv_TJGK[:, Q, g], qkv_TJGK[:, Q + 1, g]
+        if cfg.qk_norm:
+            q_TK = np_rmsnorm(q_TK, p["q_norm"]["scale"], cfg.norm_eps)
+            k_TK = np_rmsnorm(k_TK, p["k_norm"]["scale"], cfg.norm_eps)
+        if cfg.value_embeddings:
+            v_TK = p["v_scale"] * v_TK + p["ve_scale"] * ve_TGK[:, g]
         if cfg.position == "rope":
             q_TK, k_TK = np_rope(q_TK, cfg.rope_theta), np_rope(k_TK, cfg.rope_theta)
         scores_TT = q_TK @ k_TK.T / math.sqrt(K)
@@ -132,6 +145,8 @@ def np_mlp(x_TD, p, cfg: ModelConfig):
     if cfg.mlp == "swiglu":
         gate_TF = np_dense(x_TD, p["gate"])
         h_TF = gate_TF / (1 + np.exp(-gate_TF)) * h_TF
+    elif cfg.mlp == "relu2":
+        h_TF = np.maximum(h_TF, 0.0) ** 2
     else:
         h_TF = np_gelu_tanh(h_TF)
     return np_dense(h_TF, p["proj"])
@@ -145,13 +160,20 @@ def numpy_gpt(params: Params, tokens_BT, cfg: ModelConfig) -> np.ndarray:
         x_TD = p["wte"]["embedding"][tokens_T]
         if cfg.position == "learned":
             x_TD = x_TD + p["wpe"]["embedding"][: len(tokens_T)]
+        ve_TGK = None
+        if cfg.value_embeddings:
+            ve_TGK = p["value_embed"]["embedding"][tokens_T].reshape(
+                len(tokens_T), cfg.kv_heads, cfg.head_dim)
         for i in range(cfg.n_layer):
             blk = p[f"h_{i}"]
-            x_TD = x_TD + np_attention(np_norm(x_TD, blk["ln_1"], cfg), blk["attn"], cfg)
+            x_TD = x_TD + np_attention(np_norm(x_TD, blk["ln_1"], cfg), ve_TGK, blk["attn"], cfg)
             x_TD = x_TD + np_mlp(np_norm(x_TD, blk["ln_2"], cfg), blk["mlp"], cfg)
         x_TD = np_norm(x_TD, p["ln_f"], cfg)
         head_DV = p["wte"]["embedding"].T if cfg.tie_embeddings else p["lm_head"]["kernel"]
-        logits.append(x_TD @ head_DV)
+        logits_TV = x_TD @ head_DV
+        if cfg.logit_softcap:
+            logits_TV = cfg.logit_softcap * np.tanh(logits_TV / cfg.logit_softcap)
+        logits.append(logits_TV)
     return np.stack(logits)
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +18,7 @@ from gpt_jax.hf.mapping import ConversionError, hf_config_from_model
 from gpt_jax.model import GPT, ModelConfig, init_kv_cache, init_params
 from gpt_jax.optim import decay_mask
 from gpt_jax.step import chunked_cross_entropy, cross_entropy
+from test_model import numpy_gpt
 
 B, T = 2, 16
 CAP = 3.0
@@ -58,87 +58,6 @@ def tokens(seed: int = 0, shape=(B, T)) -> np.ndarray:
 @functools.lru_cache(maxsize=None)
 def forward(cfg: ModelConfig):
     return jax.jit(lambda params, tokens_BT: GPT(cfg).apply({"params": params}, tokens_BT))
-
-
-# ------------------------------------------------------------------ a numpy GPT, float64
-
-def np_rmsnorm(x, scale, eps):
-    return x / np.sqrt(np.mean(x**2, -1, keepdims=True) + eps) * scale
-
-
-def np_norm(x, p, cfg):
-    if cfg.norm == "rmsnorm":
-        return np_rmsnorm(x, p["scale"], cfg.norm_eps)
-    mean, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
-    return (x - mean) / np.sqrt(var + cfg.norm_eps) * p["scale"] + p.get("bias", 0.0)
-
-
-def np_dense(x, p, n_in=1):
-    return np.tensordot(x, p["kernel"], axes=n_in) + p.get("bias", 0.0)
-
-
-def np_rope(x_TK, theta):
-    half = x_TK.shape[1] // 2
-    angles = np.arange(len(x_TK))[:, None] * theta ** (-np.arange(half) / half)[None]
-    x1, x2 = x_TK[:, :half], x_TK[:, half:]
-    return np.concatenate([x1 * np.cos(angles) - x2 * np.sin(angles),
-                           x2 * np.cos(angles) + x1 * np.sin(angles)], -1)
-
-
-def np_attention(x_TD, ve_TGK, p, cfg):
-    """Head h = g * Q + i: query row i of kv group g in the [D, Q + 2, G, K] kernel."""
-    H, G, K = cfg.n_head, cfg.kv_heads, cfg.head_dim
-    Q, n = H // G, len(x_TD)
-    qkv_TJGK = np_dense(x_TD, p["qkv"])
-    out_THK = np.zeros((n, H, K))
-    for h in range(H):
-        g, i = divmod(h, Q)
-        q_TK, k_TK, v_TK = qkv_TJGK[:, i, g], qkv_TJGK[:, Q, g], qkv_TJGK[:, Q + 1, g]
-        if cfg.qk_norm:
-            q_TK = np_rmsnorm(q_TK, p["q_norm"]["scale"], cfg.norm_eps)
-            k_TK = np_rmsnorm(k_TK, p["k_norm"]["scale"], cfg.norm_eps)
-        if cfg.value_embeddings:
-            v_TK = p["v_scale"] * v_TK + p["ve_scale"] * ve_TGK[:, g]
-        if cfg.position == "rope":
-            q_TK, k_TK = np_rope(q_TK, cfg.rope_theta), np_rope(k_TK, cfg.rope_theta)
-        scores = q_TK @ k_TK.T / math.sqrt(K)
-        scores[np.triu_indices(n, 1)] = -np.inf
-        probs = np.exp(scores - scores.max(-1, keepdims=True))
-        out_THK[:, h] = probs / probs.sum(-1, keepdims=True) @ v_TK
-    return np_dense(out_THK, p["proj"], n_in=2)
-
-
-def np_mlp(x_TD, p, cfg):
-    h = np_dense(x_TD, p["fc"])
-    if cfg.mlp == "relu2":
-        h = np.maximum(h, 0.0) ** 2
-    else:
-        h = 0.5 * h * (1 + np.tanh(np.sqrt(2 / np.pi) * (h + 0.044715 * h**3)))
-    return np_dense(h, p["proj"])
-
-
-def numpy_gpt(params, tokens_BT, cfg: ModelConfig) -> np.ndarray:
-    p = jax.tree.map(lambda x: np.asarray(x, np.float64), params)
-    out = []
-    for tokens_T in tokens_BT:
-        x = p["wte"]["embedding"][tokens_T]
-        if cfg.position == "learned":
-            x = x + p["wpe"]["embedding"][:len(tokens_T)]
-        ve_TGK = None
-        if cfg.value_embeddings:
-            ve_TGK = p["value_embed"]["embedding"][tokens_T].reshape(
-                len(tokens_T), cfg.kv_heads, cfg.head_dim)
-        for i in range(cfg.n_layer):
-            blk = p[f"h_{i}"]
-            x = x + np_attention(np_norm(x, blk["ln_1"], cfg), ve_TGK, blk["attn"], cfg)
-            x = x + np_mlp(np_norm(x, blk["ln_2"], cfg), blk["mlp"], cfg)
-        x = np_norm(x, p["ln_f"], cfg)
-        head = p["wte"]["embedding"].T if cfg.tie_embeddings else p["lm_head"]["kernel"]
-        logits = x @ head
-        if cfg.logit_softcap:
-            logits = cfg.logit_softcap * np.tanh(logits / cfg.logit_softcap)
-        out.append(logits)
-    return np.stack(out)
 
 
 # ----------------------------------------------------------------------------------- tests
