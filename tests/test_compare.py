@@ -230,8 +230,13 @@ def test_default_target_is_the_baseline_mean_final_eval_loss(crossing_runs, tmp_
     result = report.compare([str(crossing_runs)], str(tmp_path / "out"), baseline="base")
     assert result["target"] == pytest.approx(1.7)  # (1.5 + 1.9) / 2
     ttt = {t.name: t for t in result["time_to_target"]}
-    assert ttt["base"].steps == pytest.approx([8 + 4 * 0.3 / 0.5])  # base/1 ends at 1.9
+    # The baseline's own mean final loss: where it gets on average is the end of its runs (a
+    # crossing would count base/0 alone, which ends below it at 1.5; base/1 ends at 1.9).
+    assert ttt["base"].whole_runs and ttt["base"].steps == [12.0, 12.0]
+    assert ttt["base"].seconds == pytest.approx([12.0, 6.0])
     assert ttt["fast"].steps == pytest.approx([8 + 4 * 0.5 / 0.6])
     assert ttt["fast"].seconds == pytest.approx([4 * 2 + 4 * 0.75 + 4 * 0.5 / 0.6])
     text = open(tmp_path / "out" / "report.md").read()
     assert "(the baseline base's mean final eval loss)" in text and "1/2 reached" in text
+    assert "| base | 2 whole runs | 12 ± 0 | 12.0 ± 0.0 | 1.00× | 9.0 ± 4.2 s | 1.00× |" in text
+    assert "its row is its whole runs" in text

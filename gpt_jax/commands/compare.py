@@ -53,5 +53,5 @@ def main(argv: list[str]) -> None:
     for t in result["time_to_target"]:
         steps = f"{statistics.fmean(t.steps):.1f} steps" if t.steps else "never"
         secs = f", {statistics.fmean(t.seconds):.1f} s" if t.seconds else ""
-        print(f"{t.name:<24} {t.reached}/{t.n} reached  {steps}{secs}")
+        print(f"{t.name:<24} {t.reached_text}  {steps}{secs}")
     print(f"wrote {result['report']} and {len(result['plots'])} plots")

@@ -38,7 +38,7 @@ def compare(paths: list[str], out_dir: str | None = None, baseline: str | None =
         source = f"the baseline {baseline}'s mean final eval loss"
     else:
         target, source = target_loss, "--target_loss"
-    ttt = time_to_target(stats, target)
+    ttt = time_to_target(stats, target, full_run=baseline if target_loss is None else None)
     out_dir = out_dir or default_out(paths)
     os.makedirs(out_dir, exist_ok=True)
     plots = plots_lib.plot_all(stats, out_dir, smoothing, target)

@@ -116,7 +116,7 @@ def target_table(target: float, source: str, ttt: list[TimeToTarget], baseline: 
             "|---|---|---|---|---|---|---|"]
     for t in ttt:
         rows.append(
-            f"| {t.name} | {t.reached}/{t.n} reached | "
+            f"| {t.name} | {t.reached_text} | "
             f"{fmt_pm(t.first_eval, '.0f') if t.first_eval else '–'} | "
             f"{fmt_pm(t.steps, '.1f') if t.steps else '–'} | {_ratio(t.steps, base.steps)} | "
             f"{fmt_pm(t.seconds, '.1f') + ' s' if t.seconds else '–'} | "
@@ -131,7 +131,10 @@ def target_table(target: float, source: str, ttt: list[TimeToTarget], baseline: 
         "without the first step's compilation, evaluation or checkpointing. Mean ± sample std "
         "over the seeds that reached the target; the others are left out of the means and "
         "counted in *seeds reached*. × baseline: the variant's mean over the baseline's "
-        f"(**{baseline}**).", ""]
+        f"(**{baseline}**)"
+        + (f"; the target being {baseline}'s own mean final eval loss, its row is its whole "
+           "runs (last eval step, all training time), where it gets there on average."
+           if base.whole_runs else "."), ""]
 
 
 def target_finding(target: float, ttt: list[TimeToTarget]) -> str:

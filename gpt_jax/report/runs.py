@@ -159,19 +159,31 @@ class TimeToTarget:
     first_eval: list[int]  # first eval step at or below the target, per seed that reached it
     steps: list[float]  # the interpolated crossing step, per seed that reached it
     seconds: list[float]  # training seconds at that step (the seeds with logged step times)
+    whole_runs: bool = False  # the lists hold whole runs (see time_to_target's full_run)
 
     @property
     def reached(self) -> int:
         return len(self.steps)
 
+    @property
+    def reached_text(self) -> str:
+        return f"{self.n} whole runs" if self.whole_runs else f"{self.reached}/{self.n} reached"
 
-def time_to_target(stats: list[VariantStats], target: float) -> list[TimeToTarget]:
+
+def time_to_target(stats: list[VariantStats], target: float,
+                   full_run: str | None = None) -> list[TimeToTarget]:
+    """Per variant, when its seeds cross `target`. The variant named `full_run` (the baseline,
+    when the target is its own mean final eval loss) counts its whole runs instead: on average
+    it gets there at its last step, while a crossing would pick out its luckier seeds only."""
     out = []
     for s in stats:
-        hits = [(r, c) for r in s.runs if (c := r.crossing(target)) is not None]
+        if s.name == full_run:
+            hits = [(r, (r.evals[-1][0], float(r.evals[-1][0]))) for r in s.runs if r.evals]
+        else:
+            hits = [(r, c) for r in s.runs if (c := r.crossing(target)) is not None]
         seconds = [r.train_time_at(c[1]) for r, c in hits]
         out.append(TimeToTarget(s.name, s.n, [c[0] for _, c in hits], [c[1] for _, c in hits],
-                                [t for t in seconds if t is not None]))
+                                [t for t in seconds if t is not None], s.name == full_run))
     return out
 
 
