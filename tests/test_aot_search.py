@@ -196,3 +196,24 @@ def test_every_overlap_flag_is_known_to_the_installed_libtpu():
     assert ok.returncode == 0 and "compiled" in ok.stdout, ok.stderr[-2000:]
     bad = run("--xla_tpu_no_such_flag_gpt_jax=true")
     assert bad.returncode != 0 and "Unknown command line flag" in bad.stderr
+
+
+def test_a_budget_spent_before_anything_fits_is_not_nothing_fits(monkeypatch, tmp_path):
+    """Two compiles over HBM and untried candidates left: the error asks for more budget
+    instead of claiming that nothing fits the slice."""
+    monkeypatch.setenv("GPT_JAX_CACHE", str(tmp_path))
+    calls = []
+
+    def over_hbm(config_json, topology, overlap):
+        calls.append(config_json)
+        return {"train_fits": False, "train_total_bytes": 40.0 * aot.GiB + len(calls),
+                "error": "over HBM"}
+
+    with pytest.raises(aot.AotError) as e:
+        aot_search.search(load_preset("gpt2_774m"), "v4-8", top=1, compile_fn=over_hbm,
+                          log=lambda s: None)
+    msg = str(e.value)
+    assert len(calls) == 2 and "\n" not in msg and not msg.startswith("nothing fits")
+    assert re.match(r"none of the 2 candidates compiled fits v4-8 \(the smallest, mesh .*, "
+                    r"needs 40\.0 GiB of 32\); \d+ more were not tried: raise --budget_s "
+                    r"\(now 1200\) or --top \(now 1\)$", msg), msg
