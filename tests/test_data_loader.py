@@ -15,7 +15,6 @@ import pytest
 from gpt_jax import data
 from gpt_jax.config import base_config
 from gpt_jax.data import prepare as prepare_lib
-from gpt_jax.data.store import SplitTokens
 from gpt_jax.sharding import batch_sharding, make_mesh
 from test_data_common import make_config, private_cache, write_corpus  # noqa: F401
 
@@ -142,7 +141,13 @@ def test_loader_error_in_thread_reaches_the_consumer(setup):
     config, tok, _ = setup
     ds = data.TokenDataset(config, tok, "train")
     loader = data.BatchLoader(ds, 8, T, 0, make_mesh(base_config().mesh), prefetch=2)
-    ds.tokens = SplitTokens([], [], np.dtype(np.uint16))  # no window fits: the producer fails
+
+    def no_window_fits(*args):
+        raise data.DataError("seq_len=16 is too long for the test split")
+
+    # The producer fails from its next batch on; one attribute swap, so a gather already
+    # running finishes on the real tokens (swapping `ds.tokens` could catch one half-way).
+    ds.gather = no_window_fits
     with pytest.raises(data.DataError, match="seq_len=16 is too long"):
         for _ in zip(range(100), loader):
             pass
