@@ -18,9 +18,29 @@ keep_freed_memory()  # as the gpt-jax CLI does: no page faults on XLA's step buf
 
 
 import pathlib  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 import sysconfig  # noqa: E402
 
 import pytest  # noqa: E402
+
+def run_on_one_device(code: str, *args: str, timeout: int = 600) -> str:
+    """stdout of `python -c code args` in its own process on one CPU device (tests/ importable).
+
+    For a test's long training run: one device has no cross-device all-reduce, which on 8
+    simulated devices starved of CPU by the other test worker was seen to hang or abort
+    XLA:CPU's rendezvous (and with it the whole xdist worker)."""
+    tests = os.path.dirname(os.path.abspath(__file__))
+    xla_flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
+                         if "device_count" not in f)
+    env = dict(os.environ, JAX_PLATFORMS="cpu", GPT_JAX_TEST_DEVICES="1", XLA_FLAGS=xla_flags,
+               PYTHONPATH=os.pathsep.join([tests, os.path.dirname(tests),
+                                           os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
 
 CORPUS_FILES = ("json/encoder.py", "json/decoder.py", "textwrap.py", "string.py",
                 "bisect.py", "heapq.py", "colorsys.py", "keyword.py", "this.py", "glob.py")

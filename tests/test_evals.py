@@ -15,6 +15,8 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import run_on_one_device
+
 from gpt_jax import evals, sharding
 from gpt_jax.data import ByteTokenizer
 from gpt_jax.evals import Example, Request, Score, loglikelihoods, score_examples
@@ -490,18 +492,8 @@ def test_a_briefly_trained_model_beats_chance_on_a_learnable_task(tmp_path):
     (tmp_path / "corpus").mkdir()
     for doc in range(4):
         (tmp_path / "corpus" / f"cycle{doc}.txt").write_text("\n".join(words * 40) + "\n")
-    tests = os.path.dirname(os.path.abspath(__file__))
-    # One device: 300 steps with no cross-device all-reduce, which on 8 simulated devices
-    # starved of CPU by the other test worker was seen to hang XLA:CPU's rendezvous.
-    one_device = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
-                          if "device_count" not in f)
-    env = dict(os.environ, JAX_PLATFORMS="cpu", GPT_JAX_TEST_DEVICES="1", XLA_FLAGS=one_device,
-               PYTHONPATH=os.pathsep.join([tests, os.path.dirname(tests),
-                                           os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, "-c", LEARNABLE, str(tmp_path)], env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    stdout = run_on_one_device(LEARNABLE, str(tmp_path))
+    result = json.loads(stdout.strip().splitlines()[-1])
     trained, fresh = result["trained"], result["fresh"]
     assert trained["n"] == fresh["n"] == 200
     assert trained["acc_norm"] > 0.8 and fresh["acc_norm"] < 0.45, result

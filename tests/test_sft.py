@@ -4,10 +4,13 @@ fine-tune of a converted GPT-2 that improves the held-out metrics."""
 from __future__ import annotations
 
 import json
+import pathlib
 
 import jax
 import numpy as np
 import pytest
+
+from conftest import run_on_one_device
 
 from gpt_jax import config as config_lib
 from gpt_jax.data import ByteTokenizer, DataError, Pair, SFTDataset, read_jsonl
@@ -107,7 +110,9 @@ def test_response_only_loss_equals_hand_computation(tmp_path):
         assert abs(unmasked - by_hand) > 1e-3  # the weights matter
 
 
-def test_finetuning_a_converted_gpt2_improves_heldout_metrics(tmp_path):
+def finetune_converted_gpt2(tmp: str) -> None:
+    """200 SFT steps from a converted random GPT-2 into `tmp`/sft (run by the test below)."""
+    tmp_path = pathlib.Path(tmp)
     from test_convert_hf import hf_config, random_hf_tensors, write_hf_dir
 
     from gpt_jax import train
@@ -135,6 +140,12 @@ def test_finetuning_a_converted_gpt2_improves_heldout_metrics(tmp_path):
     config.optim.update(lr=1e-2, warmup_steps=5)
     config.checkpoint.update(every=200, async_save=False)
     train.train(config, str(tmp_path / "sft"))
+
+
+def test_finetuning_a_converted_gpt2_improves_heldout_metrics(tmp_path):
+    # In its own process on one device: 200 steps, like the CLI's runs.
+    run_on_one_device("import sys, test_sft; test_sft.finetune_converted_gpt2(sys.argv[1])",
+                      str(tmp_path))
     events = [json.loads(x) for x in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
     evals = [e for e in events if "eval_exact_match" in e]
     before, after = evals[0], evals[-1]
