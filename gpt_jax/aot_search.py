@@ -144,7 +144,7 @@ def estimate(config, tpu: aot.TpuSlice, c: Candidate,
     chips = d * f * t
     pb = _DTYPE_BYTES[cfg.param_dtype]
     b = _DTYPE_BYTES[cfg.dtype]
-    mu = _DTYPE_BYTES.get(config.optim.get("mu_dtype", "") or cfg.param_dtype, pb)
+    mu = _DTYPE_BYTES.get(config.optim.mu_dtype or cfg.param_dtype, pb)
     D, F, H, L, T = cfg.n_embd, cfg.mlp_dim, cfg.n_head, cfg.n_layer, cfg.block_size
     V = cfg.padded_vocab_size
     state = n_params * (pb + pb + mu + pb) / (f * t)  # params, grads, mu, nu

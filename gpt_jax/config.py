@@ -320,8 +320,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
         _check(m.block_size % m.loss_chunks == 0, f"model.loss_chunks={m.loss_chunks} does "
                f"not divide model.block_size={m.block_size}")
     _check(m.n_kv_head >= 0, f"model.n_kv_head={m.n_kv_head} must be >= 0 (0: n_head)")
-    _check(m.n_kv_head == 0 or m.n_head % m.n_kv_head == 0,
-           f"model.n_head={m.n_head} is not divisible by model.n_kv_head={m.n_kv_head}")
+    try:
+        ModelConfig.from_config(m)  # the schema's own checks (n_kv_head divides n_head)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     _check(m.logit_softcap >= 0, f"model.logit_softcap={m.logit_softcap} must be >= 0 (0: off)")
     _check(m.vocab_multiple >= 1,
            f"model.vocab_multiple={m.vocab_multiple} must be >= 1 (1: no padding)")
@@ -346,11 +348,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     _check_choice(o.schedule, "optim.schedule", SCHEDULES)
     _check(o.warmup_steps >= 0, f"optim.warmup_steps={o.warmup_steps} must be >= 0")
     _check(o.clip_norm >= 0, f"optim.clip_norm={o.clip_norm} must be >= 0 (0 disables)")
-    _check_choice(o.get("optimizer", "adamw"), "optim.optimizer", OPTIMIZERS)
-    _check(o.get("muon_lr", 1) > 0, f"optim.muon_lr={o.get('muon_lr')!r} must be > 0")
-    _check(0 <= o.get("muon_momentum", 0) < 1,
-           f"optim.muon_momentum={o.get('muon_momentum')!r} must be in [0, 1)")
-    _check(o.get("mu_dtype", "") in ("",) + DTYPES, f"optim.mu_dtype={o.get('mu_dtype')!r} is "
+    _check_choice(o.optimizer, "optim.optimizer", OPTIMIZERS)
+    _check(o.muon_lr > 0, f"optim.muon_lr={o.muon_lr!r} must be > 0")
+    _check(0 <= o.muon_momentum < 1, f"optim.muon_momentum={o.muon_momentum!r} must be in [0, 1)")
+    _check(o.mu_dtype in ("",) + DTYPES, f"optim.mu_dtype={o.mu_dtype!r} is "
            f"not one of '' (the param dtype), {', '.join(DTYPES)}")
     _check(0 < config.sample.top_p <= 1, f"sample.top_p={config.sample.top_p} must be in (0, 1]")
     _check(config.checkpoint.keep >= 1, f"checkpoint.keep={config.checkpoint.keep} must be >= 1")

@@ -88,7 +88,7 @@ def muon(optim_config, num_steps: int) -> optax.GradientTransformation:
     o = optim_config
     return optax.chain(
         scale_by_muon(beta=o.muon_momentum, nesterov=o.muon_nesterov,
-                      mu_dtype=o.get("mu_dtype") or None,
+                      mu_dtype=o.mu_dtype or None,
                       weight_dimension_numbers=muon_dimension_numbers),
         scale_by_shape(weight_dimension_numbers=muon_dimension_numbers),
         optax.add_decayed_weights(o.muon_weight_decay),
@@ -98,9 +98,9 @@ def muon(optim_config, num_steps: int) -> optax.GradientTransformation:
 def make_optimizer(optim_config, num_steps: int) -> optax.GradientTransformation:
     o = optim_config
     tx = optax.adamw(lr_schedule(o, num_steps), b1=o.b1, b2=o.b2, eps=o.eps,
-                     mu_dtype=o.get("mu_dtype") or None, weight_decay=o.weight_decay,
+                     mu_dtype=o.mu_dtype or None, weight_decay=o.weight_decay,
                      mask=lambda p: decay_mask(p, o.decay_embeddings))
-    if o.get("optimizer", "adamw") == "muon":
+    if o.optimizer == "muon":
         tx = optax.multi_transform({"muon": muon(o, num_steps), "adamw": tx}, muon_labels)
     if o.clip_norm > 0:
         return optax.chain(optax.clip_by_global_norm(o.clip_norm), tx)
