@@ -43,6 +43,14 @@ class AotError(ValueError):
     """A slice, preset or mesh that cannot be compiled; the message says what is allowed."""
 
 
+class OutOfMemory(AotError):
+    """XLA refused the step: it needs `need_bytes` per chip, more than the chip's HBM."""
+
+    def __init__(self, message: str, need_bytes: float):
+        super().__init__(message)
+        self.need_bytes = need_bytes
+
+
 @dataclasses.dataclass(frozen=True)
 class TpuSlice:
     """A Cloud TPU slice as its user-facing name (v5e-8) and libtpu's topology description."""
@@ -298,7 +306,7 @@ def project(config, slice_name: str, *, decode_batch_size: int = 0,
     try:
         compiled, compile_s, state = compile_train_step(config, mesh)
     except jax.errors.JaxRuntimeError as e:
-        raise AotError(_out_of_memory(e, tpu.name)) from None
+        raise _out_of_memory(e, tpu.name) from None
     model_flops = flops_per_token(model_cfg, T) * B * T / n_dev
     record: dict[str, Any] = {
         "topology": tpu.name, "libtpu_topology": tpu.topology, "chips": n_dev,
@@ -345,16 +353,18 @@ def project(config, slice_name: str, *, decode_batch_size: int = 0,
     return record
 
 
-def _out_of_memory(error: Exception, slice_name: str) -> str:
+def _out_of_memory(error: Exception, slice_name: str) -> OutOfMemory:
     """XLA's refusal to compile a step over HBM as one line with the overshoot, else re-raise."""
     found = re.search(r"required for (.*?) \(([\d.]+)G\) exceeds available HBM \(([\d.]+)G\)",
                       str(error))
     if "RESOURCE_EXHAUSTED" not in str(error) or not found:
         raise error
     what, need, have = found.group(1), float(found.group(2)), float(found.group(3))
-    return (f"does not fit on {slice_name}: {what} alone need {need:.2f} GiB per chip, "
-            f"{have:.2f} GiB of HBM is available (over by {need - have:.2f} GiB); try "
-            f"--remat_policy=full, a smaller --batch_size or a larger fsdp axis in --mesh")
+    return OutOfMemory(
+        f"does not fit on {slice_name}: {what} alone need {need:.2f} GiB per chip, "
+        f"{have:.2f} GiB of HBM is available (over by {need - have:.2f} GiB); try "
+        f"--remat_policy=full, a smaller --batch_size or a larger fsdp axis in --mesh",
+        need * GiB)
 
 
 def format_report(r: dict[str, Any]) -> str:

@@ -27,7 +27,6 @@ import json
 import math
 import multiprocessing
 import os
-import re
 import sys
 import time
 from collections.abc import Callable
@@ -262,13 +261,12 @@ def compile_record(config_json: str, topology: str, overlap: bool) -> dict:
     t0 = time.perf_counter()
     try:
         record = aot.project(config, topology, decode=False, overlap_flags=overlap)
-    except aot.AotError as e:
-        found = re.search(r"need ([\d.]+) GiB per chip, ([\d.]+) GiB of HBM", str(e))
-        if not found:
-            return {"error": str(e), "wall_s": time.perf_counter() - t0}
-        return {"train_fits": False, "train_total_bytes": float(found.group(1)) * GiB,
+    except aot.OutOfMemory as e:
+        return {"train_fits": False, "train_total_bytes": e.need_bytes,
                 "train_hbm_bytes": aot.get_slice(topology).hbm_bytes, "error": str(e),
                 "wall_s": time.perf_counter() - t0}
+    except aot.AotError as e:
+        return {"error": str(e), "wall_s": time.perf_counter() - t0}
     record["wall_s"] = time.perf_counter() - t0
     return record
 
