@@ -133,19 +133,21 @@ def run(command: list[str], num_processes: int = 2, devices_per_process: int = 4
     """Start, forward SIGTERM/SIGINT, prefix output, return the combined exit code."""
     check(num_processes, devices_per_process, command)
     procs = start(command, num_processes, devices_per_process, add_flags)
-    lock = threading.Lock()
-    pumps = [threading.Thread(target=_pump, args=(p, f"[p{i}] ", lock), daemon=True)
-             for i, p in enumerate(procs)]
-    for t in pumps:
-        t.start()
 
     def forward(signum, _frame):
         for p in procs:
             if p.poll() is None:
                 p.send_signal(signum)
 
+    # Forwarding is in place before any child output is shown: whoever reads a child's first
+    # line may signal us at once (a handler installed after the pumps start could miss it).
     old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    lock = threading.Lock()
+    pumps = [threading.Thread(target=_pump, args=(p, f"[p{i}] ", lock), daemon=True)
+             for i, p in enumerate(procs)]
     try:
+        for t in pumps:
+            t.start()
         code = wait_all(procs, grace_seconds)
     finally:
         for s, handler in old.items():
