@@ -25,7 +25,7 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from gpt_jax import sharding, tpu_flags
+from gpt_jax import hlo_profile, sharding, tpu_flags
 from gpt_jax.attention import resolve_impl
 from gpt_jax.config import MESH_AXES, ConfigError, list_presets, load_preset, resolve_mesh_shape
 from gpt_jax.flops import count_params, flops_per_token
@@ -35,6 +35,7 @@ from gpt_jax.sample import cache_sharding
 from gpt_jax.step import Trainer
 
 GiB = 2**30
+TOP_OPS = 5  # op labels and buffers kept in a record (`bound`)
 # The GPT-2 family by size; any preset file name (`tiny`, `gpt2_124m`, …) works too.
 PRESETS = {"124M": "gpt2_124m", "350M": "gpt2_350m", "774M": "gpt2_774m", "1558M": "gpt2_1558m"}
 
@@ -234,21 +235,29 @@ def xla_cost(compiled) -> dict[str, float]:
     return {k: float(cost[k]) for k in ("flops", "bytes accessed", "optimal_seconds") if k in cost}
 
 
-def layer_extrapolated_cost(config, compile_fn: Callable) -> dict[str, float]:
-    """XLA's cost of a scanned model, from unscanned compiles of 1 and 2 of its layers.
+def layer_extrapolated_cost(config, compile_fn: Callable) -> tuple[dict[str, float],
+                                                                  dict[str, float]]:
+    """XLA's cost of a scanned model, and its HBM bytes per op label (`hlo_profile`), from
+    unscanned compiles of 1 and 2 of its layers.
 
     XLA's cost analysis counts a while loop's body once, so a `scan_layers` program reports
     about one layer's work. Its layers are identical, so cost(L) = cost(1) + (L - 1) *
     (cost(2) - cost(1)) is exact up to fusion choices, and two small compiles stay fast.
     """
-    costs = []
+    costs, traffic = [], []
     for n_layer in (1, 2):
         probe = config.copy_and_resolve_references()
         probe.model.n_layer, probe.model.scan_layers = n_layer, False
-        costs.append(xla_cost(compile_fn(probe)))
+        compiled = compile_fn(probe)
+        costs.append(xla_cost(compiled))
+        traffic.append(dict(hlo_profile.profile(compiled.as_text(), top=0).by_op))
     L = config.model.n_layer
-    return {k: costs[0][k] + (L - 1) * (costs[1][k] - costs[0][k])
-            for k in costs[0] if k in costs[1]}
+
+    def extrapolate(one: dict, two: dict) -> dict:
+        return {k: one.get(k, 0.0) + (L - 1) * (two.get(k, 0.0) - one.get(k, 0.0))
+                for k in one.keys() | two.keys()}
+    cost = {k: v for k, v in extrapolate(*costs).items() if k in costs[0] and k in costs[1]}
+    return cost, {k: v for k, v in extrapolate(*traffic).items() if v > 0}
 
 
 def cost_report(cost: dict[str, float], model_flops_per_chip: float, peak: float | None,
@@ -256,14 +265,17 @@ def cost_report(cost: dict[str, float], model_flops_per_chip: float, peak: float
     """XLA's FLOPs and estimated seconds per chip (from `xla_cost`); MFU if the step ran so.
 
     The estimate is XLA's `optimal_seconds` where it gives a plausible one (at most 10x the
-    roofline), else the roofline max(FLOPs / peak, XLA bytes accessed / HBM bandwidth), with
+    roofline), else the roofline FLOPs / peak + XLA bytes accessed / HBM bandwidth, with
     FLOPs = XLA's count or the model's where XLA counted less (its cost analysis misses the
-    matmuls of some fsdp programs); `estimate_source` says which. `extra_flops`: work XLA
-    cannot see (Pallas kernels): added to its FLOPs, and to its estimate at peak.
+    matmuls of some fsdp programs); `estimate_source` says which. The roofline adds the two
+    terms (no overlap) because XLA's own TPU estimate does: on the v5p rows of BENCHMARKS.md
+    `optimal_seconds` is 1.00-1.07x their sum. `extra_flops`: work XLA cannot see (Pallas
+    kernels): added to its FLOPs, and to its estimate at peak.
     """
     flops, bytes_accessed = cost.get("flops", 0.0) + extra_flops, cost.get("bytes accessed", 0.0)
-    roofline = (max(max(flops, model_flops_per_chip) / peak, bytes_accessed / hbm_bytes_per_s)
-                if peak else None)
+    compute_s, hbm_s = (max(flops, model_flops_per_chip) / peak if peak else None,
+                        bytes_accessed / hbm_bytes_per_s)
+    roofline = compute_s + hbm_s if peak else None
     seconds, source = cost.get("optimal_seconds"), "xla optimal_seconds"
     if seconds and seconds > 0 and extra_flops and peak:
         seconds += extra_flops / peak
@@ -271,7 +283,7 @@ def cost_report(cost: dict[str, float], model_flops_per_chip: float, peak: float
         seconds, source = roofline, "roofline"
     seconds = float(seconds) if seconds and seconds > 0 else None
     out = {"xla_flops_per_chip": flops, "xla_bytes_accessed_per_chip": bytes_accessed,
-           "flops_added_back_per_chip": extra_flops,
+           "flops_added_back_per_chip": extra_flops, "compute_s": compute_s, "hbm_s": hbm_s,
            "xla_flops_below_model": flops < model_flops_per_chip,
            "xla_estimated_step_s": seconds, "estimate_source": source if seconds else None,
            "model_flops_per_chip": model_flops_per_chip}
@@ -327,8 +339,12 @@ def project(config, slice_name: str, *, decode_batch_size: int = 0,
     }
     record.update({f"train_{k}": v for k, v in memory_report(compiled, tpu.hbm_bytes).items()})
     scanned = model_cfg.scan_layers
-    train_cost = (layer_extrapolated_cost(config, lambda c: compile_train_step(c, mesh)[0])
-                  if scanned else xla_cost(compiled))
+    hlo = hlo_profile.profile(compiled.as_text(), top=0)
+    train_cost, traffic = (layer_extrapolated_cost(config, lambda c: compile_train_step(c, mesh)[0])
+                           if scanned else (xla_cost(compiled), dict(hlo.by_op)))
+    record["train_hlo_bytes_by_op"] = sorted(traffic.items(), key=lambda kv: -kv[1])[:TOP_OPS]
+    record["train_hlo_bytes_total"] = sum(traffic.values())
+    record["train_hlo_largest_buffers"] = hlo.buffers[:TOP_OPS]
     record["cost_source"] = ("unscanned 1- and 2-layer compiles, extrapolated" if scanned
                              else "this compile")
     # XLA's cost analysis does not count FLOPs inside Pallas kernels (splash attention).
@@ -346,7 +362,7 @@ def project(config, slice_name: str, *, decode_batch_size: int = 0,
         record.update({f"decode_{k}": v for k, v in memory_report(dec, tpu.hbm_bytes).items()})
         dec_flops = 2 * (count_params(model_cfg)) * decode_b / n_dev
         dec_cost = (layer_extrapolated_cost(
-            config, lambda c: compile_decode_step(c, mesh, decode_b)[0]) if scanned
+            config, lambda c: compile_decode_step(c, mesh, decode_b)[0])[0] if scanned
             else xla_cost(dec))
         record.update({f"decode_{k}": v for k, v in
                        cost_report(dec_cost, dec_flops, peak, tpu.hbm_bytes_per_s).items()})
@@ -365,6 +381,22 @@ def _out_of_memory(error: Exception, slice_name: str) -> OutOfMemory:
         f"{have:.2f} GiB of HBM is available (over by {need - have:.2f} GiB); try "
         f"--remat_policy=full, a smaller --batch_size or a larger fsdp axis in --mesh",
         need * GiB)
+
+
+def bound(r: dict[str, Any], top: int = 3) -> str:
+    """What bounds a projected train step, in one line: the larger roofline term, the ops
+    with the most HBM traffic (share of the compiled step's) and the largest buffers."""
+    compute, hbm = r.get("train_compute_s"), r.get("train_hbm_s")
+    if compute is None or hbm is None:
+        return "n/a (record from before the HLO profile)"
+    total = r.get("train_hlo_bytes_total") or 0.0
+    ops = ", ".join(f"{label} {100 * b / total:.0f}%"
+                    for label, b in r["train_hlo_bytes_by_op"][:top]) if total else "n/a"
+    bufs = ", ".join(f"{label} {shape} {b / GiB:.2f} GiB"
+                     for label, shape, b in r["train_hlo_largest_buffers"][:top])
+    return (f"{'HBM bytes' if hbm > compute else 'compute'} ({1e3 * hbm:.1f} ms of HBM traffic"
+            f" vs {1e3 * compute:.1f} ms of FLOPs at peak); top traffic: {ops}; largest "
+            f"buffers: {bufs}")
 
 
 def format_report(r: dict[str, Any]) -> str:
@@ -396,6 +428,7 @@ def format_report(r: dict[str, Any]) -> str:
         lines.append(f"  attention FLOPs added back: "
                      f"{r['train_flops_added_back_per_chip'] / 1e12:.2f} TFLOP per chip (splash "
                      f"is a Pallas kernel; XLA's cost analysis does not count it)")
+    lines.append("  bound by " + bound(r))
     lines.append("  XLA overlap flags: " + ("on" if r.get("xla_overlap_flags") else "off"))
     if "decode_total_bytes" in r:
         dest = r["decode_xla_estimated_step_s"]

@@ -6,8 +6,8 @@
    attention (xla; splash where the kernel fits), loss_chunks 0 / 8.
 2. Prune with pure-Python estimates: per-chip memory (params + grads + AdamW state over fsdp x
    tensor, activations per token per layer for the remat policy, logits unless chunked)
-   against HBM, and a roofline step time max(FLOPs / peak, bytes / HBM bandwidth,
-   collectives / ICI bandwidth). Keep the best few per (mesh, batch) and rank.
+   against HBM, and a roofline step time FLOPs / peak + bytes / HBM bandwidth, overlapped
+   with collectives / ICI bandwidth. Keep the best few per (mesh, batch) and rank.
 3. Compile the best ones (`aot.project`, each in its own spawned process, up to --workers at
    once) until --top of them fit, the list ends, or --budget_s is spent; results are cached
    under $GPT_JAX_CACHE/aot (default ~/.cache/gpt_jax/aot), keyed by the resolved config,
@@ -40,7 +40,7 @@ from gpt_jax.flops import count_params, flops_per_token
 from gpt_jax.metrics import peak_flops
 
 GiB = aot.GiB
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: roofline sums its terms; records carry the HLO profile
 MAX_TENSOR = 4
 LOSS_CHUNKS = (0, 8)
 # Per-chip ICI bandwidth (bytes/s, all links, one direction), published figures.
@@ -171,7 +171,9 @@ def estimate(config, tpu: aot.TpuSlice, c: Candidate,
     if c.loss_chunks > 1:  # the chunked loss recomputes the LM head's forward
         flops += 2 * D * V * c.batch * T / chips
     peak = peak_flops(DEVICE_KIND[gen]) or 197e12
-    hbm_traffic = 3 * state + 2 * acts + 2 * logits + 3 * n_params * b / t
+    # ... and recomputed activations are written and read again in the backward pass.
+    recomputed = tokens * L * every * REMAT_RECOMPUTE[c.remat]
+    hbm_traffic = 3 * state + 2 * (acts + recomputed + logits) + 3 * n_params * b / t
     comm = 0.0
     if f > 1:  # fsdp: all-gather weights (fwd, bwd) and reduce-scatter grads
         comm += 3 * n_params * b / t * (f - 1) / f
@@ -179,9 +181,10 @@ def estimate(config, tpu: aot.TpuSlice, c: Candidate,
         comm += 2 * n_params * pb / (f * t) * (d - 1) / d
     if t > 1:  # tensor: two all-reduces of [tokens, D] per layer forward, two backward
         comm += 4 * L * tokens * D * b * 2 * (t - 1) / t
-    # The bound that dominates, plus a quarter of the others (overlap is never perfect).
-    times = sorted((flops / peak, hbm_traffic / tpu.hbm_bytes_per_s, comm / ICI_BYTES_PER_S[gen]))
-    step = times[2] + 0.25 * (times[0] + times[1])
+    # FLOPs and HBM traffic add up, as in XLA's TPU estimate (`aot.cost_report`); collectives
+    # overlap with them but for a quarter.
+    local, comm_s = flops / peak + hbm_traffic / tpu.hbm_bytes_per_s, comm / ICI_BYTES_PER_S[gen]
+    step = max(local, comm_s) + 0.25 * min(local, comm_s)
     return Estimate(memory, step, flops, c.batch * T / step / chips,
                     model_flops / (step * peak))
 

@@ -88,7 +88,7 @@ def project_tpu(config, slice_name: str, rows: int, length: int) -> dict:
     compiled = compile_for(config)
     cfg = ModelConfig.from_config(config.model)
     scanned = cfg.scan_layers
-    cost = (aot.layer_extrapolated_cost(config, compile_for) if scanned
+    cost = (aot.layer_extrapolated_cost(config, compile_for)[0] if scanned
             else aot.xla_cost(compiled))
     from gpt_jax.flops import count_params
 

@@ -113,6 +113,7 @@ def _search() -> None:
                                                                  FLAGS.topology)))
         if FLAGS.dtype:
             print(f"  (add --config.model.dtype={FLAGS.dtype} to both)")
+        print("bound by " + aot.bound(winner.record))
     else:
         print("\nno compiled candidate fits yet (budget spent?); rows above are estimates")
     print(f"search took {time.monotonic() - t0:.0f} s", file=sys.stderr)

@@ -1,0 +1,134 @@
+"""What bounds a compiled step: its HBM traffic and largest buffers, read from the optimized HLO.
+
+XLA's cost analysis gives one total of bytes accessed. To say *where* they go, this walks the
+compiled module's text: every instruction that runs (the entry computation and what it calls,
+loop bodies once, as XLA's cost analysis counts them), its bytes as output + operands (fused
+computations are inside their fusion, so never counted twice), grouped by the JAX op that
+produced it (`metadata={op_name=...}`), layers merged. The total is an estimate of the same
+kind as XLA's (tests compare the two on a compiled step). A scanned model's traffic comes from
+unscanned 1- and 2-layer compiles, extrapolated like its cost (`aot.layer_extrapolated_cost`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections import defaultdict
+
+# Instructions that move no HBM data of their own.
+FREE = {"parameter", "get-tuple-element", "tuple", "constant", "bitcast", "while", "call",
+        "conditional", "after-all", "partition-id", "replica-id", "opt-barrier", "iota",
+        "add-dependency", "domain"}
+_ITEMSIZE = {"pred": 1, "s4": 1, "u4": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1,
+             "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4,
+             "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
+_ARRAY = re.compile(r"\b([a-z]+\d*[a-z0-9]*)\[([\d,]*)\](?:\{([^}]*)\})?")
+_COMPUTATION = re.compile(r"^(ENTRY )?%(\S+) ")
+_INSTRUCTION = re.compile(r"^\s+(?:ROOT )?%(\S+) = (.+?) ([a-z][a-z0-9-]*)\((.*)$")
+_CALLEE = re.compile(r"\b(body|true_computation|false_computation|to_apply|calls)="
+                     r"%([^\s,]+)")
+_BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+_TARGET = re.compile(r'custom_call_target="([^"]*)"')
+_WRAPPERS = {"checkpoint", "while", "body", "cond", "closed_call", "rematted_computation"}
+
+
+def shape_bytes(shape: str) -> int:
+    """Bytes of an HLO shape string (arrays and tuples), with the minor dimensions padded to
+    the layout's tile: `f32[8,64]{1,0:T(8,128)}` is stored, and moved, as f32[8,128]."""
+    total = 0
+    for array in _ARRAY.finditer(shape):
+        dtype, dims, layout = array.groups()
+        sizes = [int(d) for d in dims.split(",") if d]
+        minor_to_major, _, tiling = (layout or "").partition(":")
+        tile = re.match(r"T\(([\d,]+)\)", tiling)
+        if tile and minor_to_major:
+            order = [int(d) for d in minor_to_major.split(",")]
+            for dim, t in zip(order, reversed([int(x) for x in tile.group(1).split(",")])):
+                sizes[dim] = -(-sizes[dim] // t) * t
+        total += _ITEMSIZE.get(dtype, 4) * math.prod(sizes)
+    return total
+
+
+@dataclasses.dataclass
+class Instruction:
+    name: str
+    shape: str
+    opcode: str
+    rest: str  # operands and attributes
+
+    @property
+    def operands(self) -> list[str]:
+        depth, args = 1, []
+        for i, ch in enumerate(self.rest):  # the operand list ends at its closing paren
+            depth += {"(": 1, ")": -1}.get(ch, 0)
+            if depth == 0:
+                args = re.findall(r"%([^\s,)]+)", self.rest[:i])
+                break
+        return args
+
+    @property
+    def label(self) -> str:
+        """The JAX op that produced it, short and layer-free: 'bwd h/mlp/fc/dot_general'."""
+        found = _OP_NAME.search(self.rest)
+        target = _TARGET.search(self.rest)
+        if not found:
+            return target.group(1) if target else self.opcode
+        path = found.group(1).split("/", 1)[-1]  # drop jit(train_step)
+        phase = "bwd " if path.startswith("transpose(") else "fwd " if "jvp(" in path else ""
+        parts = [re.sub(r"^h_\d+$", "h", p) for p in path.split("/")
+                 if "(" not in p and p not in _WRAPPERS and not p.startswith("GPT._")]
+        return phase + ("/".join(parts) or self.opcode)
+
+
+def parse(hlo_text: str) -> tuple[dict[str, list[Instruction]], str]:
+    """(computation name -> instructions, entry name) of an HLO module's text."""
+    computations: dict[str, list[Instruction]] = {}
+    entry, current = "", None
+    for line in hlo_text.splitlines():
+        head = _COMPUTATION.match(line)
+        if head and line.rstrip().endswith("{"):
+            current = computations.setdefault(head.group(2), [])
+            entry = head.group(2) if head.group(1) else entry
+            continue
+        found = _INSTRUCTION.match(line)
+        if found and current is not None:
+            current.append(Instruction(*found.groups()))
+    return computations, entry
+
+
+@dataclasses.dataclass
+class Profile:
+    total_bytes: float  # HBM bytes accessed per step, this module's estimate
+    by_op: list[tuple[str, float]]  # (op label, bytes), largest first
+    buffers: list[tuple[str, str, int]]  # (op label, shape, bytes), largest outputs first
+
+
+def profile(hlo_text: str, top: int = 8) -> Profile:
+    """HBM bytes per op label and the largest buffers of a compiled module (see module doc);
+    `top=0` keeps every op label (for extrapolation)."""
+    computations, entry = parse(hlo_text)
+    sizes = {i.name: shape_bytes(i.shape) for body in computations.values() for i in body}
+    traffic: dict[str, float] = defaultdict(float)
+    buffers: dict[tuple[str, str], int] = {}
+    todo = [entry]
+    while todo:
+        for ins in computations.get(todo.pop(), []):
+            callees = dict(_CALLEE.findall(ins.rest))
+            if ins.opcode in ("while", "call", "conditional"):
+                todo += [callees[k] for k in ("body", "to_apply", "calls", "true_computation",
+                                              "false_computation") if k in callees]
+                for group in _BRANCHES.findall(ins.rest):
+                    todo += [c.strip().lstrip("%") for c in group.split(",")]
+            if ins.opcode in FREE or ins.opcode.endswith("-done"):
+                continue
+            out = sizes[ins.name]
+            traffic[ins.label] += out + sum(sizes.get(o, 0) for o in ins.operands)
+            for array in _ARRAY.finditer(ins.shape):
+                key = (ins.label, f"{array.group(1)}[{array.group(2)}]")
+                buffers[key] = max(buffers.get(key, 0), shape_bytes(array.group(0)))
+    by_op = sorted(traffic.items(), key=lambda kv: -kv[1])
+    biggest = sorted(((label, shape, b) for (label, shape), b in buffers.items()),
+                     key=lambda x: -x[2])
+    return Profile(sum(traffic.values()), by_op[:top or None], biggest[:top or None])
