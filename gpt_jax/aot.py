@@ -269,7 +269,7 @@ def cost_report(cost: dict[str, float], model_flops_per_chip: float, peak: float
     FLOPs = XLA's count or the model's where XLA counted less (its cost analysis misses the
     matmuls of some fsdp programs); `estimate_source` says which. The roofline adds the two
     terms (no overlap) because XLA's own TPU estimate does: on the v5p rows of BENCHMARKS.md
-    `optimal_seconds` is 1.00-1.07x their sum. `extra_flops`: work XLA cannot see (Pallas
+    `optimal_seconds` is 1.01-1.07x their sum. `extra_flops`: work XLA cannot see (Pallas
     kernels): added to its FLOPs, and to its estimate at peak.
     """
     flops, bytes_accessed = cost.get("flops", 0.0) + extra_flops, cost.get("bytes accessed", 0.0)

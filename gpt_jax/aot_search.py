@@ -431,7 +431,8 @@ def table(rows: list[Row], tpu: aot.TpuSlice) -> str:
             mem = f"~{e.memory_bytes / GiB:.2f} of {tpu.hbm_bytes / GiB:.0f} GiB (est.)"
         fits = {True: "yes", False: "NO", None: "?"}[r.fits]
         if rec.get("train_xla_estimated_step_s"):
-            step = f"{1e3 * rec['train_xla_estimated_step_s']:.1f} ms"
+            how = "XLA" if rec["train_estimate_source"].startswith("xla") else "roofline"
+            step = f"{1e3 * rec['train_xla_estimated_step_s']:.1f} ms ({how})"
             mfu = f"{100 * rec['train_projected_mfu']:.1f}%"
             tps = f"{r.tokens_per_s_per_chip:,.0f}"
         else:

@@ -20,6 +20,7 @@ from collections import defaultdict
 FREE = {"parameter", "get-tuple-element", "tuple", "constant", "bitcast", "while", "call",
         "conditional", "after-all", "partition-id", "replica-id", "opt-barrier", "iota",
         "add-dependency", "domain"}
+FREE_CALLS = {"ConcatBitcast"}  # custom calls that only relabel memory (slices DMA'd in place)
 _ITEMSIZE = {"pred": 1, "s4": 1, "u4": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1,
              "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4,
              "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
@@ -70,16 +71,22 @@ class Instruction:
 
     @property
     def label(self) -> str:
-        """The JAX op that produced it, short and layer-free: 'bwd h/mlp/fc/dot_general'."""
-        found = _OP_NAME.search(self.rest)
-        target = _TARGET.search(self.rest)
+        """The JAX op that produced it, short and layer-free: 'bwd h/mlp/fc/dot_general'; an
+        op without a module path (or without metadata) also names its largest output array."""
+        found, target = _OP_NAME.search(self.rest), _TARGET.search(self.rest)
+        shape = self.shape  # an async start's ((aliased operands), results..., context)
+        shape = shape[shape.index(")") + 1:] if shape.startswith("((") else shape
+        arrays = [(shape_bytes(a.group(0)), f"{a.group(1)}[{a.group(2)}]")
+                  for a in _ARRAY.finditer(shape)]
+        largest = max(arrays)[1] if arrays else ""
         if not found:
-            return target.group(1) if target else self.opcode
+            return f"{target.group(1) if target else self.opcode} {largest}"
         path = found.group(1).split("/", 1)[-1]  # drop jit(train_step)
         phase = "bwd " if path.startswith("transpose(") else "fwd " if "jvp(" in path else ""
         parts = [re.sub(r"^h_\d+$", "h", p) for p in path.split("/")
                  if "(" not in p and p not in _WRAPPERS and not p.startswith("GPT._")]
-        return phase + ("/".join(parts) or self.opcode)
+        parts = parts or [self.opcode]
+        return phase + "/".join(parts) + (f" {largest}" if len(parts) == 1 else "")
 
 
 def parse(hlo_text: str) -> tuple[dict[str, list[Instruction]], str]:
@@ -96,6 +103,21 @@ def parse(hlo_text: str) -> tuple[dict[str, list[Instruction]], str]:
         if found and current is not None:
             current.append(Instruction(*found.groups()))
     return computations, entry
+
+
+def _bytes_moved(ins: Instruction, sizes: dict[str, int]) -> int:
+    """HBM bytes one instruction reads and writes: its operands and output, except that a
+    slice reads only what it returns, an unfused dynamic-update-slice writes its update in
+    place, and an async start's output tuple repeats the operands it aliases."""
+    operands = [sizes.get(o, 0) for o in ins.operands]
+    out = sizes[ins.name]
+    if ins.opcode.endswith("-start"):
+        out = max(0, out - sum(operands))
+    if ins.opcode in ("slice", "dynamic-slice", "slice-start"):
+        return 2 * out
+    if ins.opcode == "dynamic-update-slice":
+        return 2 * operands[1]
+    return out + sum(operands)
 
 
 @dataclasses.dataclass
@@ -123,8 +145,9 @@ def profile(hlo_text: str, top: int = 8) -> Profile:
                     todo += [c.strip().lstrip("%") for c in group.split(",")]
             if ins.opcode in FREE or ins.opcode.endswith("-done"):
                 continue
-            out = sizes[ins.name]
-            traffic[ins.label] += out + sum(sizes.get(o, 0) for o in ins.operands)
+            if ins.opcode == "custom-call" and _TARGET.search(ins.rest).group(1) in FREE_CALLS:
+                continue
+            traffic[ins.label] += _bytes_moved(ins, sizes)
             for array in _ARRAY.finditer(ins.shape):
                 key = (ins.label, f"{array.group(1)}[{array.group(2)}]")
                 buffers[key] = max(buffers.get(key, 0), shape_bytes(array.group(0)))

@@ -56,14 +56,29 @@ def test_bytes_per_op_and_buffers_by_hand():
     matmul = 16 * 64 * 4 + 16 * 32 * 2 + 32 * 64 * 2  # output + both operands
     fusion = 4 * 8 * 4 * 2  # in the loop body, counted once (as XLA's cost analysis does)
     compare = 1 + 4 + 4  # the loop condition is not walked; its ops are not counted
-    copy = (2 * 16 * 64 * 4 + 4) + 16 * 64 * 4  # copy-start's tuple and operand; -done free
+    copy = (16 * 64 * 4 + 4) + 16 * 64 * 4  # its tuple (less the operand it aliases), operand
     assert dict(p.by_op) == {"bwd h/attn/qkv/dot_general": matmul,
-                             "fwd h/mlp/fc/dot_general": fusion, "copy-start": copy}
+                             "fwd h/mlp/fc/dot_general": fusion, "copy-start f32[16,64]": copy}
     assert p.total_bytes == matmul + fusion + copy != matmul + fusion + copy + compare
-    assert p.by_op[0][0] == "copy-start"  # largest first
+    assert p.by_op[0][0] == "bwd h/attn/qkv/dot_general"  # largest first
     # Buffers are single arrays (tuples split), largest first, labelled by their op.
     assert p.buffers[0][1:] == ("f32[16,64]", 16 * 64 * 4)
     assert ("fwd h/mlp/fc/dot_general", "f32[4,8]", 128) in p.buffers
+
+
+def test_slices_read_what_they_return():
+    hlo = """ENTRY %main (p: f32[96,512]) -> f32[24,512] {
+  %p = f32[96,512]{1,0} parameter(0)
+  %slice-start.1 = ((f32[96,512]{1,0}), f32[24,512]{1,0}, s32[]) slice-start(%p), slice={[0:24], [0:512]}
+  %slice-done.1 = f32[24,512]{1,0} slice-done(%slice-start.1)
+  %s2 = f32[24,512]{1,0} slice(%p), slice={[24:48], [0:512]}
+  ROOT %c = f32[48,512]{1,0} custom-call(%slice-done.1, %s2), custom_call_target="ConcatBitcast"
+}
+"""
+    p = hlo_profile.profile(hlo)
+    # Read and write 24 rows each (+ the start's 4-byte context); the concat is free.
+    assert dict(p.by_op) == {"slice-start f32[24,512]": 2 * (24 * 512 * 4 + 4),
+                             "slice f32[24,512]": 2 * 24 * 512 * 4}
 
 
 def test_top_limits_and_zero_keeps_all():
@@ -75,7 +90,7 @@ def test_top_limits_and_zero_keeps_all():
     ("jit(_train_step)/jvp(GPT)/h_11/attn/proj/dot_general", "fwd h/attn/proj/dot_general"),
     ("jit(_train_step)/transpose(jvp(GPT))/GPT._scan_blocks/while/body/closed_call/checkpoint/"
      "h/mlp/proj/dot_general", "bwd h/mlp/proj/dot_general"),
-    ("jit(_train_step)/add", "add"),
+    ("jit(_train_step)/add", "add f32[2]"),
 ])
 def test_labels_merge_layers_and_drop_wrappers(op_name, label):
     ins = hlo_profile.Instruction("f", "f32[2]", "fusion", f'%x), metadata={{op_name="{op_name}"}}')
