@@ -392,7 +392,7 @@ def bound(r: dict[str, Any], top: int = 3) -> str:
     total = r.get("train_hlo_bytes_total") or 0.0
     ops = ", ".join(f"{label} {100 * b / total:.0f}%"
                     for label, b in r["train_hlo_bytes_by_op"][:top]) if total else "n/a"
-    bufs = ", ".join(f"{label} {shape} {b / GiB:.2f} GiB"
+    bufs = ", ".join(f"{label if label.endswith(shape) else f'{label} {shape}'} {b / GiB:.2f} GiB"
                      for label, shape, b in r["train_hlo_largest_buffers"][:top])
     return (f"{'HBM bytes' if hbm > compute else 'compute'} ({1e3 * hbm:.1f} ms of HBM traffic"
             f" vs {1e3 * compute:.1f} ms of FLOPs at peak); top traffic: {ops}; largest "
