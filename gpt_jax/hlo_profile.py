@@ -124,8 +124,7 @@ def _bytes_moved(ins: Instruction, sizes: dict[str, int]) -> int:
 class Profile:
     total_bytes: float  # HBM bytes accessed per step, this module's estimate
     by_op: list[tuple[str, float]]  # (op label, bytes), largest first
-    buffers: list[tuple[str, str, int]]  # (op label, shape, bytes), largest outputs first,
-    # one per shape
+    buffers: list[tuple[str, str, int]]  # (op label, shape, bytes), largest outputs first
 
 
 def profile(hlo_text: str, top: int = 8) -> Profile:
@@ -153,10 +152,6 @@ def profile(hlo_text: str, top: int = 8) -> Profile:
                 key = (ins.label, f"{array.group(1)}[{array.group(2)}]")
                 buffers[key] = max(buffers.get(key, 0), shape_bytes(array.group(0)))
     by_op = sorted(traffic.items(), key=lambda kv: -kv[1])
-    biggest, shapes = [], set()
-    for label, shape, b in sorted(((label, shape, b) for (label, shape), b in buffers.items()),
-                                  key=lambda x: -x[2]):
-        if shape not in shapes:  # one per shape: an in-place update repeats its buffer's
-            shapes.add(shape)
-            biggest.append((label, shape, b))
+    biggest = sorted(((label, shape, b) for (label, shape), b in buffers.items()),
+                     key=lambda x: -x[2])
     return Profile(sum(traffic.values()), by_op[:top or None], biggest[:top or None])

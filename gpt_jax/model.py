@@ -22,7 +22,6 @@ Shape suffixes: `x_BTD` is an array of shape [B, T, D]. The letters, here and in
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import flax.linen as nn
@@ -73,7 +72,6 @@ def _param(init, axes):
 
 class Dense(nn.Module):
     """x @ W (+ b) contracting `in_axes` of x; W has logical names `axes` (inputs, outputs).
-    The matmul sees W with its last two feature dims merged (the output is reshaped back).
 
     W ~ normal(std) (default cfg.init_std); std 0: W starts at zero."""
     features: tuple[int, ...]
@@ -92,13 +90,7 @@ class Dense(nn.Module):
         kernel = self.param("kernel", _param(init, self.axes), in_shape + self.features,
                             cfg.param_dtype)
         contract = (tuple(a % x.ndim for a in self.in_axes), tuple(range(n_in)))
-        # The two trailing feature dims merged for the matmul (e.g. heads x head_dim): on TPU
-        # its output, which save_dots keeps per layer, then has a minor dim that fills the
-        # 128-lane tile instead of a padded 64.
-        merged = self.features[:-2] + (math.prod(self.features[-2:]),)
-        w = kernel.astype(cfg.dtype).reshape(in_shape + merged)
-        y = jax.lax.dot_general(x.astype(cfg.dtype), w, (contract, ((), ())))
-        y = y.reshape(y.shape[:-1] + self.features[-2:]) if len(self.features) > 1 else y
+        y = jax.lax.dot_general(x.astype(cfg.dtype), kernel.astype(cfg.dtype), (contract, ((), ())))
         if cfg.use_bias if self.use_bias is None else self.use_bias:
             bias = self.param("bias", _param(nn.initializers.zeros, self.axes[n_in:]),
                               self.features, cfg.param_dtype)
@@ -155,9 +147,7 @@ class CausalSelfAttention(nn.Module):
         (B, T), H, G, K = x_BTD.shape[:2], cfg.n_head, cfg.kv_heads, cfg.head_dim
         Q = H // G
         qkv_BTJGK = _dense((Q + 2, G, K), (EMBED, None, HEADS, KV), cfg, name="qkv")(x_BTD)
-        # What save_qkv_proj keeps, named in the matmul's [B, T, J, G*K] form (see Dense).
-        qkv_BTJGK = checkpoint_name(qkv_BTJGK.reshape(B, T, Q + 2, G * K),
-                                    "qkv_proj").reshape(qkv_BTJGK.shape)
+        qkv_BTJGK = checkpoint_name(qkv_BTJGK, "qkv_proj")  # what save_qkv_proj keeps
         q_BTHK = jnp.swapaxes(qkv_BTJGK[:, :, :Q], 2, 3).reshape(B, T, H, K)
         k_BTGK, v_BTGK = qkv_BTJGK[:, :, Q], qkv_BTJGK[:, :, Q + 1]
         if cfg.qk_norm:

@@ -105,3 +105,22 @@ def test_cost_report_estimates():
     # XLA counted 2 TFLOP where the model needs 9: the compute term uses 9 TFLOP (90 ms).
     under = aot.cost_report({"flops": 2e12, "bytes accessed": 10e9}, 9e12, peak, bw)
     assert under["xla_flops_below_model"] and under["xla_estimated_step_s"] == pytest.approx(0.1)
+
+
+def test_bound_line_from_a_record():
+    """The larger roofline term, op shares of the HLO traffic, and each buffer shape once (an
+    in-place update of a buffer has the same shape as the buffer)."""
+    GiB = aot.GiB
+    record = {"train_compute_s": 0.1422, "train_hbm_s": 0.1435, "train_hlo_bytes_total": 100.0,
+              "train_hlo_bytes_by_op": [["tpu_custom_call f32[4,128]", 19.0],
+                                        ["bwd h/attn/qkv/dot_general", 7.0], ["add f32[2]", 1.0]],
+              "train_hlo_largest_buffers": [["fwd broadcast_in_dim", "bf16[12,3,64]", 3 * GiB],
+                                            ["fwd dynamic_update_slice", "bf16[12,3,64]", 3 * GiB],
+                                            ["fwd h/mlp/fc/dot_general", "bf16[12,3072]", 2 * GiB],
+                                            ["copy f32[8]", "f32[8]", GiB]]}
+    assert aot.bound(record) == (
+        "HBM bytes (143.5 ms of HBM traffic vs 142.2 ms of FLOPs at peak); top traffic: "
+        "tpu_custom_call f32[4,128] 19%, bwd h/attn/qkv/dot_general 7%, add f32[2] 1%; largest "
+        "buffers: fwd broadcast_in_dim bf16[12,3,64] 3.00 GiB, fwd h/mlp/fc/dot_general "
+        "bf16[12,3072] 2.00 GiB, copy f32[8] 1.00 GiB")
+    assert aot.bound({}).startswith("n/a")
