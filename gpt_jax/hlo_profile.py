@@ -70,14 +70,18 @@ class Instruction:
         return args
 
     @property
+    def results(self) -> str:
+        """The output shape less what an async start's ((aliased operands), ...) repeats."""
+        return self.shape[self.shape.index(")") + 1:] if self.shape.startswith("((") \
+            else self.shape
+
+    @property
     def label(self) -> str:
         """The JAX op that produced it, short and layer-free: 'bwd h/mlp/fc/dot_general'; an
         op without a module path (or without metadata) also names its largest output array."""
         found, target = _OP_NAME.search(self.rest), _TARGET.search(self.rest)
-        shape = self.shape  # an async start's ((aliased operands), results..., context)
-        shape = shape[shape.index(")") + 1:] if shape.startswith("((") else shape
         arrays = [(shape_bytes(a.group(0)), f"{a.group(1)}[{a.group(2)}]")
-                  for a in _ARRAY.finditer(shape)]
+                  for a in _ARRAY.finditer(self.results)]
         largest = max(arrays)[1] if arrays else ""
         if not found:
             return f"{target.group(1) if target else self.opcode} {largest}"
@@ -148,7 +152,7 @@ def profile(hlo_text: str, top: int = 8) -> Profile:
             if ins.opcode == "custom-call" and _TARGET.search(ins.rest).group(1) in FREE_CALLS:
                 continue
             traffic[ins.label] += _bytes_moved(ins, sizes)
-            for array in _ARRAY.finditer(ins.shape):
+            for array in _ARRAY.finditer(ins.results):
                 key = (ins.label, f"{array.group(1)}[{array.group(2)}]")
                 buffers[key] = max(buffers.get(key, 0), shape_bytes(array.group(0)))
     by_op = sorted(traffic.items(), key=lambda kv: -kv[1])

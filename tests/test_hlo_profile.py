@@ -79,6 +79,7 @@ def test_slices_read_what_they_return():
     # Read and write 24 rows each (+ the start's 4-byte context); the concat is free.
     assert dict(p.by_op) == {"slice-start f32[24,512]": 2 * (24 * 512 * 4 + 4),
                              "slice f32[24,512]": 2 * 24 * 512 * 4}
+    assert "f32[96,512]" not in [shape for _, shape, _ in p.buffers]  # the aliased operand
 
 
 def test_top_limits_and_zero_keeps_all():
