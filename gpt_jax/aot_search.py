@@ -446,9 +446,12 @@ def table(rows: list[Row], tpu: aot.TpuSlice) -> str:
     return "\n".join(lines)
 
 
-def commands(winner: Row, config_arg: str, topology: str) -> list[str]:
-    """The `gpt-jax train` and `launch/tpu.py train` command lines of the winner."""
-    overrides = [f"--config.{k}={v}" for k, v in winner.candidate.overrides().items()]
+def commands(winner: Row, config_arg: str, topology: str,
+             user_overrides: tuple[str, ...] = ()) -> list[str]:
+    """The `gpt-jax train` and `launch/tpu.py train` command lines of the winner: the config,
+    the `--config.x=v` the search was given, then the winner's own."""
+    overrides = [*user_overrides,
+                 *(f"--config.{k}={v}" for k, v in winner.candidate.overrides().items())]
     acc = topology.replace("v5e-", "v5litepod-")
     train = " ".join(["gpt-jax train", f"--config={config_arg}", *overrides])
     launch = " ".join(["python launch/tpu.py train --name=NAME --project=PROJECT --zone=ZONE",

@@ -152,6 +152,10 @@ def test_tiny_search_compiles_the_winner_and_a_second_run_is_cached():
     train, launch = aot_search.commands(winner, "configs/tiny.py", "v5e-4")
     assert train.startswith("gpt-jax train --config=configs/tiny.py --config.mesh.data=")
     assert "--accelerator=v5litepod-4" in launch and "--config.model.remat_policy=" in launch
+    # What the search was given (e.g. --config.model.vocab_multiple=128) comes first, in both.
+    given = ("--config.model.vocab_multiple=128",)
+    for line in aot_search.commands(winner, "configs/tiny.py", "v5e-4", given):
+        assert " --config=configs/tiny.py --config.model.vocab_multiple=128 --config.mesh" in line
 
     def boom(*args):
         raise AssertionError("the second identical search must not compile")

@@ -107,10 +107,11 @@ def _search() -> None:
     print(aot_search.table(shown, tpu))
     winner = rows[0] if rows and rows[0].fits else None
     config_arg = (f"configs/{aot.PRESETS.get(FLAGS.preset, FLAGS.preset)}.py" if FLAGS.preset
-                  else "CONFIG")
+                  else FLAGS["config"].config_filename)
+    given = tuple(a for a in sys.argv[1:] if a.startswith("--config.") and not FLAGS.preset)
     if winner:
         print("\nwinner:\n  " + "\n  ".join(aot_search.commands(winner, config_arg,
-                                                                 FLAGS.topology)))
+                                                                 FLAGS.topology, given)))
         if FLAGS.dtype:
             print(f"  (add --config.model.dtype={FLAGS.dtype} to both)")
         print("bound by " + aot.bound(winner.record))
