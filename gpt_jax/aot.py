@@ -392,9 +392,13 @@ def bound(r: dict[str, Any], top: int = 3) -> str:
     total = r.get("train_hlo_bytes_total") or 0.0
     ops = ", ".join(f"{label} {100 * b / total:.0f}%"
                     for label, b in r["train_hlo_bytes_by_op"][:top]) if total else "n/a"
-    distinct = {shape: (label, b) for label, shape, b in reversed(r["train_hlo_largest_buffers"])}
-    bufs = ", ".join(f"{label if label.endswith(shape) else f'{label} {shape}'} {b / GiB:.2f} GiB"
-                     for shape, (label, b) in list(distinct.items())[::-1][:top])
+    shown, seen = [], set()
+    for label, shape, b in r["train_hlo_largest_buffers"]:  # largest first; each shape once
+        if shape not in seen and len(shown) < top:
+            seen.add(shape)
+            name = label if label.endswith(shape) else f"{label} {shape}"
+            shown.append(f"{name} {b / GiB:.2f} GiB")
+    bufs = ", ".join(shown)
     return (f"{'HBM bytes' if hbm > compute else 'compute'} ({1e3 * hbm:.1f} ms of HBM traffic"
             f" vs {1e3 * compute:.1f} ms of FLOPs at peak); top traffic: {ops}; largest "
             f"buffers: {bufs}")

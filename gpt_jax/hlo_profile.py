@@ -151,9 +151,10 @@ def profile(hlo_text: str, top: int = 8) -> Profile:
                 continue
             if ins.opcode == "custom-call" and _TARGET.search(ins.rest).group(1) in FREE_CALLS:
                 continue
-            traffic[ins.label] += _bytes_moved(ins, sizes)
+            label = ins.label
+            traffic[label] += _bytes_moved(ins, sizes)
             for array in _ARRAY.finditer(ins.results):
-                key = (ins.label, f"{array.group(1)}[{array.group(2)}]")
+                key = (label, f"{array.group(1)}[{array.group(2)}]")
                 buffers[key] = max(buffers.get(key, 0), shape_bytes(array.group(0)))
     by_op = sorted(traffic.items(), key=lambda kv: -kv[1])
     biggest = sorted(((label, shape, b) for (label, shape), b in buffers.items()),

@@ -108,7 +108,7 @@ def _search() -> None:
     winner = rows[0] if rows and rows[0].fits else None
     config_arg = (f"configs/{aot.PRESETS.get(FLAGS.preset, FLAGS.preset)}.py" if FLAGS.preset
                   else FLAGS["config"].config_filename)
-    given = tuple(a for a in sys.argv[1:] if a.startswith("--config.") and not FLAGS.preset)
+    given = () if FLAGS.preset else tuple(a for a in sys.argv[1:] if a.startswith("--config."))
     if winner:
         print("\nwinner:\n  " + "\n  ".join(aot_search.commands(winner, config_arg,
                                                                  FLAGS.topology, given)))
