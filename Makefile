@@ -9,7 +9,7 @@ export JAX_PLATFORMS ?= cpu
 LOCK := requirements/lock.txt
 PINS ?= -c $(LOCK)
 
-.PHONY: train test install install-test lock clean
+.PHONY: train test test-fast install install-test lock clean
 
 $(BIN)/gpt-jax: setup.cfg pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
@@ -34,8 +34,16 @@ train: install
 	$(BIN)/gpt-jax train --config=configs/default.py --workdir=$(WORKDIR)
 	$(BIN)/gpt-jax sample --workdir=$(WORKDIR) --prompt="def main(" --max_new_tokens=100 --num_samples=3
 
-test: install-test
-	GPT_JAX_E2E=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile tests
+# Two tiers. Fast: unit tests, no process started (about half a minute on 2 cores). End to end:
+# training runs, compiles and processes; the multi-process runs last, one at a time, so that a
+# loaded machine does not starve their collectives.
+FAST := -m "not e2e"
+test-fast: install-test
+	$(BIN)/python -m pytest -q -n 2 $(FAST) tests
+
+test: test-fast
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "e2e and not multiprocess" tests
+	$(BIN)/python -m pytest -q -m multiprocess tests
 
 # Pin what setup.cfg's requirements (with the dev and tpu extras) resolved to in .venv.
 lock: install-test

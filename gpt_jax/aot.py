@@ -23,33 +23,25 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import mesh_utils
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from gpt_jax import hlo_profile, sharding, tpu_flags
+from gpt_jax import hardware, hlo_profile, sharding, tpu_flags
 from gpt_jax.attention import resolve_impl
-from gpt_jax.config import MESH_AXES, ConfigError, list_presets, load_preset, resolve_mesh_shape
+from gpt_jax.axes import MESH_AXES
+from gpt_jax.config import Config, list_presets, load_preset, typed
+from gpt_jax.errors import AotError, ConfigError, OutOfMemory
 from gpt_jax.flops import count_params, flops_per_token
-from gpt_jax.metrics import peak_flops
+from gpt_jax.hardware import peak_flops
 from gpt_jax.model import GPT, ModelConfig, init_kv_cache
 from gpt_jax.sample import cache_sharding
+from gpt_jax.sharding import MeshConfig
 from gpt_jax.step import Trainer
 
 GiB = 2**30
 TOP_OPS = 5  # op labels and buffers kept in a record (`bound`)
 # The GPT-2 family by size; any preset file name (`tiny`, `gpt2_124m`, …) works too.
 PRESETS = {"124M": "gpt2_124m", "350M": "gpt2_350m", "774M": "gpt2_774m", "1558M": "gpt2_1558m"}
-
-
-class AotError(ValueError):
-    """A slice, preset or mesh that cannot be compiled; the message says what is allowed."""
-
-
-class OutOfMemory(AotError):
-    """XLA refused the step: it needs `need_bytes` per chip, more than the chip's HBM."""
-
-    def __init__(self, message: str, need_bytes: float):
-        super().__init__(message)
-        self.need_bytes = need_bytes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,24 +60,17 @@ class TpuSlice:
 
 
 def _slices() -> dict[str, TpuSlice]:
+    """Every slice of the hardware table's `aot_shapes`, by our name (v5e-8, v4-8, ...)."""
     out = {}
-    # name suffix = TensorCores (v4, v5p: 2 per chip) or chips (v5e, v6e).
-    for gen, tpu, hbm, bw, cores_per_chip, chip_config, shapes in (
-            ("v4", "v4", 32, 1228e9, 2, "megacore", ("2x2x1", "2x2x2", "2x2x4", "2x4x4",
-                                                     "4x4x4")),
-            ("v5p", "v5", 95, 2765e9, 2, "megacore", ("2x2x1", "2x2x2", "2x2x4", "2x4x4",
-                                                      "4x4x4")),
-            ("v5e", "v5e", 16, 819e9, 1, "default", ("1x1", "2x2", "2x4", "4x4", "4x8", "8x8",
-                                                     "8x16", "16x16")),
-            ("v6e", "v6e", 32, 1640e9, 1, "default", ("1x1", "2x2", "2x4", "4x4", "8x8",
-                                                      "16x16"))):
-        for shape in shapes:
+    for gen in hardware.TPUS.values():
+        for shape in gen.aot_shapes:
             dims = [int(d) for d in shape.split("x")]
             chips = math.prod(dims)
             wrap = tuple(d >= 4 and chips >= (64 if len(dims) == 3 else 256) for d in dims)
             wrap = (wrap + (False,) * 3)[:3]
-            name = f"{gen}-{chips * cores_per_chip}"
-            out[name] = TpuSlice(name, f"{tpu}:{shape}", chip_config, hbm * GiB, bw, wrap)
+            name = gen.slice_name(chips)
+            out[name] = TpuSlice(name, f"{gen.libtpu}:{shape}", gen.chip_config, gen.hbm_bytes,
+                                 gen.hbm_bytes_per_s, wrap)
     return out
 
 
@@ -93,6 +78,13 @@ SLICES = _slices()
 
 
 def get_slice(name: str) -> TpuSlice:
+    """A slice by our name or gcloud's (v5e-8 or v5litepod-8)."""
+    if name not in SLICES and "-" in name:
+        prefix, size = name.split("-", 1)
+        try:
+            name = f"{hardware.tpu(prefix).name}-{size}"
+        except ValueError:
+            pass
     if name not in SLICES:
         raise AotError(f"unknown TPU topology {name!r}; one of: {', '.join(SLICES)}")
     return SLICES[name]
@@ -130,9 +122,9 @@ def topology_devices(tpu: TpuSlice, overlap_flags: bool = True) -> list:
     return list(desc.devices)
 
 
-def topology_mesh(mesh_config, devices: list) -> Mesh:
+def topology_mesh(mesh_config: MeshConfig, devices: list) -> Mesh:
     """A (data, fsdp, tensor) mesh laid out on the slice's physical torus where possible."""
-    shape = resolve_mesh_shape(mesh_config, len(devices))
+    shape = mesh_config.shape(len(devices))
     try:
         grid = mesh_utils.create_device_mesh(shape, devices)
     except (ValueError, NotImplementedError, AssertionError):
@@ -140,10 +132,10 @@ def topology_mesh(mesh_config, devices: list) -> Mesh:
     return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(shape))
 
 
-def resolve_preset(name: str):
+def resolve_preset(name: str) -> Config:
     """The config of a size (124M, …) or of configs/<name>.py; AotError naming the choices."""
     try:
-        return load_preset(PRESETS.get(name, name))
+        return typed(load_preset(PRESETS.get(name, name)))
     except ConfigError:
         raise AotError(f"unknown preset {name!r}; one of: {', '.join(PRESETS)} or "
                        f"{', '.join(list_presets())}") from None
@@ -151,28 +143,28 @@ def resolve_preset(name: str):
 
 def apply_overrides(config, *, batch_size: int | None = None, attention_impl: str | None = None,
                     remat_policy: str | None = None, scan_layers: bool | None = None,
-                    dtype: str | None = None, mesh: tuple[int, int, int] | None = None):
-    """A copy of `config` with benchmark options applied (None keeps the config's value)."""
-    config = config.copy_and_resolve_references()
+                    dtype: str | None = None, mesh: tuple[int, int, int] | None = None) -> Config:
+    """`config` (typed or a ConfigDict) with benchmark options applied (None keeps its value)."""
+    changes: dict[str, Any] = {}
     if batch_size is not None:
-        config.train.global_batch_size = batch_size
-        config.train.microbatches = 1
+        changes.update({"train.global_batch_size": batch_size, "train.microbatches": 1})
     for field, value in (("attention_impl", attention_impl), ("remat_policy", remat_policy),
                          ("scan_layers", scan_layers), ("dtype", dtype)):
         if value is not None:
-            config.model[field] = value
+            changes[f"model.{field}"] = value
     if mesh is not None:
-        config.mesh.update(dict(zip(MESH_AXES, mesh)))
-    return config
+        changes.update({f"mesh.{a}": s for a, s in zip(MESH_AXES, mesh)})
+    return typed(config).replace(changes)
 
 
 def _abstract(shape, dtype, sharding_):
     return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding_)
 
 
-def compile_train_step(config, mesh: Mesh):
+def compile_train_step(config: Config, mesh: Mesh):
     """The Trainer's jitted train step, lowered on abstract (sharded) state and batch."""
-    trainer = Trainer.create(config, mesh)
+    config = typed(config)
+    trainer = Trainer.for_config(config, mesh)
     state = trainer.abstract_state()
     B, T = config.train.global_batch_size, config.model.block_size
     tokens = _abstract((B, T), jnp.int32, trainer.batch_sharding)
@@ -183,9 +175,9 @@ def compile_train_step(config, mesh: Mesh):
     return compiled, time.perf_counter() - t0, state
 
 
-def compile_decode_step(config, mesh: Mesh, batch_size: int):
+def compile_decode_step(config: Config, mesh: Mesh, batch_size: int):
     """One cached decoding step: [B, 1] tokens at their positions -> logits, updated KV cache."""
-    trainer = Trainer.create(config, mesh)
+    trainer = Trainer.for_config(typed(config), mesh)
     params = trainer.abstract_state()["params"]
     cfg = trainer.model_cfg
     rows = trainer.batch_sharding
@@ -199,7 +191,7 @@ def compile_decode_step(config, mesh: Mesh, batch_size: int):
         logits_B1V, kv_cache = model.apply({"params": params}, tokens_B1, positions_B1, kv_cache)
         return logits_B1V, kv_cache
 
-    logits_sh = NamedSharding(mesh, P(sharding.batch_axes(trainer.rules)))
+    logits_sh = NamedSharding(mesh, P(trainer.rules.batch_axes))
     step = jax.jit(decode, out_shardings=(logits_sh, cache_sh),
                    donate_argnums=(3,))
     with sharding.activate(mesh, trainer.rules):
@@ -235,7 +227,7 @@ def xla_cost(compiled) -> dict[str, float]:
     return {k: float(cost[k]) for k in ("flops", "bytes accessed", "optimal_seconds") if k in cost}
 
 
-def layer_extrapolated_cost(config, compile_fn: Callable) -> tuple[dict[str, float],
+def layer_extrapolated_cost(config: Config, compile_fn: Callable) -> tuple[dict[str, float],
                                                                   dict[str, float]]:
     """XLA's cost of a scanned model, and its HBM bytes per op label (`hlo_profile`), from
     unscanned compiles of 1 and 2 of its layers.
@@ -246,8 +238,7 @@ def layer_extrapolated_cost(config, compile_fn: Callable) -> tuple[dict[str, flo
     """
     costs, traffic = [], []
     for n_layer in (1, 2):
-        probe = config.copy_and_resolve_references()
-        probe.model.n_layer, probe.model.scan_layers = n_layer, False
+        probe = config.replace({"model.n_layer": n_layer, "model.scan_layers": False})
         compiled = compile_fn(probe)
         costs.append(xla_cost(compiled))
         traffic.append(dict(hlo_profile.profile(compiled.as_text(), top=0).by_op))
@@ -304,12 +295,13 @@ def attention_flops(model_cfg: ModelConfig, batch_size: int) -> float:
 def project(config, slice_name: str, *, decode_batch_size: int = 0,
             decode: bool = True, overlap_flags: bool = True) -> dict[str, Any]:
     """Compile train (and decode) for the slice; one flat record of memory, FLOPs and MFU."""
+    config = typed(config)
     tpu = get_slice(slice_name)
     devices = topology_devices(tpu, overlap_flags)
     mesh = topology_mesh(config.mesh, devices)
     data, fsdp, tensor = (mesh.shape[a] for a in MESH_AXES)
     B, T = config.train.global_batch_size, config.model.block_size
-    model_cfg = ModelConfig.from_config(config.model)
+    model_cfg = config.model
     if B % (data * fsdp) or model_cfg.n_head % tensor or model_cfg.kv_heads % tensor:
         raise AotError(f"batch {B} must divide over data*fsdp={data * fsdp} and n_head "
                        f"{model_cfg.n_head} (n_kv_head {model_cfg.kv_heads}) over "
@@ -332,7 +324,7 @@ def project(config, slice_name: str, *, decode_batch_size: int = 0,
         "loss_chunks": model_cfg.loss_chunks,
         "libtpu_init_args": LIBTPU_ARGS_AT_INIT or "",
         "xla_overlap_flags": bool(LIBTPU_ARGS_AT_INIT) and all(
-            f in (LIBTPU_ARGS_AT_INIT or "") for f in tpu_flags.OVERLAP_FLAGS["v4"]),
+            f in (LIBTPU_ARGS_AT_INIT or "") for f in tpu_flags.overlap_flags(tpu.name)),
         "peak_tflops_per_chip": peak / 1e12 if peak else None, "train_compile_s": compile_s,
         "params_bytes_per_chip": shard_bytes(state["params"]),
         "opt_state_bytes_per_chip": shard_bytes(state["opt_state"]),

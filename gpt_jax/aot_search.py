@@ -32,20 +32,17 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from gpt_jax import aot, tpu_flags
+from gpt_jax import aot, hardware, tpu_flags
 from gpt_jax.attention import resolve_impl
-from gpt_jax.config import REMAT_POLICIES, ModelConfig, to_json, from_json
+from gpt_jax.config import Config, to_json, typed
 from gpt_jax.data.files import cache_root
 from gpt_jax.flops import count_params, flops_per_token
-from gpt_jax.metrics import peak_flops
+from gpt_jax.model import REMAT_POLICIES, ModelConfig
 
 GiB = aot.GiB
 CACHE_VERSION = 2  # 2: the summed roofline, records carry the HLO profile
 MAX_TENSOR = 4
 LOSS_CHUNKS = (0, 8)
-# Per-chip ICI bandwidth (bytes/s, all links, one direction), published figures.
-ICI_BYTES_PER_S = {"v4": 270e9, "v5e": 200e9, "v5p": 600e9, "v6e": 400e9}
-DEVICE_KIND = {"v4": "TPU v4", "v5e": "TPU v5 lite", "v5p": "TPU v5", "v6e": "TPU v6 lite"}
 # Fraction of a layer's forward matmul FLOPs recomputed in the backward pass.
 REMAT_RECOMPUTE = {"none": 0.0, "save_dots": 0.0, "save_dots_no_batch": 0.15,
                    "save_qkv_out_proj": 0.7, "save_qkv_proj": 0.8, "save_out_proj": 0.9,
@@ -77,12 +74,8 @@ class Candidate:
                 "model.remat_policy": self.remat, "model.scan_layers": self.scan,
                 "model.attention_impl": self.attention, "model.loss_chunks": self.loss_chunks}
 
-    def apply(self, config):
-        config = aot.apply_overrides(config, batch_size=self.batch, attention_impl=self.attention,
-                                     remat_policy=self.remat, scan_layers=self.scan,
-                                     mesh=self.mesh)
-        config.model.loss_chunks = self.loss_chunks
-        return config
+    def apply(self, config) -> Config:
+        return typed(config).replace(self.overrides())
 
     def label(self) -> str:
         return (f"mesh {self.mesh_str} batch {self.batch} remat {self.remat}"
@@ -97,6 +90,7 @@ def _divisors(n: int) -> list[int]:
 def enumerate_candidates(config, tpu: aot.TpuSlice, tokens_per_step: int | None = None,
                          max_tensor: int = MAX_TENSOR) -> list[Candidate]:
     """Every candidate of the search space for `config` on `tpu` (before pruning)."""
+    config = typed(config)
     m, chips = config.model, tpu.chips
     T = m.block_size
     meshes = [(d, f, chips // (d * f)) for d in _divisors(chips) for f in _divisors(chips // d)]
@@ -136,8 +130,9 @@ def _counts(cfg: ModelConfig) -> tuple[int, float]:
 def estimate(config, tpu: aot.TpuSlice, c: Candidate,
              counts: tuple[int, float] | None = None) -> Estimate:
     """Pure-Python per-chip memory and roofline step time of candidate `c` (no compile)."""
-    cfg = ModelConfig.from_config(config.model)
-    gen = tpu_flags.generation(tpu.name)
+    config = typed(config)
+    cfg = config.model
+    gen = hardware.tpu(tpu.name)
     n_params, per_token = counts or _counts(cfg)
     d, f, t = c.mesh
     chips = d * f * t
@@ -170,7 +165,7 @@ def estimate(config, tpu: aot.TpuSlice, c: Candidate,
     flops = model_flops + (6 * n_params * c.batch * T / chips / 3) * REMAT_RECOMPUTE[c.remat]
     if c.loss_chunks > 1:  # the chunked loss recomputes the LM head's forward
         flops += 2 * D * V * c.batch * T / chips
-    peak = peak_flops(DEVICE_KIND[gen]) or 197e12
+    peak = gen.peak_flops
     # ... and recomputed activations are written and read again in the backward pass.
     recomputed = tokens * L * every * REMAT_RECOMPUTE[c.remat]
     hbm_traffic = 3 * state + 2 * (acts + recomputed + logits) + 3 * n_params * b / t
@@ -183,7 +178,7 @@ def estimate(config, tpu: aot.TpuSlice, c: Candidate,
         comm += 4 * L * tokens * D * b * 2 * (t - 1) / t
     # FLOPs and HBM traffic add up, as in XLA's TPU estimate (`aot.cost_report`); collectives
     # overlap with them but for a quarter.
-    local, comm_s = flops / peak + hbm_traffic / tpu.hbm_bytes_per_s, comm / ICI_BYTES_PER_S[gen]
+    local, comm_s = flops / peak + hbm_traffic / tpu.hbm_bytes_per_s, comm / gen.ici_bytes_per_s
     step = max(local, comm_s) + 0.25 * min(local, comm_s)
     return Estimate(memory, step, flops, c.batch * T / step / chips,
                     model_flops / (step * peak))
@@ -194,7 +189,8 @@ def prune(config, tpu: aot.TpuSlice, candidates: list[Candidate], per_shape: int
                                            list[tuple[Candidate, Estimate]]]:
     """(kept, rejected): candidates whose estimate fits `margin` x HBM, the best `per_shape`
     per (mesh, batch), ranked by estimated tokens/s/chip; rejected: the rest that do not fit."""
-    counts = _counts(ModelConfig.from_config(config.model))
+    config = typed(config)
+    counts = _counts(config.model)
     scored = [(c, estimate(config, tpu, c, counts)) for c in candidates]
     fitting = [(c, e) for c, e in scored if e.memory_bytes <= margin * tpu.hbm_bytes]
     over = sorted((x for x in scored if x[1].memory_bytes > margin * tpu.hbm_bytes),
@@ -260,7 +256,7 @@ def compile_record(config_json: str, topology: str, overlap: bool) -> dict:
     """One candidate's `aot.project` record (train step only); an over-HBM compile is a
     record with train_fits False and the overshoot XLA reported. Runs in a fresh process."""
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    config = from_json(config_json)
+    config = Config.from_dict(json.loads(config_json))
     t0 = time.perf_counter()
     try:
         record = aot.project(config, topology, decode=False, overlap_flags=overlap)
@@ -305,6 +301,7 @@ def search(config, topology: str, *, tokens_per_step: int | None = None, top: in
            log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> list[Row]:
     """Enumerate, prune, compile (cached) the best until `top` fit; rows ranked, compiled
     fitting ones first by tokens/s/chip. AotError naming the smallest overshoot if none fits."""
+    config = typed(config)
     tpu = aot.get_slice(topology)
     candidates = enumerate_candidates(config, tpu, tokens_per_step)
     if not candidates:

@@ -13,19 +13,16 @@ Arguments left as None take the run's `config.sample` values.
 from __future__ import annotations
 
 import dataclasses
-import os
-import tempfile
 from typing import Any, NamedTuple, Sequence
 
 from etils import epath
 from jax.sharding import Mesh
 
-from gpt_jax import checkpoint
+from gpt_jax import checkpoint, evals
 from gpt_jax import sample as sample_lib
-from gpt_jax.data import load_tokenizer
-from gpt_jax.data.tokenizer_base import META_FILE, TOKENIZER_DIR
-from gpt_jax.model import ModelConfig
-from gpt_jax.sharding import logical_rules, make_mesh
+from gpt_jax.config import Config
+from gpt_jax.errors import NoCheckpointError, SamplingError
+from gpt_jax.run import run_tokenizer
 
 
 class Generation(NamedTuple):
@@ -42,20 +39,19 @@ def special_id(tokenizer, name: str) -> int | None:
 
 @dataclasses.dataclass
 class LoadedModel:
-    """What sampling needs: the resolved config, params, tokenizer (and optionally a mesh)."""
-    config: Any  # ml_collections.ConfigDict
+    """What sampling needs: the run's config, params, tokenizer (and optionally a mesh)."""
+    config: Config
     params: Any
     tokenizer: Any
     mesh: Mesh | None = None
 
     def __post_init__(self):
-        self.model_cfg = ModelConfig.from_config(self.config.model)
-        vocab = getattr(self.tokenizer, "vocab_size", None)
-        if vocab is not None and vocab > self.model_cfg.vocab_size:
-            raise ValueError(f"tokenizer vocab_size={vocab} does not fit the checkpoint's "
-                             f"model.vocab_size={self.model_cfg.vocab_size}; the tokenizer "
-                             "must be the one the model was trained with")
-        self.rules = None if self.mesh is None else logical_rules(self.config)
+        self.model_cfg = self.config.model
+        if self.tokenizer.vocab_size > self.model_cfg.vocab_size:
+            raise SamplingError(f"tokenizer vocab_size={self.tokenizer.vocab_size} does not fit "
+                                f"the checkpoint's model.vocab_size={self.model_cfg.vocab_size}; "
+                                "the tokenizer must be the one the model was trained with")
+        self.rules = None if self.mesh is None else self.config.mesh.rules
 
     def encode(self, prompt: str) -> list[int]:
         """Token ids of `prompt`; an empty prompt starts from the tokenizer's BOS token."""
@@ -63,7 +59,7 @@ class LoadedModel:
         if not ids:
             bos = special_id(self.tokenizer, "bos_id")
             if bos is None:
-                raise ValueError("the prompt is empty and the tokenizer has no bos_id to start "
+                raise SamplingError("the prompt is empty and the tokenizer has no bos_id to start "
                                  "from; pass a non-empty prompt")
             ids = [bos]
         return ids
@@ -114,47 +110,32 @@ class LoadedModel:
         return [sample_lib.decode_completion(self.tokenizer, t, eos) for t in gen.tokens]
 
 
-def _run_dir(path: str) -> epath.Path | None:
-    """The run directory holding `path` (itself, or two levels up from checkpoints/<step>)."""
-    path = epath.Path(path)
-    for candidate in (path, path.parent, path.parent.parent):
-        if (candidate / TOKENIZER_DIR / META_FILE).is_file():
-            return candidate
-    return None
-
-
-def load_tokenizer_for(path: str):
-    """The run's tokenizer: from its tokenizer/ folder (local or remote, e.g. gs://), else from
-    the files in the checkpoint."""
-    run_dir = _run_dir(path)
-    if run_dir is not None and "://" not in str(run_dir):
-        return load_tokenizer(str(run_dir))
-    tmp = tempfile.mkdtemp(prefix="gpt_jax_tokenizer_")
-    if run_dir is None:
-        checkpoint.restore_tokenizer_files(path, os.path.join(tmp, "tokenizer"))
-    else:  # a local copy of the remote folder
-        local = epath.Path(tmp, "tokenizer")
-        local.mkdir()
-        for file in (run_dir / "tokenizer").iterdir():
-            (local / file.name).write_bytes(file.read_bytes())
-    return load_tokenizer(tmp)
-
-
 def load(path: str, *, mesh: Mesh | None = None, shard: bool = False,
          tokenizer: Any = None) -> LoadedModel:
     """Config, params and tokenizer of a run directory or checkpoint step directory.
 
     `mesh`: sample on it (params and cache sharded by the config's logical rules);
     `shard=True`: build that mesh from the config's `mesh` section over all devices.
-    Raises FileNotFoundError when `path` holds no checkpoint, ValueError when the tokenizer
-    does not fit the model.
+    Raises NoCheckpointError (a FileNotFoundError) when `path` holds no checkpoint,
+    SamplingError when the tokenizer does not fit the model.
     """
     if not epath.Path(path).exists():
-        raise FileNotFoundError(f"{path} does not exist; expected a run directory (with "
+        raise NoCheckpointError(f"{path} does not exist; expected a run directory (with "
                                 "checkpoints/) or a checkpoint step directory")
     if shard and mesh is None:
-        mesh = make_mesh(checkpoint.load_config(path).mesh)
-    config, params = checkpoint.load_params(path, mesh=mesh)
-    if tokenizer is None:
-        tokenizer = load_tokenizer_for(path)
-    return LoadedModel(config, params, tokenizer, mesh)
+        mesh = Config.from_dict(checkpoint.load_config(path), strict=False).mesh.make()
+    raw, params = checkpoint.load_params(path, mesh=mesh)  # sharded by the run's rules
+    return LoadedModel(Config.from_dict(raw, strict=False), params,
+                       tokenizer or run_tokenizer(path), mesh)
+
+
+def evaluate_run(path: str, spec: str, *, limit: int = 0, batch_rows: int = 32) -> dict:
+    """Score `spec`'s tasks (gpt_jax.evals) with the checkpoint at `path` (a run directory, a
+    converted Hugging Face checkpoint's run directory, or one step), rows split over every
+    device."""
+    config = Config.from_dict(checkpoint.load_config(path), strict=False)
+    mesh = config.replace({"mesh.data": -1, "mesh.fsdp": 1, "mesh.tensor": 1}).mesh.make()
+    lm = load(path, mesh=mesh)
+    tasks = evals.load_tasks(spec, limit=limit, config=lm.config)
+    return evals.run_tasks(lm.model_cfg, lm.params, lm.tokenizer, tasks, batch_rows=batch_rows,
+                           mesh=lm.mesh, rules=lm.rules)

@@ -23,6 +23,8 @@ import jax.numpy as jnp
 
 from gpt_jax.axes import ACT_BATCH, ACT_HEADS, ACT_KV, ACT_LENGTH
 
+IMPLS = ("xla", "cudnn", "reference", "splash", "auto")  # model.attention_impl
+
 
 def resolve_impl(impl: str, platform: str | None, head_dim: int, seq_len: int) -> str:
     """`auto` -> `splash` on TPU when head_dim % 64 == 0 and seq_len % 128 == 0 (the kernel's

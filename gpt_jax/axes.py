@@ -1,4 +1,4 @@
-"""Logical axis names, the default rules mapping them onto mesh axes, and the rules check.
+"""Logical axis names, the default rules mapping them onto mesh axes, and the rules object.
 
 Parameters use the plain names, activations the `ACT_*` ones, so that the batch and `EMBED` may
 both map to `fsdp` without one constraint naming a mesh axis twice. Plain Python: the config
@@ -6,6 +6,11 @@ imports this module without loading JAX.
 """
 
 from __future__ import annotations
+
+import dataclasses
+from typing import Iterator, Sequence
+
+from gpt_jax.errors import ConfigError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -48,30 +53,73 @@ DEFAULT_LOGICAL_AXIS_RULES = (
     (ACT_VOCAB, "tensor"),
 )
 
-# Rules of runs saved before these names were dropped; nothing uses them.
-RETIRED_AXES = ("batch", "length")
+MeshAxes = str | tuple[str, ...] | None
 
 
-def normalize_rules(rules) -> tuple:
-    """Rules as hashable tuples (JSON turns each tuple of mesh axes into a list)."""
-    return tuple((name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in rules)
+def _as_tuple(axes: MeshAxes) -> tuple[str, ...]:
+    return (axes,) if isinstance(axes, str) else tuple(axes or ())
 
 
-def check_rules(rules) -> None:
-    """ValueError unless each logical axis has exactly one rule naming known mesh axes."""
-    names = [name for name, _ in rules]
-    for name, axes in rules:
-        if name not in LOGICAL_AXES:
-            raise ValueError(f"logical axis rule {name!r} names no logical axis; allowed: "
-                             f"{', '.join(LOGICAL_AXES)}")
-        mesh_axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
-        unknown = [a for a in mesh_axes if a not in MESH_AXES]
-        if unknown:
-            raise ValueError(f"logical axis rule {name!r} maps to mesh axis {unknown[0]!r}; "
-                             f"allowed: {', '.join(MESH_AXES)} or None")
-        if names.count(name) > 1:
-            raise ValueError(f"logical axis {name!r} has {names.count(name)} rules; give it one")
-    missing = [name for name in LOGICAL_AXES if name not in names]
-    if missing:
-        raise ValueError(f"logical axis rules lack {', '.join(missing)}; give each a mesh axis "
-                         "or None")
+@dataclasses.dataclass(frozen=True)
+class LogicalRules:
+    """The logical axis -> mesh axes table of a run, checked once when it is made.
+
+    Each logical axis has exactly one rule naming known mesh axes (else ConfigError naming
+    it). `spec` turns an array's logical axes into mesh axes and refuses an array that would
+    name one mesh axis twice. Hashable (a static argument of compiled functions) and iterable
+    as (name, axes) pairs, which is what `flax.linen.logical_axis_rules` takes.
+    """
+    pairs: tuple[tuple[str, MeshAxes], ...] = DEFAULT_LOGICAL_AXIS_RULES
+
+    def __post_init__(self):
+        pairs = tuple((str(name), tuple(axes) if isinstance(axes, (list, tuple)) else axes)
+                      for name, axes in self.pairs)
+        object.__setattr__(self, "pairs", pairs)
+        names = [name for name, _ in pairs]
+        for name, axes in pairs:
+            if name not in LOGICAL_AXES:
+                raise ConfigError(f"mesh.logical_axis_rules: logical axis rule {name!r} names no "
+                                  f"logical axis; allowed: {', '.join(LOGICAL_AXES)}")
+            unknown = [a for a in _as_tuple(axes) if a not in MESH_AXES]
+            if unknown:
+                raise ConfigError(f"mesh.logical_axis_rules: logical axis rule {name!r} maps to "
+                                  f"mesh axis {unknown[0]!r}; allowed: {', '.join(MESH_AXES)} "
+                                  "or None")
+            if names.count(name) > 1:
+                raise ConfigError(f"mesh.logical_axis_rules: logical axis {name!r} has "
+                                  f"{names.count(name)} rules; give it one")
+        missing = [name for name in LOGICAL_AXES if name not in names]
+        if missing:
+            raise ConfigError(f"mesh.logical_axis_rules: logical axis rules lack "
+                              f"{', '.join(missing)}; give each a mesh axis or None")
+
+    def __iter__(self) -> Iterator[tuple[str, MeshAxes]]:
+        return iter(self.pairs)
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def mesh_axes(self, name: str | None) -> MeshAxes:
+        """The mesh axes (a name, a tuple or None) that logical axis `name` maps to."""
+        return None if name is None else dict(self.pairs)[name]
+
+    @property
+    def batch_axes(self) -> MeshAxes:
+        """The mesh axes a batch's rows are split over (the `act_batch` rule)."""
+        return self.mesh_axes(ACT_BATCH)
+
+    def spec(self, logical: Sequence[str | None]) -> tuple[MeshAxes, ...]:
+        """Mesh axes per dimension of an array with these logical axes; ConfigError if one
+        mesh axis would split two of its dimensions."""
+        out, used = [], {}
+        for name in logical:
+            axes = self.mesh_axes(name)
+            for axis in _as_tuple(axes):
+                if axis in used:
+                    raise ConfigError(f"mesh.logical_axis_rules: an array with logical axes "
+                                      f"{tuple(logical)} would split both {used[axis]!r} and "
+                                      f"{name!r} over mesh axis {axis!r}; map one of them "
+                                      "elsewhere")
+                used[axis] = name
+            out.append(axes)
+        return tuple(out)

@@ -8,7 +8,7 @@ one checkpoint directory is enough to sample from.
 from __future__ import annotations
 
 import base64
-import json
+import dataclasses
 import logging as py_logging
 import os
 import sys
@@ -21,35 +21,24 @@ from absl import logging
 from etils import epath
 from jax.sharding import SingleDeviceSharding
 
-from gpt_jax import config as config_lib
 from gpt_jax import sharding as sharding_lib
-from gpt_jax.model import GPT, ModelConfig, abstract_params
+from gpt_jax.errors import NoCheckpointError, UnreadableCheckpointsError
+from gpt_jax.model import ModelConfig, abstract_params
+from gpt_jax.schema import Section, field
 
 ITEMS = ("params", "opt_state", "meta", "config", "tokenizer")
 
 
-# Fields a resumed run must share with its checkpoints: they fix the shapes and tree of the state.
-STATE_FIELDS = ("model.vocab_size", "model.block_size", "model.n_layer", "model.n_head",
-                "model.n_embd", "model.mlp", "model.mlp_ratio", "model.norm", "model.position",
-                "model.tie_embeddings", "model.use_bias", "model.scan_layers",
-                "model.vocab_multiple", "model.n_kv_head", "model.qk_norm",
-                "model.value_embeddings", "optim.mu_dtype", "optim.optimizer", "data.tokenizer")
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig(Section):
+    name = "checkpoint"
+    every: int = field(250)
+    keep: int = field(3)
+    keep_period: int = field(0)  # >0: also keep every step divisible by this
+    async_save: bool = field(True)
 
-
-class NoCheckpointError(FileNotFoundError):
-    """A path that holds no checkpoint (or a run directory that holds none)."""
-
-
-class CheckpointError(RuntimeError):
-    """A run directory whose checkpoints cannot be resumed; the message says what to do."""
-
-
-class ConfigMismatchError(CheckpointError):
-    """The config asks for a different model than the run directory's checkpoints hold."""
-
-
-class UnreadableCheckpointsError(CheckpointError):
-    """Checkpoints exist but none of them reads back."""
+    def check(self) -> None:
+        self.require(self.keep >= 1, f"checkpoint.keep={self.keep} must be >= 1")
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -67,7 +56,7 @@ def _manager(directory: str, options: ocp.CheckpointManagerOptions | None = None
 class Checkpointer:
     """Saves a run's TrainState every N steps and restores the newest one that reads back."""
 
-    def __init__(self, workdir: str, ckpt_config):
+    def __init__(self, workdir: str, ckpt_config: CheckpointConfig):
         options = ocp.CheckpointManagerOptions(
             max_to_keep=ckpt_config.keep, keep_period=ckpt_config.keep_period or None,
             enable_async_checkpointing=ckpt_config.async_save, create=True)
@@ -75,7 +64,9 @@ class Checkpointer:
         self.workdir = workdir
         self.manager = _manager(self.directory, options)
 
-    def save(self, state: dict, data_state: dict, config, force: bool = False) -> bool:
+    def save(self, state: dict, data_state: dict, config: dict, force: bool = False) -> bool:
+        """Save `state` (unless its step is saved already) with the loader's state and the
+        run's config (a plain dict); async unless the config says otherwise."""
         step = int(jax.device_get(state["step"]))
         if step in self.manager.all_steps():
             return False
@@ -85,7 +76,7 @@ class Checkpointer:
             params=ocp.args.StandardSave(state["params"]),
             opt_state=ocp.args.StandardSave(state["opt_state"]),
             meta=ocp.args.JsonSave(meta),
-            config=ocp.args.JsonSave(config.to_dict()),
+            config=ocp.args.JsonSave(config),
             tokenizer=ocp.args.JsonSave(_read_tokenizer_files(self.workdir)))
         return self.manager.save(step, args=args, force=force)
 
@@ -186,8 +177,8 @@ class _StrayReadFilter(py_logging.Filter):
                     and any(directory in text for directory in _dropping))
 
 
-def saved_config(workdir: str):
-    """(step, config) of the newest checkpoint in `workdir` whose config reads back, else None."""
+def saved_config(workdir: str) -> tuple[int, dict] | None:
+    """(step, config dict) of the newest checkpoint in `workdir` whose config reads back."""
     directory = epath.Path(_absolute(checkpoint_dir(workdir)))
     if not directory.is_dir():
         return None
@@ -197,30 +188,6 @@ def saved_config(workdir: str):
         except Exception:  # noqa: BLE001 -- an unreadable checkpoint: the restore falls back
             continue
     return None
-
-
-def check_resume_compatible(workdir: str, config) -> None:
-    """Raise ConfigMismatchError naming every STATE_FIELDS value that differs from the run's.
-
-    Reads only the saved config, so a config that cannot resume the run is reported as such
-    before any checkpoint is opened (not as a chain of "unreadable" checkpoints).
-    """
-    saved = saved_config(workdir)
-    if saved is None:
-        return
-    step, old = saved
-    diffs, defaults = [], config_lib.base_config()
-    for field in STATE_FIELDS:
-        section, name = field.split(".")
-        default = defaults[section].get(name)  # a field newer than the run's checkpoint
-        was, now = old[section].get(name, default), config[section].get(name, default)
-        if was != now:
-            diffs.append(f"{field}={was!r} (the config says {now!r})")
-    if diffs:
-        raise ConfigMismatchError(
-            f"the run in {workdir} was trained with {', '.join(diffs)} (checkpoint {step}); "
-            "resume with the run's values, use another --workdir, or start a new run from it "
-            f"with --config.train.init_from={workdir}")
 
 
 def _read_tokenizer_files(workdir: str) -> dict:
@@ -248,12 +215,11 @@ def _resolve(path: str) -> tuple[str, int]:
     return str(path), max(steps)
 
 
-def load_config(path: str):
-    """The resolved config saved with a checkpoint (run dir, checkpoints/ or a step dir)."""
+def load_config(path: str) -> dict:
+    """The config saved with a checkpoint (run dir, checkpoints/ or a step dir), as written."""
     directory, step = _resolve(path)
-    raw = _manager(directory).restore(step, args=ocp.args.Composite(
+    return _manager(directory).restore(step, args=ocp.args.Composite(
         config=ocp.args.JsonRestore()))["config"]
-    return config_lib.from_json(json.dumps(raw))
 
 
 def restore_tokenizer_files(path: str, dest: str) -> str:
@@ -267,23 +233,24 @@ def restore_tokenizer_files(path: str, dest: str) -> str:
     return dest
 
 
-def load_params(path: str, mesh=None, shardings: Any = None):
-    """(config, params) from a run directory or checkpoint, for inference or fine-tuning.
+def load_params(path: str, shardings: Any = None, mesh=None, rules=None) -> tuple[dict, Any]:
+    """(config dict, params) from a run directory or checkpoint, for inference or fine-tuning.
 
-    Params land on `shardings` if given, else sharded for `mesh` by the config's logical rules,
-    else on the first device; the mesh may differ from the one the run was trained on.
+    Params land on `shardings` if given, else sharded for `mesh` by `rules` (default: the
+    saved config's), else on the first device; the mesh may differ from the one the run was
+    trained on.
     """
     directory, step = _resolve(path)
     config = load_config(os.path.join(directory, str(step)))
-    model = GPT(ModelConfig.from_config(config.model))
-    shapes = abstract_params(model.cfg)
+    model_cfg = ModelConfig.from_dict(config["model"], strict=False)
+    shapes = abstract_params(model_cfg)
     if shardings is None and mesh is None:
         shardings = jax.tree.map(lambda _: SingleDeviceSharding(jax.devices()[0]), shapes)
     elif shardings is None:
-        shardings = sharding_lib.param_shardings(model, mesh, sharding_lib.logical_rules(config))
+        rules = rules or sharding_lib.MeshConfig.from_dict(config["mesh"], strict=False).rules
+        shardings = sharding_lib.param_shardings(model_cfg, mesh, rules)
     abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                             shapes, shardings)
     params = _manager(directory).restore(step, args=ocp.args.Composite(
         params=ocp.args.StandardRestore(abstract)))["params"]
     return config, params
-

@@ -3,7 +3,8 @@
 Every command runs inside one error boundary: an expected error (bad flag, config, data,
 checkpoint, missing file) is one line `gpt-jax <command>: ...` on stderr and exit status 2
 (usage) or 1 (runtime); `--verbose` or `GPT_JAX_DEBUG=1` shows its traceback instead.
-Unexpected errors always show theirs.
+Unexpected errors always show theirs. Everything beyond the standard library is imported
+inside the functions that use it ("on use" below): `gpt-jax --help` loads neither absl nor JAX.
 """
 
 from __future__ import annotations
@@ -85,11 +86,14 @@ def _run_command(name: str, args: list[str], verbose: bool) -> None:
         if any(a in HELP_ARGS for a in args):
             print(command_help(name, module, args))
             sys.exit(0)
+        # on use (see the module docstring)
         from gpt_jax.host_memory import keep_freed_memory
 
         keep_freed_memory()  # before XLA allocates: see gpt_jax/host_memory.py
+        # on use (see the module docstring)
         from absl import app
 
+        # on use (see the module docstring)
         from gpt_jax.commands.common import quiet_logging
 
         def main(rest: list[str]) -> None:
@@ -110,6 +114,7 @@ def _run_command(name: str, args: list[str], verbose: bool) -> None:
 
 
 def _load_command(name: str, args: list[str]):
+    # on use (see the module docstring)
     from gpt_jax.commands.common import usage_error
 
     try:  # a --config flag parses its default (and the overrides in argv) when it is defined
@@ -140,31 +145,29 @@ def one_line(error: BaseException, limit: int = 600) -> str:
 
 
 def expected_exit_code(error: BaseException) -> int | None:
-    """2 for usage errors, 1 for runtime errors a user can fix, None for anything else (a bug)."""
+    """The exit status of an error a user can fix (2: usage, 1: the rest), None for a bug."""
+    # on use (see the module docstring)
     from absl import flags
 
-    from gpt_jax.commands.common import CommandError
-    from gpt_jax.config import ConfigError
-    from gpt_jax.data.files import DataError
+    # on use (see the module docstring)
+    from gpt_jax.errors import UserError
 
-    if isinstance(error, (flags.Error, ConfigError)):
-        return 2
-    if isinstance(error, CommandError):
+    if isinstance(error, UserError):
         return error.exit_code
-    runtime = [DataError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
-               PermissionError]
-    for module, names in (("gpt_jax.checkpoint", ("CheckpointError",)),
-                          ("gpt_jax.train", ("NonFiniteLossError",))):
-        if module in sys.modules:  # an error of a module that was never imported cannot occur
-            runtime += [getattr(sys.modules[module], n) for n in names
-                        if hasattr(sys.modules[module], n)]
-    return 1 if isinstance(error, tuple(runtime)) else None
+    if isinstance(error, flags.Error):
+        return 2
+    if isinstance(error, (FileNotFoundError, NotADirectoryError, IsADirectoryError,
+                          PermissionError)):
+        return 1
+    return None
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
     """absl's parse, each problem one usage-error line (absl would print two and exit 1)."""
+    # on use (see the module docstring)
     from absl import flags
 
+    # on use (see the module docstring)
     from gpt_jax.commands.common import usage_error
 
     try:
@@ -188,8 +191,10 @@ def _flag_message(text: str) -> str:
 
 def _unknown_field_message(argv: list[str], error: BaseException) -> str:
     """Name the --config.x.y override whose field does not exist, with the closest ones."""
+    # on use (see the module docstring)
     from absl import flags
 
+    # on use (see the module docstring)
     from gpt_jax import config as config_lib
 
     known = set(config_lib.flatten(config_lib.base_config().to_dict()))
@@ -210,8 +215,10 @@ def _unknown_field_message(argv: list[str], error: BaseException) -> str:
 
 def _check_config_loaded() -> None:
     """ml_collections loads --config lazily; a missing or broken file is one usage error."""
+    # on use (see the module docstring)
     from absl import flags
 
+    # on use (see the module docstring)
     from gpt_jax.commands.common import usage_error
 
     if "config" not in flags.FLAGS or not hasattr(flags.FLAGS["config"], "config_filename"):
@@ -227,6 +234,7 @@ def _check_config_loaded() -> None:
 
 def command_help(name: str, module, args: list[str]) -> str:
     """Usage line, one-line description, the module's notes and its own flags with defaults."""
+    # on use (see the module docstring)
     from absl import flags
 
     kind = next((a for a in args if not a.startswith("-")), None)
@@ -239,6 +247,7 @@ def command_help(name: str, module, args: list[str]) -> str:
     if rest.strip():
         lines += ["", rest.strip()]
     if name == "bench" and kind_module is None:
+        # on use (see the module docstring)
         from gpt_jax.bench import KINDS
 
         lines += ["", "kinds (gpt-jax bench <kind> --help for its flags):"]

@@ -12,17 +12,12 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from gpt_jax import data
-from gpt_jax.config import ModelConfig
+from gpt_jax.config import Config
+from gpt_jax.data.loader import Dataset
+from gpt_jax.data.sft import SFTDataset
+from gpt_jax.model import ModelConfig
 from gpt_jax.sample import decode_completion, sample_tokens
 from gpt_jax.step import Trainer
-
-
-def open_split(config, tokenizer, split: str):
-    """The train or validation split: token windows, or prompt/response pairs for SFT."""
-    if config.data.source == "sft_jsonl":
-        return data.SFTDataset(config, tokenizer, split=split)
-    return data.open_dataset(config, tokenizer, split)
 
 
 def to_global(host_batch: dict, batch_sharding) -> dict:
@@ -31,7 +26,7 @@ def to_global(host_batch: dict, batch_sharding) -> dict:
             for k, v in host_batch.items()}
 
 
-def evaluate(trainer: Trainer, eval_step, params, val_data, config) -> dict:
+def evaluate(trainer: Trainer, eval_step, params, val_data: Dataset, config: Config) -> dict:
     """Mean token loss and perplexity over the fixed validation batches."""
     t = config.train
     loss_sum, count = 0.0, 0.0
@@ -43,35 +38,33 @@ def evaluate(trainer: Trainer, eval_step, params, val_data, config) -> dict:
         loss_sum, count = loss_sum + float(s), count + float(c)
     loss = loss_sum / max(count, 1.0)
     result = {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
-    bytes_per_token = getattr(val_data, "bytes_per_token", None)  # SFT data has none
-    if bytes_per_token:
-        result["eval_bits_per_byte"] = loss / math.log(2) / bytes_per_token
-    if getattr(val_data, "pairs", None) and config.data.get("sft_exact_match", 0) > 0:
-        result.update(exact_match(trainer.model_cfg, params, val_data.tokenizer, val_data.pairs,
-                                  config.data.sft_exact_match, trainer.mesh, trainer.rules))
+    if val_data.bytes_per_token:
+        result["eval_bits_per_byte"] = loss / math.log(2) / val_data.bytes_per_token
+    if isinstance(val_data, SFTDataset) and config.data.sft_exact_match > 0:
+        result.update(exact_match(trainer.model_cfg, params, val_data.tokenizer,
+                                  val_data.answer_pairs(config.data.sft_exact_match),
+                                  trainer.mesh, trainer.rules))
     return result
 
 
-def greedy_answers(model_cfg: ModelConfig, params, tokenizer, prompts: Sequence[str],
+def greedy_answers(model_cfg: ModelConfig, params, tokenizer, prompts: Sequence[list[int]],
                    max_new_tokens: int, mesh=None, rules=None) -> list[str]:
-    """Greedy completions (stopping at eos, eos dropped) of each prompt."""
-    ids = [list(tokenizer.encode(p)) for p in prompts]
-    out = sample_tokens(model_cfg, params, ids, max_new_tokens=max_new_tokens, temperature=0.0,
-                        eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, mesh=mesh,
-                        rules=rules)
+    """Greedy completions (stopping at eos, eos dropped) of each prompt's ids."""
+    out = sample_tokens(model_cfg, params, prompts, max_new_tokens=max_new_tokens,
+                        temperature=0.0, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
+                        mesh=mesh, rules=rules)
     return [decode_completion(tokenizer, row[:n].tolist(), tokenizer.eos_id)
             for row, n in zip(out.tokens, out.lengths)]
 
 
-def exact_match(model_cfg: ModelConfig, params, tokenizer, pairs, limit: int = 0, mesh=None,
-                rules=None) -> dict[str, float]:
-    """{"eval_exact_match": fraction of the first `limit` pairs (0: all) whose greedy answer
+def exact_match(model_cfg: ModelConfig, params, tokenizer, pairs: Sequence[tuple[list[int], str]],
+                mesh=None, rules=None) -> dict[str, float]:
+    """{"eval_exact_match": fraction of (prompt ids, response) pairs whose greedy answer
     equals the response, surrounding whitespace ignored}."""
-    pairs = list(pairs[:limit] if limit else pairs)
-    longest_prompt = max(len(tokenizer.encode(p.prompt)) for p in pairs)
-    longest_answer = max(len(tokenizer.encode(p.response)) for p in pairs) + 1
+    longest_prompt = max(len(p) for p, _ in pairs)
+    longest_answer = max(len(tokenizer.encode(r)) for _, r in pairs) + 1
     room = model_cfg.block_size - longest_prompt
-    answers = greedy_answers(model_cfg, params, tokenizer, [p.prompt for p in pairs],
+    answers = greedy_answers(model_cfg, params, tokenizer, [p for p, _ in pairs],
                              max(1, min(longest_answer, room)), mesh, rules)
-    hits = [a.strip() == p.response.strip() for a, p in zip(answers, pairs)]
+    hits = [a.strip() == r.strip() for a, (_, r) in zip(answers, pairs)]
     return {"eval_exact_match": float(np.mean(hits))}

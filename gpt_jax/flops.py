@@ -8,8 +8,6 @@ import jax
 
 from gpt_jax.model import ModelConfig, abstract_params
 
-param_shapes = abstract_params  # the name this module gave it first
-
 
 def count_params(cfg: ModelConfig, padding: bool = True) -> int:
     """Parameters of the params pytree; `padding=False`: without the vocab_multiple rows."""

@@ -1,4 +1,4 @@
-"""Metrics out of a run: metrics.jsonl, TensorBoard, a console progress bar; peak FLOPs for MFU."""
+"""Metrics out of a run: metrics.jsonl, TensorBoard, a console progress bar, throughput and MFU."""
 
 from __future__ import annotations
 
@@ -12,27 +12,7 @@ import jax
 from etils import epath
 from tqdm import tqdm
 
-# Dense bf16 peak FLOP/s per device (chip; per GPU), from the vendors' published spec sheets.
-PEAK_FLOPS = {
-    "TPU v4": 275e12,
-    "TPU v5 lite": 197e12,  # v5e
-    "TPU v5e": 197e12,
-    "TPU v5p": 459e12,
-    "TPU v5": 459e12,
-    "TPU v6 lite": 918e12,  # v6e (Trillium)
-    "TPU v6e": 918e12,
-    "NVIDIA H100": 989e12,  # SXM; dense (no sparsity)
-    "NVIDIA H200": 989e12,
-    "NVIDIA A100": 312e12,
-}
-
-
-def peak_flops(device_kind: str) -> float | None:
-    """Peak FLOP/s of one device of this kind, None where unknown (CPUs: MFU is n/a)."""
-    for prefix in sorted(PEAK_FLOPS, key=len, reverse=True):
-        if device_kind.startswith(prefix):
-            return PEAK_FLOPS[prefix]
-    return None
+from gpt_jax.hardware import peak_flops
 
 
 def read_metrics(workdir: str) -> list[dict]:
@@ -112,28 +92,35 @@ class MetricsWriter:
 
 
 class _AppendFile:
-    """Line-buffered appends; object stores (gs://) cannot append, so there it rewrites."""
+    """Line-buffered appends. An object store (gs://) cannot append, so there the file is
+    uploaded whole, at most every UPLOAD_SECONDS (and on close): not once per line."""
+    UPLOAD_SECONDS = 60.0
 
     def __init__(self, path: epath.Path):
         self.path = path
         self.remote = "://" in str(path)
         if self.remote:
             self._text = path.read_text() if path.exists() else ""
+            self._uploaded, self._pending = time.monotonic(), False
         else:
             self._file = open(path, "a", buffering=1)
 
     def write(self, line: str) -> None:
         if self.remote:
             self._text += line
+            self._pending = True
         else:
             self._file.write(line)
 
-    def flush(self) -> None:
-        if self.remote:
+    def flush(self, force: bool = False) -> None:
+        if not self.remote or not self._pending:
+            return
+        if force or time.monotonic() - self._uploaded >= self.UPLOAD_SECONDS:
             self.path.write_text(self._text)
+            self._uploaded, self._pending = time.monotonic(), False
 
     def close(self) -> None:
-        self.flush()
+        self.flush(force=True)
         if not self.remote:
             self._file.close()
 

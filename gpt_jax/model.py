@@ -22,6 +22,8 @@ Shape suffixes: `x_BTD` is an array of shape [B, T, D]. The letters, here and in
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from typing import NamedTuple
 
 import flax.linen as nn
@@ -30,9 +32,136 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from gpt_jax import attention
-from gpt_jax.axes import (ACT_BATCH, ACT_EMBED, ACT_HEADS, ACT_KV, ACT_LENGTH, ACT_MLP,
-                          ACT_VOCAB, EMBED, HEADS, KV, LAYERS, MLP_HIDDEN, NORM, VOCAB)
-from gpt_jax.config import REMAT_CHECKPOINT_POLICIES, ModelConfig
+from gpt_jax.axes import (
+    ACT_BATCH,
+    ACT_EMBED,
+    ACT_HEADS,
+    ACT_KV,
+    ACT_LENGTH,
+    ACT_MLP,
+    ACT_VOCAB,
+    EMBED,
+    HEADS,
+    KV,
+    LAYERS,
+    MLP_HIDDEN,
+    NORM,
+    VOCAB,
+)
+from gpt_jax.schema import Section, field
+
+ATTENTION_IMPLS = attention.IMPLS
+# remat_policy -> the `jax.checkpoint_policies` member a block is rematerialised with, or a
+# tuple of `checkpoint_name`s (below) for `save_only_these_names`: only those are kept.
+REMAT_CHECKPOINT_POLICIES = {
+    "none": None,  # no rematerialisation
+    "full": "nothing_saveable",  # recompute the whole block in the backward pass
+    "save_dots": "checkpoint_dots",
+    "save_dots_no_batch": "checkpoint_dots_with_no_batch_dims",
+    "save_qkv_proj": ("qkv_proj",),  # the attention's q/k/v projection
+    "save_out_proj": ("out_proj",),  # the attention's output projection
+    "save_qkv_out_proj": ("qkv_proj", "out_proj"),
+}
+REMAT_POLICIES = tuple(REMAT_CHECKPOINT_POLICIES)
+POSITIONS = ("learned", "rope")
+NORMS = ("layernorm", "rmsnorm")
+MLPS = ("gelu", "swiglu", "relu2")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig(Section):
+    """The `model` section: the GPT's shape (`arch`: a fine-tune takes these from its parent)
+    and how it computes (the rest: a fine-tune chooses them itself). Frozen and hashable, so
+    that Flax modules and compiled functions can hold it."""
+    name = "model"
+    vocab_size: int = field(4096, arch=True, resume=True)
+    block_size: int = field(256, arch=True, resume=True)  # context length
+    n_layer: int = field(4, arch=True, resume=True)
+    n_head: int = field(4, arch=True, resume=True)
+    n_embd: int = field(256, arch=True, resume=True)
+    mlp: str = field("gelu", arch=True, resume=True)  # gelu | swiglu | relu2 (squared ReLU)
+    mlp_ratio: float = field(4.0, arch=True, resume=True)  # MLP hidden width / n_embd
+    norm: str = field("layernorm", arch=True, resume=True)  # layernorm | rmsnorm
+    norm_eps: float = field(1e-5, arch=True)
+    position: str = field("learned", arch=True, resume=True)  # learned | rope
+    rope_theta: float = field(10_000.0, arch=True)
+    tie_embeddings: bool = field(True, arch=True, resume=True)  # the LM head is the embedding
+    use_bias: bool = field(True, arch=True, resume=True)
+    dropout: float = field(0.0)
+    dtype: str = field("float32")  # compute dtype
+    param_dtype: str = field("float32")
+    attention_impl: str = field("auto")  # auto (TPU: splash if it fits, else xla) | xla | ...
+    scan_layers: bool = field(False, arch=True, resume=True)  # one nn.scan over stacked layers
+    remat_policy: str = field("none")  # see REMAT_CHECKPOINT_POLICIES
+    init_std: float = field(0.02)
+    # >1: the loss runs the LM head + log-softmax over this many sequence chunks, recomputed in
+    # the backward pass, so no [B, T, V] float32 logits exist at once; 0 or 1: one piece.
+    loss_chunks: int = field(0)
+    # Embedding/head rows padded to a multiple of this (e.g. 128, the TPU tile); the padded
+    # logits are -inf: no loss, no sample. 1: no padding.
+    vocab_multiple: int = field(1, arch=True, resume=True)
+    n_kv_head: int = field(0, arch=True, resume=True)  # key/value heads (GQA); 0: n_head
+    qk_norm: bool = field(False, arch=True, resume=True)  # RMSNorm on each query and key head
+    zero_init_proj: bool = field(False, arch=True)  # output projections start at zero
+    logit_softcap: float = field(0.0, arch=True)  # >0: logits = cap * tanh(logits / cap)
+    # Per-layer v = a*v + b*value_embed(tokens): an extra [vocab, kv width] table; a=1, b=0 at init.
+    value_embeddings: bool = field(False, arch=True, resume=True)
+
+    def check(self) -> None:
+        self.positive("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "mlp_ratio",
+                      "norm_eps")
+        self.require(self.n_embd % self.n_head == 0, f"model.n_embd={self.n_embd} is not "
+                     f"divisible by model.n_head={self.n_head}")
+        if self.position == "rope":
+            self.require(self.head_dim % 2 == 0, "model.position='rope' needs an even head "
+                         f"size, got {self.head_dim}")
+        self.require(0.0 <= self.dropout < 1.0, f"model.dropout={self.dropout!r} must be in "
+                     "[0, 1)")
+        for name, allowed in (("attention_impl", ATTENTION_IMPLS), ("remat_policy", REMAT_POLICIES),
+                              ("position", POSITIONS), ("norm", NORMS), ("mlp", MLPS),
+                              ("dtype", DTYPES), ("param_dtype", DTYPES)):
+            self.one_of(name, allowed)
+        self.require(self.loss_chunks >= 0, f"model.loss_chunks={self.loss_chunks} must be >= 0 "
+                     "(0 or 1: off)")
+        if self.loss_chunks > 1:
+            self.require(self.block_size % self.loss_chunks == 0, f"model.loss_chunks="
+                         f"{self.loss_chunks} does not divide model.block_size={self.block_size}")
+        self.require(self.n_kv_head >= 0, f"model.n_kv_head={self.n_kv_head} must be >= 0 "
+                     "(0: n_head)")
+        if self.n_kv_head:
+            self.require(self.n_head % self.n_kv_head == 0, f"model.n_head={self.n_head} is not "
+                         f"divisible by model.n_kv_head={self.n_kv_head}")
+        self.require(self.logit_softcap >= 0, f"model.logit_softcap={self.logit_softcap} must "
+                     "be >= 0 (0: off)")
+        self.require(self.vocab_multiple >= 1, f"model.vocab_multiple={self.vocab_multiple} "
+                     "must be >= 1 (1: no padding)")
+
+    def check_mesh(self, tensor: int) -> None:
+        """Heads (and key/value heads) split over the mesh's `tensor` axis."""
+        self.require(self.n_head % tensor == 0, f"model.n_head={self.n_head} is not divisible "
+                     f"by mesh.tensor={tensor}")
+        self.require(self.n_kv_head % tensor == 0, f"model.n_kv_head={self.n_kv_head} is not "
+                     f"divisible by mesh.tensor={tensor} (key/value heads are split over it)")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads: n_kv_head, or n_head when it is 0."""
+        return self.n_kv_head or self.n_head
+
+    @property
+    def mlp_dim(self) -> int:
+        return int(round(self.mlp_ratio * self.n_embd))
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Rows of the embedding and LM head: vocab_size up to a multiple of vocab_multiple."""
+        return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
+
 
 class KVCache(NamedTuple):
     """Keys and values of every layer at every cache slot; slot s holds position s.
@@ -354,6 +483,15 @@ def init_params(model: GPT, rng: jax.Array) -> dict:
     return nn.unbox(init_boxed_params(model, rng))
 
 
+@functools.lru_cache(maxsize=32)
+def abstract_boxed_params(cfg: ModelConfig) -> dict:
+    """The params as ShapeDtypeStructs boxed with their logical axis names: the one shape
+    trace of a model config (cached: a config is hashable); nothing is allocated."""
+    return jax.eval_shape(functools.partial(init_boxed_params, GPT(cfg)), jax.random.key(0))
+
+
 def abstract_params(cfg: ModelConfig) -> dict:
-    """The params pytree as ShapeDtypeStructs: nothing is allocated."""
-    return jax.eval_shape(lambda r: init_params(GPT(cfg), r), jax.random.key(0))
+    """The params pytree as ShapeDtypeStructs (`abstract_boxed_params` without the boxes)."""
+    return jax.tree.map(lambda x: x.value if isinstance(x, nn.Partitioned) else x,
+                        abstract_boxed_params(cfg),
+                        is_leaf=lambda x: isinstance(x, nn.Partitioned))

@@ -20,22 +20,40 @@ prompt's samples do not depend on the other prompts in the call.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import zlib
 from typing import NamedTuple, Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gpt_jax import sampling_filters
-from gpt_jax.axes import normalize_rules
+from gpt_jax.axes import LogicalRules
+from gpt_jax.errors import SamplingError
 from gpt_jax.model import GPT, KVCache, ModelConfig, init_kv_cache, kv_cache_axes
-from gpt_jax.sharding import activate, batch_shards
+from gpt_jax.schema import Section, field
+from gpt_jax.sharding import activate, batch_shards, named
 
 MIN_BUCKET = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleConfig(Section):
+    """The `sample` section: what `gpt-jax sample` and `generate` use when not told."""
+    name = "sample"
+    max_new_tokens: int = field(200)
+    temperature: float = field(0.8)
+    top_k: int = field(40)
+    top_p: float = field(1.0)
+    num_samples: int = field(1)
+    seed: int = field(0)
+    prompt: str = field("")
+
+    def check(self) -> None:
+        self.require(0 < self.top_p <= 1, f"sample.top_p={self.top_p} must be in (0, 1]")
 
 
 class SampleOutput(NamedTuple):
@@ -82,39 +100,39 @@ def check_sampling_args(*, max_new_tokens: int, temperature: float, top_k: int, 
                         num_samples: int) -> None:
     """Raise ValueError naming the first bad value and what is allowed."""
     if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 1")
+        raise SamplingError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 1")
     if not temperature >= 0:
-        raise ValueError(f"temperature={temperature!r} must be >= 0 (0 means greedy)")
+        raise SamplingError(f"temperature={temperature!r} must be >= 0 (0 means greedy)")
     if not isinstance(top_k, (int, np.integer)) or top_k < 0:
-        raise ValueError(f"top_k={top_k!r} must be an integer >= 0 (0 means no top-k)")
+        raise SamplingError(f"top_k={top_k!r} must be an integer >= 0 (0 means no top-k)")
     if not 0 < top_p <= 1:
-        raise ValueError(f"top_p={top_p!r} must be in (0, 1] (1 means no top-p)")
+        raise SamplingError(f"top_p={top_p!r} must be in (0, 1] (1 means no top-p)")
     if not isinstance(num_samples, (int, np.integer)) or num_samples < 1:
-        raise ValueError(f"num_samples={num_samples!r} must be an integer >= 1")
+        raise SamplingError(f"num_samples={num_samples!r} must be an integer >= 1")
 
 
 def fit_prompts(prompts: Sequence[Sequence[int]], *, vocab_size: int, block_size: int,
                 max_new_tokens: int, truncate_prompt: bool) -> list[list[int]]:
     """Check each prompt's ids and length against the context; truncate on the left if asked."""
     if len(prompts) == 0:
-        raise ValueError("prompts is empty; pass at least one prompt")
+        raise SamplingError("prompts is empty; pass at least one prompt")
     room = block_size - max_new_tokens
     if room < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the "
+        raise SamplingError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the "
                          f"context of block_size={block_size}; use at most {block_size - 1}")
     fitted = []
     for i, prompt in enumerate(prompts):
         prompt = [int(t) for t in prompt]
         if not prompt:
-            raise ValueError(f"prompt {i} is empty; start it with a BOS token")
+            raise SamplingError(f"prompt {i} is empty; start it with a BOS token")
         bad = [t for t in prompt if not 0 <= t < vocab_size]
         if bad:
-            raise ValueError(f"prompt {i} has token id {bad[0]} outside the model's vocabulary "
+            raise SamplingError(f"prompt {i} has token id {bad[0]} outside the model's vocabulary "
                              f"[0, {vocab_size})")
         if len(prompt) > room and not truncate_prompt:
             what = ("is longer than the context" if len(prompt) > block_size else
                     f"plus max_new_tokens={max_new_tokens} overflows the context")
-            raise ValueError(f"prompt {i} has {len(prompt)} tokens, which {what} "
+            raise SamplingError(f"prompt {i} has {len(prompt)} tokens, which {what} "
                              f"(block_size={block_size}); allowed: at most {room} prompt tokens "
                              "with this max_new_tokens, or truncate_prompt=True to keep the "
                              "last ones")
@@ -122,11 +140,12 @@ def fit_prompts(prompts: Sequence[Sequence[int]], *, vocab_size: int, block_size
     return fitted
 
 
-def cache_sharding(model_cfg: ModelConfig, mesh: Mesh | None, rules) -> NamedSharding | None:
+def cache_sharding(model_cfg: ModelConfig, mesh: Mesh | None,
+                   rules: LogicalRules | None) -> NamedSharding | None:
     """The NamedSharding of each cache array: `kv_cache_axes` through the logical rules."""
     if mesh is None:
         return None
-    return nn.logical_to_mesh_sharding(PartitionSpec(*kv_cache_axes(model_cfg)), mesh, rules)
+    return named(mesh, rules, kv_cache_axes(model_cfg))
 
 
 def sample_tokens(model_cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *,
@@ -134,11 +153,11 @@ def sample_tokens(model_cfg: ModelConfig, params, prompts: Sequence[Sequence[int
                   top_p: float = 1.0, num_samples: int = 1, seed: int = 0,
                   eos_id: int | None = None, pad_id: int = 0, truncate_prompt: bool = False,
                   return_logits: bool = False, mesh: Mesh | None = None,
-                  rules=None) -> SampleOutput:
+                  rules: LogicalRules | None = None) -> SampleOutput:
     """Sample `num_samples` continuations of each prompt (lists of token ids).
 
     With `mesh` (and the config's logical axis `rules`), `params` should already be sharded
-    (`gpt_jax.sharding.init_params` / `shard_like`); the cache is sharded by `kv_cache_axes`.
+    (e.g. `sharding.shard_like`); the cache is sharded by `kv_cache_axes`.
     """
     check_sampling_args(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                         top_p=top_p, num_samples=num_samples)
@@ -146,7 +165,7 @@ def sample_tokens(model_cfg: ModelConfig, params, prompts: Sequence[Sequence[int
                           block_size=model_cfg.block_size, max_new_tokens=max_new_tokens,
                           truncate_prompt=truncate_prompt)
     if mesh is not None and rules is None:
-        raise ValueError("mesh given without rules; pass the config's logical axis rules")
+        raise SamplingError("mesh given without rules; pass the config's logical axis rules")
     rows = [p for p in prompts for _ in range(num_samples)]
     num_rows = len(rows)
     batch = row_bucket(num_rows, batch_shards(mesh, rules))
@@ -164,8 +183,6 @@ def sample_tokens(model_cfg: ModelConfig, params, prompts: Sequence[Sequence[int
         hash_B[r] = prompt_hash(prompt)
         sample_B[r] = r % num_samples
     live_B = np.arange(batch) < num_rows
-    if rules is not None:  # hashable: it is a static argument of the compiled function
-        rules = normalize_rules(rules)
 
     args = (params, prompt_BP, prompt_len_B, hash_B, sample_B, live_B,
             np.int32(seed), np.int32(max_new_tokens), np.float32(temperature), np.int32(top_k),

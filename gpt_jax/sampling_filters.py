@@ -67,19 +67,6 @@ def candidates(logits_BV: jax.Array, temperature: jax.Array, top_k: jax.Array,
     return scaled_BC, ids_BC
 
 
-def filtered_logits(logits_BV: jax.Array, temperature, top_k, top_p) -> jax.Array:
-    """The full-vocabulary logits that sampling draws from (-inf where filtered); for tests."""
-    top_k = int(top_k)
-    scaled_BC, ids_BC = candidates(logits_BV, jnp.float32(temperature), jnp.int32(top_k),
-                                   jnp.float32(top_p),
-                                   k_bucket=k_bucket_for(top_k, logits_BV.shape[-1]),
-                                   use_top_p=top_p < 1.0)
-    if ids_BC is None:
-        return scaled_BC
-    rows_B1 = jnp.arange(logits_BV.shape[0])[:, None]
-    return jnp.full(logits_BV.shape, NEG_INF).at[rows_B1, ids_BC].set(scaled_BC)
-
-
 def choose(keys_B: jax.Array, logits_BV: jax.Array, temperature: jax.Array, top_k: jax.Array,
            top_p: jax.Array, *, k_bucket: int, use_top_p: bool):
     """One token per row (a key per row) and its log-prob under the raw model distribution."""

@@ -1,4 +1,5 @@
-"""Train state, loss, and the jitted (sharded, donated) train and eval steps."""
+"""The `train` section, the loss, and the Trainer: state shardings, init, the jitted (sharded,
+donated) train and eval steps."""
 
 from __future__ import annotations
 
@@ -8,14 +9,64 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from gpt_jax import sharding
-from gpt_jax.model import (GPT, ModelConfig, abstract_params, head_kernel_DV, init_params,
-                           lm_head_logits)
-from gpt_jax.optim import lr_schedule, make_optimizer
+from gpt_jax.axes import LogicalRules
+from gpt_jax.errors import EvalError
+from gpt_jax.evals.tasks import parse_specs
+from gpt_jax.model import (
+    GPT,
+    ModelConfig,
+    abstract_params,
+    head_kernel_DV,
+    init_params,
+    lm_head_logits,
+)
+from gpt_jax.optim import OptimConfig
+from gpt_jax.schema import Section, field
 
 TrainState = dict  # {"step": int32[], "params": pytree, "opt_state": pytree, "rng": uint32[2]}
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig(Section):
+    """The `train` section: the step (batch, microbatches, z-loss) and the loop around it."""
+    name = "train"
+    seed: int = field(0)  # params' init and the batch order
+    global_batch_size: int = field(32)
+    microbatches: int = field(1)  # gradient accumulation steps inside one train step
+    num_steps: int = field(1000)
+    log_every: int = field(25)
+    eval_every: int = field(250)
+    eval_batches: int = field(20)
+    z_loss: float = field(0.0)
+    skip_nonfinite: bool = field(False)  # skip an update with a non-finite loss/grad, not stop
+    init_from: str = field("")  # a run directory or checkpoint to fine-tune from
+    eval_tasks: str = field("")  # downstream tasks at each eval, e.g. "nextline,hellaswag:F"
+    eval_tasks_examples: int = field(200)  # examples per task at each eval (0: all)
+
+    def check(self) -> None:
+        self.positive("global_batch_size", "microbatches", "num_steps", "log_every",
+                      "eval_every", "eval_batches")
+        self.require(self.global_batch_size % self.microbatches == 0,
+                     f"train.global_batch_size={self.global_batch_size} is not divisible by "
+                     f"train.microbatches={self.microbatches}")
+        self.require(self.eval_tasks_examples >= 0, f"train.eval_tasks_examples="
+                     f"{self.eval_tasks_examples} must be >= 0 (0: all)")
+        if self.eval_tasks:
+            try:
+                parse_specs(self.eval_tasks)
+            except EvalError as e:
+                self.require(False, f"train.eval_tasks: {e}")
+
+    def check_mesh(self, batch_shards: int) -> None:
+        """Each microbatch's rows split evenly over the batch's devices."""
+        rows = self.global_batch_size // self.microbatches
+        self.require(rows % batch_shards == 0, f"train.global_batch_size/microbatches={rows} "
+                     f"is not divisible by the data*fsdp={batch_shards} devices it is split "
+                     "over")
 
 
 def cross_entropy(logits_BTV, targets_BT, weights_BT=None, z_loss: float = 0.0):
@@ -64,39 +115,43 @@ def chunked_cross_entropy(cfg: ModelConfig, x_BTD, kernel_DV, targets_BT, weight
 @dataclasses.dataclass
 class Trainer:
     """Everything the steps close over: model, optimizer, mesh, shardings. Built once per run."""
-    config: Any
-    mesh: Mesh
     model_cfg: ModelConfig
+    train_cfg: TrainConfig
+    mesh: Mesh
+    rules: LogicalRules
     model: GPT
     train_model: GPT
     tx: optax.GradientTransformation
     schedule: optax.Schedule
-    rules: tuple
     state_shardings: dict
     batch_sharding: NamedSharding
 
     @classmethod
-    def create(cls, config, mesh: Mesh) -> "Trainer":
-        model_cfg = ModelConfig.from_config(config.model)
-        rules = sharding.logical_rules(config)
-        num_steps = config.train.num_steps
-        tx = make_optimizer(config.optim, num_steps)
-        model = GPT(model_cfg)
-        param_sh = sharding.param_shardings(model, mesh, rules)
-        params_abs = abstract_params(model_cfg)
-        opt_abs = jax.eval_shape(tx.init, params_abs)
+    def create(cls, model_cfg: ModelConfig, train_cfg: TrainConfig, optim_cfg: OptimConfig,
+               mesh: Mesh, rules: LogicalRules) -> "Trainer":
+        tx, schedule = optim_cfg.build(train_cfg.num_steps)
+        param_sh = sharding.param_shardings(model_cfg, mesh, rules)
+        opt_abs = jax.eval_shape(tx.init, abstract_params(model_cfg))
         repl = sharding.replicated(mesh)
         masked = lambda x: isinstance(x, optax.MaskedNode)  # a leaf multi_transform left out
         opt_sh = optax.tree_map_params(tx, lambda v, s: v if masked(v) else s, opt_abs, param_sh,
                                        transform_non_params=lambda _: repl, is_leaf=masked)
         state_sh = {"step": repl, "params": param_sh, "opt_state": opt_sh, "rng": repl}
-        return cls(config, mesh, model_cfg, model, GPT(model_cfg, deterministic=False), tx,
-                   lr_schedule(config.optim, num_steps), rules, state_sh,
+        return cls(model_cfg, train_cfg, mesh, rules, GPT(model_cfg),
+                   GPT(model_cfg, deterministic=False), tx, schedule, state_sh,
                    sharding.batch_sharding(mesh, rules))
+
+    @classmethod
+    def for_config(cls, config: Any, mesh: Mesh) -> "Trainer":
+        """`create` from a whole config (its model, train, optim and mesh.rules)."""
+        return cls.create(config.model, config.train, config.optim, mesh, config.mesh.rules)
 
     def abstract_state(self) -> TrainState:
         """ShapeDtypeStructs with shardings: the target for restoring a checkpoint."""
-        shapes = jax.eval_shape(self._init_state, jax.random.PRNGKey(0))
+        params = abstract_params(self.model_cfg)
+        shapes = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": params,
+                  "opt_state": jax.eval_shape(self.tx.init, params),
+                  "rng": jax.ShapeDtypeStruct((2,), jnp.uint32)}
         return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                             shapes, self.state_shardings)
 
@@ -121,7 +176,7 @@ class Trainer:
     # -- the steps ------------------------------------------------------------------------
 
     def loss_sums(self, params, batch, rng, model: GPT):
-        z_loss = self.config.train.z_loss
+        z_loss = self.train_cfg.z_loss
         if self.model_cfg.loss_chunks > 1:
             x_BTD = model.apply({"params": params}, batch["inputs"], rngs={"dropout": rng},
                                 hidden_only=True)
@@ -133,7 +188,7 @@ class Trainer:
 
     def _grads(self, params, batch, rng):
         """Gradient of the mean token loss, accumulated over microbatches with lax.scan."""
-        k = self.config.train.microbatches
+        k = self.train_cfg.microbatches
 
         def sums_and_grads(microbatch, i):
             return jax.value_and_grad(
@@ -150,7 +205,7 @@ class Trainer:
                 return (grad_acc, acc_loss + loss_sum, i + 1, acc_count + count), None
 
             # Row r goes to microbatch r % k, so every microbatch keeps an even share per device.
-            rows_sharded = NamedSharding(self.mesh, P(None, sharding.batch_axes(self.rules)))
+            rows_sharded = NamedSharding(self.mesh, P(None, self.rules.batch_axes))
             micro_batches = jax.tree.map(
                 lambda x: jax.lax.with_sharding_constraint(
                     jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1),

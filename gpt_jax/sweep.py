@@ -31,16 +31,14 @@ import ml_collections
 
 from gpt_jax import config as config_lib
 from gpt_jax.data.files import atomic_write_json, read_json
+from gpt_jax.errors import ConfigError, SweepError
 from gpt_jax.metrics import read_metrics
 from gpt_jax.report.runs import MEMBER_FILE, SUMMARY_FILE
+from gpt_jax.run import RESOLVED_FIELDS
 from gpt_jax.train import train
 
 STATES = ("pending", "running", "done", "failed", "interrupted")
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.=+-]+$")
-
-
-class SweepError(ValueError):
-    """An ablation file or `--only` selection that cannot run; one line naming the problem."""
 
 
 @dataclasses.dataclass
@@ -195,7 +193,7 @@ def plan(sweep: Sweep, workdir: str, extra: dict | None = None) -> list[Member]:
         config.train.seed = seed
         try:
             config_lib.validate(config)
-        except config_lib.ConfigError as e:
+        except ConfigError as e:
             raise SweepError(f"variant {name!r} (seed {seed}): {e}") from None
         members.append(Member(index, name, seed, os.path.join(workdir, name, f"seed_{seed}"),
                               config, overrides))
@@ -304,7 +302,7 @@ def check_existing(members: list[Member]) -> None:
             old = config_lib.flatten(json.load(f))
         new = config_lib.flatten(json.loads(config_lib.to_json(m.config)))
         for key in sorted(set(old) & set(new)):  # a field the schema gained or lost is fine
-            if key != "model.vocab_size" and old[key] != new[key]:
+            if key not in RESOLVED_FIELDS and old[key] != new[key]:
                 raise SweepError(
                     f"variant {m.variant!r} (seed {m.seed}): {m.workdir} was trained with "
                     f"{key}={old[key]!r} but the sweep now sets {new[key]!r}; delete "

@@ -1,7 +1,8 @@
-"""The training loop: set up a run, resume it, step, evaluate, log, checkpoint, stop cleanly.
+"""The training loop: resume a resolved run, step, evaluate, log, checkpoint, stop cleanly.
 
-`train(config, workdir)` is what `gpt-jax train` calls. Restarting it on the same workdir
-continues from the newest checkpoint; SIGTERM/SIGINT save a checkpoint and return.
+`train(config, workdir)` is what `gpt-jax train` calls: it resolves the run (`gpt_jax.run`),
+then loops. Restarting it on the same workdir continues from the newest checkpoint;
+SIGTERM/SIGINT save a checkpoint and return.
 """
 
 from __future__ import annotations
@@ -10,10 +11,9 @@ import dataclasses
 import os
 import signal
 import time
-from typing import Any, Callable
+from typing import Callable
 
 import jax
-import ml_collections
 import numpy as np
 from absl import logging
 from etils import epath
@@ -22,13 +22,11 @@ from jax.experimental import multihost_utils
 from gpt_jax import checkpoint as ckpt_lib
 from gpt_jax import config as config_lib
 from gpt_jax import data, evals, flops, run_status, sharding
-from gpt_jax.evaluate import evaluate, open_split
+from gpt_jax.errors import NonFiniteLossError
+from gpt_jax.evaluate import evaluate
 from gpt_jax.metrics import MetricsWriter, Throughput
+from gpt_jax.run import Run, resolve_run
 from gpt_jax.step import Trainer
-
-
-class NonFiniteLossError(RuntimeError):
-    """Training hit a NaN/inf loss or gradient (and the config says stop, not skip)."""
 
 
 class StopSignal:
@@ -62,28 +60,8 @@ class StopSignal:
             signal.signal(sig, handler)
 
 
-def setup_tokenizer(config, workdir: str):
-    """The run's tokenizer; a fine-tune inherits its parent's. Sets a byte/char vocab size
-    in `config` (the run's own copy, see `resolve_run`)."""
-    own = epath.Path(workdir, "tokenizer")
-    if config.train.init_from and not own.exists() and jax.process_index() == 0:
-        parent = epath.Path(config.train.init_from, "tokenizer")
-        if parent.is_dir():
-            own.mkdir(parents=True)
-            for file in parent.iterdir():
-                file.copy(own / file.name)
-        else:
-            ckpt_lib.restore_tokenizer_files(config.train.init_from, str(own))
-    tokenizer = data.build_tokenizer(config, workdir)
-    if tokenizer.kind in ("byte", "char") and not config.train.init_from:
-        config.model.vocab_size = tokenizer.vocab_size  # a fine-tune keeps its parent's
-    if tokenizer.vocab_size > config.model.vocab_size:
-        raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but "
-                         f"model.vocab_size={config.model.vocab_size}")
-    return tokenizer
-
-
-def initial_state(trainer: Trainer, checkpointer, config):
+def initial_state(trainer: Trainer, checkpointer: ckpt_lib.Checkpointer, init_from: str,
+                  seed: int):
     """(state, start_step): resumed from the workdir, else fine-tune params, else fresh."""
     restored = checkpointer.restore_latest(trainer.abstract_state())
     if restored is not None:
@@ -91,117 +69,81 @@ def initial_state(trainer: Trainer, checkpointer, config):
         logging.info("resumed from %s at step %d", checkpointer.directory, meta["step"])
         return state, meta["step"]
     params = None
-    if config.train.init_from:
-        _, params = ckpt_lib.load_params(config.train.init_from,
-                                         shardings=trainer.state_shardings["params"])
-        logging.info("fine-tuning from the params of %s", config.train.init_from)
-    return trainer.init_state(config.train.seed, params), 0
+    if init_from:
+        _, params = ckpt_lib.load_params(init_from, shardings=trainer.state_shardings["params"])
+        logging.info("fine-tuning from the params of %s", init_from)
+    return trainer.init_state(seed, params), 0
 
 
-def describe_run(config, trainer: Trainer, workdir: str, n_params: int, log) -> None:
-    mesh = trainer.mesh
+def describe_run(run: Run, n_params: int, padded: int, log) -> None:
+    m, t = run.config.model, run.config.train
     log(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind} "
-        f"({jax.process_count()} process(es)); mesh {dict(mesh.shape)}")
-    padded = flops.count_params(trainer.model_cfg)
-    padding = (f" ({padded:,} with the vocabulary padded to "
-               f"{trainer.model_cfg.padded_vocab_size})" if padded != n_params else "")
-    log(f"model: {n_params:,} parameters{padding}; {config.model.n_layer} layers, width "
-        f"{config.model.n_embd}, context {config.model.block_size}, vocab "
-        f"{config.model.vocab_size}")
-    log(f"tokens per step: {config.train.global_batch_size * config.model.block_size:,} "
-        f"({config.train.global_batch_size} x {config.model.block_size}, "
-        f"{config.train.microbatches} microbatch(es)); steps: {config.train.num_steps}")
-    log(f"checkpoints: {ckpt_lib.checkpoint_dir(workdir)} (every {config.checkpoint.every}, "
-        f"keep {config.checkpoint.keep}); metrics: {os.path.join(workdir, 'metrics.jsonl')}")
-
-
-def inherit_parent(config) -> None:
-    """A fine-tune takes its parent's architecture and tokenizer kind into `config` (the run's
-    own copy, see `resolve_run`): the params must fit."""
-    if not config.train.init_from:
-        return
-    parent = ckpt_lib.load_config(config.train.init_from)
-    changed = [f for f in config_lib.PARENT_MODEL_FIELDS if config.model[f] != parent.model[f]]
-    for field in changed:
-        config.model[field] = parent.model[field]
-    config.data.tokenizer = parent.data.tokenizer
-    if changed:
-        logging.warning("init_from=%s: model fields %s follow the parent run",
-                        config.train.init_from, ", ".join(changed))
-
-
-def resolve_run(config, workdir: str) -> tuple[ml_collections.FrozenConfigDict, Any]:
-    """(the run's frozen config, its tokenizer); `config` itself is left as it was.
-
-    A fine-tune takes its parent's architecture and tokenizer kind, a byte/char tokenizer sets
-    the vocabulary; the config is validated once, before the tokenizer is built.
-    """
-    config = config.copy_and_resolve_references()
-    inherit_parent(config)
-    config_lib.validate(config, num_devices=jax.device_count())
-    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-    tokenizer = setup_tokenizer(config, workdir)
-    return ml_collections.FrozenConfigDict(config), tokenizer
+        f"({jax.process_count()} process(es)); mesh {dict(run.mesh.shape)}")
+    padding = (f" ({padded:,} with the vocabulary padded to {m.padded_vocab_size})"
+               if padded != n_params else "")
+    log(f"model: {n_params:,} parameters{padding}; {m.n_layer} layers, width {m.n_embd}, "
+        f"context {m.block_size}, vocab {m.vocab_size}")
+    log(f"tokens per step: {t.global_batch_size * m.block_size:,} "
+        f"({t.global_batch_size} x {m.block_size}, {t.microbatches} microbatch(es)); "
+        f"steps: {t.num_steps}")
+    c = run.config.checkpoint
+    log(f"checkpoints: {ckpt_lib.checkpoint_dir(run.workdir)} (every {c.every}, keep {c.keep}); "
+        f"metrics: {os.path.join(run.workdir, 'metrics.jsonl')}")
 
 
 def train(config, workdir: str) -> dict:
-    """Train (or resume) the run in `workdir`; returns the last logged metrics."""
+    """Train (or resume) the run of `config` (a ConfigDict, dict or Config) in `workdir`;
+    returns the last logged metrics."""
     stop = StopSignal()  # installed first: a SIGTERM during set-up still ends in a clean save
     run_status.write(workdir, "running")
     try:
-        config, tokenizer = resolve_run(config, workdir)
-        last = _train(config, tokenizer, workdir, stop)
+        run = resolve_run(config, workdir)
+        last = _train(run, stop)
     finally:
         stop.restore()
-    run_status.ended(workdir, config.train.num_steps, stop.received, stop.stopped_at)
+    run_status.ended(workdir, run.config.train.num_steps, stop.received, stop.stopped_at)
     return last
 
 
 @dataclasses.dataclass
 class Loop:
     """What the training loop steps through, evaluates with and writes to."""
-    config: Any
+    run: Run
     trainer: Trainer
     train_step: Callable
     eval_step: Callable
     loader: data.BatchLoader
-    val_data: Any
     checkpointer: ckpt_lib.Checkpointer
     writer: MetricsWriter
     throughput: Throughput
     stop: StopSignal
 
 
-def _train(config, tokenizer, workdir: str, stop: StopSignal) -> dict:
-    ckpt_lib.check_resume_compatible(workdir, config)  # before config.json or any checkpoint
+def _train(run: Run, stop: StopSignal) -> dict:
+    config, workdir = run.config, run.workdir
     if jax.process_index() == 0:
         epath.Path(workdir, "config.json").write_text(config_lib.to_json(config))
-
-    mesh = sharding.make_mesh(config.mesh)
-    trainer = Trainer.create(config, mesh)
-    train_data = open_split(config, tokenizer, "train")
-    val_data = open_split(config, tokenizer, "validation")
+    trainer = Trainer.create(config.model, config.train, config.optim, run.mesh, run.rules)
     checkpointer = ckpt_lib.Checkpointer(workdir, config.checkpoint)
     t, seq_len = config.train, config.model.block_size
-    with sharding.activate(mesh, trainer.rules):
-        state, start_step = initial_state(trainer, checkpointer, config)
+    with sharding.activate(run.mesh, run.rules):
+        state, start_step = initial_state(trainer, checkpointer, t.init_from, t.seed)
         train_step, eval_step = trainer.jit_train_step(), trainer.jit_eval_step()
         writer = MetricsWriter(workdir, t.num_steps, start_step)
-        n_params = flops.count_params(trainer.model_cfg, padding=False)
-        describe_run(config, trainer, workdir, n_params, writer.message)
+        n_params = flops.count_params(config.model, padding=False)
+        describe_run(run, n_params, flops.count_params(config.model), writer.message)
         if start_step:
             writer.message(f"resuming at step {start_step} of {t.num_steps}"
                            + (": already finished, nothing to train" if start_step >= t.num_steps
                               else ""))
         throughput = Throughput(t.global_batch_size * seq_len,
-                                flops.flops_per_token(trainer.model_cfg, seq_len))
-        loader = data.BatchLoader(train_data, t.global_batch_size, seq_len, t.seed, mesh,
-                                  start_step=start_step, prefetch=config.data.prefetch,
-                                  rules=trainer.rules)
-        if config.train.init_from and start_step == 0:  # where the fine-tune starts from
-            writer.write(0, evaluate(trainer, eval_step, state["params"], val_data, config))
-        loop = Loop(config, trainer, train_step, eval_step, loader, val_data, checkpointer,
-                    writer, throughput, stop)
+                                flops.flops_per_token(config.model, seq_len))
+        loader = data.BatchLoader(run.train_data, t.global_batch_size, seq_len, t.seed, run.mesh,
+                                  run.rules, start_step=start_step, prefetch=config.data.prefetch)
+        if t.init_from and start_step == 0:  # where the fine-tune starts from
+            writer.write(0, evaluate(trainer, eval_step, state["params"], run.val_data, config))
+        loop = Loop(run, trainer, train_step, eval_step, loader, checkpointer, writer,
+                    throughput, stop)
         try:
             last = _loop(loop, state)
         finally:
@@ -212,7 +154,7 @@ def _train(config, tokenizer, workdir: str, stop: StopSignal) -> dict:
 
 
 def _loop(loop: Loop, state) -> dict:
-    config, writer, throughput = loop.config, loop.writer, loop.throughput
+    config, writer, throughput = loop.run.config, loop.writer, loop.throughput
     t = config.train
     pending, last = [], {}
     first = True
@@ -233,38 +175,38 @@ def _loop(loop: Loop, state) -> dict:
         writer.advance()
         done = step + 1
         if done % t.log_every == 0 or done == t.num_steps:
-            sources = getattr(loop.loader.dataset, "tokens_seen", None)  # per store of a mixture
-            last = _log(pending, throughput, writer, config, loop.checkpointer,
-                        sources(done, t.global_batch_size, loop.loader.seq_len) if sources else {})
+            seen = loop.run.train_data.tokens_seen(done, t.global_batch_size, loop.loader.seq_len)
+            last = _log(pending, throughput, writer, t.skip_nonfinite, loop.checkpointer, seen)
             pending = []
         if done % t.eval_every == 0 or done == t.num_steps:
             with throughput.excluded():
                 evaluation = evaluate(loop.trainer, loop.eval_step, state["params"],
-                                      loop.val_data, config)
+                                      loop.run.val_data, config)
                 evaluation.update(evals.during_training(loop.trainer, state["params"],
-                                                        loop.val_data.tokenizer, config))
+                                                        loop.run.tokenizer, config))
             writer.write(done, evaluation)
             last = {**last, **evaluation}
         data_state = loop.loader.state()  # the batch of step s is f(seed, s)
         if done % config.checkpoint.every == 0 or done == t.num_steps:
             with throughput.excluded():
-                loop.checkpointer.save(state, data_state, config)
+                loop.checkpointer.save(state, data_state, config.to_dict())
         if loop.stop.should_stop(done):
-            _log(pending, throughput, writer, config, loop.checkpointer)
-            loop.checkpointer.save(state, data_state, config, force=True)
+            _log(pending, throughput, writer, t.skip_nonfinite, loop.checkpointer)
+            loop.checkpointer.save(state, data_state, config.to_dict(), force=True)
             writer.message(f"{loop.stop.received}: saved a checkpoint at step {done}; exiting")
             break
     return last
 
 
-def _log(pending, throughput, writer, config, checkpointer, extra: dict | None = None) -> dict:
+def _log(pending, throughput, writer, skip_nonfinite: bool, checkpointer,
+         extra: dict | None = None) -> dict:
     """Fetch the pending steps' metrics (one device->host sync), check them, write them."""
     if not pending:
         return {}
     host = jax.device_get([m for _, m in pending])
     for (step, _), m in zip(pending, host):
         if not bool(m["finite"]):
-            if config.train.skip_nonfinite:
+            if skip_nonfinite:
                 writer.message(f"step {step}: non-finite loss/grad; update skipped")
                 continue
             checkpointer.wait()

@@ -22,11 +22,11 @@ import tempfile
 import threading
 import time
 
+if __package__ in (None, ""):  # run as a script: the repository root holds gpt_jax
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from gpt_jax.errors import LaunchError  # noqa: E402  (stdlib only)
+
 DISTRIBUTED_FLAGS = ("--coordinator_address", "--num_processes", "--process_id")
-
-
-class UsageError(ValueError):
-    """Bad input, reported as one line before any process starts."""
 
 
 def free_port() -> int:
@@ -38,15 +38,15 @@ def free_port() -> int:
 def check(num_processes: int, devices_per_process: int, command: list[str]) -> None:
     """Validate before starting anything: counts, flags we own, a writable --workdir."""
     if num_processes < 1:
-        raise UsageError(f"--num_processes={num_processes} must be >= 1")
+        raise LaunchError(f"--num_processes={num_processes} must be >= 1")
     if devices_per_process < 1:
-        raise UsageError(f"--devices_per_process={devices_per_process} must be >= 1")
+        raise LaunchError(f"--devices_per_process={devices_per_process} must be >= 1")
     if not command:
-        raise UsageError("no command given; put it after --, e.g. -- gpt-jax train ...")
+        raise LaunchError("no command given; put it after --, e.g. -- gpt-jax train ...")
     for arg in command:
         flag = arg.split("=", 1)[0]
         if flag in DISTRIBUTED_FLAGS:
-            raise UsageError(f"the command sets {arg!r}; local_multihost sets {flag} itself "
+            raise LaunchError(f"the command sets {arg!r}; local_multihost sets {flag} itself "
                              f"(here --num_processes={num_processes})")
         if flag == "--workdir" and "=" in arg:
             check_writable(arg.split("=", 1)[1])
@@ -60,7 +60,7 @@ def check_writable(workdir: str) -> None:
         with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write_probe"):
             pass
     except OSError as e:
-        raise UsageError(f"--workdir={workdir} is not writable: {e.strerror or e}") from None
+        raise LaunchError(f"--workdir={workdir} is not writable: {e.strerror or e}") from None
 
 
 def child_env(base: dict[str, str], devices: int, address: str, num: int, pid: int) -> dict:
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(command, args.num_processes, args.devices_per_process,
                    not args.env_only, args.grace_seconds)
-    except UsageError as e:
+    except LaunchError as e:
         print(f"local_multihost.py: error: {e}", file=sys.stderr)
         return 2
 

@@ -25,8 +25,16 @@ if __package__ in (None, ""):  # run as `python launch/tpu.py`
 
 from gpt_jax import tpu_flags  # noqa: E402  (stdlib only)
 from launch import gcloud, supervisor  # noqa: E402
-from launch.tpu_types import (LaunchError, accelerator, check_env, check_name,  # noqa: E402
-                              check_project, check_train_args, check_workdir, check_zone)
+from launch.tpu_types import (  # noqa: E402
+    LaunchError,
+    accelerator,
+    check_env,
+    check_name,
+    check_project,
+    check_train_args,
+    check_workdir,
+    check_zone,
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIERS = ("on-demand", "spot", "preemptible", "reserved")
@@ -157,7 +165,24 @@ def create_commands(args: argparse.Namespace) -> list[list[str]]:
     return [gcloud.create_cmd(target(args), args.acc.name, args.version, tier, args.gcloud_arg)]
 
 
-EXCLUDED = (".git", ".venv", "runs", "__pycache__")
+# What a release ships: the installable tree, nothing else a checkout may hold (runs, logs,
+# virtual environments). The tarball and the release hash are made from the same list.
+SHIPPED = ("setup.cfg", "pyproject.toml", "README.md", "requirements", "gpt_jax", "configs",
+           "launch")
+
+
+def shipped_files(source: str) -> list[str]:
+    """The files of SHIPPED under `source` (relative, sorted; caches and hidden files left out)."""
+    found = []
+    for entry in SHIPPED:
+        path = os.path.join(source, entry)
+        if os.path.isfile(path):
+            found.append(entry)
+        for root, dirs, files in os.walk(path):
+            dirs[:] = [d for d in dirs if d != "__pycache__" and not d.startswith(".")]
+            found += [os.path.relpath(os.path.join(root, f), source) for f in files
+                      if not f.startswith(".") and not f.endswith(".pyc")]
+    return sorted(found)
 
 
 def release_version(args: argparse.Namespace) -> str:
@@ -165,14 +190,10 @@ def release_version(args: argparse.Namespace) -> str:
     the same source installs once per TPU, a changed one installs beside it."""
     h = hashlib.sha256(f"{args.pip_spec}|{args.python}|{args.jax}".encode())
     if not args.pip_spec:
-        for root, dirs, files in os.walk(args.source):
-            dirs[:] = sorted(d for d in dirs if d not in EXCLUDED)
-            for name in sorted(files):
-                path = os.path.join(root, name)
-                h.update(os.path.relpath(path, args.source).encode() + b"\0")
-                if os.path.isfile(path):
-                    with open(path, "rb") as f:
-                        h.update(hashlib.sha256(f.read()).digest())
+        for rel in shipped_files(args.source):
+            h.update(rel.encode() + b"\0")
+            with open(os.path.join(args.source, rel), "rb") as f:
+                h.update(hashlib.sha256(f.read()).digest())
     return h.hexdigest()[:12]
 
 
@@ -182,8 +203,7 @@ def install_commands(args: argparse.Namespace) -> list[list[str]]:
     if not args.pip_spec:  # a name per version and launcher: two launchers never share a file
         tarball = os.path.join(tempfile.gettempdir(),
                                f"gpt_jax-src-{version}-{os.getpid()}.tar.gz")
-        cmds += [["tar", "-czf", tarball] + [f"--exclude={x}" for x in EXCLUDED]
-                 + ["-C", args.source, "."],
+        cmds += [["tar", "-czf", tarball, "-C", args.source, *shipped_files(args.source)],
                  gcloud.scp_cmd(t, tarball, gcloud.tarball_name(version)), ["rm", "-f", tarball]]
     script = gcloud.install_script(version, args.pip_spec, args.python, args.jax)
     return cmds + [gcloud.ssh_cmd(t, "all", script)]

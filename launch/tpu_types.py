@@ -1,9 +1,8 @@
 """Known Cloud TPU accelerator types and the checks run on launcher input before any gcloud call.
 
 Each accelerator type maps to its default runtime (software) version, its chip count and the
-number of TPU VMs (hosts, i.e. `--worker=all` targets and JAX processes) in the slice.
-Runtime versions follow https://cloud.google.com/tpu/docs/runtimes (checked 2026-11-22):
-v6e -> v2-alpha-tpuv6e, v5p -> v2-alpha-tpuv5, v5e -> v2-alpha-tpuv5-lite, v4 -> tpu-ubuntu2204-base.
+number of TPU VMs (hosts, i.e. `--worker=all` targets and JAX processes) in the slice, all from
+the hardware table (`gpt_jax.hardware`).
 """
 
 from __future__ import annotations
@@ -11,24 +10,9 @@ from __future__ import annotations
 import dataclasses
 import re
 
-RUNTIME_BY_GENERATION = {
-    "v4": "tpu-ubuntu2204-base",
-    "v5litepod": "v2-alpha-tpuv5-lite",
-    "v5p": "v2-alpha-tpuv5",
-    "v6e": "v2-alpha-tpuv6e",
-}
-# Chips per TPU VM in multi-host slices (single-host slices hold all their chips on one VM).
-_CHIPS_PER_HOST = {"v4": 4, "v5litepod": 4, "v5p": 4, "v6e": 4}
-# Largest chip count that still fits on one VM.
-_SINGLE_HOST_MAX_CHIPS = {"v4": 4, "v5litepod": 8, "v5p": 4, "v6e": 8}
-# v4 and v5p names count TensorCores (2 per chip); v5e and v6e names count chips.
-_CORES_PER_CHIP = {"v4": 2, "v5litepod": 1, "v5p": 2, "v6e": 1}
-_SIZES = {
-    "v4": (8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096),
-    "v5litepod": (1, 4, 8, 16, 32, 64, 128, 256),
-    "v5p": (8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 12288),
-    "v6e": (1, 4, 8, 16, 32, 64, 128, 256),
-}
+from gpt_jax.errors import LaunchError
+from gpt_jax.hardware import TPUS, TpuGeneration
+
 # Zones end in a letter (us-west4-a) or, for AI zones, a short name such as ai1a.
 ZONE_RE = re.compile(r"^[a-z]+-[a-z]+[0-9]+-[a-z]([a-z0-9]{0,6}[a-z])?$")
 PROJECT_RE = re.compile(r"^[a-z][a-z0-9-]{4,28}[a-z0-9]$")
@@ -37,14 +21,10 @@ GCS_RE = re.compile(r"^gs://[a-z0-9][a-z0-9._-]{1,220}[a-z0-9](/[^\s'\"]*)?$")
 CONFLICTING_TRAIN_FLAGS = ("--coordinator_address", "--process_id")
 
 
-class LaunchError(ValueError):
-    """Bad launcher input; the message names the value and what is allowed."""
-
-
 @dataclasses.dataclass(frozen=True)
 class Accelerator:
-    name: str  # e.g. v5litepod-8
-    generation: str  # v4 | v5litepod | v5p | v6e
+    name: str  # gcloud's accelerator type, e.g. v5litepod-8
+    generation: str  # gcloud's prefix: v4 | v5litepod | v5p | v6e
     chips: int
     hosts: int
     runtime_version: str
@@ -54,25 +34,24 @@ class Accelerator:
         return self.hosts > 1
 
 
-def _make(generation: str, size: int) -> Accelerator:
-    chips = size // _CORES_PER_CHIP[generation]
-    single = chips <= _SINGLE_HOST_MAX_CHIPS[generation]
-    hosts = 1 if single else chips // _CHIPS_PER_HOST[generation]
-    return Accelerator(f"{generation}-{size}", generation, chips, hosts,
-                       RUNTIME_BY_GENERATION[generation])
+def _make(t: TpuGeneration, size: int) -> Accelerator:
+    chips = size // t.cores_per_chip
+    hosts = 1 if chips <= t.single_host_max_chips else chips // t.chips_per_host
+    return Accelerator(f"{t.gcloud}-{size}", t.gcloud, chips, hosts, t.runtime_version)
 
 
 ACCELERATORS: dict[str, Accelerator] = {
-    a.name: a for gen, sizes in _SIZES.items() for a in (_make(gen, s) for s in sizes)}
-# v5e is also written v5e-N in many docs; gcloud wants v5litepod-N.
-ALIASES = {f"v5e-{s}": f"v5litepod-{s}" for s in _SIZES["v5litepod"]}
+    a.name: a for t in TPUS.values() for a in (_make(t, s) for s in t.sizes)}
+# Our slice names (v5e-8, as `gpt-jax aot` writes them) for gcloud's (v5litepod-8).
+ALIASES = {f"{t.name}-{s}": f"{t.gcloud}-{s}" for t in TPUS.values() if t.name != t.gcloud
+           for s in t.sizes}
 
 
 def accelerator(name: str) -> Accelerator:
     """The table entry for `name` (v5e-N is accepted for v5litepod-N), or a LaunchError."""
     key = ALIASES.get(name, name)
     if key not in ACCELERATORS:
-        gens = ", ".join(f"{g}-{{{','.join(map(str, s))}}}" for g, s in _SIZES.items())
+        gens = ", ".join(f"{t.gcloud}-{{{','.join(map(str, t.sizes))}}}" for t in TPUS.values())
         raise LaunchError(f"unknown accelerator type {name!r}; known types: {gens}")
     return ACCELERATORS[key]
 

@@ -24,6 +24,20 @@ import sysconfig  # noqa: E402
 
 import pytest  # noqa: E402
 
+
+@pytest.fixture(autouse=True)
+def _fast_tier_starts_no_process(request, monkeypatch):
+    """In the fast tier (`-m "not e2e"`) a test that starts a process fails, naming the rule:
+    mark it `e2e` (what starts processes, trains or compiles large programs goes there)."""
+    if request.config.option.markexpr != "not e2e":
+        return
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"{request.node.nodeid} starts a process in the fast tier; mark "
+                             "it @pytest.mark.e2e")
+
+    monkeypatch.setattr(subprocess, "Popen", refuse)
+
 def run_on_one_device(code: str, *args: str, timeout: int = 600) -> str:
     """stdout of `python -c code args` in its own process on one CPU device (tests/ importable).
 
@@ -71,3 +85,17 @@ def tiny_run_config(corpus: pathlib.Path, cache: pathlib.Path, **train):
                        cache_dir=str(cache / "tokens"), data_dir=str(cache / "tfds"))
     config.train.update(train)
     return config
+
+
+def init_sharded(model, rng, mesh, rules):
+    """(params, shardings) of a GPT module, every leaf born sharded on `mesh` (the way
+    `Trainer.init_state` initialises params)."""
+    import jax
+
+    from gpt_jax import model as model_lib
+    from gpt_jax import sharding
+
+    shardings = sharding.param_shardings(model.cfg, mesh, rules)
+    with sharding.activate(mesh, rules):
+        params = jax.jit(lambda r: model_lib.init_params(model, r), out_shardings=shardings)(rng)
+    return params, shardings

@@ -6,7 +6,7 @@ import re
 import pytest
 
 from gpt_jax import aot, hlo_profile
-from gpt_jax.config import load_preset
+from gpt_jax.config import load_preset, typed
 from gpt_jax.flops import count_params
 
 requires_libtpu = pytest.mark.skipif(
@@ -23,12 +23,13 @@ def test_slice_table_and_unknown_topology():
         aot.get_slice("v9-8")
 
 
+@pytest.mark.e2e
 @requires_libtpu
 def test_tiny_compiles_for_v5e_4_with_a_sane_memory_report():
     config = aot.apply_overrides(load_preset("tiny"), batch_size=8, mesh=(1, 4, 1))
     r = aot.project(config, "v5e-4", decode_batch_size=8)
     assert (r["chips"], r["device_kind"], r["mesh"]) == (4, "TPU v5 lite", "1x4x1")
-    n = count_params(aot.ModelConfig.from_config(config.model))
+    n = count_params(typed(config).model)
     # fsdp=4 splits the float32 params: each chip holds at least its quarter, less than all.
     assert n * 4 / 4 <= r["params_bytes_per_chip"] < n * 4
     assert r["opt_state_bytes_per_chip"] >= 2 * r["params_bytes_per_chip"]  # Adam's mu, nu
@@ -53,11 +54,12 @@ def test_megacore_slice_has_one_device_per_chip():
     assert len(devices) == 4 and devices[0].device_kind == "TPU v4"
 
 
+@pytest.mark.e2e
 @requires_libtpu
 def test_scanned_cost_is_extrapolated_to_the_unscanned_programs():
     """XLA counts a scanned layer stack once; the 1- and 2-layer extrapolation restores it."""
     config = aot.apply_overrides(load_preset("tiny"), batch_size=8, mesh=(1, 4, 1))
-    config.model.n_layer = 4
+    config = config.replace({"model.n_layer": 4})
     mesh = aot.topology_mesh(config.mesh, aot.topology_devices(aot.get_slice("v5e-4")))
     looped_step = aot.compile_train_step(config, mesh)[0]
     looped = aot.xla_cost(looped_step)

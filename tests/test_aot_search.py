@@ -8,8 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gpt_jax import aot, aot_search, attention, tpu_flags
-from gpt_jax.config import REMAT_POLICIES, load_preset
+from gpt_jax import aot, aot_search, attention, hardware, tpu_flags
+from gpt_jax.config import load_preset
+from gpt_jax.model import REMAT_POLICIES
 
 requires_libtpu = pytest.mark.skipif(
     not aot.libtpu_available(),
@@ -78,6 +79,7 @@ def test_estimates_order_memory_and_prune_against_hbm():
     assert max(per_shape.values()) <= 2
 
 
+@pytest.mark.e2e
 def test_nothing_fits_names_the_smallest_overshoot(monkeypatch):
     small = dataclasses.replace(aot.SLICES["v5e-8"], hbm_bytes=1 * aot.GiB)
     monkeypatch.setitem(aot.SLICES, "v5e-8", small)
@@ -112,7 +114,7 @@ def test_auto_attention_is_xla_on_cpu_and_splash_for_tpu():
 
 
 def test_overlap_flags_merge():
-    ours = tpu_flags.OVERLAP_FLAGS["v5e"]
+    ours = tpu_flags.overlap_flags("v5e")
     assert tpu_flags.merge("v5litepod-8").split() == list(ours)
     assert tpu_flags.merge("v5e-8", "--x=1", on=False) == "--x=1"
     mine = "--xla_enable_async_all_gather=false"
@@ -128,6 +130,7 @@ def test_cost_report_adds_back_pallas_flops():
     assert r["xla_estimated_step_s"] == pytest.approx(0.06)
 
 
+@pytest.mark.e2e
 @requires_libtpu
 def test_tiny_search_compiles_the_winner_and_a_second_run_is_cached():
     config = load_preset("tiny")
@@ -182,6 +185,7 @@ print("compiled")
 """
 
 
+@pytest.mark.e2e
 @requires_libtpu
 def test_every_overlap_flag_is_known_to_the_installed_libtpu():
     """libtpu aborts on an unknown flag: a compile with all of ours succeeds, a bogus one not."""
@@ -189,7 +193,7 @@ def test_every_overlap_flag_is_known_to_the_installed_libtpu():
     import subprocess
     import sys
 
-    flags = sorted({f for fs in tpu_flags.OVERLAP_FLAGS.values() for f in fs})
+    flags = sorted({f for t in hardware.TPUS.values() for f in t.overlap_flags})
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
 
     def run(args):

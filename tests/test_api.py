@@ -13,7 +13,11 @@ from absl import flags
 
 from configs.tiny import get_config
 from gpt_jax import api, sample
-from gpt_jax.model import GPT, ModelConfig
+from gpt_jax.config import typed
+from gpt_jax.model import GPT
+
+pytestmark = pytest.mark.e2e  # every test here runs a training run or a process
+
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ALPHABET = "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ().:=\n0123456"
@@ -36,9 +40,9 @@ class TinyCharTokenizer:
 @pytest.fixture(scope="module")
 def lm() -> api.LoadedModel:
     config = get_config()
-    cfg = ModelConfig.from_config(config.model)
+    cfg = typed(config).model
     params = GPT(cfg).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
-    return api.LoadedModel(config, params, TinyCharTokenizer())
+    return api.LoadedModel(typed(config), params, TinyCharTokenizer())
 
 
 KW = dict(max_new_tokens=6, temperature=0.9, top_k=20, top_p=0.9)
@@ -113,8 +117,7 @@ def _train_available() -> bool:
     return importlib.util.find_spec("gpt_jax.commands.train") is not None
 
 
-@pytest.mark.skipif(not os.environ.get("GPT_JAX_E2E") or not _train_available(),
-                    reason="end-to-end train+sample: set GPT_JAX_E2E=1 (about a minute on CPU)")
+@pytest.mark.skipif(not _train_available(), reason="needs gpt_jax.commands.train")
 def test_load_a_trained_run_and_sample_from_the_cli(tmp_path):
     workdir = str(tmp_path / "run")
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from gpt_jax import attention, sharding
-from gpt_jax.config import load_preset
+from gpt_jax.config import load_preset, typed
 
 B, T, H, K = 2, 8, 3, 4
 
@@ -99,9 +99,9 @@ def test_splash_fails_clearly_under_a_cpu_mesh():
     if jax.devices()[0].platform != "cpu":
         pytest.skip("checks the error on CPU")
     config = load_preset("tiny")
-    mesh = sharding.make_mesh(config.mesh)
+    mesh = typed(config).mesh.make()
     q = jnp.ones((8, 4, 2, 8), jnp.bfloat16)
-    with sharding.activate(mesh, sharding.logical_rules(config)):
+    with sharding.activate(mesh, typed(config).mesh.rules):
         with pytest.raises(ValueError, match="attention_impl='splash'.*cpu") as info:
             jax.jit(lambda q: attention.attend(q, q, q, impl="splash"))(q)
     assert "\n" not in str(info.value)

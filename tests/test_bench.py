@@ -10,9 +10,11 @@ import pytest
 
 from gpt_jax import aot
 from gpt_jax.bench import train as bench
-from gpt_jax.config import load_preset
+from gpt_jax.config import load_preset, typed
 from gpt_jax.flops import flops_per_token
-from gpt_jax.model import ModelConfig
+
+pytestmark = pytest.mark.e2e  # every test here runs a training run or a process
+
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 POSITIVE = ("step_time_s", "step_time_pipelined_s", "tokens_per_s", "tflops_per_device",
@@ -45,7 +47,7 @@ def test_cli_prints_one_json_line_with_positive_numbers(tmp_path):
 def test_flops_are_the_models_flops_per_token():
     config = aot.apply_overrides(load_preset("tiny"), batch_size=8, remat_policy="full")
     record = bench.bench_train(config, steps=2, warmup=1, name="tiny")
-    cfg = ModelConfig.from_config(config.model)
+    cfg = typed(config).model
     assert record["flops_per_token"] == flops_per_token(cfg, 32)
     assert record["devices"] == 8 and record["remat_policy"] == "full"
     expected = 8 * 32 * flops_per_token(cfg, 32) / record["step_time_s"] / 8 / 1e12

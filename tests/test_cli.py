@@ -26,6 +26,9 @@ from gpt_jax import cli
 from gpt_jax import train as train_lib
 from gpt_jax.config import ConfigError
 
+pytestmark = pytest.mark.e2e  # every test here runs a training run or a process
+
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FLAGS = flags.FLAGS
 DISTRIBUTED = {"coordinator_address", "num_processes", "process_id"}
@@ -272,7 +275,7 @@ def test_a_clean_run_prints_no_warnings(tiny_run):
     assert proc.returncode == 0, proc.stderr
     assert _warning_lines(proc.stdout + proc.stderr) == []
     assert "Traceback" not in proc.stderr
-    assert re.search(r"^preparing corpus text_files \(\d+ files\), [\d.]+ MB \.\.\. done in ",
+    assert re.search(r"^prepare text_files \(2 of 2 shards\): 100.0% of [\d,]+ B, ",
                      proc.stdout, re.MULTILINE)
     assert "step 10/10" in proc.stdout
     assert sorted(os.listdir(root / "run" / "checkpoints")) == ["10", "5"]

@@ -10,8 +10,8 @@ import pytest
 
 from gpt_jax import config as config_lib
 from gpt_jax import report
+from gpt_jax.config import typed
 from gpt_jax.flops import count_params
-from gpt_jax.model import ModelConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -80,8 +80,7 @@ def test_means_stds_deltas_and_noise_flags(runs_dir):
     assert (stats["better"].within_noise, stats["same"].within_noise,
             stats["single"].within_noise) == (False, True, False)
     assert statistics.fmean(stats["base"].best) == pytest.approx((1.95 + 2.2 + 2.4) / 3)
-    assert stats["better"].params == [count_params(ModelConfig.from_config(
-        small_config(3).model))] * 3
+    assert stats["better"].params == [count_params(typed(small_config(3)).model)] * 3
     assert stats["base"].tokens == [10 * 8 * 32] * 3
 
 
@@ -89,7 +88,7 @@ def test_report_md_states_seeds_deltas_and_noise(runs_dir):
     text = open(report.compare([str(runs_dir)], baseline="base")["report"]).read()
     rows = {line.split(" | ")[1]: line for line in text.splitlines()  # the variant table
             if line[:3] in ("| 1", "| 2", "| 3", "| 4") and line.split(" | ")[1] in FINALS}
-    n_params = f"{count_params(ModelConfig.from_config(small_config(3).model)):,}"
+    n_params = f"{count_params(typed(small_config(3)).model):,}"
     assert rows["better"] == (f"| 1 | better | 3 | {n_params} | 2.56k | 1.7000 ± 0.1000 | "
                               "1.7000 ± 0.1000 | -0.5000 | 3,000 | 30.0% | 10 s |")
     assert "| 2 | base | 3 |" in rows["base"] and "| baseline |" in rows["base"]
@@ -170,6 +169,7 @@ def test_compare_reads_a_sweep_and_its_baseline(tmp_path):
     assert "(**b**)" in open(tmp_path / "report.md").read()
 
 
+@pytest.mark.e2e
 def test_cli_compare_writes_the_report_and_explains_bad_input(runs_dir, tmp_path):
     cli = [sys.executable, "-m", "gpt_jax.cli", "compare"]
     ok = subprocess.run(cli + [str(runs_dir), f"--out={tmp_path / 'o'}"], cwd=ROOT,

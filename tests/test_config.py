@@ -12,8 +12,10 @@ from absl import flags
 from ml_collections import config_flags
 
 from gpt_jax import cli
-from gpt_jax.config import (ATTENTION_IMPLS, ConfigError, from_json, list_presets, load_preset,
-                            preset_path, resolve_mesh_shape, to_json, validate)
+from gpt_jax.config import from_json, list_presets, load_preset, preset_path, to_json, validate
+from gpt_jax.errors import ConfigError
+from gpt_jax.model import ATTENTION_IMPLS
+from gpt_jax.sharding import MeshConfig
 
 
 def tiny() -> ml_collections.ConfigDict:
@@ -86,15 +88,15 @@ def test_mesh_must_match_device_count():
     with pytest.raises(ConfigError, match=r"data=3, fsdp=1, tensor=1.*3 devices but 8"):
         validate(config, num_devices=8)
     with pytest.raises(ConfigError, match=r"3 devices but 8"):
-        resolve_mesh_shape(mesh(3, 1, 1), 8)
+        MeshConfig.from_dict(mesh(3, 1, 1)).shape(8)
 
 
 def test_mesh_minus_one_takes_the_rest():
-    assert resolve_mesh_shape(mesh(-1, 1, 1), 8) == (8, 1, 1)
-    assert resolve_mesh_shape(mesh(-1, 2, 2), 8) == (2, 2, 2)
-    assert resolve_mesh_shape(mesh(2, -1, 1), 8) == (2, 4, 1)
-    assert resolve_mesh_shape(mesh(1, 1, -1), 8) == (1, 1, 8)
-    assert resolve_mesh_shape(mesh(2, 2, 2), 8) == (2, 2, 2)
+    assert MeshConfig.from_dict(mesh(-1, 1, 1)).shape(8) == (8, 1, 1)
+    assert MeshConfig.from_dict(mesh(-1, 2, 2)).shape(8) == (2, 2, 2)
+    assert MeshConfig.from_dict(mesh(2, -1, 1)).shape(8) == (2, 4, 1)
+    assert MeshConfig.from_dict(mesh(1, 1, -1)).shape(8) == (1, 1, 8)
+    assert MeshConfig.from_dict(mesh(2, 2, 2)).shape(8) == (2, 2, 2)
 
 
 @pytest.mark.parametrize("sizes, message", [
@@ -105,7 +107,7 @@ def test_mesh_minus_one_takes_the_rest():
 ])
 def test_bad_mesh_shapes(sizes: tuple[int, int, int], message: str):
     with pytest.raises(ConfigError, match=message):
-        resolve_mesh_shape(mesh(*sizes), 8)
+        MeshConfig.from_dict(mesh(*sizes)).shape(8)
 
 
 def test_mesh_must_fit_batch_and_heads():
@@ -186,7 +188,7 @@ def test_gpt2_vocab_validates_on_a_tensor_mesh():
     """50257 does not divide by tensor=2: the vocab dim is replicated (see test_sharding)."""
     config = load_preset("gpt2_124m")
     config.mesh.update(data=-1, fsdp=2, tensor=2)
-    assert validate(config, num_devices=8) is None  # no ConfigError
-    assert resolve_mesh_shape(config.mesh, 8) == (2, 2, 2)
+    validate(config, num_devices=8)  # no ConfigError
+    assert MeshConfig.from_dict(config.mesh).shape(8) == (2, 2, 2)
     config.model.vocab_size = 50304
     validate(config, num_devices=8)

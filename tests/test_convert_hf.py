@@ -125,6 +125,7 @@ def gpt_jax_logits(fields_or_cfg, params, tokens_BT) -> np.ndarray:
 
 # -- NumPy only ------------------------------------------------------------------------------
 
+@pytest.mark.e2e
 def test_safetensors_dir_converts_and_round_trips_exactly_without_torch(tmp_path):
     V = write_bpe_files(tmp_path)
     cfg = hf_config(V, n_layer=2, n_embd=48, n_head=4, n_positions=32, layer_norm_epsilon=1e-6)
@@ -170,6 +171,7 @@ def test_untied_head_and_stacked_layers_map_back(tmp_path):
             np.testing.assert_array_equal(back[name], value, err_msg=name)
 
 
+@pytest.mark.e2e
 def test_padded_vocabulary_imports_padded_and_exports_exactly(tmp_path):
     import gpt_jax
 
@@ -299,6 +301,7 @@ def hf_logits(model, tokens_BT) -> np.ndarray:
     dict(n_layer=2, n_embd=32, n_head=2, n_positions=64),
     dict(n_layer=3, n_embd=48, n_head=4, n_positions=32, n_inner=96, layer_norm_epsilon=1e-6,
          tie_word_embeddings=False)], ids=["tied", "untied-ninner-eps"])
+@pytest.mark.e2e
 def test_logits_equal_hf(hf, tmp_path, shape):
     model, V = hf_model(hf, tmp_path, seed=1, **shape)
     fields, params = load_hf(str(tmp_path))
@@ -307,6 +310,7 @@ def test_logits_equal_hf(hf, tmp_path, shape):
                                hf_logits(model, tokens_BT), atol=1e-4, rtol=0)
 
 
+@pytest.mark.e2e
 def test_converted_run_generates_like_hf_and_converts_back(hf, tmp_path):
     import gpt_jax
     from gpt_jax.sample import sample_tokens

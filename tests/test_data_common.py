@@ -9,7 +9,7 @@ import random
 
 import pytest
 
-from gpt_jax.config import base_config
+from gpt_jax.config import base_config, typed
 from gpt_jax.data import files
 
 WORDS = ["héllo", "wörld", "☃", "中文", "naïve", "😀", "the", "cat", "def", "x", "=", "(",
@@ -67,3 +67,9 @@ def test_build_once_takes_over_a_dead_builders_lock(tmp_path):
     files.build_once(lambda: bool(built), lambda: built.append(1), str(lock), "x",
                      poll_seconds=0.01)
     assert built == [1] and not lock.exists()
+
+
+def tok_args(config):
+    """(data section, model.vocab_size) of a config: what build_tokenizer takes first."""
+    config = typed(config)
+    return config.data, config.model.vocab_size

@@ -20,10 +20,12 @@ import zstandard
 
 from gpt_jax import data
 from gpt_jax.bench import synthetic
-from gpt_jax.config import base_config
-from gpt_jax.data import files, prepare as prepare_lib
+from gpt_jax.config import base_config, typed
+from gpt_jax.data import files
+from gpt_jax.data import prepare as prepare_lib
 from gpt_jax.data.mixture import MixtureDataset
-
+from gpt_jax.data.store import MANIFEST
+from gpt_jax.errors import DataError
 from test_data_common import private_cache  # noqa: F401
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,8 +41,17 @@ def jsonl_config(tmp_path, paths: str, source: str = "jsonl", tokenizer: str = "
 
 
 def make_store(config, store: str, **kw) -> dict:
-    tok = data.build_tokenizer(config, store, process_index=0)
-    return prepare_lib.prepare(config, store, tok, **kw)
+    config = typed(config)
+    tok = data.build_tokenizer(config.data, config.model.vocab_size, store)
+    return prepare_lib.prepare(config.data, store, tok, **kw)
+
+
+def dataset(store: str, split: str = "train"):
+    return data.open_dataset(store, data.ByteTokenizer(), split, 256)
+
+
+def mixture(spec: str) -> MixtureDataset:
+    return dataset(spec)
 
 
 def store_bytes(store: str) -> dict[str, bytes]:
@@ -85,6 +96,7 @@ def test_store_holds_every_document_once_and_splits_by_hash(tmp_path, corpus):
         sum(len(t.encode()) for t in train) / store.info("train")["num_tokens"])
 
 
+@pytest.mark.e2e
 def test_store_bytes_do_not_depend_on_workers_or_processes(tmp_path, corpus):
     folder, _ = corpus
     config = jsonl_config(tmp_path, str(folder))
@@ -116,6 +128,7 @@ cli.run(["gpt-jax", "prepare"] + sys.argv[1:])
 """
 
 
+@pytest.mark.e2e
 def test_kill_9_then_rerun_rebuilds_only_unfinished_shards(tmp_path, corpus):
     folder, _ = corpus
     config = jsonl_config(tmp_path, str(folder))
@@ -134,7 +147,7 @@ def test_kill_9_then_rerun_rebuilds_only_unfinished_shards(tmp_path, corpus):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     done = len(list(shards.glob("*.json")))
-    assert not (store / prepare_lib.MANIFEST).exists()
+    assert not (store / MANIFEST).exists()
     stats = make_store(config, str(store), num_workers=1)
     assert 3 <= done < stats["pieces"] and stats["built"] == stats["pieces"] - done
     assert store_bytes(str(store)) == store_bytes(str(tmp_path / "whole"))
@@ -174,19 +187,19 @@ def test_bad_sources_are_one_line_errors(tmp_path):
         (tmp_path / name).write_text(content * 1)
         config = jsonl_config(tmp_path, str(tmp_path / name))
         config.data.shard_mb = 1e-5  # the bad line lies in a later byte range
-        with pytest.raises(data.DataError, match=message) as e:
+        with pytest.raises(DataError, match=message) as e:
             make_store(config, str(tmp_path / f"s-{name}"), num_workers=2)
         assert "\n" not in str(e.value)
         assert not list((tmp_path / f"s-{name}" / "shards").glob(".shard-*"))  # no leftovers
     (tmp_path / "latin1.jsonl").write_bytes(good.encode() + b'{"text": "caf\xe9"}\n')
-    with pytest.raises(data.DataError, match="latin1.jsonl:2: the line is not UTF-8 text"):
+    with pytest.raises(DataError, match="latin1.jsonl:2: the line is not UTF-8 text"):
         make_store(jsonl_config(tmp_path, str(tmp_path / "latin1.jsonl")),
                    str(tmp_path / "s-latin1"), num_workers=1)
     (tmp_path / "empty.jsonl").write_text("\n\n")
-    with pytest.raises(data.DataError, match="the corpus jsonl is empty"):
+    with pytest.raises(DataError, match="the corpus jsonl is empty"):
         make_store(jsonl_config(tmp_path, str(tmp_path / "empty.jsonl")),
                    str(tmp_path / "s-empty"), num_workers=1)
-    with pytest.raises(data.DataError, match="the nope:// file system is not available"):
+    with pytest.raises(DataError, match="the nope:// file system is not available"):
         make_store(jsonl_config(tmp_path, "nope://bucket/x.jsonl"), str(tmp_path / "s-nope"))
 
 
@@ -195,17 +208,16 @@ def test_store_errors_name_the_store(tmp_path, corpus):
     config = jsonl_config(tmp_path, str(folder))
     make_store(config, str(tmp_path / "s"), num_workers=1)
     config.data.tokenizer = "char"
-    with pytest.raises(data.DataError, match="holds a byte tokenizer but data.tokenizer='char'"):
+    with pytest.raises(DataError, match="holds a byte tokenizer but data.tokenizer='char'"):
         make_store(config, str(tmp_path / "s"), num_workers=1)
-    with pytest.raises(data.DataError, match="is not a token store"):
+    with pytest.raises(DataError, match="is not a token store"):
         data.open_store(str(tmp_path / "nothing"))
     remote_cache = jsonl_config(tmp_path, str(folder), cache_dir="memory://cache")
-    with pytest.raises(data.DataError, match="data.cache_dir='memory://cache' is remote"):
-        data.TokenDataset(remote_cache, data.ByteTokenizer(), "train")  # never a local "memory:"
-    os.remove(tmp_path / "s" / prepare_lib.MANIFEST)
-    config = jsonl_config(tmp_path, "", store=str(tmp_path / "s"))
-    with pytest.raises(data.DataError, match="not finished .* run `gpt-jax prepare` again"):
-        data.TokenDataset(config, data.ByteTokenizer(), "train")
+    with pytest.raises(DataError, match="data.cache_dir='memory://cache' is remote"):
+        data.prepare_cached(typed(remote_cache).data, data.ByteTokenizer())  # never "memory:"
+    os.remove(tmp_path / "s" / MANIFEST)
+    with pytest.raises(DataError, match="not finished .* run `gpt-jax prepare` again"):
+        dataset(str(tmp_path / "s"))
 
 
 def test_memory_filesystem_store_trains_like_a_local_one(tmp_path, corpus, monkeypatch):
@@ -215,20 +227,17 @@ def test_memory_filesystem_store_trains_like_a_local_one(tmp_path, corpus, monke
     make_store(config, "memory://stores/mem", num_workers=1)  # workers share no memory fs
     memory = fsspec.filesystem("memory")
     assert memory.exists("/stores/mem/manifest.json")
-    local = data.TokenDataset(jsonl_config(tmp_path, "", store=str(tmp_path / "local")),
-                              data.ByteTokenizer(), "train")
-    remote = data.TokenDataset(jsonl_config(tmp_path, "", store="memory://stores/mem"),
-                               data.ByteTokenizer(), "train")
+    local = dataset(str(tmp_path / "local"))
+    remote = dataset("memory://stores/mem")
     for step in range(3):
-        np.testing.assert_array_equal(local.host_batch(step, 8, T)["inputs"],
-                                      remote.host_batch(step, 8, T)["inputs"])
+        np.testing.assert_array_equal(local.host_batch(step, 8, T, 0)["inputs"],
+                                      remote.host_batch(step, 8, T, 0)["inputs"])
     # a damaged remote shard is caught by its checksum when copied (fresh local cache)
     name = remote.store.info("train")["shards"][0]["file"]
     memory.pipe_file(f"/stores/mem/shards/{name}", b"\x00\x00" * 10)
     monkeypatch.setenv("GPT_JAX_CACHE", str(tmp_path / "other-cache"))
-    with pytest.raises(data.DataError, match="does not match the sha256 in its manifest"):
-        data.TokenDataset(jsonl_config(tmp_path, "", store="memory://stores/mem"),
-                          data.ByteTokenizer(), "train")
+    with pytest.raises(DataError, match="does not match the sha256 in its manifest"):
+        dataset("memory://stores/mem")
     memory.rm("/stores", recursive=True)
 
 
@@ -242,22 +251,20 @@ def one_letter_store(tmp_path, letter: str) -> str:
 
 def test_mixture_weights_are_exact_and_batches_are_f_of_seed_and_step(tmp_path):
     a, b = one_letter_store(tmp_path, "a"), one_letter_store(tmp_path, "b")
-    config = jsonl_config(tmp_path, "", store=f"{a}=1,{b}=3")
-    mix = MixtureDataset(config, data.ByteTokenizer(), "train")
+    mix = mixture(f"{a}=1,{b}=3")
     batch, steps = 8, 50
-    rows = np.concatenate([mix.host_batch(s, batch, T)["inputs"] for s in range(steps)])
+    rows = np.concatenate([mix.host_batch(s, batch, T, 0)["inputs"] for s in range(steps)])
     from_a = (rows == ord("a")).any(axis=1)
     assert from_a.sum() == steps * batch // 4  # 1:3 exactly, over whole steps
     assert not ((rows == ord("a")) & (rows == ord("b"))).any()
     per_step = from_a.reshape(steps, batch).sum(axis=1)
     assert set(per_step) == {2}  # 8 rows x 0.25
-    fresh = MixtureDataset(config, data.ByteTokenizer(), "train")  # a resumed run
-    halves = [fresh.host_batch(17, batch, T, i, 2)["inputs"] for i in range(2)]
+    fresh = mixture(f"{a}=1,{b}=3")  # a resumed run
+    halves = [fresh.host_batch(17, batch, T, 0, i, 2)["inputs"] for i in range(2)]
     np.testing.assert_array_equal(np.concatenate(halves), rows[17 * batch:18 * batch])
     assert mix.tokens_seen(steps, batch, T) == {"tokens_store_a": steps * 2 * T,
                                                 "tokens_store_b": steps * 6 * T}
-    odd = MixtureDataset(jsonl_config(tmp_path, "", store=f"{a}=0.3,{b}=0.7"),
-                         data.ByteTokenizer(), "train")
+    odd = mixture(f"{a}=0.3,{b}=0.7")
     counts = odd.taken(1000 * 8)
     assert counts.tolist() == [2400, 5600]
     val = next(mix.eval_batches(1, batch, T))["inputs"]
@@ -283,16 +290,19 @@ def test_a_live_builders_lock_is_never_stale(tmp_path, monkeypatch):
 def test_tfds_by_name_is_read_record_by_record_into_shards(tmp_path):
     import tensorflow_datasets as tfds
 
+    from gpt_jax.data.tfds_source import open_tfds
+
     config = jsonl_config(tmp_path, "", source="tfds", tfds_name="tiny_shakespeare",
                           shard_docs=2, data_dir=str(tmp_path / "tfds"))
     with tfds.testing.mock_data(num_examples=5):
-        texts = list(data.open_corpus(config.data).texts("train"))
+        texts = list(open_tfds(typed(config).data).texts("train"))
         stats = make_store(config, str(tmp_path / "s"), num_workers=1)
     assert stats["pieces"] == 6  # 3 record ranges of 2 per split
     store = data.open_store(str(tmp_path / "s"))
     assert split_documents(store.tokens("train").to_numpy(), data.ByteTokenizer()) == texts
 
 
+@pytest.mark.e2e
 def test_training_on_a_mixture_logs_tokens_per_store(tmp_path):
     from gpt_jax import config as config_lib
     from gpt_jax import train as train_lib
@@ -317,7 +327,7 @@ def test_a_tokenizer_trained_on_jsonl_documents(tmp_path, corpus):
     config = jsonl_config(tmp_path, str(folder), tokenizer="char")
     make_store(config, str(tmp_path / "s"), num_workers=1)
     tok = data.load_tokenizer(str(tmp_path / "s"))
-    train_texts = list(split_texts(config.data))
+    train_texts = list(split_texts(typed(config).data))
     assert tok.kind == "char" and tok.chars == "".join(sorted(set("".join(train_texts))))
     assert 0.75 * len(texts) < len(train_texts) < len(texts)
     expected = [i for t in train_texts for i in [tok.bos_id] + tok.encode(t) + [tok.eos_id]]
@@ -337,8 +347,8 @@ def test_a_store_repairs_a_lost_shard_and_refuses_another_build(tmp_path, corpus
     assert again["built"] == 1 and first["built"] == again["pieces"]
     assert store_bytes(str(store)) == whole
     other = jsonl_config(tmp_path, str(folder), shard_mb=0.05)  # another cut of the corpus
-    (store / prepare_lib.MANIFEST).unlink()
-    with pytest.raises(data.DataError, match="belongs to another build of this store"):
+    (store / MANIFEST).unlink()
+    with pytest.raises(DataError, match="belongs to another build of this store"):
         make_store(other, str(store), num_workers=1)
 
 
@@ -351,20 +361,20 @@ def test_a_store_refuses_a_config_naming_another_tokenizer(tmp_path, corpus):
         write_bpe_files(tmp_path / name, n_merges=merges)
     config = jsonl_config(tmp_path, str(folder), tokenizer="gpt2_bpe",
                           bpe_dir=str(tmp_path / "bpe_a"))
-    prepare_lib.prepare(config, str(tmp_path / "s"),
-                        prepare_lib.store_tokenizer(config, str(tmp_path / "s")), num_workers=1)
+    d = typed(config).data
+    prepare_lib.prepare(d, str(tmp_path / "s"),
+                        prepare_lib.store_tokenizer(d, 4096, str(tmp_path / "s")), num_workers=1)
     config.data.bpe_dir = str(tmp_path / "bpe_b")
-    with pytest.raises(data.DataError, match="prepared with another gpt2_bpe tokenizer"):
-        prepare_lib.store_tokenizer(config, str(tmp_path / "s"))
+    with pytest.raises(DataError, match="prepared with another gpt2_bpe tokenizer"):
+        prepare_lib.store_tokenizer(typed(config).data, 4096, str(tmp_path / "s"))
 
 
 def test_mixture_batch_too_small_and_paths_with_equals_signs(tmp_path):
     stores = [one_letter_store(tmp_path, c) for c in "abcd"]
-    mix = MixtureDataset(jsonl_config(tmp_path, "", store=",".join(stores)),
-                         data.ByteTokenizer(), "train")
-    with pytest.raises(data.DataError, match="global_batch_size=2 is too small .* at least 12"):
-        mix.host_batch(1, 2, T)
-    assert mix.host_batch(1, 12, T)["inputs"].shape == (12, T)
+    mix = mixture(",".join(stores))
+    with pytest.raises(DataError, match="global_batch_size=2 is too small .* at least 12"):
+        mix.host_batch(1, 2, T, 0)
+    assert mix.host_batch(1, 12, T, 0)["inputs"].shape == (12, T)
     assert files.store_paths("gs://b/year=2024/s=0.5,gs://b/k=v") == [
         ("gs://b/year=2024/s", 0.5 / 1.5), ("gs://b/k=v", 1 / 1.5)]
 

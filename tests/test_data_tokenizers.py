@@ -9,7 +9,8 @@ import sentencepiece as spm
 
 from gpt_jax import data
 from gpt_jax.data import tokenizers
-from test_data_common import make_config, make_text, private_cache, write_corpus  # noqa: F401
+from gpt_jax.errors import DataError
+from test_data_common import make_config, make_text, private_cache, tok_args, write_corpus  # noqa: F401
 
 UNICODE = "def f(x):\n    return 'héllo wörld ☃ 中文 😀'\n\n\tz  =  1  # naïve λ\n"
 
@@ -53,9 +54,9 @@ def test_sentencepiece_round_trip_specials_and_byte_fallback(spm_tok):
 
 
 def test_sentencepiece_vocab_too_large_is_one_line_error():
-    with pytest.raises(data.DataError, match=r"model.vocab_size=5000 is larger .*at most \d+"):
+    with pytest.raises(DataError, match=r"model.vocab_size=5000 is larger .*at most \d+"):
         tokenizers.train_sentencepiece(["tiny text here\n"] * 3, vocab_size=5000)
-    with pytest.raises(data.DataError, match="vocab_size=100 is below"):
+    with pytest.raises(DataError, match="vocab_size=100 is below"):
         tokenizers.train_sentencepiece(["x"], vocab_size=100)
 
 
@@ -65,19 +66,19 @@ def test_build_tokenizer_trains_saves_and_loads(tmp_path):
     config = make_config(tmp_path, str(corpus), tokenizer="sentencepiece")
     config.model.vocab_size = 320
     workdir = str(tmp_path / "run")
-    tok = data.build_tokenizer(config, workdir, process_index=0)
+    tok = data.build_tokenizer(*tok_args(config), workdir, process_index=0)
     again = data.load_tokenizer(workdir)  # nothing but the run directory
     assert (again.vocab_size, again.fingerprint) == (320, tok.fingerprint)
     assert again.decode(again.encode(UNICODE)) == UNICODE
     config.model.vocab_size = 999  # a resumed run loads, never retrains
-    assert data.build_tokenizer(config, workdir, process_index=0).fingerprint == tok.fingerprint
+    assert data.build_tokenizer(*tok_args(config), workdir, process_index=0).fingerprint == tok.fingerprint
 
 
 def test_char_tokenizer_saved_with_run(tmp_path):
     corpus = tmp_path / "corpus"
     texts = write_corpus(corpus, n_files=4)
     config = make_config(tmp_path, str(corpus), tokenizer="char")
-    tok = data.build_tokenizer(config, str(tmp_path / "run"), process_index=0)
+    tok = data.build_tokenizer(*tok_args(config), str(tmp_path / "run"), process_index=0)
     loaded = data.load_tokenizer(str(tmp_path / "run"))
     assert loaded.chars == tok.chars and set(tok.chars) <= set("".join(texts.values()))
 
@@ -87,11 +88,11 @@ def test_only_process_0_builds_the_others_wait(tmp_path):
     workdir = str(tmp_path / "run")
     result = {}
     waiter = threading.Thread(target=lambda: result.update(
-        tok=data.build_tokenizer(config, workdir, process_index=1, timeout_s=30)))
+        tok=data.build_tokenizer(*tok_args(config), workdir, process_index=1, timeout_s=30)))
     waiter.start()
     waiter.join(timeout=1.0)
     assert waiter.is_alive() and not tokenizers.is_saved(workdir)  # process 1 waits
-    data.build_tokenizer(config, workdir, process_index=0)
+    data.build_tokenizer(*tok_args(config), workdir, process_index=0)
     waiter.join(timeout=30)
     assert result["tok"].kind == "byte"
 
@@ -100,7 +101,7 @@ def test_load_existing_spm_model(tmp_path, spm_tok):
     path = tmp_path / "m.model"
     path.write_bytes(spm_tok.model_bytes)
     config = make_config(tmp_path, "unused", tokenizer="sentencepiece", spm_model=str(path))
-    tok = data.build_tokenizer(config, str(tmp_path / "run"), process_index=0)
+    tok = data.build_tokenizer(*tok_args(config), str(tmp_path / "run"), process_index=0)
     reference = spm.SentencePieceProcessor(model_file=str(path))
     assert tok.encode(UNICODE) == reference.encode(UNICODE)
 
@@ -109,10 +110,9 @@ def test_bad_tokenizer_inputs(tmp_path):
     config = make_config(tmp_path, "unused", tokenizer="sentencepiece",
                          spm_model=str(tmp_path / "nope.model"))
     with pytest.raises(FileNotFoundError, match="data.spm_model=.*nope.model.* does not exist"):
-        data.build_tokenizer(config, str(tmp_path / "run"), process_index=0)
+        data.build_tokenizer(*tok_args(config), str(tmp_path / "run"), process_index=0)
     with pytest.raises(FileNotFoundError, match="no tokenizer in"):
         data.load_tokenizer(str(tmp_path / "empty"))
-    data.build_tokenizer(make_config(tmp_path, "x"), str(tmp_path / "run2"), process_index=0)
-    with pytest.raises(data.DataError, match="holds a byte tokenizer but data.tokenizer='char'"):
-        data.build_tokenizer(make_config(tmp_path, "x", tokenizer="char"),
-                             str(tmp_path / "run2"), process_index=0)
+    data.build_tokenizer(*tok_args(make_config(tmp_path, "x")), str(tmp_path / "run2"), process_index=0)
+    with pytest.raises(DataError, match="holds a byte tokenizer but data.tokenizer='char'"):
+        data.build_tokenizer(*tok_args(make_config(tmp_path, "x", tokenizer="char")), str(tmp_path / "run2"), process_index=0)

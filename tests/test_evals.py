@@ -16,14 +16,17 @@ import numpy as np
 import pytest
 
 from conftest import run_on_one_device
-
 from gpt_jax import evals, sharding
+from gpt_jax.config import typed
 from gpt_jax.data import ByteTokenizer
 from gpt_jax.evals import Example, Request, Score, loglikelihoods, score_examples
 from gpt_jax.evals.choice import pick
 from gpt_jax.evals.scoring import pack_rows
 from gpt_jax.evals.tasks import load_task, nextline_examples, parse_specs
 from gpt_jax.model import GPT, ModelConfig
+
+pytestmark = pytest.mark.e2e  # every test here runs a training run or a process
+
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BYTE = ByteTokenizer()
@@ -61,9 +64,9 @@ def test_scores_equal_a_per_row_computation_with_and_without_a_mesh():
 
     want = [by_hand(c, x) for c, x in requests]
     config = _config_for(cfg)
-    mesh = sharding.make_mesh(config.mesh)  # data=8: every batch's rows over 8 devices
-    rules = sharding.logical_rules(config)
-    sharded = sharding.shard_like(params, sharding.param_shardings(GPT(cfg), mesh, rules))
+    mesh = typed(config).mesh.make()  # data=8: every batch's rows over 8 devices
+    rules = typed(config).mesh.rules
+    sharded = sharding.shard_like(params, sharding.param_shardings(cfg, mesh, rules))
     for got in (loglikelihoods(cfg, params, requests, batch_rows=2),
                 loglikelihoods(cfg, sharded, requests, batch_rows=4, mesh=mesh, rules=rules)):
         np.testing.assert_allclose([s.logprob for s in got], [w[0] for w in want], atol=1e-4)
@@ -236,9 +239,8 @@ def hf_run(tmp_path_factory):
     """A random GPT-2 in transformers, and the gpt_jax run directory converted from it."""
     pytest.importorskip("torch", reason="needs the hf extra: pip install 'gpt_jax[hf]'")
     hf = pytest.importorskip("transformers", reason="needs the hf extra (transformers)")
-    from test_convert_hf import hf_model
-
     from gpt_jax.hf import from_hf
+    from test_convert_hf import hf_model
 
     tmp = tmp_path_factory.mktemp("hf_run")
     model, _ = hf_model(hf, tmp / "hf", seed=3, n_layer=2, n_embd=32, n_head=2, n_positions=64)
@@ -333,6 +335,7 @@ def test_lm_eval_local_task_matches_our_scorer(hf_run, tmp_path, monkeypatch):
 HARNESS_TASKS = ["gpt_jax_local_mc", "gpt_jax_local_gen", "gpt_jax_local_rolling"]
 
 
+@pytest.mark.multiprocess
 def test_lm_eval_two_processes_match_one(hf_run, tmp_path, monkeypatch):
     """`python -m gpt_jax.evals.harness` on 2 processes (process 0 drives, process 1
     follows; params split over both processes' 4 devices) gives the single-process results:
@@ -467,7 +470,7 @@ def test_bench_evals_measures_and_projects(tmp_path):
 LEARNABLE = """
 import json, sys
 from conftest import tiny_run_config
-from gpt_jax import evals, train
+from gpt_jax import api, evals, train
 root = sys.argv[1]
 config = tiny_run_config(root + "/corpus", __import__("pathlib").Path(root) / "cache",
                          num_steps=300, log_every=100, eval_every=300, eval_batches=1)
@@ -478,7 +481,7 @@ out = {}
 for name, steps in (("trained", 300), ("fresh", 1)):  # fresh: the same model, barely trained
     config.train.num_steps = steps
     train.train(config, f"{root}/{name}")
-    out[name] = evals.evaluate_run(f"{root}/{name}", task, limit=200)["nextline"]
+    out[name] = api.evaluate_run(f"{root}/{name}", task, limit=200)["nextline"]
 print(json.dumps(out))
 """
 

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import pytest
 
 from gpt_jax import flops
-from gpt_jax.config import load_preset
+from gpt_jax.config import load_preset, typed
 from gpt_jax.model import GPT, ModelConfig
 
 # The published sizes of GPT-2 (tied embeddings, learned positions, biases everywhere).
@@ -23,7 +23,7 @@ GPT2_PARAMS = {
 
 
 def preset_model(name: str) -> ModelConfig:
-    return ModelConfig.from_config(load_preset(name).model)
+    return typed(load_preset(name)).model
 
 
 def eval_shape_param_count(cfg: ModelConfig) -> int:
@@ -69,6 +69,7 @@ def test_gpt2_124m_by_hand():
     assert sum(hand_param_counts(preset_model("gpt2_124m")).values()) == GPT2_PARAMS["gpt2_124m"]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("name", sorted(GPT2_PARAMS))
 def test_gpt2_presets_have_published_param_counts(name: str):
     cfg = preset_model(name)

@@ -33,6 +33,7 @@ def _faults(env_value: str) -> tuple[str, int]:
 
 @pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
                     reason="mallopt tuning is glibc-only")
+@pytest.mark.e2e
 def test_freed_blocks_stay_mapped_only_when_enabled():
     pages = 64 * 2**20 // os.sysconf("SC_PAGE_SIZE")
     applied, kept = _faults("1")

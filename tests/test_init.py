@@ -4,23 +4,26 @@ from __future__ import annotations
 
 import jax
 import numpy as np
+import pytest
 
-from gpt_jax import flops, sharding
-from gpt_jax.config import load_preset
-from gpt_jax.model import GPT, ModelConfig, abstract_params, init_params
+from conftest import init_sharded
+from gpt_jax import flops
+from gpt_jax.config import load_preset, typed
+from gpt_jax.model import GPT, abstract_params, init_params
 from gpt_jax.step import Trainer
 
 
+@pytest.mark.e2e
 def test_every_init_path_gives_the_params_training_starts_from():
     config = load_preset("tiny")
     config.mesh.update(data=2, fsdp=2, tensor=2)
     config.train.seed = 3
-    mesh, rules = sharding.make_mesh(config.mesh), sharding.logical_rules(config)
-    cfg = ModelConfig.from_config(config.model)
-    trainer = Trainer.create(config, mesh)
+    mesh, rules = typed(config).mesh.make(), typed(config).mesh.rules
+    cfg = typed(config).model
+    trainer = Trainer.for_config(typed(config), mesh)
     trained = jax.device_get(trainer.init_state(3)["params"])
     rng = jax.random.PRNGKey(3)
-    sharded, shardings = sharding.init_params(GPT(cfg), rng, mesh, rules)
+    sharded, shardings = init_sharded(GPT(cfg), rng, mesh, rules)
     assert jax.tree.map(lambda x: x.sharding, sharded) == shardings
     assert shardings == trainer.state_shardings["params"]
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(sharded), trained)

@@ -106,7 +106,11 @@ def test_create_tiers_and_version_override(capsys, tier):
 def test_install_dry_run_ships_source_and_installs_a_versioned_release(capsys):
     tar, scp, rm, ssh = dry_run(capsys, "install", *WHERE)
     version = tpu.release_version(tpu.parse(["install", *WHERE]))
-    assert tar[:2] == ["tar", "-czf"] and tar[-2:] == [REPO, "."]
+    assert tar[:2] == ["tar", "-czf"] and tar[3:5] == ["-C", REPO]
+    assert tar[5:] == tpu.shipped_files(REPO)  # what the release hash covers, exactly
+    assert {"setup.cfg", "gpt_jax/model.py", "configs/default.py"} <= set(tar[5:])
+    assert not any(p.startswith(("runs/", ".venv/", ".git/")) or "__pycache__" in p
+                   for p in tar[5:])
     assert os.path.basename(tar[2]) == f"gpt_jax-src-{version}-{os.getpid()}.tar.gz"
     assert scp[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "scp", tar[2]]
     assert scp[6] == f"my-tpu:gpt_jax-src-{version}.tar.gz" and "--worker=all" in scp
@@ -129,7 +133,8 @@ def test_release_version_follows_the_source_and_the_pins(tmp_path, capsys):
     version = lambda *extra: tpu.release_version(  # noqa: E731
         tpu.parse(["install", *WHERE, f"--source={src}", *extra]))
     first = version()
-    (src / "runs" / "metrics.jsonl").write_text("{}")  # excluded from the tarball: no change
+    (src / "runs" / "metrics.jsonl").write_text("{}")  # not shipped: no change
+    (src / "train.log").write_text("a log growing beside the source")
     assert version() == first
     assert version("--jax=0.4.0") != first and version("--python=3.12") != first
     (src / "setup.cfg").write_text("[metadata]\nname = x\n")
@@ -146,7 +151,7 @@ def test_train_dry_run(capsys):
     assert "--worker=all" in ssh and "--zone=us-west4-a" in ssh
     script = remote_command(ssh)
     inner = shlex.split(script.split("nohup bash -c ", 1)[1])[0]
-    ours = " ".join(tpu_flags.OVERLAP_FLAGS["v4"])
+    ours = " ".join(tpu_flags.overlap_flags("v4"))
     assert (f"env -u JAX_PLATFORMS LIBTPU_INIT_ARGS='{ours} --xla_tpu_x=1' "
             "\"$R/venv/bin/gpt-jax\" train --workdir=gs://bkt/runs/a --config=configs/gpt2_124m.py "
             "--config.train.num_steps=5 &") in inner
@@ -164,7 +169,7 @@ def test_train_overlap_flags_override_and_off(capsys):
         return {k: v for k, _, v in (w.partition("=") for w in words if "=" in w
                                       and not w.startswith("--"))}
     got = env_of()["LIBTPU_INIT_ARGS"].split()
-    assert got == list(tpu_flags.OVERLAP_FLAGS["v5e"])
+    assert got == list(tpu_flags.overlap_flags("v5e"))
     user = "--xla_tpu_enable_async_collective_fusion=false --xla_foo=1"
     got = env_of(f"--env=LIBTPU_INIT_ARGS={user}")["LIBTPU_INIT_ARGS"]
     assert got.endswith(user) and got.count("xla_tpu_enable_async_collective_fusion=") == 1
@@ -225,6 +230,7 @@ def calls(tmp_path) -> list[list[str]]:
     return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
 
 
+@pytest.mark.e2e
 def test_cli_dry_run_runs_nothing_and_real_run_probes_workdir_first(tmp_path):
     env = dict(os.environ, PATH=fake_gcloud(tmp_path))
     argv = [PY, os.path.join(REPO, "launch", "tpu.py"), "train", *WHERE, "--accelerator=v4-8",
@@ -320,6 +326,7 @@ def wait_for(predicate, timeout=20.0):
     return False
 
 
+@pytest.mark.e2e
 def test_train_and_stop_scripts_run_under_bash(tmp_path):
     env = fake_worker_home(tmp_path)
     logs = tmp_path / "home" / "gpt_jax_logs"
@@ -406,6 +413,8 @@ def launch_local(*argv: str, timeout: float = 120) -> subprocess.CompletedProces
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
+@pytest.mark.multiprocess
+@pytest.mark.e2e
 def test_local_multihost_runs_jax_distributed_over_127_0_0_1(tmp_path):
     child = tmp_path / "child.py"
     child.write_text(CHILD)
@@ -416,6 +425,8 @@ def test_local_multihost_runs_jax_distributed_over_127_0_0_1(tmp_path):
     assert "Connecting to JAX distributed service on 127.0.0.1:" in out.stdout
 
 
+@pytest.mark.multiprocess
+@pytest.mark.e2e
 def test_local_multihost_one_failure_stops_the_others(tmp_path):
     code = ("import os, sys, time\npid = int(os.environ['GPT_JAX_PROCESS_ID'])\n"
             "print('up', flush=True)\nsys.exit(3) if pid == 1 else time.sleep(60)\n")
@@ -426,6 +437,8 @@ def test_local_multihost_one_failure_stops_the_others(tmp_path):
     assert "[p1] up" in out.stdout.splitlines()  # the others may be stopped before printing
 
 
+@pytest.mark.multiprocess
+@pytest.mark.e2e
 def test_local_multihost_forwards_sigterm_to_every_process(tmp_path):
     code = ("import os, signal, sys, time\npid = os.environ['GPT_JAX_PROCESS_ID']\n"
             "signal.signal(signal.SIGTERM, lambda *a: (print('got SIGTERM', flush=True),"
@@ -450,12 +463,14 @@ def test_local_multihost_forwards_sigterm_to_every_process(tmp_path):
      "local_multihost sets --num_processes itself (here --num_processes=2)"),
     ([], "no command given"),
 ])
+@pytest.mark.e2e
 def test_local_multihost_bad_input(argv, message):
     out = launch_local(*argv, timeout=30)
     assert out.returncode == 2 and out.stdout == ""
     assert out.stderr.startswith("local_multihost.py: error: ") and message in out.stderr
 
 
+@pytest.mark.e2e
 def test_local_multihost_unwritable_workdir(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
@@ -550,10 +565,10 @@ def train_two_hosts(workdir, sigterm_at_step: int | None = None) -> tuple[int, s
 
 
 def final_params(workdir):
-    from gpt_jax import checkpoint
-
     import jax
     import numpy as np
+
+    from gpt_jax import checkpoint
 
     _, params = checkpoint.load_params(str(workdir))
     return [np.asarray(x) for x in jax.tree.leaves(params)]
@@ -562,10 +577,12 @@ def final_params(workdir):
 @pytest.mark.slow  # 3 runs of 2 processes: ~80 s of CPU; 150 s wall on a busy 2-core box
 @pytest.mark.skipif(not os.path.exists(os.path.join(REPO, "gpt_jax", "commands", "train.py")),
                     reason="gpt-jax train is not there yet")
+@pytest.mark.multiprocess
+@pytest.mark.e2e
 def test_two_hosts_sigterm_then_resume_matches_an_uninterrupted_run(tmp_path):
-    from gpt_jax.metrics import read_metrics
-
     import numpy as np
+
+    from gpt_jax.metrics import read_metrics
 
     def status(run):  # written by process 0 (see gpt_jax/run_status.py)
         with open(tmp_path / run / "status.json") as f:
@@ -629,6 +646,7 @@ def test_run_status_records(tmp_path):
         run_status.write(str(tmp_path), "done")
 
 
+@pytest.mark.e2e
 def test_failed_train_records_the_one_line_error_in_status_json(tmp_path):
     gpt_jax = os.path.join(os.path.dirname(PY), "gpt-jax")
     entry = [gpt_jax] if os.path.exists(gpt_jax) else [PY, "-m", "gpt_jax.cli"]
@@ -663,6 +681,7 @@ def test_every_launcher_command_in_docs_tpu_md_parses(monkeypatch):
     assert found >= 13
 
 
+@pytest.mark.e2e
 def test_local_multihost_children_die_with_a_killed_launcher():
     code = "import os, time\nprint('pid', os.getpid(), flush=True)\ntime.sleep(60)\n"
     proc = subprocess.Popen([PY, os.path.join(REPO, "launch", "local_multihost.py"), "--env_only",

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gpt_jax.config import load_preset
+from gpt_jax.config import load_preset, typed
 from gpt_jax.model import GPT, ModelConfig, apply_rope, init_kv_cache
 
 B, T = 2, 16
@@ -23,7 +23,7 @@ Params = dict
 
 def tiny_cfg(**overrides) -> ModelConfig:
     """configs/tiny.py: vocab 64, block 32, 2 layers, 4 heads, width 32."""
-    return dataclasses.replace(ModelConfig.from_config(load_preset("tiny").model), **overrides)
+    return dataclasses.replace(typed(load_preset("tiny")).model, **overrides)
 
 
 def random_tokens(seed: int = 0, shape: tuple[int, int] = (B, T), vocab: int = 64) -> jax.Array:
@@ -188,6 +188,7 @@ VARIANTS = {
 }
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_forward_matches_numpy_reference(variant: str):
     cfg = tiny_cfg(**VARIANTS[variant])
@@ -240,6 +241,7 @@ def test_causality(position: str):
             assert np.abs(changed_BTV[:, t + 1:] - logits_BTV[:, t + 1:]).max() > 1e-3
 
 
+@pytest.mark.e2e
 def test_xla_and_reference_attention_agree():
     cfg = tiny_cfg(position="rope")
     params, tokens_BT = random_params(cfg), random_tokens()
@@ -267,6 +269,7 @@ LAYOUTS = [(scan, remat) for scan in (False, True)
 LAYOUTS += [(False, "save_qkv_proj"), (True, "save_out_proj"), (False, "save_qkv_out_proj")]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("scan_layers, remat_policy", LAYOUTS)
 def test_scan_and_remat_match_the_plain_loop(scan_layers: bool, remat_policy: str):
     params, tokens_BT, targets_BT, loss, logits_BTV, grads = loop_reference()
@@ -293,6 +296,7 @@ def test_named_remat_policies_save_only_their_projections(remat_policy, saved, c
     assert {name for name in ("qkv_proj", "out_proj") if f"named '{name}'" in residuals} == saved
 
 
+@pytest.mark.e2e
 def test_scan_init_stacks_distinct_layers():
     cfg = tiny_cfg(scan_layers=True)
     init = jax.jit(lambda rng: nn.unbox(GPT(cfg).init(rng, random_tokens())["params"]))
@@ -321,6 +325,7 @@ def test_bf16_params():
     assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(shapes))
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("scan_layers", [False, True])
 def test_dropout_only_in_training(scan_layers: bool):
     cfg = tiny_cfg(dropout=0.3, scan_layers=scan_layers)
@@ -358,6 +363,7 @@ def test_rope_depends_only_on_relative_position():
     assert score(0, 0) == pytest.approx(float(jnp.sum(q_1K * k_1K)), abs=1e-6)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("scan_layers", [False, True])
 @pytest.mark.parametrize("position", ["learned", "rope"])
 def test_kv_cache_decode_matches_full_forward(position: str, scan_layers: bool):
@@ -389,6 +395,7 @@ def test_kv_cache_decode_matches_full_forward(position: str, scan_layers: bool):
     assert np.all(np.abs(keys_LBHSK[:, :, :, :T]).sum(-1) > 0)
 
 
+@pytest.mark.e2e
 def test_logits_at_gives_one_position_per_row():
     """`logits_at_B` (the prefill's last prompt token per row) == that row of the full logits."""
     cfg = tiny_cfg()

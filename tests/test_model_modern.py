@@ -10,15 +10,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_model import numpy_gpt
 
+from conftest import init_sharded
 from gpt_jax import attention, sample, sharding
-from gpt_jax.config import ConfigError, base_config, load_preset, validate
+from gpt_jax.config import ConfigError, base_config, load_preset, typed, validate
 from gpt_jax.flops import count_params, flops_per_token
 from gpt_jax.hf.mapping import ConversionError, hf_config_from_model
 from gpt_jax.model import GPT, ModelConfig, init_kv_cache, init_params
 from gpt_jax.optim import decay_mask
 from gpt_jax.step import chunked_cross_entropy, cross_entropy
-from test_model import numpy_gpt
 
 B, T = 2, 16
 CAP = 3.0
@@ -35,7 +36,7 @@ SWITCHES = {  # name -> overrides of configs/tiny.py (vocab 64, block 32, 2 laye
 
 
 def tiny_cfg(**overrides) -> ModelConfig:
-    return dataclasses.replace(ModelConfig.from_config(load_preset("tiny").model), **overrides)
+    return dataclasses.replace(typed(load_preset("tiny")).model, **overrides)
 
 
 def param_shapes(cfg: ModelConfig) -> dict:
@@ -85,6 +86,7 @@ def test_default_param_tree_is_unchanged_and_all_off_is_the_default():
                                atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("name", sorted(SWITCHES))
 def test_forward_matches_numpy_reference(name: str):
     cfg = tiny_cfg(**SWITCHES[name])
@@ -93,6 +95,7 @@ def test_forward_matches_numpy_reference(name: str):
                                atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.e2e
 def test_switches_shape_the_param_tree():
     D, G, K = 32, 2, 8
     shapes = param_shapes(tiny_cfg(**ALL_ON))
@@ -109,6 +112,7 @@ def test_switches_shape_the_param_tree():
     assert stacked["ve_scale"] == (2,) and stacked["q_norm"]["scale"] == (2, K)
 
 
+@pytest.mark.e2e
 def test_zero_init_proj_starts_at_zero_and_still_learns():
     cfg = tiny_cfg(zero_init_proj=True)
     params = init_params(GPT(cfg), jax.random.key(0))
@@ -127,6 +131,7 @@ def test_zero_init_proj_starts_at_zero_and_still_learns():
     np.testing.assert_array_equal(params["wte"]["embedding"], default["wte"]["embedding"])
 
 
+@pytest.mark.e2e
 def test_softcap_bounds_logits_keeps_padding_masked_and_feeds_the_chunked_loss():
     raw_cfg = tiny_cfg(vocab_multiple=48)  # padded to 96 rows
     cfg = dataclasses.replace(raw_cfg, logit_softcap=CAP, loss_chunks=4)
@@ -143,6 +148,7 @@ def test_softcap_bounds_logits_keeps_padding_masked_and_feeds_the_chunked_loss()
     np.testing.assert_allclose(chunked, whole, rtol=1e-5)
 
 
+@pytest.mark.e2e
 def test_grouped_attention_equals_repeated_keys_and_values():
     rng = np.random.default_rng(0)
     q = jnp.asarray(rng.normal(size=(2, 6, 4, 8)), jnp.float32)
@@ -184,6 +190,7 @@ CACHED_CASES = {
 }
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("name", sorted(CACHED_CASES))
 def test_cached_sampler_logits_equal_full_forward(name: str):
     cfg = tiny_cfg(**CACHED_CASES[name])
@@ -234,6 +241,7 @@ def test_counts_follow_grouped_attention_and_value_embeddings():
     assert flops_per_token(cfg) == flops_per_token(base) - 6 * (qkv_saved - 2 * L)
 
 
+@pytest.mark.e2e
 def test_decay_mask_treats_value_embeddings_as_embeddings_and_norms_as_norms():
     params = init_params(GPT(tiny_cfg(**ALL_ON)), jax.random.key(0))
     for embeddings in (False, True):
@@ -244,14 +252,15 @@ def test_decay_mask_treats_value_embeddings_as_embeddings_and_norms_as_norms():
         assert attn["qkv"]["kernel"]
 
 
+@pytest.mark.e2e
 def test_sharded_all_switches_equal_one_device():
     config = load_preset("tiny")
     config.model.update(**ALL_ON)
     config.mesh.update(data=2, fsdp=2, tensor=2)
     validate(config, num_devices=8)
-    cfg = ModelConfig.from_config(config.model)
-    mesh, rules = sharding.make_mesh(config.mesh), sharding.logical_rules(config)
-    _, shardings = sharding.init_params(GPT(cfg), jax.random.key(0), mesh, rules)
+    cfg = typed(config).model
+    mesh, rules = typed(config).mesh.make(), typed(config).mesh.rules
+    _, shardings = init_sharded(GPT(cfg), jax.random.key(0), mesh, rules)
     host = random_params(cfg, seed=5)
     toks = tokens(5, (8, T))
 

@@ -4,13 +4,17 @@ reference, which leaves get Muon, sharded == one device, AOT compile, exact chec
 import jax
 import numpy as np
 import pytest
-
-from gpt_jax import aot, checkpoint, config as config_lib, sharding
-from gpt_jax.flops import param_shapes
-from gpt_jax.model import ModelConfig
-from gpt_jax.optim import make_optimizer, muon_labels
-from gpt_jax.step import Trainer
 from test_train_step import assert_trees_close, mesh_of, random_batches, run_steps, tiny_config
+
+from gpt_jax import aot, checkpoint, sharding
+from gpt_jax import config as config_lib
+from gpt_jax.config import typed
+from gpt_jax.errors import ConfigMismatchError
+from gpt_jax.model import ModelConfig
+from gpt_jax.model import abstract_params as param_shapes
+from gpt_jax.optim import OptimConfig, muon_labels
+from gpt_jax.run import check_resume
+from gpt_jax.step import Trainer
 
 NS = (3.4445, -4.7750, 2.0315)
 
@@ -45,7 +49,7 @@ def np_muon_steps(grads, p, lr, beta, wd, nesterov, fan_in):
 
 
 def one_update(o, params, grads):
-    tx = make_optimizer(o, 10)
+    tx = OptimConfig.from_dict(o).build(10).tx
     return jax.jit(tx.update)(grads, tx.init(params), params)[0]
 
 
@@ -64,6 +68,7 @@ def test_newton_schulz_is_close_to_the_polar_factor():
     np.testing.assert_allclose(x, np_orthogonalize(g), rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("nesterov", [True, False])
 def test_two_muon_steps_match_numpy(nesterov):
     rng = np.random.default_rng(1)
@@ -76,7 +81,7 @@ def test_two_muon_steps_match_numpy(nesterov):
              for _ in range(2)]
     o = muon_optim(muon_lr=0.05, muon_momentum=0.9, muon_nesterov=nesterov,
                    muon_weight_decay=0.1)
-    tx = make_optimizer(o, 10)
+    tx = OptimConfig.from_dict(o).build(10).tx
     state, got = tx.init(params), []
     for g in grads:
         u, state = jax.jit(tx.update)(g, state, params)
@@ -113,6 +118,7 @@ def test_muon_gets_the_attention_and_mlp_kernels_only(scan):
                for k in adamw)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("scan", [False, True])
 def test_muon_on_the_mesh_matches_single_device_and_compiles_ahead(scan):
     config = tiny_config()
@@ -128,12 +134,13 @@ def test_muon_on_the_mesh_matches_single_device_and_compiles_ahead(scan):
         assert compiled is not None and jax.tree.leaves(state["opt_state"])
 
 
+@pytest.mark.e2e
 def test_muon_checkpoint_resume_is_exact(tmp_path):
     config = tiny_config()
     config.optim.update(optimizer="muon")
     mesh = mesh_of(1, 2, 2)
     batches = list(random_batches(config, 4))
-    trainer = Trainer.create(config, mesh)
+    trainer = Trainer.for_config(typed(config), mesh)
     step = trainer.jit_train_step()
 
     def steps(state, hosts):
@@ -157,7 +164,7 @@ def test_muon_checkpoint_resume_is_exact(tmp_path):
     straight = jax.device_get(steps(trainer.init_state(0), batches)["params"])
     half = steps(trainer.init_state(0), batches[:2])
     saver = checkpoint.Checkpointer(str(tmp_path), config.checkpoint)
-    saver.save(half, {"step": 2}, config, force=True)
+    saver.save(half, {"step": 2}, typed(config).to_dict(), force=True)
     saver.close()
     restored, _ = checkpoint.Checkpointer(str(tmp_path), config.checkpoint).restore_latest(
         trainer.abstract_state())
@@ -165,8 +172,8 @@ def test_muon_checkpoint_resume_is_exact(tmp_path):
     for x, y in zip(jax.tree.leaves(resumed), jax.tree.leaves(straight)):
         np.testing.assert_array_equal(x, y)
     other = tiny_config()
-    with pytest.raises(checkpoint.ConfigMismatchError, match="optim.optimizer='muon'"):
-        checkpoint.check_resume_compatible(str(tmp_path), other)
+    with pytest.raises(ConfigMismatchError, match="optim.optimizer='muon'"):
+        check_resume(str(tmp_path), typed(other))
 
 
 def test_bad_optimizer_is_a_one_line_error():

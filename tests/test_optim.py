@@ -8,15 +8,15 @@ import numpy as np
 import pytest
 
 from gpt_jax import config as config_lib
-from gpt_jax.flops import param_shapes
+from gpt_jax.config import typed
 from gpt_jax.model import GPT, ModelConfig, init_params
-from gpt_jax.optim import decay_mask, lr_schedule, make_optimizer
+from gpt_jax.model import abstract_params as param_shapes
+from gpt_jax.optim import OptimConfig, decay_mask, lr_schedule
 
 
-def optim(**kw):
-    o = config_lib.base_config().optim
-    o.update({"lr": 1.0, "warmup_steps": 10, "decay_steps": 110, "min_lr_ratio": 0.1, **kw})
-    return o
+def optim(**kw) -> OptimConfig:
+    return OptimConfig(**{"lr": 1.0, "warmup_steps": 10, "decay_steps": 110, "min_lr_ratio": 0.1,
+                          **kw})
 
 
 def expected(schedule, step):
@@ -70,14 +70,15 @@ def adam_moments(opt_state, name: str) -> list:
             if any(getattr(k, "name", None) == name for k in path)]
 
 
+@pytest.mark.e2e
 def test_bf16_first_moment_update_is_close_to_float32():
     config = config_lib.load_preset("tiny")
-    params = init_params(GPT(ModelConfig.from_config(config.model)), jax.random.key(0))
+    params = init_params(GPT(typed(config).model), jax.random.key(0))
     grads = jax.tree.map(lambda p: 0.01 * jax.random.normal(jax.random.key(1), p.shape), params)
     updates = {}
     for mu_dtype in ("", "bfloat16"):
         config.optim.mu_dtype = mu_dtype
-        tx = make_optimizer(config.optim, 10)
+        tx = typed(config).optim.build(10).tx
 
         @jax.jit
         def two_steps(params, grads):
@@ -97,20 +98,21 @@ def test_bf16_first_moment_update_is_close_to_float32():
         config_lib.validate(config)
 
 
+@pytest.mark.e2e
 def test_bf16_first_moment_checkpoint_restores(tmp_path):
-    from gpt_jax import checkpoint, sharding
+    from gpt_jax import checkpoint
     from gpt_jax.step import Trainer
 
     config = config_lib.load_preset("tiny")
     config.optim.mu_dtype = "bfloat16"
-    trainer = Trainer.create(config, sharding.make_mesh(config.mesh, jax.devices()[:1]))
+    trainer = Trainer.for_config(typed(config), typed(config).mesh.make(jax.devices()[:1]))
     state = trainer.init_state(0)
     tokens = np.random.default_rng(0).integers(0, 64, (8, 33), dtype=np.int32)
     state, _ = trainer.jit_train_step()(state, {"inputs": tokens[:, :-1],
                                                 "targets": tokens[:, 1:]})
     saved = jax.device_get(state["opt_state"])
     saver = checkpoint.Checkpointer(str(tmp_path), config.checkpoint)
-    saver.save(state, {"step": 1}, config, force=True)
+    saver.save(state, {"step": 1}, typed(config).to_dict(), force=True)
     saver.close()
     restored, _ = checkpoint.Checkpointer(str(tmp_path), config.checkpoint).restore_latest(
         trainer.abstract_state())

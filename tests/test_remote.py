@@ -17,9 +17,13 @@ from etils.epath import backend as epath_backend
 from fsspec.implementations.local import LocalFileSystem
 
 import gpt_jax
-from gpt_jax import checkpoint, sharding, train
-from gpt_jax.config import load_preset
+from gpt_jax import checkpoint
+from gpt_jax.config import load_preset, typed
+from gpt_jax.run import resolve_run
 from gpt_jax.step import Trainer
+
+pytestmark = pytest.mark.e2e  # every test here runs a training run or a process
+
 
 REMOTE = "gs://bucket/run"
 REMOTE_READS: list[str] = []  # the gs:// paths the checkpoint readers were given
@@ -45,10 +49,10 @@ def run_dir(tmp_path_factory, text_corpus) -> str:
     config.data.update(source="text_files", paths=str(text_corpus),
                        cache_dir=str(tmp_path_factory.mktemp("cache")))
     config.train.eval_batches = 1
-    config, _ = train.resolve_run(config, workdir)
-    trainer = Trainer.create(config, sharding.make_mesh(config.mesh))
+    config = resolve_run(config, workdir).config
+    trainer = Trainer.for_config(typed(config), typed(config).mesh.make())
     saver = checkpoint.Checkpointer(workdir, config.checkpoint)
-    saver.save(trainer.init_state(0), {"step": 0, "seed": 0}, config, force=True)
+    saver.save(trainer.init_state(0), {"step": 0, "seed": 0}, typed(config).to_dict(), force=True)
     saver.close()
     return workdir
 

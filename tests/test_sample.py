@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 
 from configs.tiny import get_config
-from gpt_jax import sample, sampling_filters, sharding
+from conftest import init_sharded
+from gpt_jax import sample, sampling_filters
+from gpt_jax.config import typed
 from gpt_jax.model import GPT, ModelConfig
 
 PROMPTS = [[5, 9, 13], [7, 1, 2, 3, 4, 60, 61, 62, 63]]  # lengths 3 and 9
@@ -19,7 +21,7 @@ PROMPTS = [[5, 9, 13], [7, 1, 2, 3, 4, 60, 61, 62, 63]]  # lengths 3 and 9
 def model_cfg(**overrides) -> ModelConfig:
     config = get_config()
     config.model.update(**overrides)
-    return ModelConfig.from_config(config.model)
+    return typed(config).model
 
 
 @functools.lru_cache(maxsize=None)
@@ -42,6 +44,7 @@ def full_forward_logits(cfg, params, rows: list[list[int]]) -> np.ndarray:
 # Every option appears at least once (each case is one compile, so not the full product).
 @pytest.mark.parametrize("position,scan_layers,dtype", [
     ("learned", False, "float32"), ("rope", True, "float32"), ("rope", False, "bfloat16")])
+@pytest.mark.e2e
 def test_cached_logits_equal_full_forward(position, scan_layers, dtype):
     cfg = model_cfg(position=position, scan_layers=scan_layers, dtype=dtype)
     params = init_params(cfg)
@@ -60,6 +63,7 @@ def test_cached_logits_equal_full_forward(position, scan_layers, dtype):
     assert len({tuple(t) for t in out.tokens.tolist()}) == 2  # really sampled, not constant
 
 
+@pytest.mark.e2e
 def test_greedy_is_deterministic_and_top_k_1_is_greedy():
     params = init_params(BASE)
     # return_logits=True everywhere on BASE: the same compiled program as the parity test.
@@ -86,6 +90,7 @@ def test_seeds_and_num_samples():
     assert not np.array_equal(a.tokens[0], a.tokens[1])  # two samples of one prompt differ
 
 
+@pytest.mark.e2e
 def test_prompt_result_does_not_depend_on_the_batch():
     params = init_params(BASE)
     kw = dict(max_new_tokens=8, temperature=0.9, top_k=20, top_p=0.9, seed=7)
@@ -137,11 +142,12 @@ def test_eos_stops_the_loop_early():
     assert (stopped.tokens[:, first + 1:] == 0).all() and (stopped.logprobs[:, first + 1:] == 0).all()
 
 
+@pytest.mark.e2e
 def test_sharded_sampling_equals_single_device():
     config = get_config()
     config.mesh.update(data=2, fsdp=2, tensor=2)
-    mesh, rules = sharding.make_mesh(config.mesh), sharding.logical_rules(config)
-    params, _ = sharding.init_params(GPT(BASE), jax.random.key(1), mesh, rules)
+    mesh, rules = typed(config).mesh.make(), typed(config).mesh.rules
+    params, _ = init_sharded(GPT(BASE), jax.random.key(1), mesh, rules)
     spec = sample.cache_sharding(BASE, mesh, rules).spec
     assert tuple(spec)[:2] == (("data", "fsdp"), "tensor")  # batch, heads
     assert sample.batch_shards(mesh, rules) == 4
@@ -178,8 +184,13 @@ LOGITS_BV = np.array([[2.0, 1.0, 0.5, 3.0, -1.0, 0.0, 1.5, -2.0],
     (1.0, 0, 1.0), (1.0, 3, 1.0), (1.0, 0, 0.5), (0.5, 0, 0.9), (2.0, 4, 0.6), (1.0, 1, 1.0),
     (1.0, 0, 1e-6), (0.7, 8, 0.95)])
 def test_filtered_logits_match_numpy(temperature, top_k, top_p):
-    got_BV = np.asarray(sampling_filters.filtered_logits(jnp.asarray(LOGITS_BV), temperature,
-                                                         top_k, top_p))
+    V = LOGITS_BV.shape[-1]
+    scaled_BC, ids_BC = sampling_filters.candidates(
+        jnp.asarray(LOGITS_BV), jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p),
+        k_bucket=sampling_filters.k_bucket_for(top_k, V), use_top_p=top_p < 1.0)
+    got_BV = np.full(LOGITS_BV.shape, -np.inf, np.float32)  # candidates back on the vocabulary
+    ids_BC = np.broadcast_to(np.arange(V), LOGITS_BV.shape) if ids_BC is None else ids_BC
+    np.put_along_axis(got_BV, np.asarray(ids_BC), np.asarray(scaled_BC), axis=-1)
     for b in range(LOGITS_BV.shape[0]):
         want_V = numpy_filter(LOGITS_BV[b], temperature, top_k, top_p)
         assert np.array_equal(np.isinf(got_BV[b]), np.isinf(want_V)), (got_BV[b], want_V)
@@ -195,6 +206,7 @@ def test_first_argmax_matches_numpy_including_ties():
                           np.argmax(logits_BV, axis=-1))
 
 
+@pytest.mark.e2e
 def test_choose_draws_from_the_filtered_distribution():
     n, temperature, top_k, top_p = 20_000, 0.8, 5, 0.9
     logits_NV = jnp.broadcast_to(jnp.asarray(LOGITS_BV[0]), (n, LOGITS_BV.shape[1]))
@@ -246,6 +258,7 @@ def test_truncation_only_when_asked():
 
 
 
+@pytest.mark.e2e
 def test_padded_vocabulary_is_never_sampled():
     import flax.linen as nn
 

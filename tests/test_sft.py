@@ -11,17 +11,34 @@ import numpy as np
 import pytest
 
 from conftest import run_on_one_device
-
 from gpt_jax import config as config_lib
-from gpt_jax.data import ByteTokenizer, DataError, Pair, SFTDataset, read_jsonl
+from gpt_jax.config import typed
+from gpt_jax.data import ByteTokenizer, SFTDataset
+from gpt_jax.data.documents import Pair, read_pairs
+from gpt_jax.errors import DataError
+from gpt_jax.run import open_data
+
+pytestmark = pytest.mark.e2e  # every test here runs a training run or a process
 
 
 def sft_config(tmp_path, pairs_file="", **model):
     config = config_lib.load_preset("tiny")
     config.model.update(block_size=32, vocab_size=259, **model)
     config.data.update(source="sft_jsonl", paths=str(pairs_file or tmp_path / "none.jsonl"),
-                       tokenizer="byte")
+                       tokenizer="byte", cache_dir=str(tmp_path / "stores"))
     return config
+
+
+def sft_train_split(tmp_path, pairs: list[tuple[str, str]], config=None) -> SFTDataset:
+    """The train split of an SFT store prepared from `pairs` (all of them: a one-pair
+    held-out file is given)."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path, held_out = tmp_path / "pairs.jsonl", tmp_path / "heldout.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p, "response": r}) + "\n" for p, r in pairs))
+    held_out.write_text(json.dumps({"prompt": "h", "response": "o"}) + "\n")
+    config = config or sft_config(tmp_path)
+    config.data.update(paths=str(path), sft_eval_paths=str(held_out))
+    return open_data(typed(config), ByteTokenizer(), "train")
 
 
 def test_jsonl_errors_name_the_line(tmp_path):
@@ -35,30 +52,28 @@ def test_jsonl_errors_name_the_line(tmp_path):
     ]:
         path.write_text("\n".join(lines) + "\n")
         with pytest.raises(DataError, match=message):
-            read_jsonl(str(path))
+            list(read_pairs(str(path)))
     path.write_text(good + "\n\n" + good + "\n")
-    assert read_jsonl(str(path)) == [Pair("a", "b", f"{path}:1"),
-                                     Pair("a", "b", f"{path}:3")]
+    assert list(read_pairs(str(path))) == [Pair("a", "b", 1), Pair("a", "b", 3)]
     with pytest.raises(DataError, match="missing.jsonl does not exist"):
-        read_jsonl(str(tmp_path / "missing.jsonl"))
+        list(read_pairs(str(tmp_path / "missing.jsonl")))
 
 
 def test_prompt_longer_than_the_context_is_an_error(tmp_path):
-    config = sft_config(tmp_path)
-    pairs = [Pair("x" * 40, "y", "pairs.jsonl line 7")]
-    with pytest.raises(DataError, match="pairs.jsonl line 7: the prompt is 40 tokens but "
+    pairs = [("q", "a")] * 6 + [("x" * 40, "y")]
+    with pytest.raises(DataError, match="pairs.jsonl:7: the prompt is 40 tokens but "
                                         "model.block_size=32"):
-        SFTDataset(config, ByteTokenizer(), "train", pairs=pairs)
-    long_answer = SFTDataset(config, ByteTokenizer(), "train", pairs=[Pair("q", "z" * 50, "l1")])
-    assert long_answer.num_truncated == 1 and len(long_answer.examples[0][0]) == 33
+        sft_train_split(tmp_path / "long_prompt", pairs)
+    long_answer = sft_train_split(tmp_path / "long_answer", [("q", "z" * 50)])
+    assert long_answer.num_truncated == 1 and len(long_answer.examples[0].tokens) == 33
 
 
 def test_packing_keeps_whole_examples_and_weights_only_responses(tmp_path):
     tok = ByteTokenizer()
     rng = np.random.default_rng(0)
     pairs = [Pair("q" + "p" * int(rng.integers(1, 9)) + ":",
-                  "r" * int(rng.integers(1, 7)) + str(i % 10), f"line {i}") for i in range(40)]
-    ds = SFTDataset(sft_config(tmp_path), tok, "train", pairs=pairs)
+                  "r" * int(rng.integers(1, 7)) + str(i % 10), i) for i in range(40)]
+    ds = sft_train_split(tmp_path, [(p.prompt, p.response) for p in pairs])
     seen = []
     for r in range(ds.num_windows(32)):
         batch = ds.gather(np.array([r]), 32)
@@ -83,16 +98,15 @@ def test_response_only_loss_equals_hand_computation(tmp_path):
     from gpt_jax import sharding
     from gpt_jax.step import Trainer
 
-    tok = ByteTokenizer()
-    pairs = [Pair(f"question {i}?", f" answer {i * 7}", f"l{i}") for i in range(30)]
+    pairs = [(f"question {i}?", f" answer {i * 7}") for i in range(30)]
     config = sft_config(tmp_path)
     config.train.update(global_batch_size=8)
-    ds = SFTDataset(config, tok, "train", pairs=pairs)
-    host = ds.host_batch(3, 8, 32)
+    ds = sft_train_split(tmp_path, pairs, config)
+    host = ds.host_batch(3, 8, 32, 0)
     assert 0 < host["weights"].sum() < host["weights"].size
 
-    mesh = sharding.make_mesh(config.mesh)
-    trainer = Trainer.create(config, mesh)
+    mesh = typed(config).mesh.make()
+    trainer = Trainer.for_config(typed(config), mesh)
     import flax.linen as nn
 
     params = nn.unbox(trainer.model.init(jax.random.PRNGKey(0), host["inputs"][:1])["params"])
@@ -113,10 +127,9 @@ def test_response_only_loss_equals_hand_computation(tmp_path):
 def finetune_converted_gpt2(tmp: str) -> None:
     """200 SFT steps from a converted random GPT-2 into `tmp`/sft (run by the test below)."""
     tmp_path = pathlib.Path(tmp)
-    from test_convert_hf import hf_config, random_hf_tensors, write_hf_dir
-
     from gpt_jax import train
     from gpt_jax.hf import from_hf
+    from test_convert_hf import hf_config, random_hf_tensors, write_hf_dir
 
     V = 317  # write_bpe_files' vocabulary
     cfg = hf_config(V, n_layer=2, n_embd=32, n_head=2, n_positions=32)

@@ -13,9 +13,11 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from conftest import init_sharded
 from gpt_jax import sharding
-from gpt_jax.config import ConfigError, load_preset
+from gpt_jax.config import ConfigError, load_preset, typed
 from gpt_jax.model import GPT, ModelConfig
+from gpt_jax.sharding import MeshConfig
 
 B, T = 8, 16  # the batch splits over data * fsdp = 8 devices in every mesh below
 
@@ -45,8 +47,8 @@ def tiny_config(scan_layers: bool = False) -> ml_collections.ConfigDict:
 
 def mesh_for(name: str):
     data, fsdp, tensor = MESHES[name]
-    return sharding.make_mesh(ml_collections.ConfigDict({"data": data, "fsdp": fsdp,
-                                                         "tensor": tensor}))
+    return MeshConfig.from_dict({"data": data, "fsdp": fsdp,
+                                                         "tensor": tensor}).make()
 
 
 def big_matrices(params: dict, scan_layers: bool) -> dict[str, jax.Array]:
@@ -90,7 +92,7 @@ def to_scan_layout(params: dict, n_layer: int) -> dict:
 @functools.lru_cache(maxsize=None)
 def single_device_init() -> dict:
     """The values `init_params` must create, initialised on one device (loop layout)."""
-    cfg = ModelConfig.from_config(tiny_config().model)
+    cfg = typed(tiny_config()).model
     init = jax.jit(lambda r: nn.unbox(GPT(cfg).init(r, jnp.zeros((1, 1), jnp.int32))["params"]))
     return jax.device_get(init(jax.random.key(0)))
 
@@ -102,7 +104,7 @@ def single_device_result(scan_layers: bool):
     Computed with the loop layout; for scan it is converted (scan == loop is pinned in
     test_model.py), so that a scan bug shows up here as a difference too."""
     config = tiny_config()
-    cfg = ModelConfig.from_config(config.model)
+    cfg = typed(config).model
     params = random_like(single_device_init())
     tokens_BT, targets_BT = jax.device_put(batch(), jax.devices()[0])
     (loss, logits_BTV), grads = loss_and_grads_fn(cfg)(jax.device_put(params, jax.devices()[0]),
@@ -126,22 +128,22 @@ def test_make_mesh_shapes():
         assert mesh.axis_names == ("data", "fsdp", "tensor")
         assert tuple(mesh.shape.values()) == shape
         assert sorted(d.id for d in mesh.devices.flat) == list(range(8))
-    mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": -1, "fsdp": 2, "tensor": 1}))
+    mesh = MeshConfig.from_dict({"data": -1, "fsdp": 2, "tensor": 1}).make()
     assert tuple(mesh.shape.values()) == (4, 2, 1)
-    sub = sharding.make_mesh(ml_collections.ConfigDict({"data": 2, "fsdp": -1, "tensor": 1}),
-                             devices=jax.devices()[:4])
+    sub = MeshConfig.from_dict({"data": 2, "fsdp": -1, "tensor": 1}).make(devices=jax.devices()[:4])
     assert tuple(sub.shape.values()) == (2, 2, 1)
     with pytest.raises(ConfigError, match="3 devices but 8"):
-        sharding.make_mesh(ml_collections.ConfigDict({"data": 3, "fsdp": 1, "tensor": 1}))
+        MeshConfig.from_dict({"data": 3, "fsdp": 1, "tensor": 1}).make()
 
 
 @pytest.mark.parametrize("mesh_name, scan_layers", [
     ("data8", False), ("fsdp8", False), ("2x2x2", False), ("2x2x2", True)])
+@pytest.mark.e2e
 def test_sharded_init_forward_and_grads_match_one_device(mesh_name: str, scan_layers: bool):
     config = tiny_config(scan_layers)
-    cfg = ModelConfig.from_config(config.model)
-    mesh, rules = mesh_for(mesh_name), sharding.logical_rules(config)
-    params, shardings = sharding.init_params(GPT(cfg), jax.random.key(0), mesh, rules)
+    cfg = typed(config).model
+    mesh, rules = mesh_for(mesh_name), typed(config).mesh.rules
+    params, shardings = init_sharded(GPT(cfg), jax.random.key(0), mesh, rules)
 
     # The big matrices are born sharded as the rules say.
     for key, matrix in big_matrices(params, scan_layers).items():
@@ -171,25 +173,26 @@ def test_sharded_init_forward_and_grads_match_one_device(mesh_name: str, scan_la
 
 def test_param_shardings_match_init_params():
     config = tiny_config()
-    cfg = ModelConfig.from_config(config.model)
-    mesh, rules = mesh_for("2x2x2"), sharding.logical_rules(config)
-    shardings = sharding.param_shardings(GPT(cfg), mesh, rules)
+    cfg = typed(config).model
+    mesh, rules = mesh_for("2x2x2"), typed(config).mesh.rules
+    shardings = sharding.param_shardings(cfg, mesh, rules)
     assert shardings["wte"]["embedding"].spec == SPECS["wte"]
     assert shardings["h_1"]["mlp"]["fc"]["kernel"].spec == SPECS["fc"]
     assert shardings["h_1"]["mlp"]["proj"]["kernel"].spec == P("tensor", "fsdp")
     assert shardings["ln_f"]["scale"].spec == P(None)
     untied = dataclasses.replace(cfg, tie_embeddings=False)
-    head = sharding.param_shardings(GPT(untied), mesh, rules)["lm_head"]["kernel"]
+    head = sharding.param_shardings(untied, mesh, rules)["lm_head"]["kernel"]
     assert head.spec == P("fsdp", "tensor")
 
 
+@pytest.mark.e2e
 def test_indivisible_vocab_is_replicated_and_still_exact():
     """vocab 63 cannot split over tensor=2: that dim stays whole, the embed dim still splits."""
     config = tiny_config()
     config.model.vocab_size = 63
-    cfg = ModelConfig.from_config(config.model)
-    mesh, rules = mesh_for("2x2x2"), sharding.logical_rules(config)
-    params, shardings = sharding.init_params(GPT(cfg), jax.random.key(0), mesh, rules)
+    cfg = typed(config).model
+    mesh, rules = mesh_for("2x2x2"), typed(config).mesh.rules
+    params, shardings = init_sharded(GPT(cfg), jax.random.key(0), mesh, rules)
     wte = params["wte"]["embedding"]
     assert wte.sharding.spec == P(None, "fsdp")
     assert {s.data.shape for s in wte.addressable_shards} == {(63, 16)}

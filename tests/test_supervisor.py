@@ -18,8 +18,9 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from launch import gcloud, supervisor  # noqa: E402
 from test_launch import wait_for  # noqa: E402
+
+from launch import gcloud, supervisor  # noqa: E402
 
 PY = sys.executable
 T = gcloud.Target("my-tpu", "my-proj", "us-west4-a", queued=True)
@@ -276,6 +277,7 @@ def test_unreachable_workers_count_as_errors_and_end_in_giving_up(capsys):
     assert "still exists (READY and billing)" in capsys.readouterr().err.splitlines()[-1]
 
 
+@pytest.mark.e2e
 def test_runner_keeps_stderr_and_kills_a_call_that_hangs(capsys):
     run = gcloud.make_runner(dry_run=False, timeout_seconds=1.0)
     result = run(["sh", "-c", "echo out; echo NOT_FOUND: gone >&2; exit 3"])
@@ -332,6 +334,7 @@ def gone(pid: int) -> bool:
         return f.read().split()[2] == "Z"
 
 
+@pytest.mark.e2e
 def test_probe_reports_alive_step_and_a_reused_pid_as_gone(tmp_path):
     env = worker_home(tmp_path, "w0")
     assert bash(gcloud.probe_script(), env).stdout == "gpt_jax_probe gone -\n"
@@ -363,6 +366,7 @@ def test_probe_reports_alive_step_and_a_reused_pid_as_gone(tmp_path):
         bash(gcloud.cleanup_script(grace_seconds=2), env)
 
 
+@pytest.mark.e2e
 def test_cleanup_kills_a_leftover_process_and_removes_stale_files(tmp_path):
     env = worker_home(tmp_path, "w1")
     assert bash(gcloud.train_script("gs://b/r", [], {}), env).returncode == 0
@@ -395,6 +399,7 @@ def fake_uv(home) -> None:
     uv.chmod(0o755)
 
 
+@pytest.mark.e2e
 def test_install_goes_to_a_new_release_and_never_touches_a_live_one(tmp_path):
     home = tmp_path / "w"
     home.mkdir()

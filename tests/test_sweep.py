@@ -13,7 +13,11 @@ import pytest
 
 from gpt_jax import config as config_lib
 from gpt_jax import sweep as sweep_lib
+from gpt_jax.config import typed
 from gpt_jax.sweep import Sweep, SweepError
+
+pytestmark = pytest.mark.e2e  # every test here runs a training run or a process
+
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -216,7 +220,6 @@ def test_grid_names_and_expands_every_combination():
 
 def test_shipped_ablations_plan_and_match_parameters(tmp_path):
     from gpt_jax.flops import count_params
-    from gpt_jax.model import ModelConfig
 
     names = sorted(os.path.basename(p)[:-3]
                    for p in glob.glob(os.path.join(ROOT, "configs/ablations/[a-z]*.py")))
@@ -226,13 +229,13 @@ def test_shipped_ablations_plan_and_match_parameters(tmp_path):
         members = sweep_lib.plan(sweep, str(tmp_path / name))
         assert len(members) == len(sweep.variants) * len(sweep.seeds) >= 6
         if name in ("mlp", "depth_width"):  # variants at matched parameter count
-            params = [count_params(ModelConfig.from_config(m.config.model))
+            params = [count_params(typed(m.config).model)
                       for m in members[:len(sweep.variants)]]
             assert max(params) / min(params) < 1.02, (name, params)
         if name == "lr":
             assert [m.config.optim.lr for m in members[:3]] == [3e-4, 1e-3, 3e-3]
         if name == "modern":  # the recipe at the default's size: parameters within 5%
-            params = [count_params(ModelConfig.from_config(m.config.model)) for m in members[:2]]
+            params = [count_params(typed(m.config).model) for m in members[:2]]
             assert abs(params[1] / params[0] - 1) < 0.05, params
 
 
@@ -259,9 +262,6 @@ def test_a_field_the_schema_gained_since_a_member_ran_is_not_a_change(tmp_path):
     assert again.calls == []
 
 
-@pytest.mark.skipif(not os.environ.get("GPT_JAX_E2E"),
-                    reason="trains 4 real runs (~1 min idle, minutes on a busy CPU); "
-                           "set GPT_JAX_E2E=1")
 def test_real_tiny_sweep_trains_and_skips_on_rerun(tmp_path):
     """Two variants x two seeds of a few steps each through the real gpt_jax.train."""
     corpus = tmp_path / "corpus"

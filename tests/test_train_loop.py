@@ -9,14 +9,17 @@ import sys
 import time
 
 import jax
-import ml_collections
 import numpy as np
 import pytest
 
 from conftest import tiny_run_config
-from gpt_jax import checkpoint, sharding, train
-from gpt_jax.config import to_json
+from gpt_jax import checkpoint, train
+from gpt_jax.config import to_json, typed
 from gpt_jax.metrics import read_metrics
+from gpt_jax.sharding import MeshConfig
+
+pytestmark = pytest.mark.e2e  # every test here runs a training run or a process
+
 
 STEPS = 16
 
@@ -152,7 +155,7 @@ def test_corrupt_newest_checkpoint_falls_back(tmp_path, straight_run):
     from gpt_jax.step import Trainer
 
     config = from_json(open(workdir / "config.json").read())
-    trainer = Trainer.create(config, sharding.make_mesh(config.mesh))
+    trainer = Trainer.for_config(typed(config), typed(config).mesh.make())
     state, meta = checkpoint.Checkpointer(str(workdir), config.checkpoint).restore_latest(
         trainer.abstract_state())
     assert meta["step"] == 12 and int(state["step"]) == 12
@@ -162,7 +165,7 @@ def test_corrupt_newest_checkpoint_falls_back(tmp_path, straight_run):
 
 def test_load_params_onto_another_mesh(straight_run):
     reference = final_params(straight_run)
-    mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": 2, "fsdp": 2, "tensor": 2}))
+    mesh = MeshConfig.from_dict({"data": 2, "fsdp": 2, "tensor": 2}).make()
     _, params = checkpoint.load_params(str(straight_run), mesh=mesh)
     kernel = params["h_0"]["mlp"]["fc"]["kernel"]
     assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")

@@ -8,6 +8,9 @@ import pytest
 
 from gpt_jax import config as config_lib
 from gpt_jax import sharding
+from gpt_jax.config import typed
+from gpt_jax.model import ModelConfig
+from gpt_jax.sharding import MeshConfig
 from gpt_jax.step import Trainer, cross_entropy
 
 
@@ -20,7 +23,7 @@ def tiny_config(**train):
 
 def mesh_of(data, fsdp, tensor, n=None):
     shape = ml_collections.ConfigDict({"data": data, "fsdp": fsdp, "tensor": tensor})
-    return sharding.make_mesh(shape, jax.devices()[: n or data * fsdp * tensor])
+    return MeshConfig.from_dict(shape).make(jax.devices()[: n or data * fsdp * tensor])
 
 
 def random_batches(config, n, seed=0):
@@ -32,7 +35,7 @@ def random_batches(config, n, seed=0):
 
 
 def run_steps(config, mesh, batches):
-    trainer = Trainer.create(config, mesh)
+    trainer = Trainer.for_config(typed(config), mesh)
     with sharding.activate(mesh, trainer.rules):
         state = trainer.init_state(config.train.seed)
         step = trainer.jit_train_step()
@@ -49,6 +52,7 @@ def assert_trees_close(a, b, **tol):
         np.testing.assert_allclose(x, y, **tol)
 
 
+@pytest.mark.e2e
 def test_mesh_2x2x2_matches_single_device():
     config = tiny_config()
     batches = list(random_batches(config, 4))
@@ -58,6 +62,7 @@ def test_mesh_2x2x2_matches_single_device():
     assert_trees_close(mesh_params, single_params, rtol=1e-4, atol=2e-5)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("microbatches", [2, 4])
 def test_accumulation_matches_one_big_batch(microbatches):
     batches = list(random_batches(tiny_config(), 3))
@@ -67,6 +72,7 @@ def test_accumulation_matches_one_big_batch(microbatches):
     assert_trees_close(params, ref_params, rtol=1e-4, atol=2e-5)
 
 
+@pytest.mark.e2e
 def test_overfits_one_batch():
     config = tiny_config()
     batch = next(random_batches(config, 1))
@@ -87,10 +93,11 @@ def test_cross_entropy_matches_numpy():
     assert float(count) == weights.sum()
 
 
+@pytest.mark.e2e
 def test_nonfinite_step_leaves_state_untouched():
     config = tiny_config()
     mesh = mesh_of(1, 1, 1)
-    trainer = Trainer.create(config, mesh)
+    trainer = Trainer.for_config(typed(config), mesh)
     with sharding.activate(mesh, trainer.rules):
         state = trainer.init_state(0)
         before = jax.device_get(state["params"])
@@ -109,7 +116,7 @@ def test_nonfinite_step_leaves_state_untouched():
 
 def loss_and_grads(config, mesh, params, host_batch):
     """The train step's (mean loss, grads) for `params` and one batch, jitted on `mesh`."""
-    trainer = Trainer.create(config, mesh)
+    trainer = Trainer.for_config(typed(config), mesh)
     with sharding.activate(mesh, trainer.rules):
         params = sharding.shard_like(params, trainer.state_shardings["params"])
         batch = {k: jax.device_put(v, trainer.batch_sharding) for k, v in host_batch.items()}
@@ -131,10 +138,11 @@ def model_config(tie: bool = True, z_loss: float = 1e-2, **model):
 
 
 def initial_params(config):
-    trainer = Trainer.create(config, mesh_of(1, 1, 1))
+    trainer = Trainer.for_config(typed(config), mesh_of(1, 1, 1))
     return jax.device_get(trainer.init_state(0)["params"])
 
 
+@pytest.mark.e2e
 def test_chunked_loss_equals_full_loss_on_the_mesh():
     full = model_config(tie=False)  # the tied head is covered by the padded-vocabulary test
     chunked = model_config(tie=False, loss_chunks=4)
@@ -145,11 +153,13 @@ def test_chunked_loss_equals_full_loss_on_the_mesh():
     assert_trees_close(chunked_grads, grads, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.e2e
 def test_chunked_cross_entropy_is_the_full_one_of_the_head_logits():
     from gpt_jax.model import lm_head_logits
     from gpt_jax.step import chunked_cross_entropy
 
-    cfg = config_lib.ModelConfig(vocab_size=7, n_embd=3, loss_chunks=3, vocab_multiple=4)
+    cfg = ModelConfig(vocab_size=7, block_size=6, n_embd=3, n_head=1, loss_chunks=3,
+                      vocab_multiple=4)
     rng = np.random.default_rng(0)
     x_BTD, kernel_DV = rng.normal(size=(2, 6, 3)), rng.normal(size=(3, 8)) * 3
     targets_BT, weights_BT = rng.integers(0, 7, (2, 6)), rng.random((2, 6))
@@ -189,6 +199,7 @@ def tied_reference():
     return (params, batch) + loss_and_grads(plain, mesh_of(2, 2, 2), params, batch)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("loss_chunks", [0, 4])
 def test_padded_vocabulary_gives_the_unpadded_loss(loss_chunks, tied_reference):
     params, batch, loss, grads = tied_reference

@@ -17,10 +17,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import flags
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
+from gpt_jax import aot, sharding
 from gpt_jax.commands.common import define_config_flag
+from gpt_jax.config import typed
 from gpt_jax.evals.scoring import Request, loglikelihoods, score_fn
-from gpt_jax.model import GPT, ModelConfig
+from gpt_jax.flops import count_params
+from gpt_jax.hardware import peak_flops
+from gpt_jax.model import GPT
+from gpt_jax.step import Trainer
 
 if "config" not in flags.FLAGS:
     define_config_flag("gpt2_124m")
@@ -47,7 +54,7 @@ def synthetic_requests(n_examples: int, vocab: int, seed: int = 0) -> list[Reque
 
 
 def measure_local(config, n_examples: int, rows: int) -> dict:
-    cfg = ModelConfig.from_config(config.model)
+    cfg = typed(config).model
     params = jax.jit(GPT(cfg).init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
     requests = synthetic_requests(n_examples + rows // 4, cfg.vocab_size)
     start = time.perf_counter()
@@ -63,20 +70,13 @@ def measure_local(config, n_examples: int, rows: int) -> dict:
 
 def project_tpu(config, slice_name: str, rows: int, length: int) -> dict:
     """XLA's estimated time of one [rows, length] scoring batch on the slice, and of HellaSwag."""
-    from jax.sharding import NamedSharding, PartitionSpec as P
-
-    from gpt_jax import aot, sharding
-    from gpt_jax.metrics import peak_flops
-    from gpt_jax.step import Trainer
-
     tpu = aot.get_slice(slice_name)
     devices = aot.topology_devices(tpu)
-    config = config.copy_and_resolve_references()
-    config.mesh.update(data=-1, fsdp=1, tensor=1)
+    config = typed(config).replace({"mesh.data": -1, "mesh.fsdp": 1, "mesh.tensor": 1})
 
     def compile_for(cfg_probe):
         mesh = aot.topology_mesh(cfg_probe.mesh, devices)
-        trainer = Trainer.create(cfg_probe, mesh)
+        trainer = Trainer.for_config(cfg_probe, mesh)
         params = trainer.abstract_state()["params"]
         batch = jax.ShapeDtypeStruct((rows, length), jnp.int32,
                                      sharding=NamedSharding(mesh, P(("data", "fsdp"), None)))
@@ -86,12 +86,10 @@ def project_tpu(config, slice_name: str, rows: int, length: int) -> dict:
                                         model_cfg=trainer.model_cfg).compile()
 
     compiled = compile_for(config)
-    cfg = ModelConfig.from_config(config.model)
+    cfg = config.model
     scanned = cfg.scan_layers
     cost = (aot.layer_extrapolated_cost(config, compile_for)[0] if scanned
             else aot.xla_cost(compiled))
-    from gpt_jax.flops import count_params
-
     model_flops = 2 * count_params(cfg) * rows * length / len(devices)  # forward only
     report = aot.cost_report(cost, model_flops, peak_flops(devices[0].device_kind),
                              tpu.hbm_bytes_per_s)

@@ -22,9 +22,14 @@ import tempfile
 import threading
 import time
 
+import fsspec
 from absl import flags
 
 from gpt_jax.bench import synthetic
+from gpt_jax.data import store as store_lib
+from gpt_jax.data import tokenizers as tok_lib
+from gpt_jax.data.config import DataConfig
+from gpt_jax.data.prepare import prepare
 
 flags.DEFINE_string("bench_sizes_mb", "16,64", "Synthetic JSONL corpus sizes in MB.")
 flags.DEFINE_string("bench_tokenizers", "gpt2_bpe,sentencepiece,byte", "Tokenizers to time.")
@@ -39,16 +44,13 @@ FLAGS = flags.FLAGS
 PROJECT_MB, PROJECT_CPUS = 40_000, 96
 
 
-def _config(corpus: str):
-    from gpt_jax.config import base_config
-
-    config = base_config()
-    config.data.update(source="jsonl", paths=corpus, shard_mb=4.0)
-    return config
+def _config(corpus: str) -> DataConfig:
+    return DataConfig(source="jsonl", paths=corpus, shard_mb=4.0)
 
 
 def _train_bpe(corpus: str, out: str) -> str:
     """A GPT-2-sized byte-level BPE (vocab.json + merges.txt) trained on `corpus`."""
+    # Hugging Face tokenizers: only this optional step needs it (bench_bpe_dir skips it).
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -63,15 +65,13 @@ def _train_bpe(corpus: str, out: str) -> str:
 
 
 def _tokenizer(kind: str, corpus: str, work: str):
-    from gpt_jax.data import tokenizers
-
     if kind == "byte":
-        return tokenizers.ByteTokenizer()
+        return tok_lib.ByteTokenizer()
     if kind == "sentencepiece":
         texts = (json.loads(line)["text"] for line in open(corpus))
-        return tokenizers.train_sentencepiece(texts, FLAGS.bench_spm_vocab)
+        return tok_lib.train_sentencepiece(texts, FLAGS.bench_spm_vocab)
     bpe_dir = FLAGS.bench_bpe_dir or _train_bpe(corpus, os.path.join(work, "bpe"))
-    return tokenizers.load_dir(os.path.expanduser(bpe_dir))
+    return tok_lib.load_dir(os.path.expanduser(bpe_dir))
 
 
 def _pss_mb(pid: int) -> float:
@@ -124,10 +124,7 @@ class PeakMemory:
 
 def child(spec: dict) -> dict:
     """One measurement, in a fresh process."""
-    from gpt_jax.data.prepare import prepare
-    from gpt_jax.data.tokenizers import load_tokenizer
-
-    tok = load_tokenizer(spec["store"])
+    tok = tok_lib.load_tokenizer(spec["store"])
     before = [resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
     start = time.perf_counter()
     with PeakMemory() as memory:
@@ -145,10 +142,8 @@ def child(spec: dict) -> dict:
 
 
 def _measure(spec: dict, tok) -> dict:
-    from gpt_jax.data.tokenizers import tokenizer_dir
-
     spec = dict(spec, store=tempfile.mkdtemp(prefix="store-", dir=spec["work"]))
-    tok.save(tokenizer_dir(spec["store"]))
+    tok.save(tok_lib.tokenizer_dir(spec["store"]))
     out = subprocess.run([sys.executable, "-c", "import json, sys; from gpt_jax.bench.prepare "
                           "import child; print(json.dumps(child(json.loads(sys.argv[1]))))",
                           json.dumps(spec)], capture_output=True, text=True, check=True)
@@ -158,14 +153,8 @@ def _measure(spec: dict, tok) -> dict:
 
 def copy_speed(corpus: str, work: str) -> dict:
     """MB/s of the verified copy a host makes of a remote store (memory:// stands in for gs://)."""
-    import fsspec
-
-    from gpt_jax.data import store as store_lib
-    from gpt_jax.data.prepare import prepare
-    from gpt_jax.data.tokenizers import ByteTokenizer, tokenizer_dir
-
-    tok, remote = ByteTokenizer(), "memory://bench/store"
-    tok.save(tokenizer_dir(remote))
+    tok, remote = tok_lib.ByteTokenizer(), "memory://bench/store"
+    tok.save(tok_lib.tokenizer_dir(remote))
     prepare(_config(corpus), remote, tok, num_workers=1)
     os.environ["GPT_JAX_CACHE"] = tempfile.mkdtemp(prefix="cache-", dir=work)
     start = time.perf_counter()
@@ -232,8 +221,6 @@ def run(argv: list[str]) -> None:
                 data = src.read()
                 for _ in range(max(1, round(FLAGS.bench_big_mb / sizes[-1]))):
                     out.write(data)
-        from gpt_jax.data.tokenizers import ByteTokenizer
-
         r = _measure({"tokenizer": "byte", "size_mb": os.path.getsize(big) / 1e6, "workers": 2,
-                      "corpus": big, "work": work}, ByteTokenizer())
+                      "corpus": big, "work": work}, tok_lib.ByteTokenizer())
         print("one large file:\n" + _row(r))

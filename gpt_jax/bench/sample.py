@@ -29,7 +29,8 @@ from absl import flags
 
 from gpt_jax import sample
 from gpt_jax.commands.common import define_config_flag
-from gpt_jax.model import GPT, ModelConfig, init_params
+from gpt_jax.config import typed
+from gpt_jax.model import GPT, init_params
 
 if "config" not in flags.FLAGS:
     define_config_flag("gpt2_124m")
@@ -99,7 +100,7 @@ def no_cache_tokens_per_s(cfg, params, batch: int, prompt_len: int, new_tokens: 
 
 def measure(config, batch_sizes: list[int], prompt_len: int, new_tokens: int, repeats: int,
             baseline_steps: int, baseline_repeats: int, long_total: int) -> list[dict]:
-    cfg = ModelConfig.from_config(config.model)
+    cfg = typed(config).model
     params = jax.jit(functools.partial(init_params, GPT(cfg)))(jax.random.key(0))
     cases = [(b, prompt_len) for b in batch_sizes]
     if long_total:

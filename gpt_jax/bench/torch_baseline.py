@@ -14,7 +14,7 @@ import time
 
 def time_torch_step(n_layer: int, n_head: int, n_embd: int, seq_len: int, batch_size: int,
                     vocab_size: int, *, steps: int = 20, warmup: int = 3) -> dict:
-    try:
+    try:  # optional: torch comes with the hf extra
         import torch
         import torch.nn.functional as F
         from torch import nn

@@ -2,7 +2,7 @@
 
 Reports the median step time over `--steps` timed steps (after `--warmup` untimed ones), tokens/s,
 model TFLOP/s per device and MFU (6N + 12 L D T FLOPs per token, PaLM appendix B, against the
-device's dense bf16 peak from `gpt_jax.metrics.PEAK_FLOPS`; n/a where the peak is unknown, e.g.
+device's dense bf16 peak from `gpt_jax.hardware`; n/a where the peak is unknown, e.g.
 CPUs), the compile time and the peak device memory. One human-readable line and one JSON line
 per run (also appended to `--json_out`). The batch is synthetic (uniform random tokens): this
 measures the step, not the data loader (`gpt-jax bench data` does that).
@@ -29,10 +29,10 @@ from ml_collections import config_flags
 from gpt_jax import sharding
 from gpt_jax.aot import PRESETS, AotError, apply_overrides, resolve_preset
 from gpt_jax.commands.common import define_config_flag, print_record
-from gpt_jax.config import ATTENTION_IMPLS, DTYPES, REMAT_POLICIES, validate
+from gpt_jax.config import Config, validate
 from gpt_jax.flops import count_params, flops_per_token
-from gpt_jax.metrics import peak_flops
-from gpt_jax.model import ModelConfig
+from gpt_jax.hardware import peak_flops
+from gpt_jax.model import ATTENTION_IMPLS, DTYPES, REMAT_POLICIES
 from gpt_jax.step import Trainer
 
 FLAGS = flags.FLAGS
@@ -69,7 +69,7 @@ def _define_flags() -> None:
 _define_flags()
 
 
-def synthetic_batch(config, seq_len: int, seed: int = 0) -> dict[str, np.ndarray]:
+def synthetic_batch(config: Config, seq_len: int, seed: int = 0) -> dict[str, np.ndarray]:
     """Uniform random tokens: inputs and targets, [global_batch, seq_len] int32."""
     rng = np.random.default_rng(seed)
     shape = (config.train.global_batch_size, seq_len + 1)
@@ -93,11 +93,11 @@ def _peak_memory_bytes(compiled) -> tuple[int | None, str]:
 def bench_train(config, *, steps: int = 20, warmup: int = 3, seq_len: int | None = None,
                 name: str = "") -> dict[str, Any]:
     """Compile, warm up and time the real sharded train step of `config`; returns the record."""
+    config = validate(config, jax.device_count())
     seq_len = seq_len or config.model.block_size
-    validate(config, jax.device_count())
-    mesh = sharding.make_mesh(config.mesh)
-    trainer = Trainer.create(config, mesh)
-    model_cfg = ModelConfig.from_config(config.model)
+    mesh = config.mesh.make()
+    trainer = Trainer.for_config(config, mesh)
+    model_cfg = config.model
     with sharding.activate(mesh, trainer.rules):
         state = trainer.init_state(config.train.seed)
         batch = jax.device_put(synthetic_batch(config, seq_len), trainer.batch_sharding)

@@ -8,14 +8,15 @@ Needs libtpu (`pip install 'libtpu==0.0.42.*'`); no TPU is touched.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
+import time
 
 from absl import flags
 
-from gpt_jax.commands.common import (CommandError, define_config_flag, print_record,
-                                     usage_error)
-from gpt_jax.config import ATTENTION_IMPLS, DTYPES, REMAT_POLICIES
+from gpt_jax.commands.common import CommandError, define_config_flag, print_record, usage_error
+from gpt_jax.model import ATTENTION_IMPLS, DTYPES, REMAT_POLICIES
 
 define_config_flag("default")
 flags.DEFINE_string("topology", None, "TPU slice, e.g. v4-8, v5e-8, v5p-8, v5e-256, v5p-128.")
@@ -85,10 +86,7 @@ def main(argv: list[str]) -> None:
 
 
 def _search() -> None:
-    import json
-    import time
-
-    from gpt_jax import aot, aot_search
+    from gpt_jax import aot, aot_search  # as in main: --help stays fast
 
     for name in ("mesh", "batch_size", "remat_policy", "attention_impl", "scan_layers"):
         if FLAGS[name].present:

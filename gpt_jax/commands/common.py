@@ -9,15 +9,8 @@ import os
 from absl import flags, logging
 from ml_collections import config_flags
 
-from gpt_jax.config import preset_path
-
-
-class CommandError(Exception):
-    """An error a user can fix, reported by the CLI as one line (exit 1; 2 for usage)."""
-
-    def __init__(self, message: str, exit_code: int = 1):
-        super().__init__(message)
-        self.exit_code = exit_code
+from gpt_jax.presets import preset_path
+from gpt_jax.errors import CommandError
 
 
 def usage_error(message: str) -> CommandError:

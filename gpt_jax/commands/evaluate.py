@@ -25,15 +25,12 @@ FLAGS = flags.FLAGS
 
 
 def run_tasks() -> None:
-    import jax
+    import jax  # as in main: --help stays fast and JAX starts after init_distributed
 
-    from gpt_jax import evals
+    from gpt_jax import api, evals
 
-    try:
-        results = evals.evaluate_run(FLAGS.workdir, FLAGS.tasks, limit=FLAGS.task_examples,
-                                     batch_rows=FLAGS.batch_rows)
-    except (evals.EvalError, FileNotFoundError) as e:
-        raise SystemExit(f"gpt-jax eval: {e}") from None
+    results = api.evaluate_run(FLAGS.workdir, FLAGS.tasks, limit=FLAGS.task_examples,
+                               batch_rows=FLAGS.batch_rows)
     if jax.process_index() == 0:
         out = FLAGS.output or os.path.join(FLAGS.workdir, "eval_tasks.json")
         with open(out, "w") as f:
@@ -51,22 +48,19 @@ def main(argv: list[str]) -> None:
     # Imported here, not at the top: --help stays fast and JAX starts after init_distributed.
     import jax
 
-    from gpt_jax import api, checkpoint, sharding
-    from gpt_jax.evaluate import evaluate, open_split
+    from gpt_jax import checkpoint, run, sharding
+    from gpt_jax.evaluate import evaluate
     from gpt_jax.step import Trainer
 
-    config = checkpoint.load_config(FLAGS.workdir)  # a missing run: one line from the CLI
+    overrides = {"mesh.data": -1, "mesh.fsdp": 1, "mesh.tensor": 1}
     if FLAGS.eval_batches:
-        config.train.eval_batches = FLAGS.eval_batches
-    config.mesh.update(data=-1, fsdp=1, tensor=1)
-    mesh = sharding.make_mesh(config.mesh)
-    trainer = Trainer.create(config, mesh)
+        overrides["train.eval_batches"] = FLAGS.eval_batches
+    config, tokenizer, mesh = run.open_run(FLAGS.workdir, overrides)
+    trainer = Trainer.create(config.model, config.train, config.optim, mesh, config.mesh.rules)
     _, params = checkpoint.load_params(FLAGS.workdir,
                                        shardings=trainer.state_shardings["params"])
-    tokenizer = api.load_tokenizer_for(FLAGS.workdir)
-    val = open_split(config, tokenizer, "validation")
+    val = run.open_data(config, tokenizer, "validation")
     with sharding.activate(mesh, trainer.rules):
         result = evaluate(trainer, trainer.jit_eval_step(), params, val, config)
     if jax.process_index() == 0:
         print(json.dumps({"workdir": FLAGS.workdir, **result}))
-

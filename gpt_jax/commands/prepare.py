@@ -42,15 +42,16 @@ def process_layout() -> tuple[int, int]:
 def main(argv: list[str]) -> None:
     del argv
     # Imported here, not at the top: --help stays fast.
-    from gpt_jax import config as config_lib
-    from gpt_jax.data.prepare import prepare, store_tokenizer
+    from gpt_jax.config import typed
+    from gpt_jax.data.prepare import open_tfds, prepare, store_tokenizer
 
-    config = FLAGS.config
+    config = typed(FLAGS.config)  # errors: one line each, from the CLI
     index, count = process_layout()
-    config_lib.validate(config, num_devices=None)  # errors: one line each, from the CLI
     start = time.perf_counter()
-    tok = store_tokenizer(config, FLAGS.store, index)
-    stats = prepare(config, FLAGS.store, tok, FLAGS.num_workers, index, count, FLAGS.wait_s)
+    corpus = open_tfds(config.data)
+    tok = store_tokenizer(config.data, config.model.vocab_size, FLAGS.store, index, corpus)
+    stats = prepare(config.data, FLAGS.store, tok, FLAGS.num_workers, index, count,
+                    FLAGS.wait_s, tfds_corpus=corpus)
     stats.update(store=FLAGS.store, process_index=index, process_count=count,
                  tokenizer=tok.kind, total_seconds=round(time.perf_counter() - start, 3))
     print(json.dumps(stats, sort_keys=True, default=lambda x: round(float(x), 3)))

@@ -10,7 +10,8 @@ import sys
 
 from absl import flags
 
-from gpt_jax.commands.common import CommandError, usage_error
+from gpt_jax.commands.common import usage_error
+from gpt_jax.errors import CommandError
 
 
 def _define(define, name: str, default, help_text: str) -> None:
@@ -42,12 +43,12 @@ FLAGS = flags.FLAGS
 def read_prompts(prompt: str | None, prompt_file: str | None, default: str) -> list[str]:
     """The prompts from --prompt / --prompt_file (not both), else the config's default."""
     if prompt is not None and prompt_file:
-        raise ValueError("pass --prompt or --prompt_file, not both")
+        raise CommandError("pass --prompt or --prompt_file, not both")
     if prompt_file:
         with open(prompt_file, encoding="utf-8") as f:
             prompts = [line.rstrip("\n").replace("\\n", "\n") for line in f if line.strip()]
         if not prompts:
-            raise ValueError(f"--prompt_file={prompt_file} has no non-empty line")
+            raise CommandError(f"--prompt_file={prompt_file} has no non-empty line")
         return prompts
     return [default if prompt is None else prompt.replace("\\n", "\n")]
 
@@ -60,16 +61,13 @@ def main(argv: list[str]) -> None:
 
     if not FLAGS.workdir:
         raise usage_error("--workdir is required (a run directory or checkpoint)")
-    try:
-        lm = api.load(FLAGS.workdir, shard=FLAGS.shard)
-        prompts = read_prompts(FLAGS.prompt, FLAGS.prompt_file, lm.config.sample.prompt)
-        gen = lm.generate_tokens(prompts, max_new_tokens=FLAGS.max_new_tokens,
-                                 temperature=FLAGS.temperature, top_k=FLAGS.top_k,
-                                 top_p=FLAGS.top_p, num_samples=FLAGS.num_samples,
-                                 seed=FLAGS.seed, truncate_prompt=FLAGS.truncate_prompt,
-                                 return_logprobs=FLAGS.logprobs)
-    except (ValueError, FileNotFoundError) as e:
-        raise CommandError(str(e)) from e
+    lm = api.load(FLAGS.workdir, shard=FLAGS.shard)
+    prompts = read_prompts(FLAGS.prompt, FLAGS.prompt_file, lm.config.sample.prompt)
+    gen = lm.generate_tokens(prompts, max_new_tokens=FLAGS.max_new_tokens,
+                             temperature=FLAGS.temperature, top_k=FLAGS.top_k,
+                             top_p=FLAGS.top_p, num_samples=FLAGS.num_samples,
+                             seed=FLAGS.seed, truncate_prompt=FLAGS.truncate_prompt,
+                             return_logprobs=FLAGS.logprobs)
     per_prompt = len(gen.tokens) // len(prompts)
     eos = api.special_id(lm.tokenizer, "eos_id")
     for r, tokens in enumerate(gen.tokens):

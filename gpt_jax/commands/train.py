@@ -26,10 +26,8 @@ def main(argv: list[str]) -> None:
     try:
         last = train.train(FLAGS.config, FLAGS.workdir)
     except Exception as e:
-        known = expected_exit_code(e) is not None or isinstance(e, ValueError)
+        known = expected_exit_code(e) is not None
         run_status.failed(FLAGS.workdir,
                           f"gpt-jax train: {e}" if known else f"{type(e).__name__}: {e}")
-        if isinstance(e, ValueError) and expected_exit_code(e) is None:
-            raise common.CommandError(str(e)) from e  # e.g. the tokenizer does not fit
         raise
     logging.info("done: %s", json.dumps(last))

@@ -1,12 +1,13 @@
-"""The data pipeline: corpora (TFDS, no TensorFlow; JSONL; Parquet) -> tokenizer -> token store
--> batches.
+"""The data route: documents -> prepare -> token store -> loader.
 
-    tok = data.build_tokenizer(config, workdir)            # or data.load_tokenizer(workdir)
-    train = data.open_dataset(config, tok, split="train")  # a store, or a mixture of stores
-    loader = data.BatchLoader(train, global_batch_size, seq_len, seed, mesh, start_step=0)
+    d = config.data                                         # a DataConfig
+    tok = data.build_tokenizer(d, vocab_size, workdir)      # or data.load_tokenizer(workdir)
+    path = d.store or data.prepare_cached(d, tok)           # small corpora: into the cache
+    train = data.open_dataset(path, tok, "train", block_size)   # reading never writes
+    loader = data.BatchLoader(train, global_batch_size, seq_len, seed, mesh, rules)
     for step, batch in loader: ...                          # {"inputs", "targets"}: jax.Arrays
 
-`gpt-jax prepare` (data.prepare.prepare) writes the token store; see docs/data.md.
+`gpt-jax prepare` (data.prepare.prepare) writes a store from any source; see docs/data.md.
 """
 
 import importlib
@@ -14,16 +15,18 @@ import importlib
 # name -> module: loaded on first use, so that a `prepare` worker (which imports only
 # gpt_jax.data.prepare) does not pay for TensorFlow Datasets' import at start-up.
 _EXPORTS = {
-    "DataError": "files", "DataFileNotFoundError": "files",
-    "BatchLoader": "loader", "TokenDataset": "loader", "process_rows": "loader",
+    "DataConfig": "config",
+    "list_files": "files",
+    "BatchLoader": "loader", "Dataset": "loader", "TokenDataset": "loader",
+    "process_rows": "loader",
     "MixtureDataset": "mixture", "open_dataset": "mixture",
-    "Pair": "sft", "SFTDataset": "sft", "read_jsonl": "sft",
-    "Corpus": "sources", "open_corpus": "sources",
-    "Store": "store", "auto_store": "store", "open_store": "store",
+    "prepare": "prepare", "prepare_cached": "prepare",
+    "SFTDataset": "sft",
+    "Store": "store", "open_store": "store",
     "ByteTokenizer": "tokenizers", "CharTokenizer": "tokenizers",
     "SentencePieceTokenizer": "tokenizers", "Tokenizer": "tokenizers",
     "build_tokenizer": "tokenizers", "load_tokenizer": "tokenizers",
-    "train_sentencepiece": "tokenizers",
+    "ready_tokenizer": "tokenizers", "train_sentencepiece": "tokenizers",
 }
 __all__ = sorted(_EXPORTS)
 

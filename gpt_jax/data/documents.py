@@ -1,91 +1,179 @@
-"""A corpus as a fixed list of pieces, each of which streams its documents.
+"""Every corpus as a fixed list of pieces, each of which streams its documents.
 
 A piece is the unit of work of `gpt-jax prepare` and becomes one shard of the token store:
-- `records`: records [start, stop) of one split of a TFDS corpus (`tfds`, `text_files`,
-  `python_stdlib`; see `sources.py`), read through its ArrayRecord data source;
+- `text`: up to data.shard_docs text files of one split (`text_files`, `python_stdlib`); a
+  corpus of one file is cut at a line boundary (head: train, tail: validation);
 - `jsonl`: the lines of a `.jsonl` file that start in bytes [start, stop), or a whole
   `.jsonl.gz` / `.jsonl.zst` file (compressed streams cannot be entered in the middle);
-- `parquet`: row group `start` of a Parquet file.
-The list depends only on the files and `data.shard_mb` / `data.shard_docs`, never on how many
-workers or hosts read it. Documents of `jsonl`/`parquet` pieces go to the validation split when
-the hash of their key (`file@byte offset`, `file#group:row`) is below data.validation_fraction.
+- `parquet`: row group `start` of a Parquet file;
+- `records`: records [start, stop) of one split of a TFDS dataset (`tfds`; see `tfds_source.py`);
+- `sft`: the prompt/response pairs of one JSONL file that belong to one split (`sft_jsonl`).
+The list depends only on the files and data.shard_mb / data.shard_docs, never on how many
+workers or hosts read it. Splits: text files by the hash of their relative path, JSONL/Parquet
+documents by the hash of their key (`file@byte offset`, `file#group:row`), SFT pairs by the hash
+of their prompt (or data.sft_eval_paths as the held-out files). The text files of a split are
+read in the order of an md5 of (split, `rel:part`): the order the TFDS builders this route
+replaced gave them, so that a store of the same files holds the same tokens as before.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import gzip
+import hashlib
 import io
 import json
-import os
+import platform
+import sysconfig
 from typing import Any, Iterator
 
 import pyarrow.parquet as pq
 import zstandard
+from absl import logging
 
-from gpt_jax.data.files import DataError, DataFileNotFoundError, digest, filesystem, unit_hash
+from gpt_jax.data.config import SPLITS, DataConfig
+from gpt_jax.data.files import FileInfo, digest, filesystem, json_objects, list_files, unit_hash
+from gpt_jax.errors import DataError
 
 JSONL_EXTENSIONS = (".jsonl", ".jsonl.gz", ".jsonl.zst")  # in folders; named files may be .json
 PARQUET_EXTENSIONS = (".parquet",)
-FILE_SOURCES = {"jsonl": JSONL_EXTENSIONS, "parquet": PARQUET_EXTENSIONS}
+STDLIB_SKIP_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__"})
+STDLIB_TEST_DIRS = frozenset({"test", "tests", "idle_test"})
 
 
 @dataclasses.dataclass(frozen=True)
 class Piece:
-    kind: str  # records | jsonl | parquet
-    path: str  # the file (URL or local), or the TFDS split name for `records`
+    kind: str  # text | jsonl | parquet | records | sft
+    path: str  # the file (URL or local); records: the TFDS split
     rel: str  # the file's name relative to the corpus root (document keys)
     start: int  # first byte / row group / record
     stop: int  # end byte / row group + 1 / end record
-    split: str = ""  # the split of every document; "" = by the hash of each document's key
+    split: str = ""  # the store split of every document; "" = by the hash of each one's key
     size: int = 0  # input bytes (records: documents), for progress
+    docs: tuple = ()  # text: (path, rel, part) of its files; sft: the source split it takes
 
 
 @dataclasses.dataclass(frozen=True)
-class FileInfo:
-    path: str
-    rel: str
-    size: int
-    version: str  # mtime / generation: changes when the file does
+class Plan:
+    """A corpus: its name, a fingerprint of its files and settings, and its pieces."""
+    corpus: str
+    fingerprint: str
+    metadata: dict
+    pieces: list[Piece]
 
 
-def list_files(paths: str, extensions: tuple[str, ...]) -> list[FileInfo]:
-    """Every file that the comma-separated files, folders or globs in `paths` name, sorted."""
-    entries = [p.strip() for p in paths.split(",") if p.strip()]
-    if not entries:
-        raise DataError("data.paths is empty; give comma-separated files, folders or globs "
-                        "(local or gs://)")
-    found: dict[str, tuple[Any, dict]] = {}
-    for entry in entries:
-        fs, inner = filesystem(entry)
-        if any(c in inner for c in "*?["):
-            matches = {p: i for p, i in fs.glob(inner, detail=True).items()
-                       if i.get("type") == "file"}
-            if not matches:
-                raise DataFileNotFoundError(f"data.paths glob {entry!r} matches no files")
-        elif fs.isdir(inner):
-            matches = {p: i for p, i in fs.find(inner, detail=True).items()
-                       if p.lower().endswith(extensions)}
-            if not matches:
-                raise DataError(f"data.paths folder {entry!r} has no files ending in "
-                                f"{', '.join(extensions)}")
-        elif fs.isfile(inner):
-            matches = {inner: fs.info(inner)}
-        else:
-            raise DataFileNotFoundError(f"data.paths entry {entry!r} does not exist")
-        found.update({fs.unstrip_protocol(p) if "://" in entry else p: (fs, i)
-                      for p, i in matches.items()})
-    names = sorted(found)
+@dataclasses.dataclass(frozen=True)
+class Pair:
+    """One SFT example as read: the model answers `prompt` with `response`."""
+    prompt: str
+    response: str
+    line: int  # of its file, for error messages
+
+
+def store_splits(d: DataConfig) -> tuple[tuple[str, str], ...]:
+    """(store split, source split) pairs: the store's train and validation splits are the
+    source's data.train_split and data.eval_split."""
+    return (("train", d.train_split), ("validation", d.eval_split))
+
+
+# -- text files and the standard library ---------------------------------------------------
+
+def _extensions(spec: str) -> tuple[str, ...]:
+    return tuple(e if e.startswith(".") else f".{e}" for e in
+                 (x.strip().lower() for x in spec.split(",")) if e)
+
+
+def text_files(d: DataConfig) -> tuple[str, list[FileInfo], dict]:
+    """(corpus name, files, metadata) of a text_files or python_stdlib corpus."""
+    if d.source == "python_stdlib":
+        root = sysconfig.get_paths()["stdlib"]
+        skip = STDLIB_SKIP_DIRS | (frozenset() if d.include_tests else STDLIB_TEST_DIRS)
+        files = list_files(root, (".py",), what="the standard library", skip_dirs=skip,
+                           root=root)
+        meta = {"python_version": platform.python_version(),
+                "python_implementation": platform.python_implementation(),
+                "include_tests": bool(d.include_tests)}
+    else:
+        files = list_files(d.paths, _extensions(d.extensions))
+        meta = {"paths": d.paths}
+    if d.max_files > 0:
+        files = files[:d.max_files]
+    if not files:
+        raise DataError("the corpus is empty: no files to read")
+    return d.source, files, dict(meta, num_files=len(files),
+                                 validation_fraction=d.validation_fraction)
+
+
+def split_files(files: list[FileInfo], fraction: float) -> dict[str, list[tuple[FileInfo, str]]]:
+    """(file, part) per split, by the hash of each relative path; both splits non-empty.
+
+    One file is cut at a line boundary instead (part "head": train, "tail": validation).
+    """
+    if len(files) == 1:
+        return {"train": [(files[0], "head")], "validation": [(files[0], "tail")]}
+    ranked = sorted(files, key=lambda f: unit_hash(f.rel))
+    n_val = min(max(sum(unit_hash(f.rel) < fraction for f in files), 1), len(files) - 1)
+    held_out = {f.rel for f in ranked[:n_val]}
+    return {split: [(f, "all") for f in files if (f.rel in held_out) == (split == "validation")]
+            for split in SPLITS}
+
+
+def _order_key(split: str, key: str) -> int:
+    """The md5 of (split, key) that TFDS sorted a split's records by."""
+    return int(hashlib.md5(split.encode() + key.replace("\\", "/").encode()).hexdigest(), 16)
+
+
+def _text_pieces(d: DataConfig, files: list[FileInfo]) -> list[Piece]:
+    by_split = split_files(files, d.validation_fraction)
+    pieces = []
+    for store_split, source_split in store_splits(d):
+        docs = sorted(by_split[source_split],
+                      key=lambda fp: _order_key(source_split, f"{fp[0].rel}:{fp[1]}"))
+        for lo in range(0, len(docs), d.shard_docs):
+            chunk = docs[lo:lo + d.shard_docs]
+            pieces.append(Piece("text", "", "", lo, lo + len(chunk), store_split,
+                                sum(f.size for f, _ in chunk),
+                                tuple((f.path, f.rel, part) for f, part in chunk)))
+    return pieces
+
+
+def decode_utf8(raw: bytes) -> tuple[str, int]:
+    """Text with invalid UTF-8 replaced by U+FFFD, and how many replacements were made."""
+    text = raw.decode("utf-8", errors="replace")
+    return text, text.count("\ufffd") - raw.count("\ufffd".encode("utf-8"))
+
+
+def read_text(path: str, part: str, fraction: float) -> tuple[str, int]:
+    """One text document (a whole file, or its head or tail) and its UTF-8 replacements."""
+    fs, inner = filesystem(path)
     try:
-        root = os.path.dirname(names[0]) if len(names) == 1 else os.path.commonpath(names)
-    except ValueError:
-        raise DataError(f"data.paths={paths!r} mixes local and remote files; keep one kind "
-                        "per corpus") from None
-    return [FileInfo(name, os.path.relpath(name, root), int(info.get("size") or 0),
-                     str(info.get("mtime") or info.get("updated") or info.get("generation")
-                         or info.get("created") or ""))
-            for name, (_, info) in sorted(found.items())]
+        text, bad = decode_utf8(fs.cat_file(inner))
+    except OSError as e:
+        raise DataError(f"cannot read {path!r}: {e.strerror or e}") from e
+    if part == "all":
+        return text, bad
+    cut = int(len(text) * (1.0 - fraction))
+    newline = text.rfind("\n", 0, cut)
+    cut = newline + 1 if newline > 0 else cut
+    return (text[:cut] if part == "head" else text[cut:]), bad
 
+
+def _text_documents(piece: Piece, d: DataConfig) -> Iterator[tuple[str, str]]:
+    bad_files = total = 0
+    for path, _, part in piece.docs:
+        text, bad = read_text(path, part, d.validation_fraction)
+        if bad:
+            bad_files, total = bad_files + 1, total + bad
+            if bad_files <= 5:
+                logging.warning("%s: %d invalid UTF-8 byte sequences replaced by U+FFFD",
+                                path, bad)
+        yield piece.split, text
+    if total:
+        logging.warning("%s split: replaced %d invalid UTF-8 sequences in %d files",
+                        piece.split, total, bad_files)
+
+
+# -- JSONL and Parquet ---------------------------------------------------------------------
 
 def file_pieces(source: str, files: list[FileInfo], shard_bytes: int) -> list[Piece]:
     """The pieces of `jsonl` / `parquet` files (see the module docstring)."""
@@ -184,34 +272,109 @@ def _parquet_texts(piece: Piece, field: str) -> Iterator[tuple[str, str]]:
                 yield f"{piece.rel}#{piece.start}:{row}", text
 
 
-def _record_texts(piece: Piece, corpus) -> Iterator[str]:
-    yield from corpus.texts(piece.path, start=piece.start, stop=piece.stop)
+# -- SFT pairs -----------------------------------------------------------------------------
+
+def read_pairs(path: str, prompt_field: str = "prompt",
+               response_field: str = "response") -> Iterator[Pair]:
+    """The pairs of one JSONL file; a bad line raises DataError naming the file and line."""
+    for where, obj in json_objects(path):
+        for field in (prompt_field, response_field):
+            if not isinstance(obj.get(field), str):
+                problem = "has no" if field not in obj else "has a non-string"
+                raise DataError(f"{where}: {problem} {field!r} field (needs {prompt_field!r} "
+                                f"and {response_field!r} strings)")
+        yield Pair(obj[prompt_field], obj[response_field], int(where.rsplit(":", 1)[1]))
 
 
-def piece_documents(piece: Piece, d, corpus=None) -> Iterator[tuple[str, str]]:
-    """(split, text) of each document of `piece`, in order. `d` is config.data."""
-    if piece.kind == "records":
-        for text in _record_texts(piece, corpus):
-            yield piece.split, text
-        return
-    read = _parquet_texts if piece.kind == "parquet" else _jsonl_texts
-    for key, text in read(piece, d.text_field):
-        yield split_of(key, d.validation_fraction), text
+def _sft_pieces(d: DataConfig) -> tuple[list[FileInfo], list[Piece]]:
+    """A piece per (file, store split): data.paths' pairs split by the hash of the prompt, or
+    all of them for training and data.sft_eval_paths held out."""
+    files = list_files(d.paths, (".jsonl", ".json"))
+    held_out = list_files(d.sft_eval_paths, (".jsonl", ".json"), what="data.sft_eval_paths") \
+        if d.sft_eval_paths else []
+    pieces = []
+    for store_split, source_split in store_splits(d):
+        if held_out:
+            chosen = files if source_split == "train" else held_out
+            pieces += [Piece("sft", f.path, f.rel, 0, -1, store_split, f.size, ("all",))
+                       for f in chosen]
+        else:
+            pieces += [Piece("sft", f.path, f.rel, 0, -1, store_split, f.size, (source_split,))
+                       for f in files]
+    return files + held_out, pieces
 
 
-def split_texts(d, split: str = "train") -> Iterator[str]:
-    """The documents of `split` ("train" or "validation"), in order: what a tokenizer is
-    trained on ("train"), what a cloze task is made from ("validation")."""
-    if d.source not in FILE_SOURCES:
-        from gpt_jax.data.sources import open_corpus  # TFDS: imported for TFDS-backed sources
+def _sft_documents(piece: Piece, d: DataConfig) -> Iterator[tuple[str, Pair]]:
+    take = piece.docs[0]
+    for pair in read_pairs(piece.path, d.prompt_field, d.response_field):
+        if take == "all" or split_of(pair.prompt, d.validation_fraction) == take:
+            yield piece.split, pair
 
-        yield from open_corpus(d).texts(d.train_split if split == "train" else d.eval_split)
-        return
-    files = list_files(d.paths, FILE_SOURCES[d.source])
-    for piece in file_pieces(d.source, files, int(d.shard_mb * 2 ** 20)):
-        yield from (text for s, text in piece_documents(piece, d) if s == split)
 
+# -- every source --------------------------------------------------------------------------
 
 def fingerprint(files: list[FileInfo], settings: dict) -> str:
     return digest(json.dumps(settings, sort_keys=True),
                   *(f"{f.rel}\0{f.size}\0{f.version}" for f in files))
+
+
+def plan(d: DataConfig, tfds_corpus=None) -> Plan:
+    """The pieces of the corpus `d` names. A `tfds` corpus comes opened (`tfds_source`)."""
+    if d.source in ("text_files", "python_stdlib"):
+        name, files, meta = text_files(d)
+        settings = {"source": d.source, "validation_fraction": d.validation_fraction,
+                    "splits": store_splits(d), **meta}
+        return Plan(name, fingerprint(files, settings), meta, _text_pieces(d, files))
+    if d.source in ("jsonl", "parquet"):
+        extensions = JSONL_EXTENSIONS if d.source == "jsonl" else PARQUET_EXTENSIONS
+        files = list_files(d.paths, extensions)
+        settings = {"source": d.source, "text_field": d.text_field,
+                    "validation_fraction": d.validation_fraction}
+        return Plan(d.source, fingerprint(files, settings),
+                    dict(settings, num_files=len(files), paths=d.paths),
+                    file_pieces(d.source, files, int(d.shard_mb * 2 ** 20)))
+    if d.source == "sft_jsonl":
+        files, pieces = _sft_pieces(d)
+        settings = {"source": d.source, "fields": [d.prompt_field, d.response_field],
+                    "validation_fraction": d.validation_fraction, "splits": store_splits(d),
+                    "held_out": d.sft_eval_paths}
+        return Plan("sft", fingerprint(files, settings),
+                    dict(settings, num_files=len(files), paths=d.paths), pieces)
+    if d.source == "tfds":
+        corpus = tfds_corpus
+        pieces = []
+        for store_split, source_split in store_splits(d):
+            n = len(corpus.split(source_split))
+            pieces += [Piece("records", source_split, source_split, lo,
+                             min(lo + d.shard_docs, n), store_split, min(d.shard_docs, n - lo))
+                       for lo in range(0, n, d.shard_docs)]
+        return Plan(corpus.name, corpus.fingerprint, corpus.metadata, pieces)
+    raise DataError(f"data.source={d.source!r} is not a known source")
+
+
+def piece_documents(piece: Piece, d: DataConfig, tfds_corpus=None) -> Iterator[tuple[str, Any]]:
+    """(store split, document) of each document of `piece`, in order: text (a str), or a
+    `Pair` for `sft` pieces."""
+    if piece.kind == "text":
+        yield from _text_documents(piece, d)
+    elif piece.kind == "sft":
+        yield from _sft_documents(piece, d)
+    elif piece.kind == "records":
+        for text in tfds_corpus.texts(piece.path, start=piece.start, stop=piece.stop):
+            yield piece.split, text
+    else:
+        read = _parquet_texts if piece.kind == "parquet" else _jsonl_texts
+        for key, text in read(piece, d.text_field):
+            yield split_of(key, d.validation_fraction), text
+
+
+def split_texts(d: DataConfig, split: str = "train", tfds_corpus=None) -> Iterator[str]:
+    """The text of the store split `split` ("train" or "validation"), document by document,
+    in order: what a tokenizer is trained on ("train"), what a cloze task is made from
+    ("validation"). An SFT pair gives its prompt, then its response."""
+    for piece in plan(d, tfds_corpus).pieces:
+        if piece.split and piece.split != split:
+            continue
+        for s, doc in piece_documents(piece, d, tfds_corpus):
+            if s == split:
+                yield from ((doc.prompt, doc.response) if isinstance(doc, Pair) else (doc,))

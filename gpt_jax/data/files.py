@@ -1,4 +1,4 @@
-"""Errors, cache locations, file systems, atomic writes and a build lock for the data modules.
+"""File systems, the one file lister, cache locations, atomic writes and a build lock.
 
 Paths are local or any fsspec URL (`gs://` through gcsfs, `memory://` in tests); `filesystem`
 turns an unknown protocol into a one-line error instead of a local folder named `gs:`.
@@ -7,6 +7,8 @@ turns an unknown protocol into a one-line error instead of a local folder named 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import glob
 import hashlib
 import json
 import os
@@ -19,16 +21,10 @@ from typing import Any, Callable, Iterator
 import fsspec
 from absl import logging
 
+from gpt_jax.errors import DataError, DataFileNotFoundError
+
 STALE_LOCK_SECONDS = 120.0  # another host's lock not refreshed for this long: its builder died
 HEARTBEAT_SECONDS = 10.0  # a builder's lock is touched this often, by a thread of its own
-
-
-class DataError(ValueError):
-    """Bad data input; the message names the bad value and what is allowed."""
-
-
-class DataFileNotFoundError(DataError, FileNotFoundError):
-    """A path in the data config that does not exist."""
 
 
 def cache_root() -> str:
@@ -66,6 +62,83 @@ def filesystem(path: str) -> tuple[Any, str]:
         raise DataError(f"{path!r}: the {protocol}:// file system is not available{hint}: "
                         f"{str(e).splitlines()[0]}") from None
     return fs, inner
+
+
+@dataclasses.dataclass(frozen=True)
+class FileInfo:
+    path: str  # a local path or a URL
+    rel: str  # relative to the corpus root: what document keys and splits are made from
+    size: int
+    version: str  # mtime / generation: changes when the file does
+
+
+def _wanted(name: str, extensions: tuple[str, ...]) -> bool:
+    return not extensions or name.lower().endswith(extensions)
+
+
+def _hidden(rel: str) -> bool:
+    return any(part.startswith(".") for part in rel.split("/"))
+
+
+def _walk_local(root: str, extensions: tuple[str, ...], skip_dirs: frozenset[str]) -> list[str]:
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        dirnames[:] = sorted(d for d in dirnames if d not in skip_dirs and not d.startswith("."))
+        found += [os.path.join(dirpath, f) for f in filenames
+                  if _wanted(f, extensions) and not f.startswith(".")]
+    return found
+
+
+def list_files(paths: str, extensions: tuple[str, ...], *, what: str = "data.paths",
+               skip_dirs: frozenset[str] = frozenset(), root: str | None = None
+               ) -> list[FileInfo]:
+    """Every file that the comma-separated files, folders or globs in `paths` name, sorted.
+
+    A folder contributes its files ending in `extensions` (any, if empty; hidden files and
+    folders, and
+    folders named in `skip_dirs`, left out); a glob (`**` allowed) its matching files; a file
+    itself. Local paths and URLs alike; relative names are taken from `root`, else from the
+    files' common folder, so that moving a corpus keeps its document keys.
+    """
+    entries = [p.strip() for p in paths.split(",") if p.strip()]
+    if not entries:
+        raise DataError(f"{what} is empty; give comma-separated files, folders or globs "
+                        "(local or gs://)")
+    exts = tuple(e.lower() for e in extensions)
+    found: dict[str, dict] = {}
+    for entry in entries:
+        remote = is_remote(entry)
+        fs, inner = filesystem(entry)
+        if glob.has_magic(inner):
+            matches = (fs.glob(inner) if remote else glob.glob(inner, recursive=True))
+            matches = [m for m in matches if fs.isfile(m)]
+            if not matches:
+                raise DataFileNotFoundError(f"{what} glob {entry!r} matches no files")
+        elif fs.isdir(inner):
+            matches = ([p for p in fs.find(inner) if _wanted(p, exts)
+                        and not _hidden(os.path.relpath(p, inner))] if remote
+                       else _walk_local(inner, exts, skip_dirs))
+            if not matches:
+                raise DataError(f"{what} folder {entry!r} has no files"
+                                + (f" ending in {', '.join(exts)}" if exts else ""))
+        elif fs.isfile(inner):
+            matches = [inner]
+        else:
+            raise DataFileNotFoundError(f"{what} entry {entry!r} does not exist")
+        for m in matches:
+            name = fs.unstrip_protocol(m) if remote else os.path.abspath(m)
+            found[name] = fs.info(m)
+    names = sorted(found)
+    if root is None:
+        try:
+            root = os.path.dirname(names[0]) if len(names) == 1 else os.path.commonpath(names)
+        except ValueError:
+            raise DataError(f"{what}={paths!r} mixes local and remote files; keep one kind "
+                            "per corpus") from None
+    return [FileInfo(name, os.path.relpath(name, root), int(info.get("size") or 0),
+                     str(info.get("mtime") or info.get("updated") or info.get("generation")
+                         or info.get("created") or ""))
+            for name, info in ((n, found[n]) for n in names)]
 
 
 def read_bytes(path: str) -> bytes:

@@ -18,9 +18,9 @@ from typing import Iterable, Sequence
 import numpy as np
 import tiktoken
 
-from gpt_jax.data.files import (DataError, DataFileNotFoundError, atomic_write, digest, exists,
-                                read_bytes)
+from gpt_jax.data.files import atomic_write, digest, exists, read_bytes
 from gpt_jax.data.tokenizer_base import META_FILE, Tokenizer
+from gpt_jax.errors import DataError, DataFileNotFoundError
 
 KIND = "gpt2_bpe"
 VOCAB_FILE = "vocab.json"

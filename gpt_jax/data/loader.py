@@ -12,43 +12,68 @@ from __future__ import annotations
 
 import queue
 import threading
-from typing import Iterator
+from typing import Iterator, Protocol
 
 import numpy as np
 from absl import logging
 
-from gpt_jax.axes import DEFAULT_LOGICAL_AXIS_RULES
-from gpt_jax.data.files import DataError
-from gpt_jax.data.store import Store, auto_store, open_store
+from gpt_jax.axes import LogicalRules
+from gpt_jax.data.store import Store
 from gpt_jax.data.tokenizer_base import Tokenizer
+from gpt_jax.errors import DataError
 
 _SEED_SALT = 0x67707400  # separates the data stream from other users of the same seed
+
+
+class Dataset(Protocol):
+    """What the loader, the loop and evaluation read from one split of a run's data."""
+    name: str
+    tokenizer: Tokenizer
+
+    @property
+    def bytes_per_token(self) -> float | None:
+        """UTF-8 bytes of text per token, for bits per byte (None: not text documents)."""
+
+    def num_windows(self, seq_len: int) -> int:
+        """Rows of seq_len + 1 tokens one epoch holds; a DataError if there are none."""
+
+    def rows(self, step: int, batch_size: int, seq_len: int, lo: int, hi: int,
+             seed: int) -> dict[str, np.ndarray]:
+        """Global rows [lo, hi) of training batch `step`: a pure function of its arguments."""
+
+    def eval_batches(self, num_batches: int | None, batch_size: int, seq_len: int,
+                     process_index: int = 0, process_count: int = 1
+                     ) -> Iterator[dict[str, np.ndarray]]:
+        """The fixed validation batches, this process's rows of each."""
+
+    def tokens_seen(self, steps: int, batch_size: int, seq_len: int) -> dict[str, int]:
+        """Training tokens per source after `steps` steps, for metrics ({}: one source)."""
 
 
 class HostBatches:
     """`host_batch` for any split that can produce global rows [lo, hi) of a step."""
 
     def rows(self, step: int, batch_size: int, seq_len: int, lo: int, hi: int,
-             seed: int | None = None) -> dict[str, np.ndarray]:
+             seed: int) -> dict[str, np.ndarray]:
         raise NotImplementedError
 
-    def host_batch(self, step: int, batch_size: int, seq_len: int, process_index: int = 0,
-                   process_count: int = 1, seed: int | None = None) -> dict[str, np.ndarray]:
+    def host_batch(self, step: int, batch_size: int, seq_len: int, seed: int,
+                   process_index: int = 0, process_count: int = 1) -> dict[str, np.ndarray]:
         """This process's contiguous block of the global batch of `step`."""
         lo, hi = process_rows(batch_size, process_index, process_count)
         return self.rows(step, batch_size, seq_len, lo, hi, seed)
 
+    def tokens_seen(self, steps: int, batch_size: int, seq_len: int) -> dict[str, int]:
+        return {}
+
 
 class TokenDataset(HostBatches):
-    """One split of a token store: `data.store`, else the configured corpus's, built on first use."""
+    """One split of a token store (documents: bos doc eos ...) as packed windows."""
 
-    def __init__(self, config, tok: Tokenizer, split: str = "train", store: Store | None = None):
-        d = config.data
+    def __init__(self, store: Store, tok: Tokenizer, split: str = "train"):
         self.split = split  # a store names its splits train / validation, whatever the source
-        self.seed = int(config.train.seed)
         self.tokenizer = tok
-        self.store = store or (open_store(d.store, tok) if d.get("store") else
-                               auto_store(config, tok))
+        self.store = store
         self.tokens = self.store.tokens(self.split)
         self.name = f"{self.store.manifest['corpus']}/{self.split}"
         self._epochs: dict[tuple[int, int, int], tuple[int, np.ndarray]] = {}
@@ -84,10 +109,8 @@ class TokenDataset(HostBatches):
             self._epochs[key] = (offset, rng.permutation(windows))
         return self._epochs[key]
 
-    def sample_starts(self, samples: np.ndarray, seq_len: int, seed: int | None = None
-                      ) -> np.ndarray:
+    def sample_starts(self, samples: np.ndarray, seq_len: int, seed: int) -> np.ndarray:
         """Token index where each of the training samples `samples` (0, 1, ...) starts."""
-        seed = self.seed if seed is None else seed
         starts = np.empty(len(samples), np.int64)
         for epoch, rows, positions in epoch_slices(samples, self.num_windows(seq_len)):
             offset, order = self._epoch(seed, epoch, seq_len)
@@ -95,7 +118,7 @@ class TokenDataset(HostBatches):
         return starts
 
     def window_starts(self, step: int, batch_size: int, seq_len: int, lo: int, hi: int,
-                      seed: int | None = None) -> np.ndarray:
+                      seed: int) -> np.ndarray:
         """Token index where each of global rows [lo, hi) of batch `step` starts."""
         return self.sample_starts(step * batch_size + np.arange(lo, hi, dtype=np.int64),
                                   seq_len, seed)
@@ -106,7 +129,7 @@ class TokenDataset(HostBatches):
         return {"inputs": windows_BW[:, :-1], "targets": windows_BW[:, 1:]}
 
     def rows(self, step: int, batch_size: int, seq_len: int, lo: int, hi: int,
-             seed: int | None = None) -> dict[str, np.ndarray]:
+             seed: int) -> dict[str, np.ndarray]:
         """Global rows [lo, hi) of training batch `step`."""
         return self.gather(self.window_starts(step, batch_size, seq_len, lo, hi, seed), seq_len)
 
@@ -184,10 +207,10 @@ class BatchLoader:
     resume: a fresh loader with start_step=state()["step"] continues the same stream.
     """
 
-    def __init__(self, dataset: TokenDataset, global_batch_size: int, seq_len: int, seed: int,
-                 mesh, start_step: int = 0, prefetch: int = 2,
-                 rules=DEFAULT_LOGICAL_AXIS_RULES):
-        from gpt_jax.sharding import batch_sharding, batch_shards  # gpt_jax.data loads no JAX
+    def __init__(self, dataset: Dataset, global_batch_size: int, seq_len: int, seed: int,
+                 mesh, rules: LogicalRules, start_step: int = 0, prefetch: int = 2):
+        # gpt_jax.data imports no JAX at module level: prepare's workers never load it.
+        from gpt_jax.sharding import batch_sharding, batch_shards
 
         self.dataset, self.batch_size, self.seq_len = dataset, global_batch_size, seq_len
         self.seed, self.sharding = int(seed), batch_sharding(mesh, rules)
@@ -208,7 +231,7 @@ class BatchLoader:
 
     def make_batch(self, step: int) -> dict:
         """The global batch of `step` as jax.Arrays sharded over the mesh."""
-        import jax
+        import jax  # see __init__
 
         host = self.dataset.rows(step, self.batch_size, self.seq_len, self.lo, self.hi,
                                  self.seed)

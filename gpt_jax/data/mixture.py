@@ -13,10 +13,12 @@ from typing import Iterator
 
 import numpy as np
 
-from gpt_jax.data.loader import HostBatches, TokenDataset, process_rows
-from gpt_jax.data.files import DataError, store_paths
-from gpt_jax.data.store import open_store
+from gpt_jax.data.files import store_paths
+from gpt_jax.data.loader import Dataset, HostBatches, TokenDataset, process_rows
+from gpt_jax.data.sft import SFTDataset
+from gpt_jax.data.store import Store, open_store
 from gpt_jax.data.tokenizer_base import Tokenizer
+from gpt_jax.errors import DataError
 
 _MIX_SALT = 0x6D697800
 
@@ -24,16 +26,14 @@ _MIX_SALT = 0x6D697800
 class MixtureDataset(HostBatches):
     """The same split of several stores, mixed by weight."""
 
-    def __init__(self, config, tok: Tokenizer, split: str = "train"):
-        entries = store_paths(config.data.store)
-        self.weights = np.array([w for _, w in entries])
-        self.parts = [TokenDataset(config, tok, split, store=open_store(path, tok))
-                      for path, _ in entries]
+    def __init__(self, stores: list[tuple[Store, float]], tok: Tokenizer, split: str = "train"):
+        self.weights = np.array([w for _, w in stores])
+        self.parts = [TokenDataset(store, tok, split) for store, _ in stores]
         self.names = [p.store.name for p in self.parts]
         if len(set(self.names)) != len(self.names):
             self.names = [f"{i}_{n}" for i, n in enumerate(self.names)]
         self.heaviest = int(np.argmax(self.weights))
-        self.seed, self.tokenizer = self.parts[0].seed, tok
+        self.tokenizer = tok
         self.name = "+".join(p.name for p in self.parts)
 
     @property
@@ -64,8 +64,7 @@ class MixtureDataset(HostBatches):
                             f"{int(np.ceil((k - 1) / heaviest))}")
 
     def rows(self, step: int, batch_size: int, seq_len: int, lo: int, hi: int,
-             seed: int | None = None) -> dict[str, np.ndarray]:
-        seed = self.seed if seed is None else seed
+             seed: int) -> dict[str, np.ndarray]:
         self.check_batch(batch_size)
         first, last = self.taken(step * batch_size), self.taken((step + 1) * batch_size)
         source_B = np.repeat(np.arange(len(self.parts)), last - first)
@@ -99,9 +98,16 @@ class MixtureDataset(HostBatches):
             yield {k: np.concatenate([b[k] for b in parts])[lo:hi] for k in parts[0]}
 
 
-def open_dataset(config, tok: Tokenizer, split: str):
-    """The train or validation split: a mixture when data.store names several stores."""
-    spec = config.data.get("store", "")
-    if spec and len(store_paths(spec)) > 1:
-        return MixtureDataset(config, tok, split)
-    return TokenDataset(config, tok, split)
+def open_dataset(spec: str, tok: Tokenizer, split: str, block_size: int) -> Dataset:
+    """One split of the store(s) `spec` names (data.store: PATH or PATH=W,PATH=W,...): its
+    documents as windows, a weighted mixture, or SFT examples cut to `block_size`."""
+    entries = [(open_store(path, tok), weight) for path, weight in store_paths(spec)]
+    if len(entries) > 1:
+        if any(store.kind == "sft" for store, _ in entries):
+            raise DataError(f"data.store={spec!r} mixes an SFT store with others; a mixture "
+                            "holds documents only")
+        return MixtureDataset(entries, tok, split)
+    store = entries[0][0]
+    if store.kind == "sft":
+        return SFTDataset(store, tok, split, block_size)
+    return TokenDataset(store, tok, split)

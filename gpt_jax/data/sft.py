@@ -1,93 +1,78 @@
 """Prompt/response pairs for supervised fine-tuning: the loss counts response tokens only.
 
-Each JSONL line `{"prompt": ..., "response": ...}` becomes `prompt ids + response ids + [eos]`
-with a mask that is 1 on the response and eos. Examples are packed whole, in a seeded order,
-into rows of T + 1 tokens (padding fills the rest with mask 0); a row yields `inputs = row[:-1]`,
-`targets = row[1:]` and `weights = mask[1:]`, so the target that starts the next packed
-example (a prompt token) never counts. Batches follow the same `batch(step) = f(seed, step)`
-contract as `TokenDataset`, so `BatchLoader` and the train loop use this dataset unchanged.
+`gpt-jax prepare` (or `train`, for a corpus it prepares itself) stores each JSONL line
+`{"prompt": ..., "response": ...}` as `prompt ids + response ids + [eos]` with the prompt's
+length (documents.py, prepare.py); the loss mask is 1 on the response and eos. Here the
+examples of one split are cut to the model's context and packed whole, in a seeded order,
+into rows of T + 1 tokens (padding fills the rest with mask 0); a row yields
+`inputs = row[:-1]`, `targets = row[1:]` and `weights = mask[1:]`, so the target that starts
+the next packed example (a prompt token) never counts. Training examples are packed in one
+fixed shuffled order; batches follow the same `batch(step) = f(seed, step)` contract as
+`TokenDataset`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import numpy as np
 
-from gpt_jax.data.files import DataError, json_objects, unit_hash
 from gpt_jax.data.loader import HostBatches, epoch_slices, process_rows
-from gpt_jax.data.tokenizers import Tokenizer
+from gpt_jax.data.store import Store
+from gpt_jax.data.tokenizer_base import Tokenizer
+from gpt_jax.errors import DataError
 
 _SEED_SALT = 0x73667400
+_PACKING_SEED = 0  # which examples share a row is fixed; train.seed orders the rows per epoch
 
 
-@dataclasses.dataclass(frozen=True)
-class Pair:
-    prompt: str
-    response: str
-    where: str  # "file:N", for error messages
-
-
-def read_jsonl(path: str, prompt_field: str = "prompt",
-               response_field: str = "response") -> list[Pair]:
-    """The pairs of one JSONL file; a bad line raises DataError naming the file and line."""
-    pairs = []
-    for where, obj in json_objects(path):
-        for field in (prompt_field, response_field):
-            if not isinstance(obj.get(field), str):
-                problem = "has no" if field not in obj else "has a non-string"
-                raise DataError(f"{where}: {problem} {field!r} field (needs {prompt_field!r} "
-                                f"and {response_field!r} strings)")
-        pairs.append(Pair(obj[prompt_field], obj[response_field], where))
-    return pairs
-
-
-def split_pairs(d, split: str) -> list[Pair]:
-    """`split` ("train" / "validation") of the configured files: `data.sft_eval_paths` is the
-    held-out set if given, else a `validation_fraction` of `data.paths` by hash of the prompt."""
-    read = lambda spec: [p for path in spec.split(",") if path.strip()  # noqa: E731
-                         for p in read_jsonl(path.strip(), d.prompt_field, d.response_field)]
-    pairs = read(d.paths)
-    if d.get("sft_eval_paths"):
-        return pairs if split == "train" else read(d.sft_eval_paths)
-    held_out = [unit_hash(p.prompt) < d.validation_fraction for p in pairs]
-    return [p for p, h in zip(pairs, held_out) if h == (split == "validation")]
+class Example(NamedTuple):
+    tokens: np.ndarray  # prompt + response + eos, cut to block_size + 1
+    mask: np.ndarray  # 1.0 on the response and eos
+    prompt: np.ndarray  # the prompt's ids
+    response: np.ndarray  # the whole response's ids (no eos)
+    truncated: bool  # the response did not fit the context
+    where: str  # "file:line"
 
 
 class SFTDataset(HostBatches):
-    """One split of the pairs, tokenized and packed; rows of (seq_len + 1) tokens plus a mask."""
+    """One split of an SFT store, packed; rows of (seq_len + 1) tokens plus a mask."""
+    bytes_per_token = None  # pairs, not documents: no bits per byte
 
-    def __init__(self, config, tok: Tokenizer, split: str = "train",
-                 pairs: list[Pair] | None = None):
-        d = config.data
-        self.split = {"train": d.train_split, "validation": d.eval_split}.get(split, split)
-        self.seed, self.tokenizer = int(config.train.seed), tok
-        self.block_size = int(config.model.block_size)
-        self.pairs = split_pairs(d, self.split) if pairs is None else pairs
-        self.name = f"sft/{self.split}"
-        if not self.pairs:
-            raise DataError(f"the {self.split} split of data.paths={d.paths!r} has no pairs")
-        self.examples = [self._encode(p) for p in self.pairs]
-        self.num_truncated = sum(t for *_, t in self.examples)
+    def __init__(self, store: Store, tok: Tokenizer, split: str, block_size: int):
+        self.split, self.tokenizer, self.block_size = split, tok, int(block_size)
+        self.store = store
+        self.name = f"sft/{split}"
+        tokens, index, files = store.examples(split)
+        if not len(index):
+            raise DataError(f"the {split} split of the SFT store {store.path} has no pairs")
+        ends = np.cumsum(index[:, 0])
+        flat = tokens.to_numpy()
+        self.examples = [self._cut(flat[end - n:end], int(p), f"{files[i]}:{line}")
+                         for i, ((n, p, line), end) in enumerate(zip(index, ends))]
+        self.num_truncated = sum(e.truncated for e in self.examples)
         self._packed: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
-    def _encode(self, pair: Pair) -> tuple[np.ndarray, np.ndarray, bool]:
-        """(tokens, response mask, truncated?) of one pair: prompt + response + eos."""
-        prompt = list(self.tokenizer.encode(pair.prompt))
-        if len(prompt) >= self.block_size:
-            raise DataError(f"{pair.where}: the prompt is {len(prompt)} tokens but "
+    def _cut(self, ids: np.ndarray, prompt_len: int, where: str) -> Example:
+        """One example cut to block_size + 1 tokens (the prompt must leave room)."""
+        if prompt_len >= self.block_size:
+            raise DataError(f"{where}: the prompt is {prompt_len} tokens but "
                             f"model.block_size={self.block_size} must leave room for the response")
-        response = list(self.tokenizer.encode(pair.response)) + [self.tokenizer.eos_id]
-        room = self.block_size + 1 - len(prompt)
-        tokens = np.asarray(prompt + response[:room], np.int32)
+        room = self.block_size + 1
+        tokens = ids[:room].astype(np.int32)
         mask = np.zeros(len(tokens), np.float32)
-        mask[len(prompt):] = 1.0
-        return tokens, mask, len(response) > room
+        mask[prompt_len:] = 1.0
+        return Example(tokens, mask, ids[:prompt_len].astype(np.int32),
+                       ids[prompt_len:-1].astype(np.int32), len(ids) > room, where)
 
     @property
     def num_tokens(self) -> int:
-        return int(sum(len(t) for t, *_ in self.examples))
+        return int(sum(len(e.tokens) for e in self.examples))
+
+    def answer_pairs(self, limit: int = 0) -> list[tuple[list[int], str]]:
+        """(prompt ids, response text) of the first `limit` examples (0: all), for exact match."""
+        chosen = self.examples[:limit] if limit else self.examples
+        return [(e.prompt.tolist(), self.tokenizer.decode(e.response.tolist())) for e in chosen]
 
     def packed(self, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
         """(tokens [R, seq_len + 1], mask [R, seq_len + 1]): whole examples packed greedily."""
@@ -97,10 +82,10 @@ class SFTDataset(HostBatches):
                                 f"{self.block_size} the examples were cut for")
             order = np.arange(len(self.examples))
             if self.split == "train":
-                order = np.random.default_rng([_SEED_SALT, self.seed]).permutation(order)
+                order = np.random.default_rng([_SEED_SALT, _PACKING_SEED]).permutation(order)
             width, rows, row, used = seq_len + 1, [], [], 0
             for i in order:
-                n = len(self.examples[i][0])
+                n = len(self.examples[i].tokens)
                 if used + n > width and row:
                     rows.append(row)
                     row, used = [], 0
@@ -112,7 +97,7 @@ class SFTDataset(HostBatches):
             for r, members in enumerate(rows):
                 pos = 0
                 for i in members:
-                    t, m, _ = self.examples[i]
+                    t, m = self.examples[i].tokens, self.examples[i].mask
                     n = min(len(t), width - pos)  # only when seq_len < block_size
                     tokens[r, pos:pos + n], mask[r, pos:pos + n] = t[:n], m[:n]
                     pos += n
@@ -128,9 +113,8 @@ class SFTDataset(HostBatches):
         return {"inputs": t[:, :-1], "targets": t[:, 1:], "weights": m[:, 1:]}
 
     def rows(self, step: int, batch_size: int, seq_len: int, lo: int, hi: int,
-             seed: int | None = None) -> dict[str, np.ndarray]:
+             seed: int) -> dict[str, np.ndarray]:
         """Global rows [lo, hi) of training batch `step`: each epoch is a seeded row order."""
-        seed = self.seed if seed is None else seed
         windows = self.num_windows(seq_len)
         picked = np.empty(hi - lo, np.int64)
         samples = step * batch_size + np.arange(lo, hi, dtype=np.int64)

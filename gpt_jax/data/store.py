@@ -1,9 +1,12 @@
-"""Reading a token store (see `prepare.py`): each split as one long sequence of tokens.
+"""Reading a token store (written by `prepare.py`): each split as one long sequence of tokens.
 
 A local store is memory-mapped in place. A remote one (gs://, any fsspec URL) is copied once to
 the local cache, in parallel, each shard checked against the manifest's sha256 before it is
-renamed into place; a re-created host copies it again, which costs no tokenization.
-Small corpora (`make train`, tests) are prepared here on first use, into the local cache.
+renamed into place; a re-created host copies it again, which costs no tokenization. Reading a
+store never writes one: an unfinished store is an error that says to run `gpt-jax prepare`.
+
+An SFT store (`kind: sft`) holds, beside each shard's tokens, an index of its examples:
+uint32 (tokens, prompt tokens, source line) per example.
 """
 
 from __future__ import annotations
@@ -17,12 +20,14 @@ import tempfile
 import numpy as np
 from absl import logging
 
-from gpt_jax.data.files import (DataError, build_once, cache_root, digest, exists, filesystem,
-                                is_remote, read_json)
-from gpt_jax.data.prepare import FORMAT, MANIFEST, make_plan, prepare
+from gpt_jax.data.files import cache_root, digest, exists, filesystem, is_remote, read_json
 from gpt_jax.data.tokenizer_base import Tokenizer
-from gpt_jax.data.tokenizers import is_saved, tokenizer_dir
+from gpt_jax.data.tokenizers import is_saved
+from gpt_jax.errors import DataError
 
+FORMAT = "gpt_jax-store-v1"
+MANIFEST = "manifest.json"
+INDEX_COLUMNS = 3  # an SFT shard's index: tokens, prompt tokens, source line per example
 COPY_THREADS = 16
 
 
@@ -91,18 +96,42 @@ class Store:
                             f"{', '.join(self.splits)}")
         return self.manifest["splits"][split]
 
-    def tokens(self, split: str) -> SplitTokens:
+    @property
+    def kind(self) -> str:
+        """"text" (documents: bos doc eos ...) or "sft" (examples with a prompt length)."""
+        return self.manifest.get("kind", "text")
+
+    def _paths(self, split: str, suffix: str) -> list[str]:
         shards = self.info(split)["shards"]
         local = self._local_dir()
-        paths = [os.path.join(local, "shards", s["file"]) for s in shards]
         if is_remote(self.path):
             _copy_verified(self.path, shards, local, self.dtype.itemsize)
+        return [os.path.join(local, "shards", s["file"][:-len(".tokens")] + suffix)
+                for s in shards]
+
+    def tokens(self, split: str) -> SplitTokens:
+        shards = self.info(split)["shards"]
+        paths = self._paths(split, ".tokens")
         for path, shard in zip(paths, shards):
             size = os.path.getsize(path) if os.path.exists(path) else -1
             if size != shard["num_tokens"] * self.dtype.itemsize:
                 raise DataError(f"{path} has {size} bytes, not the {shard['num_tokens']} tokens "
                                 f"that {self.path}/{MANIFEST} lists; run prepare again")
         return SplitTokens(paths, [s["num_tokens"] for s in shards], self.dtype)
+
+    def examples(self, split: str) -> tuple[SplitTokens, np.ndarray, list[str]]:
+        """An SFT split: (tokens, index [N, 3] of tokens / prompt tokens / line per example,
+        the source file of each example)."""
+        if self.kind != "sft":
+            raise DataError(f"{self.path} holds documents, not prompt/response pairs; prepare "
+                            "it with data.source='sft_jsonl'")
+        shards = self.info(split)["shards"]
+        tokens = self.tokens(split)
+        index = [np.fromfile(p, np.uint32).reshape(-1, INDEX_COLUMNS)
+                 for p in self._paths(split, ".index")]
+        files = [s["source"] for s, i in zip(shards, index) for _ in range(len(i))]
+        index = np.concatenate(index) if index else np.zeros((0, INDEX_COLUMNS), np.uint32)
+        return tokens, index.astype(np.int64), files
 
     def bytes_per_token(self, split: str) -> float | None:
         info = self.info(split)
@@ -116,31 +145,36 @@ class Store:
 
 
 def _copy_verified(store: str, shards: list[dict], local: str, itemsize: int) -> None:
-    """Copy the shards that are not yet local, checking each one's sha256 before keeping it."""
+    """Copy the shard files that are not yet local, checking each one's sha256 first."""
     os.makedirs(os.path.join(local, "shards"), exist_ok=True)
     fs, root = filesystem(store)
+    files = [(shard["file"], shard["sha256"], shard["num_tokens"] * itemsize)
+             for shard in shards]
+    files += [(shard["file"][:-len(".tokens")] + ".index", shard["index_sha256"], None)
+              for shard in shards if "index_sha256" in shard]
 
-    def copy(shard: dict) -> None:
-        target = os.path.join(local, "shards", shard["file"])
-        if os.path.exists(target) and os.path.getsize(target) == shard["num_tokens"] * itemsize:
+    def copy(entry: tuple[str, str, int | None]) -> None:
+        name, sha256, size = entry
+        target = os.path.join(local, "shards", name)
+        if os.path.exists(target) and (size is None or os.path.getsize(target) == size):
             return  # copied and checked before
         fd, tmp = tempfile.mkstemp(dir=os.path.dirname(target), prefix=".copy-")
         sha = hashlib.sha256()
-        with os.fdopen(fd, "wb") as out, fs.open(f"{root}/shards/{shard['file']}", "rb") as src:
+        with os.fdopen(fd, "wb") as out, fs.open(f"{root}/shards/{name}", "rb") as src:
             while chunk := src.read(8 << 20):
                 sha.update(chunk)
                 out.write(chunk)
-        if sha.hexdigest() != shard["sha256"]:
+        if sha.hexdigest() != sha256:
             os.remove(tmp)
-            raise DataError(f"{store}/shards/{shard['file']} does not match the sha256 in its "
+            raise DataError(f"{store}/shards/{name} does not match the sha256 in its "
                             "manifest (a damaged or half-replaced store); run prepare again")
         os.replace(tmp, target)
 
-    missing = [s for s in shards if not os.path.exists(os.path.join(local, "shards", s["file"]))]
+    missing = [f for f in files if not os.path.exists(os.path.join(local, "shards", f[0]))]
     if missing:
-        logging.info("copying %d shards of %s to %s", len(missing), store, local)
+        logging.info("copying %d shard files of %s to %s", len(missing), store, local)
     with futures.ThreadPoolExecutor(COPY_THREADS) as pool:
-        list(pool.map(copy, shards))
+        list(pool.map(copy, files))
 
 
 def open_store(path: str, tok: Tokenizer | None = None) -> Store:
@@ -161,23 +195,3 @@ def open_store(path: str, tok: Tokenizer | None = None) -> Store:
                         f"(fingerprint {theirs['fingerprint']}), not this run's {tok.kind} "
                         f"(fingerprint {tok.fingerprint}); prepare it with this run's tokenizer")
     return Store(path, manifest)
-
-
-def auto_store(config, tok: Tokenizer) -> Store:
-    """The store of the configured corpus in the local cache, prepared now if missing."""
-    d = config.data
-    plan = make_plan(d, tok)
-    root = d.cache_dir or os.path.join(cache_root(), "stores")
-    path = os.path.join(os.path.expanduser(root), f"{plan.corpus}-{plan.build_key}")
-
-    def build() -> None:
-        if not is_saved(path):
-            tok.save(tokenizer_dir(path))
-        prepare(config, path, tok, num_workers=1, plan=plan)
-
-    if is_remote(path):
-        raise DataError(f"data.cache_dir={d.cache_dir!r} is remote; prepare large corpora with "
-                        "`gpt-jax prepare --store=gs://...` and train with data.store")
-    build_once(lambda: exists(os.path.join(path, MANIFEST)), build, path + ".lock",
-               f"the token store {path}")
-    return open_store(path, tok)

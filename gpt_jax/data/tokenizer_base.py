@@ -6,7 +6,6 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-
 TOKENIZER_DIR = "tokenizer"
 META_FILE = "tokenizer.json"
 

@@ -18,11 +18,12 @@ import numpy as np
 import sentencepiece as spm
 from absl import logging
 
-from gpt_jax.data.files import (DataError, DataFileNotFoundError, atomic_write, digest, exists,
-                                read_bytes, read_json, store_paths)
+from gpt_jax.data.config import DataConfig
 from gpt_jax.data.documents import split_texts
+from gpt_jax.data.files import atomic_write, digest, exists, read_bytes, read_json, store_paths
 from gpt_jax.data.gpt2_bpe import GPT2BPETokenizer, load_dir
 from gpt_jax.data.tokenizer_base import META_FILE, TOKENIZER_DIR, Tokenizer
+from gpt_jax.errors import DataError, DataFileNotFoundError
 
 SPM_FILE = "spm.model"
 MAX_SPM_LINE = 4096  # bytes; SentencePiece skips longer training "sentences"
@@ -237,18 +238,17 @@ def load_tokenizer(workdir: str) -> Tokenizer:
     return tok
 
 
-def ready_tokenizer(config) -> Tokenizer | None:
-    """The tokenizer config.data names when it needs no training (else None).
+def ready_tokenizer(d: DataConfig) -> Tokenizer | None:
+    """The tokenizer data config `d` names when it needs no training (else None).
 
     With data.store, the run takes the (first) store's tokenizer.
     """
-    d = config.data
-    if d.get("store"):
+    if d.store:
         return load_tokenizer(store_paths(d.store)[0][0])
     if d.tokenizer == "byte":
         return ByteTokenizer()
     if d.tokenizer == "gpt2_bpe":  # GPT-2's files (vocab.json + merges.txt), never trained here
-        if not d.get("bpe_dir"):
+        if not d.bpe_dir:
             raise DataError("data.tokenizer='gpt2_bpe' needs data.bpe_dir (a folder with "
                             "vocab.json + merges.txt) or train.init_from=<converted run>")
         return load_dir(os.path.expanduser(d.bpe_dir))
@@ -257,45 +257,39 @@ def ready_tokenizer(config) -> Tokenizer | None:
     return None
 
 
-def _new_tokenizer(config) -> Tokenizer:
-    """Build the tokenizer that config.data asks for (training on the training split if needed)."""
-    d = config.data
-    ready = ready_tokenizer(config)
-    if ready is not None:
-        return ready
-    texts = split_texts(d)
+def train_tokenizer(d: DataConfig, vocab_size: int, tfds_corpus=None) -> Tokenizer:
+    """The tokenizer data config `d` asks for, trained on its training split: the characters
+    it holds (char), or a `vocab_size`-piece SentencePiece model."""
+    texts = split_texts(d, "train", tfds_corpus)
     if d.tokenizer == "char":
         return CharTokenizer.from_texts(texts)
     if d.tokenizer == "sentencepiece":
-        return train_sentencepiece(texts, config.model.vocab_size, d.spm_type, d.spm_sample_bytes,
+        return train_sentencepiece(texts, vocab_size, d.spm_type, d.spm_sample_bytes,
                                    special_tokens(d.spm_special_tokens), d.spm_byte_fallback)
     raise DataError(f"data.tokenizer={d.tokenizer!r} is not one of {', '.join(LOADERS)}")
 
 
-def build_tokenizer(config, workdir: str, process_index: int | None = None,
-                    timeout_s: float = 7200.0) -> Tokenizer:
-    """The run's tokenizer: loaded from <workdir>/tokenizer/ if saved, else built and saved.
+def build_tokenizer(d: DataConfig, vocab_size: int, workdir: str, process_index: int = 0,
+                    timeout_s: float = 7200.0, tfds_corpus=None) -> Tokenizer:
+    """The tokenizer saved in <workdir>/tokenizer/, else the one `d` names: ready-made or
+    trained (`train_tokenizer`), then saved there.
 
     Only process 0 builds (trains) it; the others wait for its atomic publish in `workdir`,
     which must therefore be shared by all processes (as checkpoints are).
     """
-    if process_index is None:
-        import jax
-
-        process_index = jax.process_index()
     if not is_saved(workdir) and process_index == 0:
-        tok = _new_tokenizer(config)
+        tok = ready_tokenizer(d) or train_tokenizer(d, vocab_size, tfds_corpus)
         tok.save(tokenizer_dir(workdir))
         logging.info("Saved the %s tokenizer (vocab %d) to %s", tok.kind, tok.vocab_size,
                      tokenizer_dir(workdir))
     deadline = time.time() + timeout_s
     while not is_saved(workdir):
         if time.time() > deadline:
-            raise TimeoutError(f"process {process_index}: no tokenizer appeared in "
-                               f"{tokenizer_dir(workdir)} within {timeout_s:.0f}s")
+            raise DataError(f"process {process_index}: no tokenizer appeared in "
+                            f"{tokenizer_dir(workdir)} within {timeout_s:.0f}s")
         time.sleep(0.5)
     tok = load_tokenizer(workdir)
-    if tok.kind != config.data.tokenizer and not config.data.get("store"):
+    if tok.kind != d.tokenizer and not d.store:
         raise DataError(f"{tokenizer_dir(workdir)} holds a {tok.kind} tokenizer but "
-                        f"data.tokenizer={config.data.tokenizer!r}; use a new workdir")
+                        f"data.tokenizer={d.tokenizer!r}; use a new workdir")
     return tok

@@ -9,8 +9,9 @@
 
 from __future__ import annotations
 
+from gpt_jax.errors import EvalError
 from gpt_jax.evals.choice import Example, score_examples
-from gpt_jax.evals.scoring import EvalError, Request, Score, loglikelihoods
+from gpt_jax.evals.scoring import Request, Score, loglikelihoods
 from gpt_jax.evals.tasks import KINDS, Task, load_tasks, parse_specs
 
 __all__ = ["EvalError", "Example", "KINDS", "Request", "Score", "Task", "during_training",
@@ -48,26 +49,13 @@ _TRAINING_TASKS: dict[tuple, list[Task]] = {}
 def during_training(trainer, params, tokenizer, config) -> dict[str, float]:
     """`config.train.eval_tasks` on at most `config.train.eval_tasks_examples` examples each,
     as metric events; {} when no task is configured. Tasks are read once per run."""
-    spec = config.train.get("eval_tasks", "")
+    spec = config.train.eval_tasks
     if not spec:
         return {}
-    limit = config.train.get("eval_tasks_examples", 200)
+    limit = config.train.eval_tasks_examples
     key = (spec, limit, tokenizer.fingerprint, config.data.eval_split)
     if key not in _TRAINING_TASKS:
         _TRAINING_TASKS[key] = load_tasks(spec, limit=limit, config=config)
     results = run_tasks(trainer.model_cfg, params, tokenizer, _TRAINING_TASKS[key],
                         mesh=trainer.mesh, rules=trainer.rules)
     return metric_events(results)
-
-
-def evaluate_run(path: str, spec: str, *, limit: int = 0, batch_rows: int = 32) -> dict:
-    """Score `spec`'s tasks with the checkpoint at `path` (a run directory, a converted Hugging
-    Face checkpoint's run directory, or one step), rows split over every device."""
-    from gpt_jax import api, checkpoint, sharding
-
-    config = checkpoint.load_config(path)
-    config.mesh.update(data=-1, fsdp=1, tensor=1)
-    lm = api.load(path, mesh=sharding.make_mesh(config.mesh))
-    tasks = load_tasks(spec, limit=limit, config=lm.config)
-    return run_tasks(lm.model_cfg, lm.params, lm.tokenizer, tasks, batch_rows=batch_rows,
-                     mesh=lm.mesh, rules=lm.rules)

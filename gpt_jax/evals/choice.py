@@ -14,7 +14,8 @@ from typing import Sequence
 import numpy as np
 from jax.sharding import Mesh
 
-from gpt_jax.evals.scoring import EvalError, Request, Score, loglikelihoods
+from gpt_jax.errors import EvalError
+from gpt_jax.evals.scoring import Request, Score, loglikelihoods
 from gpt_jax.model import ModelConfig
 
 

@@ -23,9 +23,16 @@ from typing import Any, NamedTuple, Sequence
 
 import jax
 import numpy as np
+from jax.experimental.multihost_utils import broadcast_one_to_all
+from lm_eval._cli import HarnessCLI
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
+from lm_eval.utils import setup_logging
 
+from gpt_jax import api, checkpoint
+from gpt_jax.commands.common import start_distributed
+from gpt_jax.config import Config
+from gpt_jax.errors import CommandError
 from gpt_jax.evals.scoring import Request, loglikelihoods
 from gpt_jax.sampling_filters import power_of_two_bucket
 
@@ -45,8 +52,6 @@ def exchange(message: Message | None) -> Message:
     Two broadcasts: a fixed-shape header, then the ids padded to power-of-two lengths (few
     distinct shapes, so few compilations of the broadcast).
     """
-    from jax.experimental.multihost_utils import broadcast_one_to_all
-
     lead = message is not None
     header = (np.array([message.op, len(message.sizes), len(message.tokens)] if lead else
                        [0, 0, 0], np.int32),
@@ -80,11 +85,8 @@ def split_pair(context: str, continuation: str) -> tuple[str, str]:
 
 def fsdp_mesh(workdir: str, fsdp: int):
     """The run's mesh with params split `fsdp` ways (e.g. over every process's devices)."""
-    from gpt_jax import checkpoint, sharding
-
-    mesh = checkpoint.load_config(workdir).mesh
-    mesh.update(data=-1, fsdp=fsdp, tensor=1)
-    return sharding.make_mesh(mesh)
+    config = Config.from_dict(checkpoint.load_config(workdir), strict=False)
+    return config.replace({"mesh.data": -1, "mesh.fsdp": fsdp, "mesh.tensor": 1}).mesh.make()
 
 
 @register_model("gpt_jax")
@@ -92,10 +94,8 @@ class GptJaxLM(LM):
     def __init__(self, workdir: str, batch_rows: int | str = 32, shard: bool | str = True,
                  fsdp: int | str = 0, max_gen_toks: int | str = 256, **unused: Any):
         super().__init__()
-        import gpt_jax
-
         shard = str(shard).lower() not in ("false", "0")
-        self.lm = gpt_jax.load(workdir, shard=shard,
+        self.lm = api.load(workdir, shard=shard,
                                mesh=fsdp_mesh(workdir, int(fsdp)) if shard and int(fsdp) else None)
         self.batch_rows = int(batch_rows)
         self.max_gen_toks = int(max_gen_toks)
@@ -193,11 +193,6 @@ DRIVER: dict[str, GptJaxLM] = {}  # "lm": process 0's model in a multi-process r
 
 def main() -> None:
     """lm-eval's command line; multi-process when jax.distributed is configured."""
-    from lm_eval._cli import HarnessCLI
-    from lm_eval.utils import setup_logging
-
-    from gpt_jax.commands.common import CommandError, start_distributed
-
     dist = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     for name, kind in (("coordinator_address", str), ("num_processes", int),
                        ("process_id", int)):

@@ -18,12 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from gpt_jax.errors import EvalError
 from gpt_jax.model import GPT, ModelConfig
-from gpt_jax.sample import batch_shards, bucket
-
-
-class EvalError(ValueError):
-    """A task or request that cannot be scored; the message names it and what is allowed."""
+from gpt_jax.sample import bucket
+from gpt_jax.sharding import activate, batch_sharding, batch_shards
 
 
 class Request(NamedTuple):
@@ -92,21 +90,15 @@ def loglikelihoods(model_cfg: ModelConfig, params, requests: Sequence[Request], 
 
 
 def _activated(mesh: Mesh | None, rules):
-    if mesh is None:
-        return contextlib.nullcontext()
-    from gpt_jax.sharding import activate
-
-    return activate(mesh, rules)
+    return contextlib.nullcontext() if mesh is None else activate(mesh, rules)
 
 
 def _placer(mesh: Mesh | None, rules):
     """Host [rows, length] array -> device array, rows split over the mesh's batch axes."""
     if mesh is None:
         return jnp.asarray
-    import flax.linen as nn
-
-    sharding = nn.logical_to_mesh_sharding(PartitionSpec("act_batch", None), mesh, rules)
-    return lambda a: jax.make_array_from_callback(a.shape, sharding, lambda idx: a[idx])
+    rows = batch_sharding(mesh, rules)
+    return lambda a: jax.make_array_from_callback(a.shape, rows, lambda idx: a[idx])
 
 
 @functools.lru_cache(maxsize=None)

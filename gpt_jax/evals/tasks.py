@@ -16,17 +16,16 @@ A task spec is `kind[:path]`, several joined by commas:
 from __future__ import annotations
 
 import dataclasses
-import glob
-import os
 import re
 from typing import Iterable
 
 import numpy as np
 
-from gpt_jax.data.documents import split_texts
-from gpt_jax.data.files import json_objects
+from gpt_jax.data.documents import read_text, split_texts
+from gpt_jax.data.files import json_objects, list_files
+from gpt_jax.data.prepare import open_tfds
+from gpt_jax.errors import DataError, EvalError
 from gpt_jax.evals.choice import Example
-from gpt_jax.evals.scoring import EvalError
 
 KINDS = ("hellaswag", "hellaswag_preprocessed", "choices", "nextline", "hellaswag_tfds")
 NEEDS_PATH = ("hellaswag", "hellaswag_preprocessed", "choices")
@@ -115,14 +114,11 @@ def load_choices(path: str) -> list[Example]:
 
 
 def text_files(path: str) -> list[str]:
-    if os.path.isdir(path):
-        files = sorted(os.path.join(root, f) for root, _, names in os.walk(path)
-                       for f in names)
-    else:
-        files = sorted(glob.glob(path))
-    if not files:
-        raise EvalError(f"nextline:{path}: no such file, folder or glob match")
-    return files
+    """The files of a nextline:PATH (a file, folder or glob; local or remote)."""
+    try:
+        return [f.path for f in list_files(path, (), what=f"nextline:{path}")]
+    except DataError as e:
+        raise EvalError(str(e)) from None
 
 
 def nextline_examples(texts: Iterable[str], limit: int, seed: int = 0, source: str = "text",
@@ -165,7 +161,7 @@ def nextline_examples(texts: Iterable[str], limit: int, seed: int = 0, source: s
 
 
 def load_tfds_hellaswag(data_dir: str = "") -> list[Example]:
-    import tensorflow_datasets as tfds
+    import tensorflow_datasets as tfds  # only this task kind reads TFDS
 
     try:
         builder = tfds.builder("hellaswag", data_dir=data_dir or None)
@@ -195,15 +191,14 @@ def load_task(kind: str, path: str, *, limit: int = 0, config=None) -> list[Exam
         # the separator and the line must fit the context: bytes bound tokens for our tokenizers
         max_bytes = 200 if config is None else min(200, config.model.block_size - 1)
         if path:
-            texts = (open(f, encoding="utf-8", errors="replace").read()
-                     for f in text_files(path))
+            texts = (read_text(f, "all", 0.0)[0] for f in text_files(path))
             return nextline_examples(texts, limit or 1000, source=path, max_bytes=max_bytes)
         if config is None:
             raise EvalError("nextline without a path needs a run (its validation split)")
-        if config.data.get("store"):
+        if config.data.store:
             raise EvalError(f"nextline without a path needs the run's text; this run reads the "
                             f"token store {config.data.store}: give nextline:PATH (text files)")
-        texts = split_texts(config.data, "validation")
+        texts = split_texts(config.data, "validation", open_tfds(config.data))
         return nextline_examples(texts, limit or 1000, source="validation split",
                                  max_bytes=max_bytes)
     else:

@@ -18,12 +18,18 @@ from absl import logging
 
 from gpt_jax import checkpoint
 from gpt_jax import config as config_lib
-from gpt_jax.api import load_tokenizer_for
+from gpt_jax.config import Config
 from gpt_jax.data.gpt2_bpe import load_dir
-from gpt_jax.optim import make_optimizer
-from gpt_jax.hf.mapping import (ConversionError, check_hf_tensors, hf_config_from_model,
-                                hf_from_params, model_fields_from_hf, normalize_hf_names,
-                                params_from_hf)
+from gpt_jax.hf.mapping import (
+    ConversionError,
+    check_hf_tensors,
+    hf_config_from_model,
+    hf_from_params,
+    model_fields_from_hf,
+    normalize_hf_names,
+    params_from_hf,
+)
+from gpt_jax.run import run_tokenizer
 
 SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -93,15 +99,12 @@ def load_hf(hf_dir: str, vocab_multiple: int = 1) -> tuple[dict, dict]:
     return fields, params_from_hf(tensors, fields)
 
 
-def run_config(fields: dict, hf_dir: str):
+def run_config(fields: dict, hf_dir: str) -> Config:
     """A gpt_jax config for the converted model: GPT-2 tokenizer, fine-tuning friendly."""
-    config = config_lib.base_config()
-    config.model.update(fields)
-    config.data.tokenizer = "gpt2_bpe"
-    config.data.bpe_dir = os.path.abspath(hf_dir)
-    config.train.num_steps = 1
-    config_lib.validate(config)
-    return config
+    return Config.from_dict({"model": fields,
+                             "data": {"tokenizer": "gpt2_bpe",
+                                      "bpe_dir": os.path.abspath(hf_dir)},
+                             "train": {"num_steps": 1}})
 
 
 def from_hf(hf_dir: str, workdir: str, seed: int = 0, vocab_multiple: int = 1) -> str:
@@ -128,17 +131,17 @@ def from_hf(hf_dir: str, workdir: str, seed: int = 0, vocab_multiple: int = 1) -
     state = _train_state(config, params, seed)
     saver = checkpoint.Checkpointer(workdir, config.checkpoint)
     try:
-        saver.save(state, {"step": 0, "seed": seed}, config, force=True)
+        saver.save(state, {"step": 0, "seed": seed}, config.to_dict(), force=True)
     finally:
         saver.close()
     return workdir
 
 
-def _train_state(config, params: dict, seed: int) -> dict:
+def _train_state(config: Config, params: dict, seed: int) -> dict:
     """A step-0 TrainState like `Trainer.init_state` makes (the optimizer state a resumed run
     expects), built eagerly: no compiled random init of weights that are replaced anyway."""
     params = jax.device_put(params, jax.devices()[0])
-    tx = make_optimizer(config.optim, config.train.num_steps)
+    tx = config.optim.build(config.train.num_steps).tx
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
             "rng": jax.random.fold_in(jax.random.PRNGKey(seed), 1)}
 
@@ -151,9 +154,10 @@ def save_safetensors(tensors: dict[str, np.ndarray], path: str) -> None:
 
 def to_hf(workdir: str, hf_dir: str) -> str:
     """Write config.json, model.safetensors (+ vocab.json/merges.txt) for GPT2LMHeadModel."""
-    config, params = checkpoint.load_params(workdir)
+    raw, params = checkpoint.load_params(workdir)
+    config = Config.from_dict(raw, strict=False)
     params = jax.device_get(params)
-    tokenizer = load_tokenizer_for(workdir)
+    tokenizer = run_tokenizer(workdir)
     eos = getattr(tokenizer, "eos_id", None)
     hf_config = hf_config_from_model(config.model, eos)
     tensors = hf_from_params(params, config.model)

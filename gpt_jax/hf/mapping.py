@@ -12,15 +12,12 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from gpt_jax.config import ModelConfig
+from gpt_jax.errors import ConversionError
+from gpt_jax.model import ModelConfig
 
 # activation_function values that are GPT-2's tanh-approximated GELU (what model.MLP computes).
 TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 BUFFER_SUFFIXES = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers of old checkpoints
-
-
-class ConversionError(ValueError):
-    """An input that cannot be converted; the message names the value and what is allowed."""
 
 
 def _require(cond: bool, message: str) -> None:
@@ -57,16 +54,16 @@ def model_fields_from_hf(hf: dict, where: str = "config.json") -> dict:
     }
 
 
-def hf_config_from_model(m, eos_id: int | None) -> dict:
+def hf_config_from_model(m: ModelConfig, eos_id: int | None) -> dict:
     """A HF `config.json` (GPT2LMHeadModel) for the `model` section `m` of a gpt_jax config."""
     # zero_init_proj only changes the initialisation: a model trained with it converts.
     for field, allowed in (("mlp", "gelu"), ("norm", "layernorm"), ("position", "learned"),
                            ("use_bias", True), ("qk_norm", False), ("logit_softcap", 0.0),
                            ("value_embeddings", False)):
-        value = m.get(field, allowed)
+        value = getattr(m, field)
         _require(value == allowed, f"model.{field}={value!r} has no GPT-2 (Hugging Face) "
                  f"equivalent (GPT-2 needs {allowed!r})")
-    n_kv_head = m.get("n_kv_head", 0)
+    n_kv_head = m.n_kv_head
     _require(n_kv_head in (0, m.n_head), f"model.n_kv_head={n_kv_head!r} has no GPT-2 (Hugging "
              f"Face) equivalent (GPT-2 needs 0 or n_head={m.n_head})")
     n_inner = int(round(m.mlp_ratio * m.n_embd))

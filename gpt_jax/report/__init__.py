@@ -7,9 +7,18 @@ import os
 
 from gpt_jax.report import markdown
 from gpt_jax.report import plots as plots_lib
-from gpt_jax.report.runs import (ReportError, Run, TimeToTarget, VariantStats, config_warnings,
-                                 default_out, discover, group, split_without_eval,
-                                 time_to_target)
+from gpt_jax.report.runs import (
+    ReportError,
+    Run,
+    TimeToTarget,
+    VariantStats,
+    config_warnings,
+    default_out,
+    discover,
+    group,
+    split_without_eval,
+    time_to_target,
+)
 
 __all__ = ["ReportError", "Run", "TimeToTarget", "VariantStats", "compare"]
 

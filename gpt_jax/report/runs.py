@@ -16,18 +16,16 @@ from functools import lru_cache
 
 import numpy as np
 
-from gpt_jax.config import ModelConfig, flatten
+from gpt_jax.config import flatten
 from gpt_jax.data.files import read_json
+from gpt_jax.errors import ReportError
 from gpt_jax.flops import count_params
 from gpt_jax.metrics import read_metrics
+from gpt_jax.model import ModelConfig
 
 SUMMARY_FILE = "sweep.json"  # written by gpt_jax.sweep into a sweep's directory
 MEMBER_FILE = "sweep_member.json"  # ... and into each member's run directory
 DOWNSTREAM = "downstream/"  # gpt_jax.evals.PREFIX: downstream/<task>/<acc|acc_norm|n>
-
-
-class ReportError(ValueError):
-    """Nothing to compare: the message says which directories and why."""
 
 
 @dataclasses.dataclass
@@ -247,7 +245,7 @@ def split_without_eval(runs: list[Run]) -> tuple[list[Run], list[Run]]:
 @lru_cache(maxsize=None)
 def _count_params(model_json: str) -> int | None:
     try:
-        return count_params(ModelConfig.from_config(json.loads(model_json)))
+        return count_params(ModelConfig.from_dict(json.loads(model_json), strict=False))
     except Exception:  # an old or foreign config: the count is simply unknown
         return None
 
