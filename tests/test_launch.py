@@ -354,6 +354,7 @@ def test_train_and_stop_scripts_run_under_bash(tmp_path):
 TRAIN_SCRIPT = gcloud.train_script("gs://b/r", ["--config=configs/tiny.py"], {"A": "1"})
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(shutil.which("shellcheck") is None,
                     reason="shellcheck is not installed (apt-get install shellcheck)")
 @pytest.mark.parametrize("script", [
