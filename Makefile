@@ -19,10 +19,10 @@ $(BIN)/gpt-jax: setup.cfg pyproject.toml $(LOCK)
 
 install: $(BIN)/gpt-jax
 
-# Tests also use libtpu (TPU AOT compiles on this CPU host) and, where a CPU-only torch wheel
+# Tests also use libtpu (TPU AOT compiles on this CPU host), lm-eval (the eval extra) and, where a CPU-only torch wheel
 # can be had, torch + transformers for the Hugging Face conversion tests (skipped otherwise).
 $(VENV)/.test-extras: $(BIN)/gpt-jax
-	$(BIN)/pip install -q $(PINS) -e '.[dev,tpu]'
+	$(BIN)/pip install -q $(PINS) -e '.[dev,tpu,eval]'
 	$(BIN)/pip install -q 'torch==2.13.0+cpu' 'transformers>=4.40' safetensors 2>/dev/null \
 	  || echo "note: no CPU-only torch wheel here; the Hugging Face tests will be skipped"
 	touch $@
@@ -45,9 +45,9 @@ test: test-fast
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "e2e and not multiprocess" tests
 	$(BIN)/python -m pytest -q -m multiprocess tests
 
-# Pin what setup.cfg's requirements (with the dev and tpu extras) resolved to in .venv.
+# Pin what setup.cfg's requirements (with the dev, tpu and eval extras) resolved to in .venv.
 lock: install-test
-	$(BIN)/python requirements/freeze.py dev tpu > $(LOCK).new && mv $(LOCK).new $(LOCK)
+	$(BIN)/python requirements/freeze.py dev tpu eval > $(LOCK).new && mv $(LOCK).new $(LOCK)
 
 clean:
 	rm -rf $(VENV) runs

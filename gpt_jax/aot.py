@@ -33,8 +33,7 @@ from gpt_jax.config import Config, list_presets, load_preset, typed
 from gpt_jax.errors import AotError, ConfigError, OutOfMemory
 from gpt_jax.flops import count_params, flops_per_token
 from gpt_jax.hardware import peak_flops
-from gpt_jax.model import GPT, ModelConfig, init_kv_cache
-from gpt_jax.sample import cache_sharding
+from gpt_jax.model import ModelConfig, kv_cache_axes
 from gpt_jax.sharding import MeshConfig
 from gpt_jax.step import Trainer
 
@@ -175,29 +174,104 @@ def compile_train_step(config: Config, mesh: Mesh):
     return compiled, time.perf_counter() - t0, state
 
 
-def compile_decode_step(config: Config, mesh: Mesh, batch_size: int):
-    """One cached decoding step: [B, 1] tokens at their positions -> logits, updated KV cache."""
+def compile_decode_step(config: Config, mesh: Mesh, slots: int):
+    """The serving engine's decode step (`serve.engine.decode_step`: every slot's next token
+    at its own position, sampled with its own settings) for `slots` slots of the full
+    context, lowered on abstract params and state sharded as the engine shards them; returns
+    (compiled, seconds, abstract params, abstract state)."""
+    from gpt_jax.serve import engine  # the serving package imports this module's neighbours
+
     trainer = Trainer.for_config(typed(config), mesh)
     params = trainer.abstract_state()["params"]
     cfg = trainer.model_cfg
-    rows = trainer.batch_sharding
-    cache_sh = cache_sharding(cfg, mesh, trainer.rules)
-    cache = jax.eval_shape(lambda: init_kv_cache(cfg, batch_size))
-    cache = jax.tree.map(lambda x: _abstract(x.shape, x.dtype, cache_sh), cache)
-    token = _abstract((batch_size, 1), jnp.int32, rows)
-    model = GPT(cfg)
-
-    def decode(params, tokens_B1, positions_B1, kv_cache):
-        logits_B1V, kv_cache = model.apply({"params": params}, tokens_B1, positions_B1, kv_cache)
-        return logits_B1V, kv_cache
-
-    logits_sh = NamedSharding(mesh, P(trainer.rules.batch_axes))
-    step = jax.jit(decode, out_shardings=(logits_sh, cache_sh),
-                   donate_argnums=(3,))
+    cache_sh = sharding.named(mesh, trainer.rules, kv_cache_axes(cfg))
+    shardings = engine.state_shardings(mesh, cache_sh)
+    state = jax.tree.map(  # each sharding applies to every array under it
+        lambda sh, x: jax.tree.map(lambda a: _abstract(a.shape, a.dtype, sh), x), shardings,
+        jax.eval_shape(lambda: engine.initial_state(cfg, slots)))
+    active = _abstract((slots,), jnp.bool_, NamedSharding(mesh, P()))
     with sharding.activate(mesh, trainer.rules):
         t0 = time.perf_counter()
-        compiled = step.lower(params, token, token, cache).compile()
-    return compiled, time.perf_counter() - t0
+        compiled = engine.decode_step.lower(params, state, active, cfg=cfg,
+                                            k_bucket=engine.EngineConfig.k_bucket,
+                                            cache_sharding=cache_sh).compile()
+    return compiled, time.perf_counter() - t0, params, state
+
+
+def serving_mesh(config: Config, chips: int) -> tuple[int, int, int]:
+    """data x fsdp x tensor for serving on `chips`: heads over the largest `tensor` that
+    divides the chips and the (kv) heads, the slots over the rest."""
+    m = config.model
+    tensor = max(t for t in range(1, chips + 1)
+                 if chips % t == 0 and m.n_head % t == 0 and m.kv_heads % t == 0)
+    return chips // tensor, 1, tensor
+
+
+def project_serving(config, slice_name: str, slots: int, *, mesh: tuple[int, int, int] | None = None,
+                    overlap_flags: bool = True) -> dict[str, Any]:
+    """The serving decode step of `config` with `slots` slots of the full context on the
+    slice: memory per chip, XLA's estimated step, decode tokens/s per chip, and the bound
+    that reading the weights and the whole cache once per step sets (HBM bytes / bandwidth)."""
+    config = typed(config)
+    tpu = get_slice(slice_name)
+    devices = topology_devices(tpu, overlap_flags)
+    shape = mesh or serving_mesh(config, len(devices))
+    config = config.replace({f"mesh.{a}": s for a, s in zip(MESH_AXES, shape)})
+    jmesh = topology_mesh(config.mesh, devices)
+    data, fsdp, tensor = (jmesh.shape[a] for a in MESH_AXES)
+    if slots % (data * fsdp):
+        raise AotError(f"--serve_slots={slots} must divide over data*fsdp={data * fsdp}")
+    try:
+        compiled, compile_s, params, state = compile_decode_step(config, jmesh, slots)
+    except jax.errors.JaxRuntimeError as e:
+        raise _out_of_memory(e, tpu.name) from None
+    m, n_dev, peak = config.model, len(devices), peak_flops(devices[0].device_kind)
+    if m.scan_layers:
+        cost, _ = layer_extrapolated_cost(
+            config, lambda c: compile_decode_step(c, jmesh, slots)[0])
+    else:
+        cost = xla_cost(compiled)
+    weights, cache = shard_bytes(params), shard_bytes(state["cache"])
+    traffic = dict(hlo_profile.profile(compiled.as_text(), top=0).by_op)
+    record: dict[str, Any] = {
+        "topology": tpu.name, "chips": n_dev, "device_kind": devices[0].device_kind,
+        "mesh": f"{data}x{fsdp}x{tensor}", "params": count_params(m), "slots": slots,
+        "context": m.block_size, "dtype": m.dtype, "param_dtype": m.param_dtype,
+        "compile_s": compile_s, "params_bytes_per_chip": weights,
+        "cache_bytes_per_chip": cache,
+        "hlo_bytes_by_op": sorted(traffic.items(), key=lambda kv: -kv[1])[:TOP_OPS],
+        "hlo_bytes_total": sum(traffic.values())}
+    record.update(memory_report(compiled, tpu.hbm_bytes))
+    record.update(cost_report(cost, 2 * count_params(m) * slots / n_dev, peak,
+                              tpu.hbm_bytes_per_s))
+    record["hbm_bound_s"] = (weights + cache) / tpu.hbm_bytes_per_s
+    step = record["xla_estimated_step_s"]
+    if step:
+        record["tokens_per_s_per_chip"] = slots / step / n_dev
+        record["step_over_hbm_bound"] = step / record["hbm_bound_s"]
+    record["hbm_bound_tokens_per_s_per_chip"] = slots / record["hbm_bound_s"] / n_dev
+    return record
+
+
+def format_serving(r: dict[str, Any]) -> str:
+    gib = lambda x: f"{x / GiB:.2f} GiB"  # noqa: E731
+    fit = (f"fits ({gib(r['headroom_bytes'])} free)" if r["fits"]
+           else f"DOES NOT FIT (over by {gib(-r['headroom_bytes'])})")
+    step = r["xla_estimated_step_s"]
+    speed = (f"estimated step {1e3 * step:.2f} ms -> {r['tokens_per_s_per_chip']:.0f} tokens/s "
+             f"per chip, {r['step_over_hbm_bound']:.2f}x the HBM bound" if step else "n/a")
+    return (f"{r['topology']} ({r['chips']} x {r['device_kind']}), mesh data x fsdp x tensor = "
+            f"{r['mesh']}; {r['params'] / 1e6:.1f}M params ({r['param_dtype']}), {r['slots']} "
+            f"slots x {r['context']} context\n"
+            f"  serving decode step: {gib(r['total_bytes'])} per chip of {gib(r['hbm_bytes'])}: "
+            f"{fit}; weights {gib(r['params_bytes_per_chip'])}, KV cache "
+            f"{gib(r['cache_bytes_per_chip'])}, temps {gib(r['temp_bytes'])}\n"
+            f"  {speed} (reading weights + cache once: {1e3 * r['hbm_bound_s']:.2f} ms, "
+            f"{r['hbm_bound_tokens_per_s_per_chip']:.0f} tokens/s per chip; "
+            f"{r['estimate_source']}); compiled in {r['compile_s']:.1f} s\n"
+            f"  top HBM traffic: " + ", ".join(
+                f"{label} {100 * b / r['hlo_bytes_total']:.0f}%"
+                for label, b in r["hlo_bytes_by_op"][:3]))
 
 
 def shard_bytes(tree) -> int:
@@ -349,7 +423,7 @@ def project(config, slice_name: str, *, decode_batch_size: int = 0,
         record["projected_tokens_per_s"] = B * T / record["train_xla_estimated_step_s"]
     if decode:
         decode_b = decode_batch_size or 8 * data * fsdp
-        dec, dec_s = compile_decode_step(config, mesh, decode_b)
+        dec, dec_s, _, _ = compile_decode_step(config, mesh, decode_b)
         record.update({"decode_batch_size": decode_b, "decode_compile_s": dec_s})
         record.update({f"decode_{k}": v for k, v in memory_report(dec, tpu.hbm_bytes).items()})
         dec_flops = 2 * (count_params(model_cfg)) * decode_b / n_dev

@@ -23,13 +23,15 @@ from gpt_jax import sample as sample_lib
 from gpt_jax.config import Config
 from gpt_jax.errors import NoCheckpointError, SamplingError
 from gpt_jax.run import run_tokenizer
+from gpt_jax.serve.engine import Engine, EngineConfig
 
 
 class Generation(NamedTuple):
     """Token-level results, one entry per (prompt, sample), prompt-major."""
     prompt_tokens: list[list[int]]  # the prompt ids used (after BOS / truncation)
-    tokens: list[list[int]]  # generated ids, up to and including EOS when produced
+    tokens: list[list[int]]  # generated ids; an EOS that ended them is not included
     logprobs: list[list[float]] | None  # per generated token, under the model (temperature 1)
+    finish_reasons: list[str]  # "stop" (EOS) or "length"
 
 
 def special_id(tokenizer, name: str) -> int | None:
@@ -39,11 +41,13 @@ def special_id(tokenizer, name: str) -> int | None:
 
 @dataclasses.dataclass
 class LoadedModel:
-    """What sampling needs: the run's config, params, tokenizer (and optionally a mesh)."""
+    """What sampling needs: the run's config, params, tokenizer (and optionally a mesh), and
+    the serving engine every generation runs on (made on first use, `slots` decode slots)."""
     config: Config
     params: Any
     tokenizer: Any
     mesh: Mesh | None = None
+    slots: int = EngineConfig.slots
 
     def __post_init__(self):
         self.model_cfg = self.config.model
@@ -52,6 +56,14 @@ class LoadedModel:
                                 f"the checkpoint's model.vocab_size={self.model_cfg.vocab_size}; "
                                 "the tokenizer must be the one the model was trained with")
         self.rules = None if self.mesh is None else self.config.mesh.rules
+        self._engine: Engine | None = None
+
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:
+            self._engine = Engine(self.model_cfg, self.params, self.tokenizer,
+                                  EngineConfig(slots=self.slots), self.mesh, self.rules)
+        return self._engine
 
     def encode(self, prompt: str) -> list[int]:
         """Token ids of `prompt`; an empty prompt starts from the tokenizer's BOS token."""
@@ -70,7 +82,7 @@ class LoadedModel:
                         num_samples: int | None = None, seed: int | None = None,
                         truncate_prompt: bool = False, stop_at_eos: bool = True,
                         return_logprobs: bool = False) -> Generation:
-        """Sample from strings or token-id lists; see `gpt_jax.sample.sample_tokens`."""
+        """Sample from strings or token-id lists; see `gpt_jax.sample.generate`."""
         if isinstance(prompts, str):
             prompts = [prompts]
         ids = [self.encode(p) if isinstance(p, str) else [int(t) for t in p] or self.encode("")
@@ -79,23 +91,16 @@ class LoadedModel:
         if max_new_tokens is None:  # the config default, shortened to fit the longest prompt
             longest = max((len(p) for p in ids), default=0)
             max_new_tokens = max(1, min(s.max_new_tokens, self.model_cfg.block_size - longest))
-        out = sample_lib.sample_tokens(
-            self.model_cfg, self.params, ids, max_new_tokens=max_new_tokens,
+        out = sample_lib.generate(
+            self.engine, ids, max_new_tokens=max_new_tokens,
             temperature=s.temperature if temperature is None else temperature,
             top_k=s.top_k if top_k is None else top_k,
             top_p=s.top_p if top_p is None else top_p,
             num_samples=s.num_samples if num_samples is None else num_samples,
-            seed=s.seed if seed is None else seed,
-            eos_id=special_id(self.tokenizer, "eos_id") if stop_at_eos else None,
-            pad_id=special_id(self.tokenizer, "pad_id") or 0,
-            truncate_prompt=truncate_prompt, mesh=self.mesh, rules=self.rules)
-        per_prompt = len(out.lengths) // len(ids)
-        used = [ids[r // per_prompt][len(ids[r // per_prompt]) - n:]
-                for r, n in enumerate(out.prompt_lengths)]
-        tokens = [row[:n].tolist() for row, n in zip(out.tokens, out.lengths)]
-        logprobs = ([row[:n].tolist() for row, n in zip(out.logprobs, out.lengths)]
-                    if return_logprobs else None)
-        return Generation(used, tokens, logprobs)
+            seed=s.seed if seed is None else seed, stop_at_eos=stop_at_eos,
+            truncate_prompt=truncate_prompt)
+        return Generation(out.prompts, out.tokens, out.logprobs if return_logprobs else None,
+                          out.finish_reasons)
 
     def generate(self, prompts: Sequence[str] | str, *, max_new_tokens: int | None = None,
                  temperature: float | None = None, top_k: int | None = None,
@@ -106,12 +111,11 @@ class LoadedModel:
                                    temperature=temperature, top_k=top_k, top_p=top_p,
                                    num_samples=num_samples, seed=seed,
                                    truncate_prompt=truncate_prompt)
-        eos = special_id(self.tokenizer, "eos_id")
-        return [sample_lib.decode_completion(self.tokenizer, t, eos) for t in gen.tokens]
+        return [self.tokenizer.decode(t) for t in gen.tokens]
 
 
 def load(path: str, *, mesh: Mesh | None = None, shard: bool = False,
-         tokenizer: Any = None) -> LoadedModel:
+         tokenizer: Any = None, slots: int = EngineConfig.slots) -> LoadedModel:
     """Config, params and tokenizer of a run directory or checkpoint step directory.
 
     `mesh`: sample on it (params and cache sharded by the config's logical rules);
@@ -126,7 +130,7 @@ def load(path: str, *, mesh: Mesh | None = None, shard: bool = False,
         mesh = Config.from_dict(checkpoint.load_config(path), strict=False).mesh.make()
     raw, params = checkpoint.load_params(path, mesh=mesh)  # sharded by the run's rules
     return LoadedModel(Config.from_dict(raw, strict=False), params,
-                       tokenizer or run_tokenizer(path), mesh)
+                       tokenizer or run_tokenizer(path), mesh, slots)
 
 
 def evaluate_run(path: str, spec: str, *, limit: int = 0, batch_rows: int = 32) -> dict:

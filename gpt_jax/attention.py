@@ -98,6 +98,52 @@ def einsum_attention(q_BTHK, k_BSGK, v_BSGK, mask_BTS=None, *, probs_dtype, kv_l
     return out_BTHK.astype(q_BTHK.dtype)
 
 
+DECODE_CHUNK = 256  # cache slots per step of `decode_attention`
+
+
+def decode_attention(q_B1HK: jax.Array, k_BGSK: jax.Array, v_BGSK: jax.Array,
+                     positions_B: jax.Array) -> jax.Array:
+    """One new query per row against its cache slots 0..positions_B[b] (heads-major cache).
+
+    The slots are read in chunks of DECODE_CHUNK with an online softmax, only as many chunks as
+    the longest row needs: a row's result does not depend on how far the other rows reach (a
+    chunk past its position leaves its running max, sum and output bitwise unchanged), so
+    every row of a batch of decode slots computes exactly what it would alone, and a batch
+    of short rows never reads the whole cache.
+    """
+    B, _, H, K = q_B1HK.shape
+    _, G, S, _ = k_BGSK.shape
+    Q = H // G
+    chunk = DECODE_CHUNK
+    while S % chunk:
+        chunk //= 2
+    q_BGQK = q_B1HK.reshape(B, G, Q, K).astype(jnp.float32) / jnp.sqrt(jnp.float32(K))
+    floor = jnp.finfo(jnp.float32).min
+
+    def body(c, carry):
+        m_BGQ, l_BGQ, acc_BGQK = carry
+        start = c * chunk
+        k_BGCK = jax.lax.dynamic_slice_in_dim(k_BGSK, start, chunk, axis=2)
+        v_BGCK = jax.lax.dynamic_slice_in_dim(v_BGSK, start, chunk, axis=2)
+        s_BGQC = jnp.einsum("bgqk,bgck->bgqc", q_BGQK, k_BGCK.astype(jnp.float32))
+        seen_BC = start + jnp.arange(chunk)[None] <= positions_B[:, None]
+        s_BGQC = jnp.where(seen_BC[:, None, None], s_BGQC, floor)
+        m_new = jnp.maximum(m_BGQ, jnp.max(s_BGQC, axis=-1))
+        p_BGQC = jnp.exp(s_BGQC - m_new[..., None])
+        scale = jnp.exp(m_BGQ - m_new)
+        l_BGQ = l_BGQ * scale + jnp.sum(p_BGQC, axis=-1)
+        acc_BGQK = acc_BGQK * scale[..., None] + jnp.einsum(
+            "bgqc,bgck->bgqk", p_BGQC, v_BGCK.astype(jnp.float32))
+        return m_new, l_BGQ, acc_BGQK
+
+    chunks = jnp.minimum(jnp.max(positions_B) // chunk + 1, S // chunk)
+    init = (jnp.full((B, G, Q), floor, jnp.float32), jnp.zeros((B, G, Q), jnp.float32),
+            jnp.zeros((B, G, Q, K), jnp.float32))
+    _, l_BGQ, acc_BGQK = jax.lax.fori_loop(0, chunks, body, init)
+    out_BGQK = acc_BGQK / l_BGQ[..., None]
+    return out_BGQK.reshape(B, 1, H, K).astype(q_B1HK.dtype)
+
+
 def _target_platform() -> str | None:
     """The platform being compiled for: the active mesh's (AOT for a TPU slice), else None."""
     device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)

@@ -63,6 +63,10 @@ class SamplingError(UserError, ValueError):
     """A prompt or sampling argument that cannot be generated from."""
 
 
+class OverloadedError(SamplingError):
+    """The serving engine's waiting queue is full; retry later."""
+
+
 class EvalError(UserError, ValueError):
     """A task or request that cannot be scored."""
 

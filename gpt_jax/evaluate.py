@@ -16,7 +16,8 @@ from gpt_jax.config import Config
 from gpt_jax.data.loader import Dataset
 from gpt_jax.data.sft import SFTDataset
 from gpt_jax.model import ModelConfig
-from gpt_jax.sample import decode_completion, sample_tokens
+from gpt_jax.sample import generate
+from gpt_jax.serve.engine import Engine
 from gpt_jax.step import Trainer
 
 
@@ -47,14 +48,20 @@ def evaluate(trainer: Trainer, eval_step, params, val_data: Dataset, config: Con
     return result
 
 
+_ENGINES: dict[tuple, Engine] = {}  # one per model and mesh: its cache is made once per run
+
+
 def greedy_answers(model_cfg: ModelConfig, params, tokenizer, prompts: Sequence[list[int]],
                    max_new_tokens: int, mesh=None, rules=None) -> list[str]:
-    """Greedy completions (stopping at eos, eos dropped) of each prompt's ids."""
-    out = sample_tokens(model_cfg, params, prompts, max_new_tokens=max_new_tokens,
-                        temperature=0.0, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
-                        mesh=mesh, rules=rules)
-    return [decode_completion(tokenizer, row[:n].tolist(), tokenizer.eos_id)
-            for row, n in zip(out.tokens, out.lengths)]
+    """Greedy completions (stopping at eos) of each prompt's ids, through the engine."""
+    key = (model_cfg, None if mesh is None else id(mesh), rules, tokenizer.fingerprint)
+    if key not in _ENGINES:
+        _ENGINES.clear()
+        _ENGINES[key] = Engine(model_cfg, params, tokenizer, mesh=mesh, rules=rules)
+    engine = _ENGINES[key]
+    engine.params = params
+    out = generate(engine, prompts, max_new_tokens=max_new_tokens, temperature=0.0)
+    return [tokenizer.decode(tokens) for tokens in out.tokens]
 
 
 def exact_match(model_cfg: ModelConfig, params, tokenizer, pairs: Sequence[tuple[list[int], str]],

@@ -297,11 +297,14 @@ class CausalSelfAttention(nn.Module):
         else:
             layer_cache = _write_cache(layer_cache, positions_BT, k_BTGK, v_BTGK)
             k_BGSK, v_BGSK = layer_cache
-            # A query at position p sees slots 0..p: what the prompt and earlier steps wrote.
-            mask_BTS = jnp.arange(k_BGSK.shape[2])[None, None] <= positions_BT[:, :, None]
-            out_BTHK = attention.attend(q_BTHK, k_BGSK.astype(q_BTHK.dtype),
-                                        v_BGSK.astype(q_BTHK.dtype), impl=cfg.attention_impl,
-                                        mask_BTS=mask_BTS, kv_layout="bhsk")
+            if T == 1:  # a decode step: only the slots up to each row's position are read
+                out_BTHK = attention.decode_attention(q_BTHK, k_BGSK, v_BGSK, positions_BT[:, 0])
+            else:
+                # A query at position p sees slots 0..p: what the prompt and earlier steps wrote.
+                mask_BTS = jnp.arange(k_BGSK.shape[2])[None, None] <= positions_BT[:, :, None]
+                out_BTHK = attention.attend(q_BTHK, k_BGSK.astype(q_BTHK.dtype),
+                                            v_BGSK.astype(q_BTHK.dtype), impl=cfg.attention_impl,
+                                            mask_BTS=mask_BTS, kv_layout="bhsk")
         out_BTHK = nn.with_logical_constraint(out_BTHK, axes)
         y_BTD = _dense(cfg.n_embd, (HEADS, KV, EMBED), cfg, axis=(-2, -1),
                        std=_residual_std(cfg), name="proj")(out_BTHK)

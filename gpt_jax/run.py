@@ -42,6 +42,7 @@ from gpt_jax.data.tokenizers import (
 )
 from gpt_jax.errors import ConfigError, ConfigMismatchError
 from gpt_jax.model import ModelConfig
+from gpt_jax.serve.chat import write_template
 
 # What resolve_run may set in a config beyond what it was given (a byte/char tokenizer's
 # vocabulary); a fine-tune also takes its parent's `arch` fields.
@@ -119,21 +120,27 @@ def _run_dir_of(path: str) -> str | None:
     return None
 
 
-def run_tokenizer(path: str) -> Tokenizer:
-    """The tokenizer of a run directory or checkpoint step: its tokenizer/ folder (local or
-    remote, e.g. gs://), else the files stored in the checkpoint."""
+def tokenizer_home(path: str) -> str:
+    """A local directory whose tokenizer/ folder holds the tokenizer files of the run at `path`
+    (a run directory or checkpoint step, local or remote): the run's own folder where it is
+    local, else a temporary copy of its remote folder or of the files stored in the checkpoint."""
     run_dir = _run_dir_of(path)
     if run_dir is not None and "://" not in run_dir:
-        return load_tokenizer(run_dir)
+        return run_dir
     tmp = tempfile.mkdtemp(prefix="gpt_jax_tokenizer_")
     if run_dir is None:
         checkpoint.restore_tokenizer_files(path, tokenizer_dir(tmp))
-    else:  # a local copy of the remote folder
+    else:
         local = epath.Path(tokenizer_dir(tmp))
         local.mkdir()
         for file in epath.Path(tokenizer_dir(run_dir)).iterdir():
             (local / file.name).write_bytes(file.read_bytes())
-    return load_tokenizer(tmp)
+    return tmp
+
+
+def run_tokenizer(path: str) -> Tokenizer:
+    """The tokenizer of a run directory or checkpoint step (see `tokenizer_home`)."""
+    return load_tokenizer(tokenizer_home(path))
 
 
 def settle_vocab(raw: dict, tok: Tokenizer | None) -> None:
@@ -213,6 +220,8 @@ def resolve_run(config: Config | ml_collections.ConfigDict | Mapping, workdir: s
     if tok.vocab_size > config.model.vocab_size:
         raise ConfigError(f"the {tok.kind} tokenizer has {tok.vocab_size} tokens but "
                           f"model.vocab_size={config.model.vocab_size}")
+    if config.data.is_sft and jax.process_index() == 0:
+        write_template(workdir)  # the chat template of the prompt/response format
     mesh = config.mesh.make()
     return Run(config, workdir, mesh, tok, open_data(config, tok, "train"),
                open_data(config, tok, "validation"))

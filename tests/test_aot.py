@@ -126,3 +126,43 @@ def test_bound_line_from_a_record():
         "buffers: fwd broadcast_in_dim bf16[12,3,64] 3.00 GiB, fwd h/mlp/fc/dot_general "
         "bf16[12,3072] 2.00 GiB, copy f32[8] 1.00 GiB")
     assert aot.bound({}).startswith("n/a")
+
+
+@pytest.mark.e2e
+@requires_libtpu
+def test_serving_step_of_tiny_on_v5e_4_counts_weights_and_cache():
+    """`aot --serve_slots`: the engine's own decode step; its weights and cache per chip are
+    the arrays' shards, the HBM bound is their bytes over the chip's bandwidth."""
+    config = typed(load_preset("tiny"))
+    r = aot.project_serving(config, "v5e-4", 8)
+    m = config.model
+    assert r["mesh"] == "1x1x4" if m.n_head % 4 == 0 else r["mesh"].endswith("x1x" + str(
+        max(t for t in (1, 2, 4) if m.n_head % t == 0)))
+    tensor = int(r["mesh"].split("x")[2])
+    cache = 2 * m.n_layer * 8 * m.block_size * m.kv_heads * m.head_dim * 4 // tensor
+    assert r["cache_bytes_per_chip"] == cache
+    assert r["params_bytes_per_chip"] >= count_params(m) * 4 / tensor
+    assert r["hbm_bound_s"] == pytest.approx(
+        (r["cache_bytes_per_chip"] + r["params_bytes_per_chip"]) / aot.get_slice(
+            "v5e-4").hbm_bytes_per_s)
+    assert r["fits"] and r["xla_estimated_step_s"] >= r["hbm_bound_s"]
+    assert r["tokens_per_s_per_chip"] == pytest.approx(8 / r["xla_estimated_step_s"] / 4)
+    assert "serving decode step" in aot.format_serving(r)
+
+
+def test_serving_mesh_puts_heads_on_the_largest_dividing_tensor_axis():
+    assert aot.serving_mesh(typed(load_preset("gpt2_124m")), 8) == (2, 1, 4)  # 12 heads
+    assert aot.serving_mesh(typed(load_preset("gpt2_350m")), 8) == (1, 1, 8)  # 16 heads
+    assert aot.serving_mesh(typed(load_preset("gpt2_1558m")), 8) == (8, 1, 1)  # 25 heads
+
+
+def test_a_preset_takes_the_command_lines_config_overrides():
+    from gpt_jax.commands.common import config_with_overrides
+    from gpt_jax.presets import preset_path
+
+    config = config_with_overrides(preset_path("gpt2_124m"), [
+        "--topology=v5e-8", "--config.model.loss_chunks=8", "--config.model.dtype=bfloat16"])
+    assert (config.model.loss_chunks, config.model.dtype) == (8, "bfloat16")
+    assert typed(config).model.n_layer == 12  # the rest is the preset's
+    with pytest.raises(Exception, match="nope"):
+        config_with_overrides(preset_path("gpt2_124m"), ["--config.model.nope=1"])

@@ -313,8 +313,6 @@ def test_logits_equal_hf(hf, tmp_path, shape):
 @pytest.mark.e2e
 def test_converted_run_generates_like_hf_and_converts_back(hf, tmp_path):
     import gpt_jax
-    from gpt_jax.sample import sample_tokens
-
     model, V = hf_model(hf, tmp_path / "hf", seed=2, n_layer=2, n_embd=64, n_head=4,
                         n_positions=64)
     run = from_hf(str(tmp_path / "hf"), str(tmp_path / "run"))
@@ -329,8 +327,8 @@ def test_converted_run_generates_like_hf_and_converts_back(hf, tmp_path):
     with torch.no_grad():
         hf_out = model.generate(torch.tensor([prompt]), max_new_tokens=32, min_new_tokens=32,
                                 do_sample=False, pad_token_id=0)[0, len(prompt):].tolist()
-    ours = sample_tokens(lm.model_cfg, lm.params, [prompt], max_new_tokens=32, temperature=0.0)
-    assert ours.tokens[0, :32].tolist() == hf_out
+    ours = lm.generate_tokens([prompt], max_new_tokens=32, temperature=0.0, stop_at_eos=False)
+    assert ours.tokens[0] == hf_out
 
     to_hf(run, str(tmp_path / "back"))
     reloaded = hf.GPT2LMHeadModel.from_pretrained(str(tmp_path / "back")).eval()

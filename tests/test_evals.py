@@ -332,6 +332,65 @@ def test_lm_eval_local_task_matches_our_scorer(hf_run, tmp_path, monkeypatch):
     np.testing.assert_allclose(theirs, ours["logprobs"], atol=1e-5)
 
 
+def test_lm_evals_local_completions_over_the_server_scores_like_our_scorer(hf_run, tmp_path,
+                                                                         monkeypatch):
+    """lm-eval's stock `local-completions` model (echo + logprobs for the choices, stop strings
+    for generation) against `gpt-jax serve`'s server: its log-likelihoods are our scorer's on
+    the same tokens, and its generations are the gpt_jax lm-eval model's."""
+    pytest.importorskip("lm_eval", reason="needs the eval extra: pip install 'gpt_jax[eval]'")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import lm_eval
+    import lm_eval.models.openai_completions  # noqa: F401 -- registers local-completions
+    from lm_eval.tasks import TaskManager
+
+    import gpt_jax
+    import gpt_jax.evals.harness  # noqa: F401 -- registers --model gpt_jax
+    from gpt_jax.evals.choice import requests_for
+    from gpt_jax.evals.scoring import Request, loglikelihoods
+    from gpt_jax.serve.engine import Engine, EngineConfig
+    from test_serve import running
+
+    _, run = hf_run
+    data, tasks = local_lm_eval_tasks(tmp_path)
+    lm = gpt_jax.load(run)
+    block = lm.model_cfg.block_size
+    engine = Engine(lm.model_cfg, lm.params, lm.tokenizer, EngineConfig(slots=4))
+    names = ["gpt_jax_local_mc", "gpt_jax_local_gen"]
+    with running(engine, lm.tokenizer, None, model_name="gpt2-local") as url:
+        # max_length: a request is the prompt plus one generated token, so lm-eval keeps the
+        # last block_size - 1 tokens of context + continuation.
+        served = lm_eval.simple_evaluate(
+            model="local-completions", tasks=names, task_manager=TaskManager(include_path=tasks),
+            model_args=f"model=gpt2-local,base_url={url}/v1/completions,num_concurrent=1,"
+                       f"max_retries=1,max_length={block},tokenizer_backend=huggingface,"
+                       f"tokenizer={os.path.join(os.path.dirname(run), 'hf')}",
+            log_samples=True)
+    direct = lm_eval.simple_evaluate(model="gpt_jax", model_args=f"workdir={run},batch_rows=8",
+                                     tasks=names, task_manager=TaskManager(include_path=tasks),
+                                     log_samples=True)
+    requests = []
+    for example in load_task("choices", data):
+        for context, ending in requests_for(example, lm.tokenizer, block):
+            kept = (context + ending)[-(block - 1):]
+            requests.append(Request(kept[:-len(ending)], ending))
+    assert len(requests[8].context) < len(requests_for(load_task("choices", data)[2],
+                                                       lm.tokenizer, block)[0].context)
+    want = np.array([s.logprob for s in loglikelihoods(lm.model_cfg, lm.params, requests)])
+    samples = sorted(served["samples"]["gpt_jax_local_mc"], key=lambda s: s["doc_id"])
+    got = np.array([[r[0][0] for r in s["resps"]] for s in samples]).ravel()
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    picks = [int(np.argmax(row)) for row in want.reshape(len(samples), -1)]
+    acc = np.mean([p == c["label"] for p, c in zip(picks, CHOICES)])
+    assert served["results"]["gpt_jax_local_mc"]["acc,none"] == pytest.approx(acc)
+    # The third context is too long: local-completions keeps its last max_length - 1 -
+    # max_gen_toks tokens, the gpt_jax model its last block_size - max_gen_toks.
+    answers = [[s["resps"] for s in sorted(out["samples"]["gpt_jax_local_gen"],
+                                           key=lambda s: s["doc_id"])][:2]
+               for out in (served, direct)]
+    assert answers[0] == answers[1]
+
+
 HARNESS_TASKS = ["gpt_jax_local_mc", "gpt_jax_local_gen", "gpt_jax_local_rolling"]
 
 

@@ -11,9 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from test_model import numpy_gpt
+from test_sample import check_against_full_forward
 
 from conftest import init_sharded
-from gpt_jax import attention, sample, sharding
+from gpt_jax import attention, sharding
 from gpt_jax.config import ConfigError, base_config, load_preset, typed, validate
 from gpt_jax.flops import count_params, flops_per_token
 from gpt_jax.hf.mapping import ConversionError, hf_config_from_model
@@ -201,19 +202,13 @@ def test_cached_sampler_logits_equal_full_forward(name: str):
     cache = init_kv_cache(cfg, 3, 20)
     keys = cache.keys if cfg.scan_layers else cache.keys[0]
     assert keys.shape[-4:] == (3, cfg.kv_heads, 20, cfg.head_dim)
-    prompts, new = [[5, 9, 13], [7, 1, 2, 3, 4, 60, 61, 62, 63]], 10
-    out = sample.sample_tokens(cfg, params, prompts, max_new_tokens=new, temperature=1.0,
-                               seed=3, return_logits=True)
-    rows = np.zeros((2, cfg.block_size), np.int32)
-    for b, p in enumerate(prompts):
-        row = p + out.tokens[b].tolist()
-        rows[b, :len(row)] = row
-    full = np.asarray(forward(cfg)(params, rows))
-    for b, p in enumerate(prompts):
-        np.testing.assert_allclose(out.logits[b], full[b, len(p) - 1:len(p) - 1 + new, :64],
-                                   atol=2e-5, rtol=2e-5)
+    prompts = [[5, 9, 13], [7, 1, 2, 3, 4, 60, 61, 62, 63]]
+    rows = check_against_full_forward(cfg, params, prompts, 10, 2e-5)
     if cfg.logit_softcap:
-        assert np.abs(out.logits).max() <= CAP
+        padded = np.zeros((2, cfg.block_size), np.int32)
+        for b, row in enumerate(rows):
+            padded[b, :len(row)] = row
+        assert np.abs(np.asarray(forward(cfg)(params, padded))).max() <= CAP
 
 
 def test_hf_export_refuses_what_gpt2_cannot_represent():

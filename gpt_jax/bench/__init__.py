@@ -5,5 +5,7 @@ KINDS = {
     "sample": "tokens/s of the KV-cached sampler against a no-cache baseline",
     "data": "loader throughput in tokens/s and the default corpus's store build time",
     "prepare": "tokenization MB/s of `prepare` per tokenizer, worker count and corpus size",
+    "serve": "output tok/s, req/s, TTFT and inter-token latency of `gpt-jax serve` against "
+             "static batches and `transformers serve` at several concurrencies",
     "evals": "examples/s of the multiple-choice scorer (and a TPU projection with --bench_tpu)",
 }

@@ -3,8 +3,9 @@
 Both run greedy on random-init params of the config (default: the GPT-2 124M preset) with
 random prompt ids, all compiled before timing (medians of `--bench_repeats` runs):
 
-- cached: `gpt_jax.sample.sample_tokens` end to end (prefill + compiled decode loop, host
-  transfers included); tokens/s = batch * new tokens / seconds.
+- cached: `gpt_jax.sample.generate` end to end on a serving engine with one slot per row
+  (prefill, insert and one compiled decode step per token, host work included);
+  tokens/s = batch * new tokens / seconds.
 - no-cache: a compiled `fori_loop` that runs the full forward pass over a fixed window of
   prompt + new tokens for every new token (the static-shape way to sample without a cache).
   Every step costs the same, so on CPU it is timed over `--bench_baseline_steps` steps (2) in
@@ -31,6 +32,7 @@ from gpt_jax import sample
 from gpt_jax.commands.common import define_config_flag
 from gpt_jax.config import typed
 from gpt_jax.model import GPT, init_params
+from gpt_jax.serve.engine import Engine, EngineConfig
 
 if "config" not in flags.FLAGS:
     define_config_flag("gpt2_124m")
@@ -67,10 +69,11 @@ def _prompts(batch: int, prompt_len: int, vocab_size: int, seed: int = 0) -> lis
 def cached_tokens_per_s(cfg, params, batch: int, prompt_len: int, new_tokens: int,
                         repeats: int) -> float:
     prompts = _prompts(batch, prompt_len, cfg.vocab_size)
-    run = functools.partial(sample.sample_tokens, cfg, params, prompts,
-                            max_new_tokens=new_tokens, temperature=0.0)
+    engine = Engine(cfg, params, config=EngineConfig(slots=batch))
+    run = functools.partial(sample.generate, engine, prompts, max_new_tokens=new_tokens,
+                            temperature=0.0)
     out = run()  # compile
-    assert out.tokens.shape == (batch, new_tokens)
+    assert [len(t) for t in out.tokens] == [new_tokens] * batch
     return batch * new_tokens / _median_seconds(run, repeats)
 
 

@@ -15,8 +15,15 @@ import time
 
 from absl import flags
 
-from gpt_jax.commands.common import CommandError, define_config_flag, print_record, usage_error
+from gpt_jax.commands.common import (
+    CommandError,
+    config_with_overrides,
+    define_config_flag,
+    print_record,
+    usage_error,
+)
 from gpt_jax.model import ATTENTION_IMPLS, DTYPES, REMAT_POLICIES
+from gpt_jax.presets import preset_path
 
 define_config_flag("default")
 flags.DEFINE_string("topology", None, "TPU slice, e.g. v4-8, v5e-8, v5p-8, v5e-256, v5p-128.")
@@ -30,6 +37,10 @@ flags.DEFINE_enum("attention_impl", None, ATTENTION_IMPLS, "Attention implementa
 flags.DEFINE_bool("scan_layers", None, "Scan over layers (default: the config's).")
 flags.DEFINE_bool("decode", True, "Also compile one cached decoding step.")
 flags.DEFINE_integer("decode_batch_size", 0, "Decode rows (0: 8 per data*fsdp shard).")
+flags.DEFINE_integer("serve_slots", 0, "Compile the serving engine's decode step for this "
+                     "many slots of the full context instead of the train step: memory per "
+                     "chip, decode tokens/s per chip and the HBM bound (mesh: heads over the "
+                     "largest tensor axis that divides them, slots over the rest).")
 flags.DEFINE_string("json_out", "", "Also append the JSON record (--search: the ranking) to "
                     "this file.")
 flags.DEFINE_bool("xla_overlap_flags", True, "Compile with gpt_jax.tpu_flags' libtpu "
@@ -67,10 +78,11 @@ def main(argv: list[str]) -> None:
         raise usage_error(f"--topology is required; one of: {', '.join(aot.SLICES)}")
     if FLAGS.search:
         return _search()
+    if FLAGS.serve_slots:
+        return _serving()
     try:
         aot.get_slice(FLAGS.topology)
-        config = aot.resolve_preset(FLAGS.preset) if FLAGS.preset else FLAGS.config
-        config = aot.apply_overrides(config, batch_size=FLAGS.batch_size,
+        config = aot.apply_overrides(_config(), batch_size=FLAGS.batch_size,
                                      attention_impl=FLAGS.attention_impl,
                                      remat_policy=FLAGS.remat_policy,
                                      scan_layers=FLAGS.scan_layers, dtype=FLAGS.dtype,
@@ -85,6 +97,40 @@ def main(argv: list[str]) -> None:
     print_record(record, FLAGS.json_out)
 
 
+def _config():
+    """--config, or --preset with the command line's --config.x=v overrides applied to it."""
+    from gpt_jax import aot
+
+    if not FLAGS.preset:
+        return FLAGS.config
+    if FLAGS["config"].present:
+        raise usage_error(f"--preset={FLAGS.preset} and --config={FLAGS['config'].config_filename}"
+                          " both name a config; give one (--config.x=v overrides apply to it)")
+    aot.resolve_preset(FLAGS.preset)  # AotError naming the choices
+    return config_with_overrides(preset_path(aot.PRESETS.get(FLAGS.preset, FLAGS.preset)),
+                                 sys.argv[1:])
+
+
+def _serving() -> None:
+    from gpt_jax import aot
+
+    for name in ("batch_size", "remat_policy", "decode_batch_size", "tokens_per_step"):
+        if FLAGS[name].present:
+            raise usage_error(f"--{name} has no meaning for --serve_slots (a decode step)")
+    try:
+        config = aot.apply_overrides(_config(), dtype=FLAGS.dtype,
+                                     attention_impl=FLAGS.attention_impl,
+                                     scan_layers=FLAGS.scan_layers)
+        record = aot.project_serving(config, FLAGS.topology, FLAGS.serve_slots,
+                                     mesh=_mesh_flag(FLAGS.mesh),
+                                     overlap_flags=FLAGS.xla_overlap_flags)
+    except aot.AotError as e:
+        raise CommandError(str(e)) from e
+    record["command"] = "gpt-jax " + " ".join(sys.argv[1:])
+    print(aot.format_serving(record), file=sys.stderr)
+    print_record(record, FLAGS.json_out)
+
+
 def _search() -> None:
     from gpt_jax import aot, aot_search  # as in main: --help stays fast
 
@@ -94,8 +140,7 @@ def _search() -> None:
     t0 = time.monotonic()
     try:
         tpu = aot.get_slice(FLAGS.topology)
-        config = aot.resolve_preset(FLAGS.preset) if FLAGS.preset else FLAGS.config
-        config = aot.apply_overrides(config, dtype=FLAGS.dtype)
+        config = aot.apply_overrides(_config(), dtype=FLAGS.dtype)
         rows = aot_search.search(config, FLAGS.topology, tokens_per_step=FLAGS.tokens_per_step,
                                  top=FLAGS.top, workers=FLAGS.workers, budget_s=FLAGS.budget_s,
                                  overlap=FLAGS.xla_overlap_flags)
@@ -106,7 +151,7 @@ def _search() -> None:
     winner = rows[0] if rows and rows[0].fits else None
     config_arg = (f"configs/{aot.PRESETS.get(FLAGS.preset, FLAGS.preset)}.py" if FLAGS.preset
                   else FLAGS["config"].config_filename)
-    given = () if FLAGS.preset else tuple(a for a in sys.argv[1:] if a.startswith("--config."))
+    given = tuple(a for a in sys.argv[1:] if a.startswith("--config."))
     if winner:
         print("\nwinner:\n  " + "\n  ".join(aot_search.commands(winner, config_arg,
                                                                  FLAGS.topology, given)))

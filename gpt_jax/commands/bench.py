@@ -1,4 +1,4 @@
-"""`gpt-jax bench {train,sample,data,prepare,evals} [--flags]`: runs one benchmark module."""
+"""`gpt-jax bench {train,sample,serve,data,prepare,evals} [--flags]`: runs one benchmark module."""
 
 from __future__ import annotations
 

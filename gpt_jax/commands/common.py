@@ -5,12 +5,13 @@ from __future__ import annotations
 import glob
 import json
 import os
+import sys
 
 from absl import flags, logging
 from ml_collections import config_flags
 
-from gpt_jax.presets import preset_path
 from gpt_jax.errors import CommandError
+from gpt_jax.presets import preset_path
 
 
 def usage_error(message: str) -> CommandError:
@@ -22,6 +23,20 @@ def define_config_flag(default_preset: str = "default") -> None:
     config_flags.DEFINE_config_file("config", preset_path(default_preset),
                                     "A config file with get_config(); override fields with "
                                     "--config.section.field=value.", lock_config=True)
+
+
+def config_with_overrides(path: str, argv: list[str]):
+    """The config of file `path` with the `--config.section.field=value` arguments of `argv`
+    applied (typed as the field, as --config parses them), e.g. for a --preset."""
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", path, flag_values=values, lock_config=True)
+    saved, sys.argv = sys.argv, ["gpt-jax", f"--config={path}",
+                                 *(a for a in argv if a.startswith("--config."))]
+    try:  # ml_collections reads the overrides from sys.argv
+        values(sys.argv)
+        return values.config
+    finally:
+        sys.argv = saved
 
 
 def define_distributed_flags() -> None:

@@ -57,7 +57,6 @@ def main(argv: list[str]) -> None:
     del argv
     # Imported here, not at the top: flag parsing and --help stay fast.
     from gpt_jax import api
-    from gpt_jax import sample as sample_lib
 
     if not FLAGS.workdir:
         raise usage_error("--workdir is required (a run directory or checkpoint)")
@@ -69,12 +68,10 @@ def main(argv: list[str]) -> None:
                              seed=FLAGS.seed, truncate_prompt=FLAGS.truncate_prompt,
                              return_logprobs=FLAGS.logprobs)
     per_prompt = len(gen.tokens) // len(prompts)
-    eos = api.special_id(lm.tokenizer, "eos_id")
     for r, tokens in enumerate(gen.tokens):
         header = f"=== prompt {r // per_prompt}, sample {r % per_prompt}"
         if gen.logprobs is not None and gen.logprobs[r]:
             header += f", mean log-prob {sum(gen.logprobs[r]) / len(gen.logprobs[r]):.3f}"
         print(header + " ===")
-        print(lm.tokenizer.decode(gen.prompt_tokens[r])
-              + sample_lib.decode_completion(lm.tokenizer, tokens, eos))
+        print(lm.tokenizer.decode(gen.prompt_tokens[r]) + lm.tokenizer.decode(tokens))
     sys.stdout.flush()

@@ -20,7 +20,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gpt_jax.errors import EvalError
 from gpt_jax.model import GPT, ModelConfig
-from gpt_jax.sample import bucket
+from gpt_jax.serve.engine import bucket
 from gpt_jax.sharding import activate, batch_sharding, batch_shards
 
 
