@@ -38,6 +38,7 @@ from gpt_jax.config import Config, to_json, typed
 from gpt_jax.data.files import cache_root
 from gpt_jax.flops import count_params, flops_per_token
 from gpt_jax.model import REMAT_POLICIES, ModelConfig
+from gpt_jax.processes import die_with_parent
 
 GiB = aot.GiB
 CACHE_VERSION = 2  # 2: the summed roofline, records carry the HLO profile
@@ -272,7 +273,8 @@ def compile_record(config_json: str, topology: str, overlap: bool) -> dict:
 
 def _spawn_pool(workers: int) -> cf.Executor:
     return cf.ProcessPoolExecutor(max_workers=workers, max_tasks_per_child=1,
-                                  mp_context=multiprocessing.get_context("spawn"))
+                                  mp_context=multiprocessing.get_context("spawn"),
+                                  initializer=die_with_parent, initargs=(os.getpid(),))
 
 
 @dataclasses.dataclass

@@ -298,7 +298,9 @@ class CausalSelfAttention(nn.Module):
             layer_cache = _write_cache(layer_cache, positions_BT, k_BTGK, v_BTGK)
             k_BGSK, v_BGSK = layer_cache
             if T == 1:  # a decode step: only the slots up to each row's position are read
-                out_BTHK = attention.decode_attention(q_BTHK, k_BGSK, v_BGSK, positions_BT[:, 0])
+                # (a cache with more rows than the batch: the batch is its first B rows)
+                out_BTHK = attention.decode_attention(q_BTHK, k_BGSK[:B], v_BGSK[:B],
+                                                      positions_BT[:, 0])
             else:
                 # A query at position p sees slots 0..p: what the prompt and earlier steps wrote.
                 mask_BTS = jnp.arange(k_BGSK.shape[2])[None, None] <= positions_BT[:, :, None]

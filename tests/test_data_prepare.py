@@ -153,6 +153,81 @@ def test_kill_9_then_rerun_rebuilds_only_unfinished_shards(tmp_path, corpus):
     assert store_bytes(str(store)) == store_bytes(str(tmp_path / "whole"))
 
 
+KILLABLE_PREPARE = """
+import multiprocessing, sys, time
+from gpt_jax.data import prepare
+write = prepare.write_shard
+
+
+def slow_write(*args):  # time to be killed; a named function, so the pool can pickle it
+    time.sleep(0.3)
+    return write(*args)
+
+
+prepare.write_shard = slow_write
+if __name__ == "__main__":
+    method = sys.argv[1]  # (the CLI rewrites sys.argv)
+    prepare._worker_context = lambda: multiprocessing.get_context(method)
+    from gpt_jax import cli
+    cli.run(["gpt-jax", "prepare"] + sys.argv[2:])
+"""
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                out.append(int(entry))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.e2e
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_workers_die_with_a_killed_prepare_and_the_rerun_is_identical(tmp_path, corpus, method):
+    folder, _ = corpus
+    config = jsonl_config(tmp_path, str(folder))
+    make_store(config, str(tmp_path / "whole"), num_workers=1)
+    store, script = tmp_path / "killed", tmp_path / "killable_prepare.py"
+    script.write_text(KILLABLE_PREPARE)
+    flags = ["--config=configs/default.py", "--config.data.source=jsonl",
+             f"--config.data.paths={folder}", "--config.data.tokenizer=byte",
+             "--config.data.shard_mb=0.02", "--config.data.validation_fraction=0.1",
+             f"--store={store}", "--num_workers=2"]
+    proc = subprocess.Popen([sys.executable, str(script), method] + flags, cwd=ROOT,
+                            env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    deadline, workers = time.time() + 120, []
+    while time.time() < deadline and proc.poll() is None:
+        workers = _children(proc.pid)
+        if len(workers) >= 2 and list((store / "shards").glob("*.json")):
+            break
+        time.sleep(0.05)
+    assert len(workers) >= 2 and proc.poll() is None, "the workers never started"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 15
+    while time.time() < deadline and any(_alive(w) for w in workers):
+        time.sleep(0.1)
+    assert not [w for w in workers if _alive(w)], "workers outlived the killed parent"
+    assert not (store / MANIFEST).exists()
+    make_store(config, str(store), num_workers=2)
+    assert store_bytes(str(store)) == store_bytes(str(tmp_path / "whole"))
+
+
 def test_jsonl_gz_zst_and_parquet_sources(tmp_path):
     texts = [f"document {i}: " + "héllo wörld 😀 " * (i % 7) for i in range(60)]
     lines = "".join(json.dumps({"text": t, "n": i}) + "\n" for i, t in enumerate(texts)).encode()

@@ -93,10 +93,31 @@ def _config_for(cfg: ModelConfig):
     return config
 
 
-def test_acc_uses_the_sum_and_acc_norm_the_mean_per_token():
-    # ending 0: -4 over 4 tokens (mean -1); ending 1: -3 over 1 token (mean -3)
-    assert pick([Score(-4.0, 4, False), Score(-3.0, 1, False)]) == (1, 0)
-    assert pick([Score(-2.0, 2, False), Score(-2.0, 2, False)]) == (0, 0)  # ties: the first
+def test_each_metric_normalises_as_its_convention_does():
+    # ending 0 "abcd": -4 over 4 tokens, 4 characters, 4 bytes (-1, -1, -1 per unit);
+    # ending 1 "éé": -3 over 1 token, 2 characters, 4 bytes (-3, -1.5, -0.75 per unit).
+    scores = [Score(-4.0, 4, False), Score(-3.0, 1, False)]
+    assert pick(scores, ["abcd", "éé"]) == {"acc": 1, "acc_norm": 0, "acc_bytes": 1,
+                                            "acc_per_token": 0}
+    ties = pick([Score(-2.0, 2, False), Score(-2.0, 2, False)], ["ab", "cd"])
+    assert set(ties.values()) == {0}  # ties: the first
+
+
+def test_results_logged_before_acc_per_token_read_under_todays_names():
+    from gpt_jax.evals import format_table, upgrade
+    from gpt_jax.report.runs import upgrade_event
+
+    old = {"acc": 0.3, "acc_norm": 0.31, "n": 10}  # acc_norm then meant the per-token mean
+    assert upgrade(old) == {"acc": 0.3, "acc_per_token": 0.31, "n": 10}
+    new = {"acc": 0.3, "acc_norm": 0.4, "acc_bytes": 0.41, "acc_per_token": 0.31, "n": 10}
+    assert upgrade(new) == new
+    assert "| t | 10 | 0.3000 | – | – | 0.3100 |" in format_table({"t": old})
+    event = {"step": 5, "downstream/t/acc": 0.3, "downstream/t/acc_norm": 0.31,
+             "downstream/t/n": 10}
+    assert upgrade_event(event) == {"step": 5, "downstream/t/acc": 0.3,
+                                    "downstream/t/acc_per_token": 0.31, "downstream/t/n": 10}
+    assert upgrade_event({"step": 5, **{f"downstream/t/{k}": v for k, v in new.items()}}) == {
+        "step": 5, **{f"downstream/t/{k}": v for k, v in new.items()}}
 
 
 def copy_model(seed: int = 0):
@@ -263,7 +284,9 @@ def test_loglikelihoods_equal_gpt2lmheadmodel(hf_run, tmp_path):
 
     model, run = hf_run
     lm = gpt_jax.load(run)
-    examples = load_task("choices", write_jsonl(tmp_path / "c.jsonl", CHOICES))
+    non_ascii = {"context": "Un café au", "choices": ["lait", "thé vert", "naïve crème",
+                                                      "日本の"], "label": 0}
+    examples = load_task("choices", write_jsonl(tmp_path / "c.jsonl", CHOICES + [non_ascii]))
     ours = score_examples(lm.model_cfg, lm.params, lm.tokenizer, examples, batch_rows=4)
     block = lm.model_cfg.block_size
     want_sums = []
@@ -280,8 +303,14 @@ def test_loglikelihoods_equal_gpt2lmheadmodel(hf_run, tmp_path):
         want_sums.append(sums)
     assert max(len(lm.tokenizer.encode(CHOICES[2]["context"])), 0) > block  # truncation ran
     np.testing.assert_allclose(ours["logprobs"], want_sums, atol=1e-4)
-    assert ours["predictions"] == [pick([Score(s, n, False) for s, n in zip(sums, ns)])
-                                   for sums, ns in zip(want_sums, ours["tokens"])]
+    # Each convention's pick from transformers' log-likelihoods, normalised by hand.
+    for sums, ns, e, got in zip(want_sums, ours["tokens"], examples, ours["predictions"]):
+        sums = np.array(sums)
+        want = {"acc": np.argmax(sums),
+                "acc_norm": np.argmax(sums / [len(x) for x in e.endings]),
+                "acc_bytes": np.argmax(sums / [len(x.encode()) for x in e.endings]),
+                "acc_per_token": np.argmax(sums / np.array(ns))}
+        assert got == {k: int(v) for k, v in want.items()}, (e.endings, sums)
 
 
 def local_lm_eval_tasks(tmp_path) -> tuple[str, str]:
@@ -485,7 +514,8 @@ def test_eval_command_prints_a_table_and_writes_json(hf_run, tmp_path, text_corp
          f"--tasks=choices:{data},nextline:{text_corpus}", "--task_examples=20",
          f"--output={out}"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "| task | n | acc | acc_norm |" in proc.stdout and "| nextline | 20 |" in proc.stdout
+    assert ("| task | n | acc | acc_norm | acc_bytes | acc_per_token |" in proc.stdout
+            and "| nextline | 20 |" in proc.stdout)
     result = json.loads(out.read_text())["tasks"]
     assert result["choices"]["n"] == 3 and set(result) == {"choices", "nextline"}
 
@@ -535,12 +565,12 @@ config = tiny_run_config(root + "/corpus", __import__("pathlib").Path(root) / "c
                          num_steps=300, log_every=100, eval_every=300, eval_batches=1)
 config.checkpoint.update(every=300)
 config.optim.update(lr=3e-3, warmup_steps=10)
-task = "nextline:" + root + "/corpus/cycle0.txt"
+task = "nextline:" + root + "/corpus/cycle0.txt,generate:" + root + "/qa.jsonl?max_tokens=12"
 out = {}
 for name, steps in (("trained", 300), ("fresh", 1)):  # fresh: the same model, barely trained
     config.train.num_steps = steps
     train.train(config, f"{root}/{name}")
-    out[name] = api.evaluate_run(f"{root}/{name}", task, limit=200)["nextline"]
+    out[name] = api.evaluate_run(f"{root}/{name}", task, limit=200)
 print(json.dumps(out))
 """
 
@@ -554,8 +584,18 @@ def test_a_briefly_trained_model_beats_chance_on_a_learnable_task(tmp_path):
     (tmp_path / "corpus").mkdir()
     for doc in range(4):
         (tmp_path / "corpus" / f"cycle{doc}.txt").write_text("\n".join(words * 40) + "\n")
+    # Generative: after three lines of the cycle, write the next one (greedy, up to "\n").
+    qa = [{"prompt": "\n".join(words[(i + k) % 12] for k in range(3)) + "\n",
+           "references": [words[(i + 3) % 12]]} for i in range(12)]
+    (tmp_path / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in qa))
     stdout = run_on_one_device(LEARNABLE, str(tmp_path))
     result = json.loads(stdout.strip().splitlines()[-1])
-    trained, fresh = result["trained"], result["fresh"]
+    trained, fresh = result["trained"]["nextline"], result["fresh"]["nextline"]
     assert trained["n"] == fresh["n"] == 200
     assert trained["acc_norm"] > 0.8 and fresh["acc_norm"] < 0.45, result
+    assert trained["acc_per_token"] > 0.8 and fresh["acc_per_token"] < 0.45, result
+    # The stop string ends each answer: an exact match needs the answer and nothing after it.
+    trained, fresh = result["trained"]["generate"], result["fresh"]["generate"]
+    assert trained["n"] == fresh["n"] == 12
+    assert trained["exact_match"] >= 0.9 and fresh["exact_match"] <= 0.1, result
+    assert trained["rougeL"] > 0.9 and fresh["rougeL"] < 0.5, result  # (BLEU: 0 on 2 words)

@@ -19,7 +19,6 @@ import time
 import httpx
 import jax
 import jax.numpy as jnp
-import numpy as np
 import openai
 import pytest
 import uvicorn
@@ -75,7 +74,10 @@ def params():
 
 
 def make_engine(params, slots: int = 4, max_queue: int = 64) -> Engine:
-    return Engine(CFG, params, TOK, EngineConfig(slots=slots, max_queue=max_queue))
+    # batch_invariant: bitwise equal texts and log-probs whatever runs beside a request (and
+    # fewer programs to warm up); the default row buckets are tested in test_sample.py.
+    return Engine(CFG, params, TOK, EngineConfig(slots=slots, max_queue=max_queue,
+                                                 batch_invariant=True))
 
 
 @pytest.fixture(scope="module")

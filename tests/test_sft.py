@@ -165,3 +165,11 @@ def test_finetuning_a_converted_gpt2_improves_heldout_metrics(tmp_path):
     assert (before["step"], after["step"]) == (0, 200)
     assert after["eval_loss"] < 0.5 * before["eval_loss"]
     assert before["eval_exact_match"] == 0.0 and after["eval_exact_match"] >= 0.75
+    # The run carries the chat template of its prompt/response format, for `gpt-jax serve`.
+    from gpt_jax.data.tokenizers import load_tokenizer
+    from gpt_jax.serve.chat import PROMPT_RESPONSE, ChatTemplate, load_template
+
+    template = load_template(str(tmp_path / "sft"))
+    assert template == ChatTemplate.from_dict(PROMPT_RESPONSE)
+    tok = load_tokenizer(str(tmp_path / "sft"))
+    assert template.render([{"role": "user", "content": "Q: x"}], tok) == tok.encode("Q: x")

@@ -103,8 +103,8 @@ def make_model(config, root: str) -> tuple[str, str]:
     cfg = typed(config).model
     source, run_dir, hf_dir = (os.path.join(root, d) for d in ("source", "run", "hf"))
     write_synthetic_bpe(source, cfg.vocab_size)
-    params = jax.device_get(jax.jit(functools.partial(init_params, GPT(cfg)))(
-        jax.random.key(0)))
+    params = jax.tree.map(np.array, jax.device_get(jax.jit(functools.partial(
+        init_params, GPT(cfg)))(jax.random.key(0))))  # writable copies
     eos = cfg.vocab_size - 1
     params["wte"]["embedding"][eos] = 0.0  # its logit is 0: greedy never picks <|endoftext|>
     with open(os.path.join(source, "config.json"), "w") as f:
@@ -306,7 +306,7 @@ def bench_hf(hf_dir: str, prompts_by_c: dict, new_tokens: int, log_dir: str) -> 
 
 def _line(system: str, c: int, r: dict) -> str:
     ms = lambda x: "-" if x != x else f"{1e3 * x:.0f}"  # noqa: E731 -- nan: not measured
-    return (f"| {system} | {c} | {r['requests']} | {r['tok_s']:.1f} | {r['req_s']:.3f} | "
+    return (f"| {system} | {c} | {r['requests']} | {r['tokens']} | {r['tok_s']:.1f} | {r['req_s']:.3f} | "
             f"{ms(r['ttft_p50'])} / {ms(r['ttft_p99'])} | {ms(r['itl_p50'])} / "
             f"{ms(r['itl_p99'])} |")
 
@@ -336,9 +336,9 @@ def run(argv: list[str]) -> None:
                     for c in cs}
     memory = make_prompts(hf_dir, FLAGS.bench_memory_requests, 16, 16, seed=99)
     print(f"# model written to {root} in {time.perf_counter() - start:.0f} s")
-    print("| system | concurrency | requests | output tok/s | req/s | TTFT p50 / p99 ms | "
-          "ITL p50 / p99 ms |")
-    print("|---|---|---|---|---|---|---|")
+    print("| system | concurrency | requests | output tokens | output tok/s | req/s | "
+          "TTFT p50 / p99 ms | ITL p50 / p99 ms |")
+    print("|---|---|---|---|---|---|---|---|")
     results, extra = {}, {}
     if "serve" in systems:
         results["serve"], extra = bench_serve(run_dir, prompts_by_c, FLAGS.bench_new_tokens,

@@ -35,6 +35,9 @@ flags.DEFINE_integer("max_n", 8, "The largest n a request may ask for.", lower_b
 flags.DEFINE_integer("max_body_kb", 1024, "The largest request body, in KiB.", lower_bound=1)
 flags.DEFINE_float("shutdown_s", 30.0, "On SIGTERM, how long in-flight requests may run.",
                    lower_bound=0.0)
+flags.DEFINE_bool("batch_invariant", False, "Run every decode step over all slots, so that a "
+                  "request's log-probs are bitwise the same whatever runs beside it (slower "
+                  "when few slots are busy).")
 flags.DEFINE_bool("shard", False, "Shard params and cache over all devices with the run's "
                   "mesh config (slots over the batch axes, heads over tensor).")
 FLAGS = flags.FLAGS
@@ -53,7 +56,8 @@ def main(argv: list[str]) -> None:
 
     lm = api.load(FLAGS.workdir, shard=FLAGS.shard)
     engine = Engine(lm.model_cfg, lm.params, lm.tokenizer,
-                    EngineConfig(slots=FLAGS.slots, max_queue=FLAGS.max_queue), lm.mesh,
+                    EngineConfig(slots=FLAGS.slots, max_queue=FLAGS.max_queue,
+                                 batch_invariant=FLAGS.batch_invariant), lm.mesh,
                     lm.rules)
     names = (FLAGS.served_model_name or os.path.basename(os.path.normpath(FLAGS.workdir)))
     name, *aliases = [n.strip() for n in names.split(",") if n.strip()]

@@ -57,6 +57,7 @@ from gpt_jax.data.tokenizers import (
     tokenizer_dir,
 )
 from gpt_jax.errors import DataError
+from gpt_jax.processes import die_with_parent
 
 DOCS_PER_BATCH = 256
 
@@ -65,7 +66,9 @@ def open_tfds(d: DataConfig):
     """The TFDS corpus of a `tfds` source, else None."""
     if d.source != "tfds":
         return None
-    from gpt_jax.data.tfds_source import open_tfds as open_it  # imports TFDS: only for tfds
+    from gpt_jax.data.tfds_source import (
+        open_tfds as open_it,  # imports TFDS: only for tfds
+    )
 
     return open_it(d)
 
@@ -109,6 +112,11 @@ def _init_worker(data: dict, store: str, threads: int, tok: Tokenizer | None = N
     d = DataConfig.from_dict(data)
     _WORKER.update(d=d, store=store, tok=tok or load_tokenizer(store), threads=threads,
                    corpus=open_tfds(d))
+
+
+def _init_pool_worker(parent_pid: int, *args) -> None:
+    die_with_parent(parent_pid)  # a killed `prepare` leaves no worker behind
+    _init_worker(*args)
 
 
 class _SplitWriter:
@@ -339,8 +347,8 @@ def prepare(d: DataConfig, store: str, tok: Tokenizer, num_workers: int = 0,
         # Forked workers inherit `tok`; spawned ones load it from the store.
         initargs = (data, store, threads) + ((tok,) if context.get_start_method() == "fork"
                                              else ())
-        with futures.ProcessPoolExecutor(workers, context, initializer=_init_worker,
-                                         initargs=initargs) as pool:
+        with futures.ProcessPoolExecutor(workers, context, initializer=_init_pool_worker,
+                                         initargs=(os.getpid(),) + initargs) as pool:
             jobs = {pool.submit(write_shard, i, plan.pieces[i], key): i for i in todo}
             try:
                 for job in futures.as_completed(jobs):

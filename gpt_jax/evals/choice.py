@@ -1,9 +1,18 @@
 """Multiple-choice scoring: the ending with the highest log-likelihood after the context wins.
 
-`acc` picks the ending with the highest summed log-probability of its tokens, `acc_norm` the
-one with the highest mean per-token log-probability (the lowest mean loss, as llm.c scores
-HellaSwag). Each ending is tokenized with its separator in front (" " by default), the way
-GPT-2's BPE sees a word that follows a space.
+One scoring pass gives four accuracies, each under the name its convention uses:
+
+| metric | picks the ending with the highest | convention of |
+|---|---|---|
+| `acc` | summed log-probability of its tokens | everyone |
+| `acc_norm` | summed log-probability / its length in characters | lm-evaluation-harness |
+| `acc_bytes` | summed log-probability / its length in UTF-8 bytes | lm-evaluation-harness |
+| `acc_per_token` | mean log-probability per token | llm.c (its "acc_norm") |
+
+Lengths are of the ending as written (without the separator), as lm-eval measures them. Each
+ending is tokenized with its separator in front (" " by default), the way GPT-2's BPE sees a
+word that follows a space. Runs logged before `acc_per_token` existed called it `acc_norm`
+(see `upgrade`).
 """
 
 from __future__ import annotations
@@ -46,16 +55,30 @@ def requests_for(example: Example, tokenizer, block_size: int) -> list[Request]:
     return out
 
 
-def pick(scores: Sequence[Score]) -> tuple[int, int]:
-    """(argmax of the summed log-prob, argmax of the mean log-prob); ties go to the first."""
+METRICS = ("acc", "acc_norm", "acc_bytes", "acc_per_token")
+
+
+def pick(scores: Sequence[Score], endings: Sequence[str]) -> dict[str, int]:
+    """Each metric's chosen ending (ties go to the first)."""
     sums = np.array([s.logprob for s in scores])
-    means = sums / np.array([s.tokens for s in scores])
-    return int(np.argmax(sums)), int(np.argmax(means))
+    per = {"acc": 1.0, "acc_norm": np.array([max(len(e), 1) for e in endings], float),
+           "acc_bytes": np.array([max(len(e.encode("utf-8")), 1) for e in endings], float),
+           "acc_per_token": np.array([s.tokens for s in scores], float)}
+    return {m: int(np.argmax(sums / per[m])) for m in METRICS}
+
+
+def upgrade(result: dict) -> dict:
+    """A result (or metric events' task dict) written before `acc_per_token` existed, when
+    `acc_norm` meant the per-token mean, under today's names; a current one as it is."""
+    if "acc_norm" in result and "acc_per_token" not in result:
+        result = dict(result)
+        result["acc_per_token"] = result.pop("acc_norm")
+    return result
 
 
 def score_examples(model_cfg: ModelConfig, params, tokenizer, examples: Sequence[Example], *,
                    batch_rows: int = 32, mesh: Mesh | None = None, rules=None) -> dict:
-    """{"acc", "acc_norm", "n", "predictions": [(acc pick, acc_norm pick)],
+    """{each of METRICS: accuracy, "n", "predictions": [{metric: pick}],
     "logprobs": [[sum per ending]], "tokens": [[tokens per ending]]}."""
     if not examples:
         raise EvalError("no examples to score")
@@ -69,10 +92,9 @@ def score_examples(model_cfg: ModelConfig, params, tokenizer, examples: Sequence
     per_example: list[list[Score]] = [[] for _ in examples]
     for i, score in zip(owners, scores):
         per_example[i].append(score)
-    picks = [pick(s) for s in per_example]
+    picks = [pick(s, e.endings) for s, e in zip(per_example, examples)]
     labels = np.array([e.label for e in examples])
-    return {"acc": float(np.mean([p[0] for p in picks] == labels)),
-            "acc_norm": float(np.mean([p[1] for p in picks] == labels)),
+    return {**{m: float(np.mean(np.array([p[m] for p in picks]) == labels)) for m in METRICS},
             "n": len(examples), "predictions": picks,
             "logprobs": [[s.logprob for s in ss] for ss in per_example],
             "tokens": [[s.tokens for s in ss] for ss in per_example]}

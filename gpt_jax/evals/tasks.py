@@ -11,6 +11,12 @@ A task spec is `kind[:path]`, several joined by commas:
                                  true next line among 4 (3 drawn from elsewhere); PATH is a file,
                                  folder or glob of text, else the run's own validation split
     hellaswag_tfds               TFDS `hellaswag` validation split, only if prepared locally
+    generate:PATH                generative: JSONL of {"prompt", "references"}, answers scored
+                                 by exact match, F1, ROUGE and BLEU (evals/generative.py)
+
+Options follow a path after `?` (URL-encoded): `shots=k` puts k other examples (context and
+right ending, or prompt and answer) before each one, joined by `separator` ("\n\n"); the
+generative tasks also take `max_tokens`, `stop` and `delimiter` (see evals/generative.py).
 """
 
 from __future__ import annotations
@@ -25,10 +31,13 @@ from gpt_jax.data.documents import read_text, split_texts
 from gpt_jax.data.files import json_objects, list_files
 from gpt_jax.data.prepare import open_tfds
 from gpt_jax.errors import DataError, EvalError
+import gpt_jax.evals.generative as generative
 from gpt_jax.evals.choice import Example
 
-KINDS = ("hellaswag", "hellaswag_preprocessed", "choices", "nextline", "hellaswag_tfds")
-NEEDS_PATH = ("hellaswag", "hellaswag_preprocessed", "choices")
+KINDS = ("hellaswag", "hellaswag_preprocessed", "choices", "nextline", "hellaswag_tfds",
+         "generate")
+NEEDS_PATH = ("hellaswag", "hellaswag_preprocessed", "choices", "generate")
+CHOICE_OPTIONS = ("shots", "separator", "seed")
 NEXTLINE_CONTEXT_LINES = 6
 NEXTLINE_CHOICES = 4
 
@@ -38,7 +47,8 @@ class Task:
     name: str  # unique within a run: the kind, or kind_2, kind_3 ... for repeats
     kind: str
     path: str
-    examples: list[Example]
+    examples: list  # Example (multiple choice) or generative.GenExample
+    options: generative.Options = generative.Options()
 
 
 def parse_specs(spec: str) -> list[tuple[str, str]]:
@@ -208,10 +218,31 @@ def load_task(kind: str, path: str, *, limit: int = 0, config=None) -> list[Exam
     return examples[:limit] if limit else examples
 
 
+def with_shots(examples: list[Example], o: generative.Options) -> list[Example]:
+    """Multiple choice with `o.shots` other examples (context, separator, right ending) before
+    each context."""
+    picks = generative.shots_for(len(examples), o.shots, o.seed)
+    out = []
+    for i, e in enumerate(examples):
+        shots = [examples[j].context + examples[j].separator + examples[j].endings[
+            examples[j].label] for j in picks[i]]
+        out.append(dataclasses.replace(e, context=o.separator.join(shots + [e.context])))
+    return out
+
+
 def load_tasks(spec: str, *, limit: int = 0, config=None) -> list[Task]:
     tasks: list[Task] = []
-    for kind, path in parse_specs(spec):
+    for kind, spec_path in parse_specs(spec):
         taken = sum(t.kind == kind for t in tasks)
         name = kind if not taken else f"{kind}_{taken + 1}"
-        tasks.append(Task(name, kind, path, load_task(kind, path, limit=limit, config=config)))
+        path, _, query = spec_path.partition("?")
+        if kind == "generate":
+            options = generative.parse_options(query)
+            examples = generative.load(path)
+            examples = examples[:limit] if limit else examples
+        else:
+            options = generative.parse_options(query, CHOICE_OPTIONS)
+            examples = load_task(kind, path, limit=limit, config=config)
+            examples = with_shots(examples, options) if options.shots else examples
+        tasks.append(Task(name, kind, path, examples, options))
     return tasks

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import statistics
 
-from gpt_jax.report.runs import TimeToTarget, VariantStats, std, varied_keys
+from gpt_jax.report.runs import TimeToTarget, VariantStats, reported_metric, std, varied_keys
 
 
 def fmt_pm(values: list[float], spec: str = ".4f") -> str:
@@ -65,20 +65,24 @@ def task_size(stats: list[VariantStats], task: str) -> str:
 
 
 def downstream_table(stats: list[VariantStats]) -> list[str]:
-    """Final acc_norm of each downstream task (train.eval_tasks) per variant; [] if none."""
+    """Final acc_norm (or, for runs from before it, acc_per_token) of each downstream task
+    (train.eval_tasks) per variant; [] if none."""
     tasks = list(dict.fromkeys(t for s in stats for t in s.tasks))
     if not tasks:
         return []
+    runs = [r for s in stats for r in s.runs]
+    metrics = {t: reported_metric(runs, t) for t in tasks}
     rows = ["## Downstream tasks", "",
-            "| variant | " + " | ".join(f"{t} acc_norm" for t in tasks) + " |",
+            "| variant | " + " | ".join(f"{t} {metrics[t]}" for t in tasks) + " |",
             "|---|" + "---|" * len(tasks)]
     for s in stats:
-        cells = [fmt_pm(v) if (v := s.final_downstream(t)) else "–" for t in tasks]
+        cells = [fmt_pm(v) if (v := s.final_downstream(t, metrics[t])) else "–" for t in tasks]
         rows.append(f"| {s.name} | " + " | ".join(cells) + " |")
     sizes = ", ".join(f"{t} {task_size(stats, t)}" for t in tasks)
-    return rows + ["", "Accuracy at the last evaluation (mean ± sample std over seeds), "
-                   "picking the ending with the lowest mean per-token loss; examples per "
-                   f"task: {sizes}. See docs/evaluation.md.", ""]
+    return rows + ["", "Accuracy at the last evaluation (mean ± sample std over seeds): "
+                   "acc_norm picks the ending with the highest log-likelihood per character "
+                   "(lm-evaluation-harness), acc_per_token the highest per token (llm.c); "
+                   f"examples per task: {sizes}. See docs/evaluation.md.", ""]
 
 
 def findings(stats: list[VariantStats], baseline: str) -> list[str]:

@@ -12,7 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from gpt_jax.report.runs import Run, VariantStats  # noqa: E402
+from gpt_jax.report.runs import Run, VariantStats, reported_metric  # noqa: E402
 
 Curve = Callable[[Run], list[tuple[float, float]]]
 
@@ -151,10 +151,12 @@ def plot_all(stats: list[VariantStats], out_dir: str, smoothing: float = 0.6,
     if target is not None and any(len(r.train_time) > 1 for s in stats for r in s.runs):
         plots["time_to_target.png"] = target_plot(stats, target,
                                                   os.path.join(out_dir, "time_to_target.png"))
+    runs = [r for s in stats for r in s.runs]
     for task in dict.fromkeys(t for s in stats for t in s.tasks):  # train.eval_tasks
-        name = f"{task}_acc_norm_vs_step.png"
-        plots[name] = line_plot(stats, lambda r, t=task: r.downstream(t),
-                                os.path.join(out_dir, name), "step", f"{task} acc_norm",
-                                f"{task} acc_norm vs step (band: min–max over seeds)",
+        metric = reported_metric(runs, task)
+        name = f"{task}_{metric}_vs_step.png"
+        plots[name] = line_plot(stats, lambda r, t=task, m=metric: r.downstream(t, m),
+                                os.path.join(out_dir, name), "step", f"{task} {metric}",
+                                f"{task} {metric} vs step (band: min–max over seeds)",
                                 marker="o")
     return plots

@@ -25,7 +25,8 @@ from gpt_jax.model import ModelConfig
 
 SUMMARY_FILE = "sweep.json"  # written by gpt_jax.sweep into a sweep's directory
 MEMBER_FILE = "sweep_member.json"  # ... and into each member's run directory
-DOWNSTREAM = "downstream/"  # gpt_jax.evals.PREFIX: downstream/<task>/<acc|acc_norm|n>
+DOWNSTREAM = "downstream/"  # gpt_jax.evals.PREFIX: downstream/<task>/<metric|n>
+REPORTED = ("acc_norm", "acc_per_token", "exact_match")  # the report's: the first logged
 
 
 @dataclasses.dataclass
@@ -48,7 +49,7 @@ class Run:
     def tasks(self) -> list[str]:
         """Downstream tasks logged by this run (train.eval_tasks), in the order first seen."""
         names = [k[len(DOWNSTREAM):].rsplit("/", 1)[0] for e in self.events for k in e
-                 if k.startswith(DOWNSTREAM) and k.endswith("/acc_norm")]
+                 if k.startswith(DOWNSTREAM) and k.endswith("/n")]
         return list(dict.fromkeys(names))
 
     @property
@@ -139,9 +140,10 @@ class VariantStats:
     def tasks(self) -> list[str]:
         return list(dict.fromkeys(t for r in self.runs for t in r.tasks))
 
-    def final_downstream(self, task: str) -> list[float]:
-        """Each run's last logged acc_norm on `task` (runs that did not log it left out)."""
-        return [r.downstream(task)[-1][1] for r in self.runs if r.downstream(task)]
+    def final_downstream(self, task: str, metric: str = "acc_norm") -> list[float]:
+        """Each run's last logged `metric` on `task` (runs that did not log it left out)."""
+        return [r.downstream(task, metric)[-1][1] for r in self.runs
+                if r.downstream(task, metric)]
 
     def mean_of(self, values: list[float | None]) -> float | None:
         known = [v for v in values if v is not None]
@@ -203,7 +205,20 @@ def load_run(path: str, variant: str | None = None) -> Run:
         variant = member.get("variant") or (
             os.path.basename(parent) if re.fullmatch(r"seed_\d+", base) and parent else base)
     config = flatten(read_json(os.path.join(path, "config.json")) or {})
-    return Run(path, variant, read_metrics(path), config, member)
+    return Run(path, variant, [upgrade_event(e) for e in read_metrics(path)], config, member)
+
+
+def upgrade_event(event: dict) -> dict:
+    """A metrics.jsonl event under today's metric names (`evals.upgrade`: a run logged before
+    `acc_per_token` existed called it `acc_norm`)."""
+    old = [k for k in event if k.startswith(DOWNSTREAM) and k.endswith("/acc_norm")
+           and k[:-len("acc_norm")] + "acc_per_token" not in event]
+    if not old:
+        return event
+    event = dict(event)
+    for k in old:
+        event[k[:-len("acc_norm")] + "acc_per_token"] = event.pop(k)
+    return event
 
 
 def discover(paths: list[str]) -> tuple[list[Run], str | None, dict]:
@@ -314,3 +329,9 @@ def varied_keys(stats: list[VariantStats]) -> list[str]:
 def default_out(paths: list[str]) -> str:
     return paths[0] if len(paths) == 1 else os.path.commonpath(
         [os.path.abspath(p) for p in paths])
+
+
+def reported_metric(runs: list[Run], task: str) -> str:
+    """The downstream metric the report shows for `task`: lm-eval's acc_norm where any run
+    logged it, else (runs from before it) the per-token one."""
+    return next((m for m in REPORTED if any(r.downstream(task, m) for r in runs)), REPORTED[0])
