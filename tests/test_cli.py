@@ -42,7 +42,7 @@ OWN_FLAGS = {
     "sample": {"workdir", "prompt", "prompt_file", "max_new_tokens", "temperature", "top_k",
                "top_p", "num_samples", "seed", "truncate_prompt", "shard", "logprobs"},
     "aot": {"config", "topology", "preset", "mesh", "batch_size", "dtype", "remat_policy",
-            "attention_impl", "scan_layers", "decode", "decode_batch_size", "json_out",
+            "attention_impl", "scan_layers", "decode", "decode_batch_size", "serve_slots", "json_out",
             "xla_overlap_flags", "search", "tokens_per_step", "budget_s", "workers", "top"},
     "sweep": {"config", "workdir", "only", "set", "list"} | DISTRIBUTED,
     "compare": {"out", "baseline", "smoothing", "target_loss"},
