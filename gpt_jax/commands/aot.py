@@ -92,8 +92,13 @@ def main(argv: list[str]) -> None:
                              overlap_flags=FLAGS.xla_overlap_flags)
     except aot.AotError as e:
         raise CommandError(str(e)) from e
+    _report(record, aot.format_report)
+
+
+def _report(record: dict, render) -> None:
+    """The human report on stderr, the record (with its command line) as JSON on stdout."""
     record["command"] = "gpt-jax " + " ".join(sys.argv[1:])
-    print(aot.format_report(record), file=sys.stderr)
+    print(render(record), file=sys.stderr)
     print_record(record, FLAGS.json_out)
 
 
@@ -126,9 +131,7 @@ def _serving() -> None:
                                      overlap_flags=FLAGS.xla_overlap_flags)
     except aot.AotError as e:
         raise CommandError(str(e)) from e
-    record["command"] = "gpt-jax " + " ".join(sys.argv[1:])
-    print(aot.format_serving(record), file=sys.stderr)
-    print_record(record, FLAGS.json_out)
+    _report(record, aot.format_serving)
 
 
 def _search() -> None:
