@@ -8,9 +8,12 @@ one checkpoint directory is enough to sample from.
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
+import errno
 import logging as py_logging
 import os
+import shutil
 import sys
 from typing import Any
 
@@ -22,7 +25,7 @@ from etils import epath
 from jax.sharding import SingleDeviceSharding
 
 from gpt_jax import sharding as sharding_lib
-from gpt_jax.errors import NoCheckpointError, UnreadableCheckpointsError
+from gpt_jax.errors import DiskFullError, NoCheckpointError, UnreadableCheckpointsError
 from gpt_jax.model import ModelConfig, abstract_params
 from gpt_jax.schema import Section, field
 
@@ -63,13 +66,27 @@ class Checkpointer:
         self.directory = checkpoint_dir(workdir)
         self.workdir = workdir
         self.manager = _manager(self.directory, options)
+        self._writing: int | None = None  # the step of the newest save (async: maybe running)
+        self._need = 0  # bytes of the params and optimizer state
+        self._failed = False
+        _quiet_disk_full_logs()
 
     def save(self, state: dict, data_state: dict, config: dict, force: bool = False) -> bool:
         """Save `state` (unless its step is saved already) with the loader's state and the
-        run's config (a plain dict); async unless the config says otherwise."""
+        run's config (a plain dict); async unless the config says otherwise. A full disk
+        (now, or of an earlier async save) is a DiskFullError naming the last good step."""
         step = int(jax.device_get(state["step"]))
         if step in self.manager.all_steps():
             return False
+        self._need = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(
+            (state["params"], state["opt_state"])) if hasattr(x, "dtype"))
+        with self._disk_full_is_one_line(step):
+            saved = self._save(step, state, data_state, config, force)
+        self._writing = step
+        return saved
+
+    def _save(self, step: int, state: dict, data_state: dict, config: dict,
+              force: bool) -> bool:
         meta = {"step": step, "rng": np.asarray(jax.device_get(state["rng"])).tolist(),
                 "data": data_state}
         args = ocp.args.Composite(
@@ -118,11 +135,106 @@ class Checkpointer:
         return state, meta
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        with self._disk_full_is_one_line():
+            self.manager.wait_until_finished()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            if not self._failed:  # a full disk is reported once
+                self.wait()
+        finally:
+            self.manager.close()
+
+    @contextlib.contextmanager
+    def _disk_full_is_one_line(self, step: int | None = None):
+        """A full disk in the body is one DiskFullError: the save that failed is the earlier
+        async one (still writing) if it left a partial directory, else `step`'s."""
+        candidates = [s for s in (self._writing, step) if s is not None]
+        try:
+            yield
+        except Exception as e:
+            if not is_disk_full(e):
+                raise
+            removed = {s: _remove_partial(_absolute(self.directory), s) for s in candidates}
+            failed = next((s for s in candidates if removed[s]), candidates[-1] if candidates
+                          else None)
+            self._failed = True
+            raise DiskFullError(self._disk_full_message(failed, removed.get(failed))) from e
+
+    def _disk_full_message(self, step: int | None, removed: str | None) -> str:
+        with contextlib.suppress(Exception):
+            self.manager.reload()
+        good = [s for s in self.manager.all_steps() if s != step]
+        free = _free_bytes(self.directory)
+        return (f"the disk is full (or a quota or file-size limit was hit): writing checkpoint {step if step is not None else '?'} to "
+                f"{self.directory} failed ({_size(free) if free is not None else 'unknown'} "
+                f"free; a checkpoint of this run needs about {_size(self._need)})"
+                + (f"; removed the partial {removed}" if removed else "")
+                + (f"; the last good checkpoint is step {max(good)}" if good
+                   else "; no checkpoint of this run is complete")
+                + "; free space and rerun the same command to resume")
+
+
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+DISK_FULL_TEXTS = ("No space left on device", "Disk quota exceeded", "File too large",
+                   "RESOURCE_EXHAUSTED: Error writing", "os_error_code='28'",
+                   "os_error_code='27'", "os_error_code='122'")
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """Whether `error` (or what it wraps: Orbax wraps TensorStore's) is a full disk or quota."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS:
+            return True
+        if any(text in str(error) for text in DISK_FULL_TEXTS):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+class _DiskFullFilter(py_logging.Filter):
+    """Orbax's save threads log a traceback each for one full disk (six for one save); the
+    DiskFullError the run raises says it once."""
+
+    def filter(self, record: py_logging.LogRecord) -> bool:
+        text = record.getMessage() + (str(record.exc_info[1]) if record.exc_info else "")
+        return not any(t in text for t in DISK_FULL_TEXTS)
+
+
+def _quiet_disk_full_logs() -> None:
+    logger = py_logging.getLogger("absl")
+    if not any(isinstance(f, _DiskFullFilter) for f in logger.filters):
+        logger.addFilter(_DiskFullFilter())
+
+
+def _remove_partial(directory: str, step: int | None) -> str:
+    """Remove the temporary directory a failed save of `step` left; its name, or ''."""
+    if step is None or "://" in directory or not os.path.isdir(directory):
+        return ""
+    for name in os.listdir(directory):
+        if name.startswith(f"{step}.") and "tmp" in name:
+            shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+            return os.path.join(directory, name)
+    return ""
+
+
+def _free_bytes(directory: str) -> int | None:
+    if "://" in directory:
+        return None
+    try:
+        return shutil.disk_usage(_absolute(directory)).free
+    except OSError:
+        return None
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
 
 
 def _short(error: BaseException, limit: int = 160) -> str:

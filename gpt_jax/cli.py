@@ -10,6 +10,7 @@ inside the functions that use it ("on use" below): `gpt-jax --help` loads neithe
 from __future__ import annotations
 
 import difflib
+import errno
 import importlib
 import importlib.util
 import os
@@ -140,6 +141,10 @@ def fail(prog: str, message: str, code: int) -> NoReturn:
 
 def one_line(error: BaseException, limit: int = 600) -> str:
     """The error's message on one line (its lines joined), at most `limit` characters."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        where = error.filename or "a file"
+        return (f"the disk is full: writing {where} failed ({os.strerror(error.errno)}); "
+                "free space and rerun the same command (a run resumes from its last checkpoint)")
     text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
     text = text or type(error).__name__
     return text if len(text) <= limit else text[:limit - 3] + "..."
@@ -160,6 +165,8 @@ def expected_exit_code(error: BaseException) -> int | None:
     if isinstance(error, (FileNotFoundError, NotADirectoryError, IsADirectoryError,
                           PermissionError)):
         return 1
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return 1  # a full disk while writing any file of a run: see one_line
     return None
 
 

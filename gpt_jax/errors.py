@@ -55,6 +55,18 @@ class UnreadableCheckpointsError(CheckpointError):
     """Checkpoints exist but none of them reads back."""
 
 
+class RunLockedError(UserError, RuntimeError):
+    """Another live process trains in the run directory."""
+
+
+class RunDirError(UserError, OSError):
+    """A run directory that cannot be created or written."""
+
+
+class DiskFullError(UserError, OSError):
+    """A write of the run (a checkpoint, metrics, a store shard) ran out of space."""
+
+
 class NonFiniteLossError(UserError, RuntimeError):
     """Training hit a NaN/inf loss or gradient (and the config says stop, not skip)."""
 

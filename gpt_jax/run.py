@@ -143,13 +143,23 @@ def run_tokenizer(path: str) -> Tokenizer:
     return load_tokenizer(tokenizer_home(path))
 
 
-def settle_vocab(raw: dict, tok: Tokenizer | None) -> None:
-    """A byte/char tokenizer fixes model.vocab_size (a fine-tune keeps its parent's); any
-    tokenizer must fit the model's vocabulary."""
+def settle_vocab(raw: dict, tok: Tokenizer | None, explicit: frozenset[str] = frozenset()
+                 ) -> None:
+    """A byte/char tokenizer fixes model.vocab_size (a fine-tune keeps its parent's): a value
+    the config file gave is replaced with a warning, one given on the command line (in
+    `explicit`) is an error. Any tokenizer must fit the model's vocabulary."""
     if tok is None:
         return
     model = raw["model"]
     if tok.kind in ("byte", "char") and not raw["train"].get("init_from"):
+        given = model.get("vocab_size")
+        if given is not None and given != tok.vocab_size:
+            if "model.vocab_size" in explicit:
+                raise ConfigError(f"--config.model.vocab_size={given} but the {tok.kind} "
+                                  f"tokenizer has {tok.vocab_size} ids and sets the vocabulary; "
+                                  f"drop the flag or give {tok.vocab_size}")
+            logging.warning("model.vocab_size=%s replaced by the %s tokenizer's %d ids", given,
+                            tok.kind, tok.vocab_size)
         model["vocab_size"] = tok.vocab_size
     if tok.vocab_size > model.get("vocab_size", ModelConfig.vocab_size):
         raise ConfigError(f"the {tok.kind} tokenizer has {tok.vocab_size} tokens but "
@@ -198,15 +208,17 @@ def open_data(config: Config, tok: Tokenizer, split: str) -> Dataset:
     return open_dataset(store, tok, split, config.model.block_size)
 
 
-def resolve_run(config: Config | ml_collections.ConfigDict | Mapping, workdir: str) -> Run:
+def resolve_run(config: Config | ml_collections.ConfigDict | Mapping, workdir: str,
+                explicit: frozenset[str] = frozenset()) -> Run:
     """The training run of `config` in `workdir` (see the module docstring); `config` itself
-    is left as it was."""
+    is left as it was. `explicit`: the "section.field" names the user set on the command
+    line, which the run may not replace."""
     raw = _raw(config)
     inherit_parent(raw)
     data_cfg = DataConfig.from_dict(raw.get("data", {}))
     init_from = raw.get("train", {}).get("init_from", "")
     tok = known_tokenizer(data_cfg, workdir, init_from)
-    settle_vocab(raw, tok)
+    settle_vocab(raw, tok, explicit)
     config = Config.from_dict(raw, data=data_cfg)  # the run's one ModelConfig and rules
     config.check_devices(jax.device_count())
     check_resume(workdir, config)
@@ -223,8 +235,10 @@ def resolve_run(config: Config | ml_collections.ConfigDict | Mapping, workdir: s
     if config.data.is_sft and jax.process_index() == 0:
         write_template(workdir)  # the chat template of the prompt/response format
     mesh = config.mesh.make()
-    return Run(config, workdir, mesh, tok, open_data(config, tok, "train"),
-               open_data(config, tok, "validation"))
+    train_data, val_data = open_data(config, tok, "train"), open_data(config, tok, "validation")
+    for dataset in (train_data, val_data):  # both splits must hold a window of the context
+        dataset.num_windows(config.model.block_size)
+    return Run(config, workdir, mesh, tok, train_data, val_data)
 
 
 def open_run(path: str, overrides: Mapping[str, Any] | None = None,

@@ -21,8 +21,8 @@ from jax.experimental import multihost_utils
 
 from gpt_jax import checkpoint as ckpt_lib
 from gpt_jax import config as config_lib
-from gpt_jax import data, evals, flops, run_status, sharding
-from gpt_jax.errors import NonFiniteLossError
+from gpt_jax import data, evals, flops, run_lock, run_status, sharding
+from gpt_jax.errors import ConfigMismatchError, NonFiniteLossError
 from gpt_jax.evaluate import evaluate
 from gpt_jax.metrics import MetricsWriter, Throughput
 from gpt_jax.run import Run, resolve_run
@@ -62,17 +62,34 @@ class StopSignal:
 
 def initial_state(trainer: Trainer, checkpointer: ckpt_lib.Checkpointer, init_from: str,
                   seed: int):
-    """(state, start_step): resumed from the workdir, else fine-tune params, else fresh."""
+    """(state, start_step, saved data stream or None): resumed from the workdir, else
+    fine-tune params, else fresh."""
     restored = checkpointer.restore_latest(trainer.abstract_state())
     if restored is not None:
         state, meta = restored
         logging.info("resumed from %s at step %d", checkpointer.directory, meta["step"])
-        return state, meta["step"]
+        return state, meta["step"], meta.get("data")
     params = None
     if init_from:
         _, params = ckpt_lib.load_params(init_from, shardings=trainer.state_shardings["params"])
         logging.info("fine-tuning from the params of %s", init_from)
-    return trainer.init_state(seed, params), 0
+    return trainer.init_state(seed, params), 0, None
+
+
+def check_data_stream(saved: dict | None, now: dict, workdir: str) -> None:
+    """A resume continues the checkpoint's data stream: the same seed, batch, context and
+    tokens (its store's build), or a ConfigMismatchError naming what changed."""
+    if not saved:
+        return
+    names = {"seed": "train.seed", "global_batch_size": "train.global_batch_size",
+             "seq_len": "model.block_size", "data": "the training data (its store's build)"}
+    diffs = [f"{names[k]}: {saved[k]!r} in the checkpoint, {now[k]!r} now"
+             for k in names if saved.get(k) is not None and saved.get(k) != now.get(k)]
+    if diffs:
+        raise ConfigMismatchError(
+            f"resuming {workdir} at step {saved.get('step')} would change its data stream "
+            f"({'; '.join(diffs)}); resume with the run's values, or start a new run from it "
+            f"with --config.train.init_from={workdir}")
 
 
 def describe_run(run: Run, n_params: int, padded: int, log) -> None:
@@ -91,17 +108,19 @@ def describe_run(run: Run, n_params: int, padded: int, log) -> None:
         f"metrics: {os.path.join(run.workdir, 'metrics.jsonl')}")
 
 
-def train(config, workdir: str) -> dict:
+def train(config, workdir: str, explicit: frozenset[str] = frozenset()) -> dict:
     """Train (or resume) the run of `config` (a ConfigDict, dict or Config) in `workdir`;
-    returns the last logged metrics."""
+    returns the last logged metrics. `explicit`: fields set on the command line."""
     stop = StopSignal()  # installed first: a SIGTERM during set-up still ends in a clean save
-    run_status.write(workdir, "running")
     try:
-        run = resolve_run(config, workdir)
-        last = _train(run, stop)
+        with run_lock.hold(workdir):  # first: a second process must not touch the run
+            run_status.write(workdir, "running")
+            run = resolve_run(config, workdir, explicit)
+            last = _train(run, stop)
+            run_status.ended(workdir, run.config.train.num_steps, stop.received,
+                             stop.stopped_at)
     finally:
         stop.restore()
-    run_status.ended(workdir, run.config.train.num_steps, stop.received, stop.stopped_at)
     return last
 
 
@@ -123,11 +142,20 @@ def _train(run: Run, stop: StopSignal) -> dict:
     config, workdir = run.config, run.workdir
     if jax.process_index() == 0:
         epath.Path(workdir, "config.json").write_text(config_lib.to_json(config))
+    evals.training_tasks(run.tokenizer, config)  # a bad task file fails before any compile
     trainer = Trainer.create(config.model, config.train, config.optim, run.mesh, run.rules)
     checkpointer = ckpt_lib.Checkpointer(workdir, config.checkpoint)
     t, seq_len = config.train, config.model.block_size
     with sharding.activate(run.mesh, run.rules):
-        state, start_step = initial_state(trainer, checkpointer, t.init_from, t.seed)
+        state, start_step, saved_stream = initial_state(trainer, checkpointer, t.init_from,
+                                                        t.seed)
+        stream = {"seed": t.seed, "global_batch_size": t.global_batch_size, "seq_len": seq_len,
+                  "data": getattr(run.train_data, "fingerprint", None)}
+        try:
+            check_data_stream(saved_stream, stream, workdir)
+        except ConfigMismatchError:
+            checkpointer.close()
+            raise
         train_step, eval_step = trainer.jit_train_step(), trainer.jit_eval_step()
         writer = MetricsWriter(workdir, t.num_steps, start_step)
         n_params = flops.count_params(config.model, padding=False)

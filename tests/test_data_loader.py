@@ -147,7 +147,8 @@ def test_loader_builds_sharded_global_arrays_on_8_devices(setup):
             for shard in array.addressable_shards:  # each device holds its own 2 rows
                 assert shard.data.shape == (2, T)
                 np.testing.assert_array_equal(np.asarray(shard.data), expected[key][shard.index])
-    assert loader.state() == {"step": 6, "seed": 5, "global_batch_size": 16, "seq_len": T}
+    assert loader.state() == {"step": 6, "seed": 5, "global_batch_size": 16, "seq_len": T,
+                              "data": ds.fingerprint}
     loader.close()
     with pytest.raises(DataError, match="global_batch_size=12 is not divisible"):
         data.BatchLoader(ds, 12, T, seed=0, mesh=mesh, rules=RULES)

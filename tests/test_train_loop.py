@@ -15,6 +15,7 @@ import pytest
 from conftest import tiny_run_config
 from gpt_jax import checkpoint, train
 from gpt_jax.config import to_json, typed
+from gpt_jax.errors import ConfigMismatchError
 from gpt_jax.metrics import read_metrics
 from gpt_jax.sharding import MeshConfig
 
@@ -184,3 +185,48 @@ def test_finetune_starts_from_the_parent(tmp_path, text_corpus, straight_run):
     assert child_start and child_start[0]["eval_loss"] == pytest.approx(
         parent_eval["eval_loss"], rel=1e-6)
     assert sorted(losses_by_step(child)) == [2, 4]  # a fresh schedule: steps from 0
+
+
+@pytest.mark.parametrize("change", ["seed", "global_batch_size", "corpus"])
+def test_a_resume_that_would_change_the_data_stream_is_refused(tmp_path, text_corpus,
+                                                               straight_run, change):
+    import shutil
+
+    workdir = tmp_path / "run"
+    shutil.copytree(straight_run, workdir)
+    config = config_for(workdir, text_corpus, num_steps=STEPS + 4)
+    if change == "seed":
+        config.train.seed += 1
+    elif change == "global_batch_size":
+        config.train.global_batch_size *= 2
+    else:
+        other = tmp_path / "other_corpus"
+        other.mkdir()
+        (other / "a.txt").write_text((text_corpus / os.listdir(text_corpus)[0]).read_text())
+        config.data.paths = str(other)
+    with pytest.raises(ConfigMismatchError, match="would change its data stream") as e:
+        train.train(config, str(workdir))
+    expected = {"seed": "train.seed", "global_batch_size": "train.global_batch_size",
+                "corpus": "the training data"}[change]
+    assert expected in str(e.value)
+
+
+def test_two_training_processes_on_one_run_directory(tmp_path, text_corpus):
+    config = config_for(tmp_path, text_corpus, num_steps=2000, log_every=50, eval_every=2000)
+    path = write_config_file(tmp_path, config)
+    workdir = tmp_path / "run"
+    first = run_cli(workdir, path)
+    try:
+        assert wait_for(lambda: (workdir / "run.lock").exists(), first, timeout=300)
+        second = run_cli(workdir, path)
+        out, _ = second.communicate(timeout=300)
+        assert second.returncode == 1, out
+        line = out.strip().splitlines()[-1]
+        assert line.startswith("gpt-jax train: the run directory") and \
+            f"in use by pid {first.pid} on" in line, out
+        assert json.loads((workdir / "status.json").read_text())["state"] == "running"
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.communicate(timeout=300)
+    assert first.returncode == 0
+    assert not (workdir / "run.lock").exists()

@@ -39,6 +39,12 @@ def config_with_overrides(path: str, argv: list[str]):
         sys.argv = saved
 
 
+def explicit_fields(argv: list[str]) -> frozenset[str]:
+    """The "section.field" names that `--config.section.field=value` arguments set."""
+    return frozenset(a[len("--config."):].split("=", 1)[0] for a in argv
+                     if a.startswith("--config."))
+
+
 def define_distributed_flags() -> None:
     flags.DEFINE_string("coordinator_address", None,
                         "host:port of process 0, for multi-process runs off TPU VMs.")

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import sys
 
 from absl import flags, logging
 
 from gpt_jax.cli import expected_exit_code
 from gpt_jax.commands import common
+from gpt_jax.errors import RunDirError, RunLockedError
 
 common.define_config_flag()
 common.define_distributed_flags()
@@ -24,7 +26,9 @@ def main(argv: list[str]) -> None:
     from gpt_jax import run_status, train
 
     try:
-        last = train.train(FLAGS.config, FLAGS.workdir)
+        last = train.train(FLAGS.config, FLAGS.workdir, common.explicit_fields(sys.argv))
+    except (RunLockedError, RunDirError):
+        raise  # the run directory is another process's, or cannot be written
     except Exception as e:
         known = expected_exit_code(e) is not None
         run_status.failed(FLAGS.workdir,

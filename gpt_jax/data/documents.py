@@ -25,6 +25,7 @@ import io
 import json
 import platform
 import sysconfig
+import zlib
 from typing import Any, Iterator
 
 import pyarrow.parquet as pq
@@ -216,7 +217,7 @@ def _open_lines(piece: Piece) -> Iterator[tuple[int, int, bytes]]:
         if piece.path.endswith(".gz"):
             stream: Any = gzip.GzipFile(fileobj=raw)
         elif piece.path.endswith(".zst"):
-            stream = io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw))
+            stream = io.BufferedReader(_ZstdReader(raw))
         else:
             stream = raw
         offset, number = piece.start, 1 if piece.start == 0 else 0
@@ -224,12 +225,59 @@ def _open_lines(piece: Piece) -> Iterator[tuple[int, int, bytes]]:
             stream.seek(piece.start - 1)
             offset += len(stream.readline()) - 1  # the rest of the line that began before
         while piece.stop < 0 or offset < piece.stop:
-            line = stream.readline()
+            try:
+                line = stream.readline()
+            except (EOFError, OSError, zlib.error, zstandard.ZstdError) as e:
+                raise _cut_short(piece.path, offset, number, e) from None
             if not line:
                 return
             yield offset, number, line
             offset += len(line)
             number += 1 if number else 0
+
+
+class _ZstdReader(io.RawIOBase):
+    """The decompressed bytes of a .zst file's frames, raising ZstdError where the file ends
+    inside a frame (zstandard's stream_reader ends there silently)."""
+
+    def __init__(self, raw):
+        self.raw, self.frame, self.pending = raw, zstandard.ZstdDecompressor().decompressobj(), b""
+        self.started = False  # whether the current frame has any input yet
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while not self.pending:
+            chunk = self.raw.read(1 << 20)
+            if not chunk:
+                if self.started and not self.frame.eof:
+                    raise zstandard.ZstdError("the file ends inside a zstd frame")
+                return 0
+            while chunk:
+                self.started = True
+                self.pending += self.frame.decompress(chunk)
+                chunk = b""
+                if self.frame.eof:  # the next frame starts in what this one left over
+                    chunk, self.frame = self.frame.unused_data, \
+                        zstandard.ZstdDecompressor().decompressobj()
+                    self.started = False
+        n = min(len(buffer), len(self.pending))
+        buffer[:n], self.pending = self.pending[:n], self.pending[n:]
+        return n
+
+
+def _cut_short(path: str, offset: int, number: int, error: BaseException) -> DataError:
+    """The one-line error of a file whose reading failed part-way: truncated, damaged, or a
+    remote read that broke off."""
+    compressed = path.endswith((".gz", ".zst"))
+    where = f"after line {number - 1} (byte {offset:,} of its text)" if number else \
+        f"at byte {offset:,} of its text"
+    what = ("ends early or is damaged" if compressed and isinstance(
+        error, (EOFError, zlib.error, zstandard.ZstdError, gzip.BadGzipFile))
+        else "could not be read to the end")
+    detail = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return DataError(f"{path} {what} {where} ({detail}); download or copy it again")
 
 
 def _jsonl_texts(piece: Piece, field: str) -> Iterator[tuple[str, str]]:
@@ -266,7 +314,13 @@ def _parquet_texts(piece: Piece, field: str) -> Iterator[tuple[str, str]]:
         if field not in parquet.schema_arrow.names:
             raise DataError(f"{piece.path}: no column {field!r} (has: "
                             f"{', '.join(parquet.schema_arrow.names)}); set data.text_field")
-        column = parquet.read_row_group(piece.start, columns=[field]).column(0)
+        try:
+            column = parquet.read_row_group(piece.start, columns=[field]).column(0)
+        except Exception as e:  # noqa: BLE001 -- pyarrow raises its own error types
+            raise DataError(f"{piece.path}: row group {piece.start} cannot be read "
+                            f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                            "the file is damaged or cut short; download or copy it again"
+                            ) from None
         for row, text in enumerate(column.to_pylist()):
             if text is not None:
                 yield f"{piece.rel}#{piece.start}:{row}", text

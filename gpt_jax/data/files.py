@@ -159,7 +159,15 @@ def store_paths(spec: str) -> list[tuple[str, float]]:
         try:  # a path may hold "=" itself (gs://b/year=2024/store): only a number is a weight
             out.append((path, float(weight)) if path else (entry, 1.0))
         except ValueError:
+            if not is_remote(entry) and not os.path.exists(entry):
+                raise DataError(f"data.store={spec!r}: in {entry!r} the weight {weight!r} is "
+                                f"not a number (PATH=WEIGHT, e.g. {path}=0.5), and no store is "
+                                f"at {entry!r}") from None
             out.append((entry, 1.0))
+    for path, _ in out:
+        if not is_remote(path) and os.path.isfile(path):
+            raise DataError(f"data.store={path!r} is a file; a store is the directory that "
+                            "`gpt-jax prepare --store=DIR` writes")
     if not out or any(w <= 0 for _, w in out):
         raise DataError(f"data.store={spec!r}: expected PATH or PATH=WEIGHT,PATH=WEIGHT,... "
                         "with positive weights")

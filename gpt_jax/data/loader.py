@@ -29,6 +29,7 @@ class Dataset(Protocol):
     """What the loader, the loop and evaluation read from one split of a run's data."""
     name: str
     tokenizer: Tokenizer
+    fingerprint: str  # which tokens (the store's build), so a resume can tell another corpus
 
     @property
     def bytes_per_token(self) -> float | None:
@@ -76,6 +77,7 @@ class TokenDataset(HostBatches):
         self.store = store
         self.tokens = self.store.tokens(self.split)
         self.name = f"{self.store.manifest['corpus']}/{self.split}"
+        self.fingerprint = self.store.manifest["build_key"]
         self._epochs: dict[tuple[int, int, int], tuple[int, np.ndarray]] = {}
         self._eval_clamp_noted = False
 
@@ -278,7 +280,8 @@ class BatchLoader:
     def state(self) -> dict:
         """JSON-able; `step` is the step of the next batch this loader yields."""
         return {"step": self._next_step, "seed": self.seed,
-                "global_batch_size": self.batch_size, "seq_len": self.seq_len}
+                "global_batch_size": self.batch_size, "seq_len": self.seq_len,
+                "data": getattr(self.dataset, "fingerprint", None)}
 
     def close(self) -> None:
         self._stop.set()

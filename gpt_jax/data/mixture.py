@@ -35,6 +35,8 @@ class MixtureDataset(HostBatches):
         self.heaviest = int(np.argmax(self.weights))
         self.tokenizer = tok
         self.name = "+".join(p.name for p in self.parts)
+        self.fingerprint = ",".join(f"{p.fingerprint}={w:.6g}"
+                                    for p, w in zip(self.parts, self.weights))
 
     @property
     def num_tokens(self) -> int:

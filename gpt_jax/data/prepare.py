@@ -88,8 +88,10 @@ def shard_name(store: str, index: int, split: str | None = None) -> str:
     return os.path.join(store, "shards", f"{index:06d}.{suffix}")
 
 
-def shard_is_done(store: str, index: int, key: str, itemsize: int) -> bool:
-    """The shard's record exists for this build and each of its files has its full size."""
+def shard_is_done(store: str, index: int, key: str, itemsize: int,
+                  verify: bool = False) -> bool:
+    """The shard's record exists for this build and each of its files has its full size
+    (and, with `verify`, the sha256 its record lists: a damaged shard is not done)."""
     meta = read_json(shard_name(store, index))
     if not meta or meta.get("build_key") != key:
         return False
@@ -98,8 +100,25 @@ def shard_is_done(store: str, index: int, key: str, itemsize: int) -> bool:
         path = filesystem(shard_name(store, index, split))[1]
         if not fs.exists(path) or fs.size(path) != info["num_tokens"] * itemsize:
             return False
-        if "index_sha256" in info and not fs.exists(path[:-len(".tokens")] + ".index"):
+        index_path = path[:-len(".tokens")] + ".index"
+        if "index_sha256" in info and not fs.exists(index_path):
             return False
+        if verify and not (_sha256_matches(fs, path, info["sha256"], shard_name(store, index))
+                           and ("index_sha256" not in info or _sha256_matches(
+                               fs, index_path, info["index_sha256"], shard_name(store, index)))):
+            return False
+    return True
+
+
+def _sha256_matches(fs, path: str, expected: str, record: str) -> bool:
+    sha = hashlib.sha256()
+    with fs.open(path, "rb") as f:
+        while chunk := f.read(8 << 20):
+            sha.update(chunk)
+    if sha.hexdigest() != expected:
+        logging.warning("%s does not match the sha256 in %s (damaged); preparing it again", path,
+                        record)
+        return False
     return True
 
 
@@ -311,14 +330,15 @@ def prepare(d: DataConfig, store: str, tok: Tokenizer, num_workers: int = 0,
     manifest = read_json(os.path.join(store, MANIFEST))
     if manifest is not None:
         check_manifest(store, manifest, key)
-        if all(shard_is_done(store, i, key, itemsize) for i in range(len(plan.pieces))):
+        if all([shard_is_done(store, i, key, itemsize, verify=True)
+                for i in range(len(plan.pieces))]):  # every shard read: a rerun verifies
             return {"pieces": len(plan.pieces), "built": 0, "skipped": len(plan.pieces)}
         if process_index == 0:  # a shard went missing: rebuild it, then the manifest
             logging.warning("%s: some shards are missing or damaged; preparing them again", store)
             filesystem(store)[0].rm(filesystem(os.path.join(store, MANIFEST))[1])
     _check_no_foreign_shards(store, plan, key)
     mine = [i for i in range(len(plan.pieces)) if i % process_count == process_index]
-    todo = [i for i in mine if not shard_is_done(store, i, key, itemsize)]
+    todo = [i for i in mine if not shard_is_done(store, i, key, itemsize, verify=True)]
     workers = max(1, min(num_workers or os.cpu_count() or 1, len(todo) or 1))
     threads = threads or max(1, (os.cpu_count() or 1) // workers)
     stats = {"pieces": len(plan.pieces), "built": len(todo), "skipped": len(mine) - len(todo),

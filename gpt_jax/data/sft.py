@@ -43,6 +43,7 @@ class SFTDataset(HostBatches):
         self.split, self.tokenizer, self.block_size = split, tok, int(block_size)
         self.store = store
         self.name = f"sft/{split}"
+        self.fingerprint = store.manifest["build_key"]
         tokens, index, files = store.examples(split)
         if not len(index):
             raise DataError(f"the {split} split of the SFT store {store.path} has no pairs")

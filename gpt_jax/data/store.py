@@ -16,6 +16,7 @@ import hashlib
 import os
 import resource
 import tempfile
+import threading
 
 import numpy as np
 from absl import logging
@@ -44,14 +45,50 @@ def _allow_open_files(needed: int) -> None:
                             "with a larger data.shard_mb")
 
 
-class SplitTokens:
-    """The shards of one split as a single 1-D token sequence (memory-mapped files)."""
+class Verifier:
+    """Checks files against their sha256 in a thread of its own; `check()` raises the first
+    mismatch (a DataError naming the file) in the thread that reads the tokens."""
 
-    def __init__(self, paths: list[str], counts: list[int], dtype: np.dtype):
+    def __init__(self, files: list[tuple[str, str]], store: str):
+        self.error: str | None = None
+        self.store = store
+        self.thread = threading.Thread(target=self._run, args=(files,), daemon=True,
+                                       name="store-verifier")
+        self.thread.start()
+
+    def _run(self, files: list[tuple[str, str]]) -> None:
+        for path, expected in files:
+            sha = hashlib.sha256()
+            try:
+                with open(path, "rb") as f:
+                    while chunk := f.read(8 << 20):
+                        sha.update(chunk)
+            except OSError as e:
+                self.error = f"{path} of the store {self.store} cannot be read: {e}"
+                return
+            if sha.hexdigest() != expected:
+                self.error = (f"{path} does not match the sha256 in {self.store}/{MANIFEST}: "
+                              "the store is damaged; run `gpt-jax prepare` with the same flags "
+                              "again (it rebuilds the damaged shards)")
+                return
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise DataError(self.error)
+
+
+class SplitTokens:
+    """The shards of one split as a single 1-D token sequence (memory-mapped files); every
+    window read is checked against `vocab_size` and the store's `verifier`."""
+
+    def __init__(self, paths: list[str], counts: list[int], dtype: np.dtype,
+                 vocab_size: int | None = None, verifier: Verifier | None = None,
+                 name: str = ""):
         _allow_open_files(len(paths) + 256)  # each memory map holds a file descriptor
         self.shards = [np.memmap(p, dtype=dtype, mode="r", shape=(n,))
                        for p, n in zip(paths, counts) if n]
         self.starts = np.concatenate([[0], np.cumsum([s.shape[0] for s in self.shards])])
+        self.vocab_size, self.verifier, self.name = vocab_size, verifier, name
 
     def __len__(self) -> int:
         return int(self.starts[-1])
@@ -75,6 +112,14 @@ class SplitTokens:
                 lo = pos - int(self.starts[shard])
                 out_NL[row, pos - start:pos - start + take] = self.shards[shard][lo:lo + take]
                 pos, shard = pos + take, shard + 1
+        if self.verifier is not None:
+            self.verifier.check()
+        if self.vocab_size is not None and out_NL.size and out_NL.max() >= self.vocab_size:
+            row, col = np.argwhere(out_NL >= self.vocab_size)[0]
+            raise DataError(f"{self.name}: token id {out_NL[row, col]} at token "
+                            f"{int(starts_N[row]) + int(col)} is outside the tokenizer's "
+                            f"{self.vocab_size} ids: the store is damaged; run `gpt-jax "
+                            "prepare` with the same flags again")
         return out_NL
 
 
@@ -117,7 +162,12 @@ class Store:
             if size != shard["num_tokens"] * self.dtype.itemsize:
                 raise DataError(f"{path} has {size} bytes, not the {shard['num_tokens']} tokens "
                                 f"that {self.path}/{MANIFEST} lists; run prepare again")
-        return SplitTokens(paths, [s["num_tokens"] for s in shards], self.dtype)
+        verifier = None  # a remote store's local copy was checked as it was copied
+        if not is_remote(self.path):
+            verifier = Verifier([(p, s["sha256"]) for p, s in zip(paths, shards)], self.path)
+        return SplitTokens(paths, [s["num_tokens"] for s in shards], self.dtype,
+                           self.manifest["tokenizer"].get("vocab_size"), verifier,
+                           f"{self.path} ({split})")
 
     def examples(self, split: str) -> tuple[SplitTokens, np.ndarray, list[str]]:
         """An SFT split: (tokens, index [N, 3] of tokens / prompt tokens / line per example,

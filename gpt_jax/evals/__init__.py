@@ -76,13 +76,22 @@ _TRAINING_TASKS: dict[tuple, list[Task]] = {}
 def during_training(trainer, params, tokenizer, config) -> dict[str, float]:
     """`config.train.eval_tasks` on at most `config.train.eval_tasks_examples` examples each,
     as metric events; {} when no task is configured. Tasks are read once per run."""
+    tasks = training_tasks(tokenizer, config)
+    if not tasks:
+        return {}
+    results = run_tasks(trainer.model_cfg, params, tokenizer, tasks, mesh=trainer.mesh,
+                        rules=trainer.rules)
+    return metric_events(results)
+
+
+def training_tasks(tokenizer, config) -> list:
+    """The tasks of `config.train.eval_tasks`, read once per run (the training loop reads them
+    before its first step, so a missing task file fails there)."""
     spec = config.train.eval_tasks
     if not spec:
-        return {}
+        return []
     limit = config.train.eval_tasks_examples
     key = (spec, limit, tokenizer.fingerprint, config.data.eval_split)
     if key not in _TRAINING_TASKS:
         _TRAINING_TASKS[key] = load_tasks(spec, limit=limit, config=config)
-    results = run_tasks(trainer.model_cfg, params, tokenizer, _TRAINING_TASKS[key],
-                        mesh=trainer.mesh, rules=trainer.rules)
-    return metric_events(results)
+    return _TRAINING_TASKS[key]
