@@ -103,7 +103,8 @@ DECODE_CHUNK = 256  # cache slots per step of `decode_attention`
 
 def decode_attention(q_B1HK: jax.Array, k_BGSK: jax.Array, v_BGSK: jax.Array,
                      positions_B: jax.Array) -> jax.Array:
-    """One new query per row against its cache slots 0..positions_B[b] (heads-major cache).
+    """One new query per row against its cache slots 0..positions_B[b] (heads-major cache;
+    the cache may have more rows than the batch: row b of the batch is its row b).
 
     The slots are read in chunks of DECODE_CHUNK with an online softmax, only as many chunks as
     the longest row needs: a row's result does not depend on how far the other rows reach (a
@@ -112,7 +113,7 @@ def decode_attention(q_B1HK: jax.Array, k_BGSK: jax.Array, v_BGSK: jax.Array,
     of short rows never reads the whole cache.
     """
     B, _, H, K = q_B1HK.shape
-    _, G, S, _ = k_BGSK.shape
+    _, G, S, _ = k_BGSK.shape  # [R >= B, G, S, K]
     Q = H // G
     chunk = DECODE_CHUNK
     while S % chunk:
@@ -123,8 +124,9 @@ def decode_attention(q_B1HK: jax.Array, k_BGSK: jax.Array, v_BGSK: jax.Array,
     def body(c, carry):
         m_BGQ, l_BGQ, acc_BGQK = carry
         start = c * chunk
-        k_BGCK = jax.lax.dynamic_slice_in_dim(k_BGSK, start, chunk, axis=2)
-        v_BGCK = jax.lax.dynamic_slice_in_dim(v_BGSK, start, chunk, axis=2)
+        # rows and slots cut in one slice: a cache[:B] outside the loop is a copy of it
+        k_BGCK = jax.lax.dynamic_slice(k_BGSK, (0, 0, start, 0), (B, G, chunk, K))
+        v_BGCK = jax.lax.dynamic_slice(v_BGSK, (0, 0, start, 0), (B, G, chunk, K))
         s_BGQC = jnp.einsum("bgqk,bgck->bgqc", q_BGQK, k_BGCK.astype(jnp.float32))
         seen_BC = start + jnp.arange(chunk)[None] <= positions_B[:, None]
         s_BGQC = jnp.where(seen_BC[:, None, None], s_BGQC, floor)

@@ -299,7 +299,7 @@ class CausalSelfAttention(nn.Module):
             k_BGSK, v_BGSK = layer_cache
             if T == 1:  # a decode step: only the slots up to each row's position are read
                 # (a cache with more rows than the batch: the batch is its first B rows)
-                out_BTHK = attention.decode_attention(q_BTHK, k_BGSK[:B], v_BGSK[:B],
+                out_BTHK = attention.decode_attention(q_BTHK, k_BGSK, v_BGSK,
                                                       positions_BT[:, 0])
             else:
                 # A query at position p sees slots 0..p: what the prompt and earlier steps wrote.

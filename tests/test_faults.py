@@ -24,7 +24,7 @@ import zstandard
 from conftest import tiny_run_config
 from gpt_jax import checkpoint, cli, data, run_lock, train
 from gpt_jax.data import files
-from gpt_jax.data.store import MANIFEST, SplitTokens
+from gpt_jax.data.store import SplitTokens
 from gpt_jax.errors import (
     ConfigError,
     DataError,
