@@ -326,7 +326,8 @@ def layer_extrapolated_cost(config: Config, compile_fn: Callable) -> tuple[dict[
 
 
 def cost_report(cost: dict[str, float], model_flops_per_chip: float, peak: float | None,
-                hbm_bytes_per_s: float, extra_flops: float = 0.0) -> dict[str, Any]:
+                hbm_bytes_per_s: float, extra_flops: float = 0.0,
+                counted_flops: float = 0.0) -> dict[str, Any]:
     """XLA's FLOPs and estimated seconds per chip (from `xla_cost`); MFU if the step ran so.
 
     The estimate is XLA's `optimal_seconds` where it gives a plausible one (at most 10x the
@@ -335,10 +336,13 @@ def cost_report(cost: dict[str, float], model_flops_per_chip: float, peak: float
     matmuls of some fsdp programs); `estimate_source` says which. The roofline adds the two
     terms (no overlap) because XLA's own TPU estimate does: on the v5p rows of BENCHMARKS.md
     `optimal_seconds` is 1.01-1.07x their sum. `extra_flops`: work XLA cannot see (Pallas
-    kernels): added to its FLOPs, and to its estimate at peak.
+    kernels): added to its FLOPs, and to its estimate at peak. `counted_flops`: the matmul
+    FLOPs of the compiled program with every loop trip counted (`hlo_profile.matmul_flops`),
+    which the compute term also never goes below.
     """
     flops, bytes_accessed = cost.get("flops", 0.0) + extra_flops, cost.get("bytes accessed", 0.0)
-    compute_s, hbm_s = (max(flops, model_flops_per_chip) / peak if peak else None,
+    work = max(flops, model_flops_per_chip, counted_flops + extra_flops)
+    compute_s, hbm_s = (work / peak if peak else None,
                         bytes_accessed / hbm_bytes_per_s)
     roofline = compute_s + hbm_s if peak else None
     seconds, source = cost.get("optimal_seconds"), "xla optimal_seconds"
@@ -416,9 +420,13 @@ def project(config, slice_name: str, *, decode_batch_size: int = 0,
     # XLA's cost analysis does not count FLOPs inside Pallas kernels (splash attention).
     added = (attention_flops(model_cfg, B) / n_dev
              if record["attention_impl_resolved"] == "splash" else 0.0)
+    # XLA's count takes a loop body once; this counts every trip of every loop (see #30)
+    counted, unknown_loops = hlo_profile.matmul_flops(compiled.as_text())
+    record["train_hlo_matmul_flops_per_chip"] = counted
+    record["train_hlo_loops_without_trip_count"] = unknown_loops
     record.update({f"train_{k}": v for k, v in
                    cost_report(train_cost, model_flops, peak, tpu.hbm_bytes_per_s,
-                               extra_flops=added).items()})
+                               extra_flops=added, counted_flops=counted).items()})
     if record["train_xla_estimated_step_s"]:
         record["projected_tokens_per_s"] = B * T / record["train_xla_estimated_step_s"]
     if decode:
@@ -489,7 +497,8 @@ def format_report(r: dict[str, Any]) -> str:
         f"HBM: {verdict('train')}; params {gib(r['params_bytes_per_chip'])}, optimizer "
         f"{gib(r['opt_state_bytes_per_chip'])}, temps {gib(r['train_temp_bytes'])}",
         f"  XLA: {r['train_xla_flops_per_chip'] / 1e12:.2f} TFLOP per chip (model "
-        f"{r['train_model_flops_per_chip'] / 1e12:.2f}), estimated step "
+        f"{r['train_model_flops_per_chip'] / 1e12:.2f}; matmuls of the HLO, every loop trip: "
+        f"{r.get('train_hlo_matmul_flops_per_chip', 0) / 1e12:.2f}), estimated step "
         + (f"{1e3 * est:.1f} ms -> projected MFU {100 * mfu:.1f}%" if est and mfu is not None
            else "n/a") + f" ({r['train_estimate_source']}; XLA cost from {r['cost_source']}); "
         f"compiled in "

@@ -152,23 +152,24 @@ def _target_platform() -> str | None:
     return device.platform if device is not None else None
 
 
-def splash_attention(q_BTHK, k_BSHK, v_BSHK):
+def splash_attention(q_BTHK, k_BSHK, v_BSHK, interpret: bool = False):
     """Causal splash attention (Pallas, TPU only); heads go through the kernel, batch via vmap.
 
     Under a mesh the kernel runs per shard (shard_map over the batch and head axes of the
     logical rules), since XLA cannot partition a Pallas call by itself. Grouped-query k and v
-    are repeated to H heads first.
+    are repeated to H heads first. `interpret`: run the kernel in Pallas' interpreter, on any
+    backend (slow; the tests check this wrapper and the kernel on CPU that way).
     """
     Q = q_BTHK.shape[2] // k_BSHK.shape[2]
     if Q > 1:
         k_BSHK, v_BSHK = jnp.repeat(k_BSHK, Q, axis=2), jnp.repeat(v_BSHK, Q, axis=2)
     platform = _target_platform()
-    if platform is None and jax.devices()[0].platform != "tpu":
+    if not interpret and platform is None and jax.devices()[0].platform != "tpu":
         # No mesh: shape-only tracing (e.g. eval_shape of init on a CPU host compiling for a
         # TPU slice); the reference has the same shapes. Steps always run under a mesh.
         return reference_attention(q_BTHK, k_BSHK, v_BSHK)
     platform = platform or jax.devices()[0].platform
-    if platform != "tpu":
+    if not interpret and platform != "tpu":
         raise ValueError("attention_impl='splash' runs on TPU only (this backend is "
                          f"{platform!r}); use 'xla' here")
     # TPU only: Pallas' TPU kernels are loaded where they can run.
@@ -177,7 +178,7 @@ def splash_attention(q_BTHK, k_BSHK, v_BSHK):
 
     def local(q_BTHK, k_BSHK, v_BSHK):
         B, T, H, K = q_BTHK.shape
-        kernel = _splash_kernel(H, T, sk, sm)
+        kernel = _splash_kernel(H, T, sk, sm, interpret)
         q_BHTK = jnp.swapaxes(q_BTHK, 1, 2) / jnp.sqrt(jnp.float32(K)).astype(q_BTHK.dtype)
         out_BHTK = jax.vmap(kernel)(q_BHTK, jnp.swapaxes(k_BSHK, 1, 2),
                                     jnp.swapaxes(v_BSHK, 1, 2))
@@ -192,6 +193,6 @@ def splash_attention(q_BTHK, k_BSHK, v_BSHK):
 
 
 @functools.lru_cache(maxsize=None)
-def _splash_kernel(num_heads, seq_len, sk, sm):
+def _splash_kernel(num_heads, seq_len, sk, sm, interpret=False):
     mask = sm.MultiHeadMask([sm.CausalMask((seq_len, seq_len)) for _ in range(num_heads)])
-    return sk.make_splash_mha(mask, head_shards=1, q_seq_shards=1)
+    return sk.make_splash_mha(mask, head_shards=1, q_seq_shards=1, interpret=interpret)

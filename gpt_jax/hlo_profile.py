@@ -160,3 +160,63 @@ def profile(hlo_text: str, top: int = 8) -> Profile:
     biggest = sorted(((label, shape, b) for (label, shape), b in buffers.items()),
                      key=lambda x: -x[2])
     return Profile(sum(traffic.values()), by_op[:top or None], biggest[:top or None])
+
+
+# -- FLOPs that run: every dot and convolution, times the trip counts of the loops around it ----
+
+_TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
+_DIMS = re.compile(r"\b(lhs_contracting_dims|lhs_batch_dims)=\{([\d,]*)\}")
+_DIM_LABELS = re.compile(r"dim_labels=([a-z0-9?]+)_([a-z0-9?]+)->([a-z0-9?]+)")
+
+
+def _dims(shape: str) -> list[int]:
+    array = _ARRAY.search(shape)
+    return [int(d) for d in array.group(2).split(",") if d] if array else []
+
+
+def _matmul_flops(ins: Instruction, shapes: dict[str, str]) -> float:
+    """2 x output elements x contracted size of one dot or convolution (0 for other ops)."""
+    out = math.prod(_dims(ins.results))
+    operands = ins.operands
+    if ins.opcode == "dot" and operands:
+        lhs = _dims(shapes.get(operands[0], ""))
+        contracting = dict(_DIMS.findall(ins.rest)).get("lhs_contracting_dims", "")
+        size = math.prod(lhs[int(d)] for d in contracting.split(",") if d) if lhs else 0
+        return 2.0 * out * size
+    if ins.opcode == "convolution" and len(operands) > 1:
+        labels, kernel = _DIM_LABELS.search(ins.rest), _dims(shapes.get(operands[1], ""))
+        if not labels or len(kernel) != len(labels.group(2)):
+            return 0.0
+        # the kernel's input-feature dimension is already per feature group
+        per_output = math.prod(n for n, label in zip(kernel, labels.group(2)) if label != "o")
+        return 2.0 * out * per_output
+    return 0.0
+
+
+def matmul_flops(hlo_text: str) -> tuple[float, int]:
+    """(FLOPs of every dot and convolution that runs, loops without a known trip count) of a
+    compiled module: a loop body counts trip-count times (XLA's cost analysis counts it once),
+    fused and called computations count where they are called."""
+    computations, entry = parse(hlo_text)
+    shapes = {i.name: i.shape for body in computations.values() for i in body}
+    total, unknown = 0.0, 0
+    todo = [(entry, 1)]
+    while todo:
+        name, times = todo.pop()
+        for ins in computations.get(name, []):
+            total += times * _matmul_flops(ins, shapes)
+            callees = dict(_CALLEE.findall(ins.rest))
+            if ins.opcode == "while" and "body" in callees:
+                trips = _TRIP_COUNT.search(ins.rest)
+                unknown += trips is None
+                todo.append((callees["body"], times * (int(trips.group(1)) if trips else 1)))
+            elif ins.opcode in ("fusion", "call", "async-start", "custom-call") or \
+                    ins.opcode.endswith("-start"):
+                todo += [(callees[k], times) for k in ("calls", "to_apply") if k in callees]
+            elif ins.opcode == "conditional":
+                branches = [c.strip().lstrip("%") for group in _BRANCHES.findall(ins.rest)
+                            for c in group.split(",")]
+                branches += [callees[k] for k in ("true_computation", "false_computation")
+                             if k in callees]
+                todo += [(b, times) for b in branches]  # every branch: an upper bound
+    return total, unknown

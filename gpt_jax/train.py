@@ -243,7 +243,8 @@ def _log(pending, throughput, writer, skip_nonfinite: bool, checkpointer,
                                      f"step {step}; the state was not updated and the last "
                                      f"good checkpoint is step {kept}")
     step, m = pending[-1][0], host[-1]
-    event = {"loss": float(np.mean([h["loss"] for h in host])),
+    kept = [float(h["loss"]) for h in host if bool(h["finite"])]  # skipped steps: not averaged
+    event = {"loss": float(np.mean(kept)) if kept else float("nan"),
              "grad_norm": float(m["grad_norm"]), "lr": float(m["lr"]), **throughput.read(),
              **(extra or {})}
     writer.write(step + 1, event)

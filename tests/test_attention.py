@@ -85,6 +85,21 @@ def test_xla_and_reference_agree_in_bfloat16():
     np.testing.assert_allclose(np.float32(xla_BTHK), np.float32(ref_BTHK), atol=2e-2)
 
 
+@pytest.mark.e2e  # the Pallas interpreter: ~10 s on CPU
+def test_the_splash_kernel_and_its_wrapper_match_numpy_in_the_interpreter():
+    """The TPU kernel itself (Pallas interpret mode) behind our wrapper: the 1/sqrt(K) scale,
+    the layout swaps, grouped-query k/v repeated to every head, the batch through vmap."""
+    rng = np.random.default_rng(5)
+    b, t, heads, groups, k_dim = 2, 256, 4, 2, 64
+    q = rng.normal(size=(b, t, heads, k_dim)).astype(np.float32)
+    k, v = (rng.normal(size=(b, t, groups, k_dim)).astype(np.float32) for _ in range(2))
+    out = attention.splash_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v),
+                                     interpret=True)
+    repeat = heads // groups
+    want = numpy_attention(q, np.repeat(k, repeat, axis=2), np.repeat(v, repeat, axis=2))
+    np.testing.assert_allclose(np.asarray(out), want, atol=2e-5, rtol=1e-4)
+
+
 def test_cudnn_fails_clearly_on_cpu():
     if jax.devices()[0].platform != "cpu":
         pytest.skip("checks the error on CPU")

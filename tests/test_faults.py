@@ -259,3 +259,53 @@ def test_a_full_metrics_file_ends_training_in_one_line(tmp_path, text_corpus):
     assert cli.expected_exit_code(e.value) == 1
     assert cli.one_line(e.value).startswith("the disk is full: writing")
     assert not (workdir / run_lock.FILENAME).exists()
+
+
+# -- 8. the loop's non-finite paths -----------------------------------------------------------
+
+class _Writer:
+    def __init__(self):
+        self.messages, self.events = [], []
+
+    def message(self, text):
+        self.messages.append(text)
+
+    def write(self, step, event):
+        self.events.append((step, event))
+
+
+class _Checkpointer:
+    class manager:  # noqa: N801 -- stands in for Orbax's manager
+        @staticmethod
+        def latest_step():
+            return 40
+
+    def wait(self):
+        pass
+
+
+class _Throughput:
+    def read(self):
+        return {}
+
+
+def _pending(finite):
+    return [(step, {"finite": np.bool_(ok), "loss": np.float32(2.0 if ok else np.nan),
+                    "grad_norm": np.float32(1.0), "lr": np.float32(0.1)})
+            for step, ok in enumerate(finite, start=41)]
+
+
+def test_a_nonfinite_step_stops_naming_the_last_good_checkpoint_or_is_skipped():
+    from gpt_jax.errors import NonFiniteLossError
+
+    writer = _Writer()
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss \(nan\) or grad norm at step "
+                                                 r"42; .* the last good checkpoint is step 40"):
+        train._log(_pending([True, False, True]), _Throughput(), writer, False, _Checkpointer())
+    assert not writer.events  # nothing of the bad interval is logged as if it were fine
+    writer = _Writer()
+    event = train._log(_pending([True, False, True]), _Throughput(), writer, True,
+                       _Checkpointer())
+    assert writer.messages == ["step 42: non-finite loss/grad; update skipped"]
+    assert [s for s, _ in writer.events] == [44] and event["loss"] == 2.0  # the skipped step
+    # is not averaged into the interval's loss

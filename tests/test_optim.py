@@ -121,3 +121,55 @@ def test_bf16_first_moment_checkpoint_restores(tmp_path):
     assert any(np.any(np.asarray(x, np.float32) != 0) for x in mu)
     for got, want in zip(jax.tree.leaves(restored["opt_state"]), jax.tree.leaves(saved)):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def numpy_adamw(params, grads_seq, o: OptimConfig, lrs, decay):
+    """Clip to the global norm, then AdamW with bias correction and decoupled weight decay on
+    the `decay` leaves, written out in numpy (float64)."""
+    p = {k: np.asarray(v, np.float64) for k, v in params.items()}
+    m = {k: np.zeros_like(v) for k, v in p.items()}
+    v = {k: np.zeros_like(x) for k, x in p.items()}
+    for t, (grads, lr) in enumerate(zip(grads_seq, lrs), start=1):
+        g = {k: np.asarray(x, np.float64) for k, x in grads.items()}
+        norm = math.sqrt(sum(float((x ** 2).sum()) for x in g.values()))
+        if o.clip_norm > 0 and norm > o.clip_norm:
+            g = {k: x * (o.clip_norm / norm) for k, x in g.items()}
+        for k in p:
+            m[k] = o.b1 * m[k] + (1 - o.b1) * g[k]
+            v[k] = o.b2 * v[k] + (1 - o.b2) * g[k] ** 2
+            update = (m[k] / (1 - o.b1 ** t)) / (np.sqrt(v[k] / (1 - o.b2 ** t)) + o.eps)
+            if decay[k]:
+                update = update + o.weight_decay * p[k]
+            p[k] = p[k] - lr * update
+    return p
+
+
+@pytest.mark.parametrize("clip_norm", [0.0, 0.5])
+def test_adamw_and_clipping_follow_their_formulas_over_several_steps(clip_norm):
+    """Odd b1/b2/eps/weight decay, a decayed kernel and an undecayed bias, gradients whose norms
+    vary (some above the clip, some below): Adam is invariant to one constant scale, not to
+    clipping that changes from step to step, so the order and the threshold both show."""
+    o = optim(lr=0.05, warmup_steps=2, schedule="linear", b1=0.8, b2=0.9, eps=1e-3,
+              weight_decay=0.3, clip_norm=clip_norm, min_lr_ratio=0.1)
+    rng = np.random.default_rng(0)
+    params = {"kernel": rng.normal(size=(3, 4)).astype(np.float32),
+              "bias": rng.normal(size=(4,)).astype(np.float32)}
+    scales = [0.1, 3.0, 0.2, 5.0, 1.0]
+    grads_seq = [{k: (s * rng.normal(size=x.shape)).astype(np.float32) for k, x in params.items()}
+                 for s in scales]
+    built = o.build(num_steps=len(scales))
+    tree = {k: jnp.asarray(x) for k, x in params.items()}
+    state = built.tx.init(tree)
+    for grads in grads_seq:
+        updates, state = built.tx.update({k: jnp.asarray(x) for k, x in grads.items()}, state,
+                                         tree)
+        tree = optax_apply(tree, updates)
+    lrs = [float(built.schedule(t)) for t in range(len(scales))]
+    want = numpy_adamw(params, grads_seq, o, lrs, {"kernel": True, "bias": False})
+    for k in params:
+        np.testing.assert_allclose(np.asarray(tree[k]), want[k], rtol=2e-5, atol=2e-6)
+
+
+def optax_apply(tree, updates):
+    import optax
+    return optax.apply_updates(tree, updates)

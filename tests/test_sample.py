@@ -220,6 +220,24 @@ def test_filtered_logits_match_numpy(temperature, top_k, top_p):
         np.testing.assert_allclose(got_BV[b][finite], want_V[finite], rtol=1e-6)
 
 
+@pytest.mark.parametrize("top_k,top_p", [(5, 1.0), (40, 0.9), (64, 0.5)])
+def test_the_candidate_path_matches_numpy_on_a_real_vocabulary(top_k, top_p):
+    """A vocabulary far past the default bucket (64 candidates of 50257 with GPT-2): the
+    `lax.top_k` candidates, then top-k and top-p among them, equal numpy's full-vocab filter."""
+    V, B = 50257, 3
+    logits_BV = np.random.default_rng(4).normal(size=(B, V)).astype(np.float32) * 4
+    scaled_BC, ids_BC = sampling_filters.filtered(
+        jnp.asarray(logits_BV), jnp.full((B,), top_k), jnp.full((B,), top_p),
+        sampling_filters.K_BUCKET)
+    assert scaled_BC.shape == (B, sampling_filters.K_BUCKET)
+    for b in range(B):
+        want_V = numpy_filter(logits_BV[b], 1.0, top_k, top_p)
+        kept = np.asarray(ids_BC[b])[np.isfinite(np.asarray(scaled_BC[b]))]
+        assert sorted(kept) == sorted(np.flatnonzero(np.isfinite(want_V)))
+        np.testing.assert_allclose(np.asarray(scaled_BC[b])[np.isfinite(scaled_BC[b])],
+                                   want_V[kept], rtol=1e-6)
+
+
 def test_first_argmax_matches_numpy_including_ties():
     rng = np.random.default_rng(3)
     logits_BV = rng.integers(-3, 4, (64, 37)).astype(np.float32)  # many rows tie for the max

@@ -80,6 +80,26 @@ def test_stop_and_resume_is_exact(tmp_path, text_corpus, straight_run, monkeypat
     assert_trees_equal(final_params(workdir), final_params(straight_run))
 
 
+def test_resume_restores_the_rng_with_dropout(tmp_path, text_corpus, monkeypatch):
+    """With dropout on, a resumed run equals an uninterrupted one only if the step's RNG is
+    restored from the checkpoint (every other resume test runs with dropout 0)."""
+    def dropout_config(workdir):
+        config = config_for(workdir, text_corpus, num_steps=8, eval_every=8)
+        config.model.dropout = 0.2
+        return config
+
+    straight = tmp_path / "straight"
+    train.train(dropout_config(straight), str(straight))
+    workdir = tmp_path / "run"
+    monkeypatch.setattr(train.StopSignal, "should_stop",
+                        lambda self, step: setattr(self, "received", "SIGTERM") or step == 6)
+    train.train(dropout_config(workdir), str(workdir))
+    monkeypatch.undo()
+    train.train(dropout_config(workdir), str(workdir))
+    assert losses_by_step(workdir) == losses_by_step(straight)
+    assert_trees_equal(final_params(workdir), final_params(straight))
+
+
 def run_cli(workdir, config_path, extra=()):
     args = [sys.executable, "-m", "gpt_jax.cli", "train", f"--config={config_path}",
             f"--workdir={workdir}", *extra]

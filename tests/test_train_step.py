@@ -73,6 +73,22 @@ def test_accumulation_matches_one_big_batch(microbatches):
 
 
 @pytest.mark.e2e
+def test_weighted_accumulation_matches_one_big_batch():
+    """Loss weights that differ between microbatches (an SFT mask: one microbatch almost all
+    prompt): the mean is over the whole batch's weight, not a mean of microbatch means."""
+    rng = np.random.default_rng(7)
+    batches = list(random_batches(tiny_config(), 3))
+    for batch in batches:
+        weights = (rng.random(batch["targets"].shape) < 0.5).astype(np.float32)
+        weights[:4] *= 0.05 * (rng.random(weights[:4].shape) < 0.2)  # first microbatch sparse
+        batch["weights"] = weights
+    ref_losses, ref_params = run_steps(tiny_config(), mesh_of(2, 1, 1), batches)
+    losses, params = run_steps(tiny_config(microbatches=2), mesh_of(2, 1, 1), batches)
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+    assert_trees_close(params, ref_params, rtol=1e-4, atol=2e-5)
+
+
+@pytest.mark.e2e
 def test_overfits_one_batch():
     config = tiny_config()
     batch = next(random_batches(config, 1))
@@ -91,6 +107,38 @@ def test_cross_entropy_matches_numpy():
     total, count = cross_entropy(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(weights))
     np.testing.assert_allclose(total, (per_token * weights).sum(), rtol=1e-6)
     assert float(count) == weights.sum()
+
+
+def test_z_loss_is_its_formula_in_the_function_and_in_the_step():
+    """z_loss adds z * logsumexp(logits)^2 per weighted token: in `cross_entropy` (numpy) and
+    in the trainer's loss (the difference between z and 0, from the model's own logits)."""
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(2, 3, 5)).astype(np.float32) * 3
+    targets = rng.integers(0, 5, (2, 3))
+    weights = np.array([[1, 0, 2], [1, 1, 0]], np.float32)
+    lse = np.log(np.exp(logits.astype(np.float64)).sum(-1))
+    per_token = lse - np.take_along_axis(logits, targets[..., None], -1)[..., 0] + 0.01 * lse ** 2
+    total, _ = cross_entropy(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(weights),
+                             z_loss=0.01)
+    np.testing.assert_allclose(total, (per_token * weights).sum(), rtol=1e-5)
+
+    for loss_chunks in (0, 2):
+        config = tiny_config()
+        config.model.loss_chunks = loss_chunks
+        trainer = Trainer.for_config(typed(config), mesh_of(1, 1, 1))
+        params = trainer.init_state(0)["params"]
+        batch = {k: jnp.asarray(v) for k, v in next(random_batches(config, 1)).items()}
+        rng_key = jax.random.PRNGKey(0)
+        plain, count = trainer.loss_sums(params, batch, rng_key, trainer.model)
+        config.train.z_loss = 0.01
+        z = Trainer.for_config(typed(config), mesh_of(1, 1, 1))
+        with_z, _ = z.loss_sums(params, batch, rng_key, z.model)
+        logits = np.asarray(trainer.model.apply({"params": params}, batch["inputs"]),
+                            np.float64)[..., :config.model.vocab_size]
+        lse = np.log(np.exp(logits).sum(-1))
+        np.testing.assert_allclose(float(with_z) - float(plain), 0.01 * (lse ** 2).sum(),
+                                   rtol=1e-4)
+        assert float(count) == batch["targets"].size
 
 
 @pytest.mark.e2e
