@@ -205,6 +205,42 @@ def test_truncated_compressed_and_parquet_files_are_one_line(tmp_path):
         make_store(config, str(tmp_path / "s-pq2"), num_workers=1)
 
 
+def test_an_http_read_that_breaks_off_half_way_is_one_line():
+    """An in-process server on 127.0.0.1 that promises the whole file and sends half."""
+    import http.server
+    import threading
+
+    from gpt_jax.data import documents
+
+    body = "".join(json.dumps({"text": f"doc {i} " * 30}) + "\n" for i in range(300)).encode()
+
+    class Half(http.server.BaseHTTPRequestHandler):
+        def do_HEAD(self):
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+
+        def do_GET(self):
+            self.do_HEAD()
+            self.wfile.write(body[:len(body) // 2])
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Half)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/x.jsonl"
+    try:
+        piece = documents.Piece("jsonl", url, "x.jsonl", 0, len(body), size=len(body))
+        with pytest.raises(DataError, match=r"x.jsonl could not be read to the end after line "
+                                            r"\d+ .*; download or copy it again") as e:
+            list(documents._jsonl_texts(piece, "text"))
+        assert "\n" not in str(e.value)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 # -- 5, 7. explicit values and messages ----------------------------------------------------
 
 def test_a_vocab_size_the_tokenizer_replaces_is_an_error_only_when_explicit(caplog):
@@ -309,3 +345,32 @@ def test_a_nonfinite_step_stops_naming_the_last_good_checkpoint_or_is_skipped():
     assert writer.messages == ["step 42: non-finite loss/grad; update skipped"]
     assert [s for s, _ in writer.events] == [44] and event["loss"] == 2.0  # the skipped step
     # is not averaged into the interval's loss
+
+
+@pytest.mark.e2e
+def test_eval_bits_per_byte_is_nats_over_the_texts_bytes(tmp_path, text_corpus):
+    """Independently: the eval batches' summed negative log-likelihood (numpy, from the
+    model's logits) in bits, over the UTF-8 bytes the targets encode (a byte tokenizer: one
+    byte per id below 256, none for BOS/EOS)."""
+    from gpt_jax import sharding
+    from gpt_jax.evaluate import evaluate
+    from gpt_jax.run import resolve_run
+    from gpt_jax.step import Trainer
+
+    config = tiny_run_config(text_corpus, tmp_path / "cache", eval_batches=1000)  # all that fit
+    run = resolve_run(config, str(tmp_path / "run"))
+    trainer = Trainer.for_config(run.config, run.mesh)
+    with sharding.activate(run.mesh, run.rules):
+        params = trainer.init_state(0)["params"]
+        got = evaluate(trainer, trainer.jit_eval_step(), params, run.val_data, run.config)
+    nats = n_bytes = 0.0
+    T, V = run.config.model.block_size, run.config.model.vocab_size
+    for batch in run.val_data.eval_batches(1000, run.config.train.global_batch_size, T):
+        logits = np.asarray(trainer.model.apply({"params": params}, batch["inputs"]),
+                            np.float64)[..., :V]
+        logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1,
+                               keepdims=True)) - logits.max(-1, keepdims=True)
+        nats -= np.take_along_axis(logp, batch["targets"][..., None], -1).sum()
+        n_bytes += (batch["targets"] < 256).sum()
+    np.testing.assert_allclose(got["eval_bits_per_byte"], nats / np.log(2) / n_bytes,
+                               rtol=0.02)
