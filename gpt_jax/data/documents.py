@@ -271,8 +271,9 @@ def _cut_short(path: str, offset: int, number: int, error: BaseException) -> Dat
     """The one-line error of a file whose reading failed part-way: truncated, damaged, or a
     remote read that broke off."""
     compressed = path.endswith((".gz", ".zst"))
-    where = f"after line {number - 1} (byte {offset:,} of its text)" if number else \
-        f"at byte {offset:,} of its text"
+    where = ("in its first block" if offset == 0 else
+             f"after line {number - 1} (byte {offset:,} of its text)" if number else
+             f"at byte {offset:,} of its text")
     what = ("ends early or is damaged" if compressed and isinstance(
         error, (EOFError, zlib.error, zstandard.ZstdError, gzip.BadGzipFile))
         else "could not be read to the end")
