@@ -146,7 +146,7 @@ def run_tokenizer(path: str) -> Tokenizer:
 def settle_vocab(raw: dict, tok: Tokenizer | None, explicit: frozenset[str] = frozenset()
                  ) -> None:
     """A byte/char tokenizer fixes model.vocab_size (a fine-tune keeps its parent's): a value
-    the config file gave is replaced with a warning, one given on the command line (in
+    the config file gave is replaced (logged at INFO), one given on the command line (in
     `explicit`) is an error. Any tokenizer must fit the model's vocabulary."""
     if tok is None:
         return
@@ -158,8 +158,8 @@ def settle_vocab(raw: dict, tok: Tokenizer | None, explicit: frozenset[str] = fr
                 raise ConfigError(f"--config.model.vocab_size={given} but the {tok.kind} "
                                   f"tokenizer has {tok.vocab_size} ids and sets the vocabulary; "
                                   f"drop the flag or give {tok.vocab_size}")
-            logging.warning("model.vocab_size=%s replaced by the %s tokenizer's %d ids", given,
-                            tok.kind, tok.vocab_size)
+            logging.info("model.vocab_size=%s replaced by the %s tokenizer's %d ids", given,
+                         tok.kind, tok.vocab_size)
         model["vocab_size"] = tok.vocab_size
     if tok.vocab_size > model.get("vocab_size", ModelConfig.vocab_size):
         raise ConfigError(f"the {tok.kind} tokenizer has {tok.vocab_size} tokens but "

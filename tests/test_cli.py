@@ -234,7 +234,7 @@ def test_verbose_and_debug_show_the_traceback_unexpected_errors_always(gpt_jax, 
         gpt_jax(*bad, GPT_JAX_DEBUG="1")
     assert gpt_jax(*bad, GPT_JAX_DEBUG="0").code == 2
 
-    def a_bug(config, workdir):
+    def a_bug(config, workdir, explicit=frozenset()):
         raise ZeroDivisionError("a bug")
 
     monkeypatch.setattr(train_lib, "train", a_bug)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import gzip
 import json
+import logging
 import os
 import resource
 import signal
@@ -250,7 +251,8 @@ def test_a_vocab_size_the_tokenizer_replaces_is_an_error_only_when_explicit(capl
     with pytest.raises(ConfigError, match=r"--config.model.vocab_size=100 but the byte "
                                           rf"tokenizer has {tok.vocab_size} ids"):
         settle_vocab(raw, tok, frozenset({"model.vocab_size"}))
-    settle_vocab(raw, tok)  # from a config file: replaced, and said
+    with caplog.at_level(logging.INFO):
+        settle_vocab(raw, tok)  # from a config file: replaced, and logged
     assert raw["model"]["vocab_size"] == tok.vocab_size
     assert "model.vocab_size=100 replaced by the byte tokenizer" in caplog.text
 
