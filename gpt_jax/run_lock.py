@@ -67,6 +67,13 @@ def _is_stale(info: dict) -> bool:
     return not isinstance(beat, (int, float)) or time.time() - beat > STALE_SECONDS
 
 
+def _old(lock: str) -> bool:
+    try:
+        return time.time() - os.path.getmtime(lock) > STALE_SECONDS
+    except OSError:
+        return False
+
+
 def _refuse(workdir: str, info: dict) -> RunLockedError:
     return RunLockedError(f"the run directory {workdir} is in use by {_describe(info)} "
                           f"(lock {path(workdir)}); stop that run, or use another --workdir")
@@ -93,7 +100,9 @@ def _take_local(workdir: str, record: dict) -> None:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             info = read_json(lock) or {}
-            if not _is_stale(info):
+            if not info.get("pid") and not _old(lock):  # being written by its taker this moment
+                raise _refuse(workdir, info) from None
+            if info.get("pid") and not _is_stale(info):
                 raise _refuse(workdir, info) from None
             logging.warning("taking over the run lock %s of %s (that process is gone)", lock,
                             _describe(info))
