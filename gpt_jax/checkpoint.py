@@ -166,8 +166,9 @@ class Checkpointer:
             self.manager.reload()
         good = [s for s in self.manager.all_steps() if s != step]
         free = _free_bytes(self.directory)
+        free_text = _size(free) if free is not None else "unknown"
         return (f"the disk is full (or a quota or file-size limit was hit): writing checkpoint "
-                f"{step if step is not None else '?'} to {self.directory} failed ({_size(free) if free is not None else 'unknown'} "
+                f"{step if step is not None else '?'} to {self.directory} failed ({free_text} "
                 f"free; a checkpoint of this run needs about {_size(self._need)})"
                 + (f"; removed the partial {removed}" if removed else "")
                 + (f"; the last good checkpoint is step {max(good)}" if good
