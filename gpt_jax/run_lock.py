@@ -30,7 +30,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from gpt_jax.data.files import atomic_write_json, is_remote, read_json
+from gpt_jax.data.files import atomic_write_json, holder_is_gone, is_remote, read_json
 from gpt_jax.errors import RunDirError, RunLockedError
 
 FILENAME = "run.lock"
@@ -55,14 +55,9 @@ def _describe(info: dict) -> str:
 
 
 def _is_stale(info: dict) -> bool:
-    if info.get("host") == socket.gethostname() and isinstance(info.get("pid"), int):
-        try:
-            os.kill(info["pid"], 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:
-            pass
-        return False
+    gone = holder_is_gone(info)
+    if gone is not None:
+        return gone
     beat = info.get("heartbeat")
     return not isinstance(beat, (int, float)) or time.time() - beat > STALE_SECONDS
 

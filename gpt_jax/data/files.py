@@ -42,6 +42,19 @@ def digest(*parts: bytes | str) -> str:
     return h.hexdigest()[:16]
 
 
+def file_sha256(path: str, copy_to=None) -> str:
+    """The sha256 hex digest of the file at `path` (local or fsspec URL), read in 8 MiB
+    chunks; each chunk is also written to the open file `copy_to` if given."""
+    fs, inner = filesystem(path)
+    sha = hashlib.sha256()
+    with fs.open(inner, "rb") as f:
+        while chunk := f.read(8 << 20):
+            sha.update(chunk)
+            if copy_to is not None:
+                copy_to.write(chunk)
+    return sha.hexdigest()
+
+
 def unit_hash(key: str) -> float:
     """A stable number in [0, 1) for `key` (sha256; independent of PYTHONHASHSEED)."""
     return int(hashlib.sha256(key.encode("utf-8")).hexdigest()[:12], 16) / 16 ** 12
@@ -234,18 +247,26 @@ def read_json(path: str) -> dict | None:
         return None
 
 
+def holder_is_gone(info: dict) -> bool | None:
+    """Whether the process a lock record {"host", "pid"} names has exited: True or False on
+    this host, None for another host's (or a record without them)."""
+    if info.get("host") != socket.gethostname() or not isinstance(info.get("pid"), int):
+        return None
+    try:
+        os.kill(info["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass
+    return False  # alive, however long it takes
+
+
 def _lock_is_stale(lock_path: str) -> bool:
     """A lock of this host is stale only when its process is gone; another host's lock when its
     heartbeat thread has not touched it for STALE_LOCK_SECONDS."""
-    info = read_json(lock_path) or {}
-    if info.get("host") == socket.gethostname() and isinstance(info.get("pid"), int):
-        try:
-            os.kill(info["pid"], 0)
-        except ProcessLookupError:
-            return True  # the builder on this host died
-        except PermissionError:
-            pass
-        return False  # alive, however long its build takes
+    gone = holder_is_gone(read_json(lock_path) or {})
+    if gone is not None:
+        return gone
     try:
         return time.time() - os.path.getmtime(lock_path) > STALE_LOCK_SECONDS
     except OSError:

@@ -43,6 +43,7 @@ from gpt_jax.data.files import (
     cache_root,
     digest,
     exists,
+    file_sha256,
     filesystem,
     is_remote,
     read_json,
@@ -100,25 +101,18 @@ def shard_is_done(store: str, index: int, key: str, itemsize: int,
         path = filesystem(shard_name(store, index, split))[1]
         if not fs.exists(path) or fs.size(path) != info["num_tokens"] * itemsize:
             return False
-        index_path = path[:-len(".tokens")] + ".index"
-        if "index_sha256" in info and not fs.exists(index_path):
+        if "index_sha256" in info and not fs.exists(path[:-len(".tokens")] + ".index"):
             return False
-        if verify and not (_sha256_matches(fs, path, info["sha256"], shard_name(store, index))
-                           and ("index_sha256" not in info or _sha256_matches(
-                               fs, index_path, info["index_sha256"], shard_name(store, index)))):
-            return False
-    return True
-
-
-def _sha256_matches(fs, path: str, expected: str, record: str) -> bool:
-    sha = hashlib.sha256()
-    with fs.open(path, "rb") as f:
-        while chunk := f.read(8 << 20):
-            sha.update(chunk)
-    if sha.hexdigest() != expected:
-        logging.warning("%s does not match the sha256 in %s (damaged); preparing it again", path,
-                        record)
-        return False
+        if not verify:
+            continue
+        sums = [(shard_name(store, index, split), info["sha256"])]
+        if "index_sha256" in info:
+            sums.append((sums[0][0][:-len(".tokens")] + ".index", info["index_sha256"]))
+        for file, expected in sums:
+            if file_sha256(file) != expected:
+                logging.warning("%s does not match the sha256 in %s (damaged); preparing it "
+                                "again", file, shard_name(store, index))
+                return False
     return True
 
 
@@ -327,18 +321,23 @@ def prepare(d: DataConfig, store: str, tok: Tokenizer, num_workers: int = 0,
     plan = plan or documents.plan(d, tfds_corpus)  # the caller's, if it made one already
     key = build_key(d, plan, tok)
     itemsize = token_dtype(tok.vocab_size).itemsize
+    done: set[int] | None = None  # the shards found finished (checksums read once)
     manifest = read_json(os.path.join(store, MANIFEST))
     if manifest is not None:
         check_manifest(store, manifest, key)
-        if all([shard_is_done(store, i, key, itemsize, verify=True)
-                for i in range(len(plan.pieces))]):  # every shard read: a rerun verifies
+        # a rerun reads every shard: a damaged one is rebuilt
+        done = {i for i in range(len(plan.pieces))
+                if shard_is_done(store, i, key, itemsize, verify=True)}
+        if len(done) == len(plan.pieces):
             return {"pieces": len(plan.pieces), "built": 0, "skipped": len(plan.pieces)}
         if process_index == 0:  # a shard went missing: rebuild it, then the manifest
             logging.warning("%s: some shards are missing or damaged; preparing them again", store)
             filesystem(store)[0].rm(filesystem(os.path.join(store, MANIFEST))[1])
     _check_no_foreign_shards(store, plan, key)
     mine = [i for i in range(len(plan.pieces)) if i % process_count == process_index]
-    todo = [i for i in mine if not shard_is_done(store, i, key, itemsize, verify=True)]
+    if done is None:
+        done = {i for i in mine if shard_is_done(store, i, key, itemsize, verify=True)}
+    todo = [i for i in mine if i not in done]
     workers = max(1, min(num_workers or os.cpu_count() or 1, len(todo) or 1))
     threads = threads or max(1, (os.cpu_count() or 1) // workers)
     stats = {"pieces": len(plan.pieces), "built": len(todo), "skipped": len(mine) - len(todo),

@@ -12,7 +12,6 @@ uint32 (tokens, prompt tokens, source line) per example.
 from __future__ import annotations
 
 import concurrent.futures as futures
-import hashlib
 import os
 import resource
 import tempfile
@@ -21,7 +20,15 @@ import threading
 import numpy as np
 from absl import logging
 
-from gpt_jax.data.files import cache_root, digest, exists, filesystem, is_remote, read_json
+from gpt_jax.data.files import (
+    cache_root,
+    digest,
+    exists,
+    file_sha256,
+    filesystem,
+    is_remote,
+    read_json,
+)
 from gpt_jax.data.tokenizer_base import Tokenizer
 from gpt_jax.data.tokenizers import is_saved
 from gpt_jax.errors import DataError
@@ -58,15 +65,12 @@ class Verifier:
 
     def _run(self, files: list[tuple[str, str]]) -> None:
         for path, expected in files:
-            sha = hashlib.sha256()
             try:
-                with open(path, "rb") as f:
-                    while chunk := f.read(8 << 20):
-                        sha.update(chunk)
+                digest_ = file_sha256(path)
             except OSError as e:
                 self.error = f"{path} of the store {self.store} cannot be read: {e}"
                 return
-            if sha.hexdigest() != expected:
+            if digest_ != expected:
                 self.error = (f"{path} does not match the sha256 in {self.store}/{MANIFEST}: "
                               "the store is damaged; run `gpt-jax prepare` with the same flags "
                               "again (it rebuilds the damaged shards)")
@@ -197,7 +201,6 @@ class Store:
 def _copy_verified(store: str, shards: list[dict], local: str, itemsize: int) -> None:
     """Copy the shard files that are not yet local, checking each one's sha256 first."""
     os.makedirs(os.path.join(local, "shards"), exist_ok=True)
-    fs, root = filesystem(store)
     files = [(shard["file"], shard["sha256"], shard["num_tokens"] * itemsize)
              for shard in shards]
     files += [(shard["file"][:-len(".tokens")] + ".index", shard["index_sha256"], None)
@@ -209,12 +212,9 @@ def _copy_verified(store: str, shards: list[dict], local: str, itemsize: int) ->
         if os.path.exists(target) and (size is None or os.path.getsize(target) == size):
             return  # copied and checked before
         fd, tmp = tempfile.mkstemp(dir=os.path.dirname(target), prefix=".copy-")
-        sha = hashlib.sha256()
-        with os.fdopen(fd, "wb") as out, fs.open(f"{root}/shards/{name}", "rb") as src:
-            while chunk := src.read(8 << 20):
-                sha.update(chunk)
-                out.write(chunk)
-        if sha.hexdigest() != sha256:
+        with os.fdopen(fd, "wb") as out:
+            copied = file_sha256(f"{store.rstrip('/')}/shards/{name}", copy_to=out)
+        if copied != sha256:
             os.remove(tmp)
             raise DataError(f"{store}/shards/{name} does not match the sha256 in its "
                             "manifest (a damaged or half-replaced store); run prepare again")
