@@ -12,6 +12,7 @@ import os
 import resource
 import signal
 import socket
+import subprocess
 import time
 
 import jax
@@ -164,6 +165,30 @@ def test_a_flipped_byte_is_found_on_open_and_rebuilt_by_prepare(tmp_path, corpus
     again = make_store(config, str(store), num_workers=1)
     assert again["built"] == 1
     assert store_bytes(str(store)) == whole
+
+
+def test_a_killed_writers_half_written_files_are_removed_by_the_rerun(tmp_path, corpus):  # noqa: F811
+    folder, _ = corpus
+    config = jsonl_config(tmp_path, str(folder))
+    store = tmp_path / "s"
+    make_store(config, str(store), num_workers=1)
+    whole = store_bytes(str(store))
+    shards = str(store / "shards")
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    for pid, stem in [(dead.pid, "shard"), (dead.pid, "000001.json")]:  # a kill -9's leftovers
+        path = os.path.join(shards, f".{stem}~{socket.gethostname()}~{pid}~abc.tmp")
+        open(path, "wb").write(b"half")
+    live_fd, live = files.temp_file(shards, "shard")  # this process writes it still
+    other = os.path.join(shards, f".shard~another-host~{dead.pid}~abc.tmp")  # can't tell: kept
+    open(other, "wb").write(b"?")
+    (store / "shards" / sorted(os.listdir(shards))[-1]).unlink()  # and one shard to rebuild
+    make_store(config, str(store), num_workers=1)
+    os.close(live_fd)
+    left = store_bytes(str(store))
+    assert sorted(set(left) - set(whole)) == sorted(
+        os.path.relpath(p, store) for p in (live, other))
+    assert {k: left[k] for k in whole} == whole
 
 
 def test_a_token_outside_the_vocabulary_never_reaches_the_model(tmp_path):

@@ -210,6 +210,26 @@ def json_objects(path: str, error: type[ValueError] = DataError
         yield where, obj
 
 
+def temp_file(directory: str, stem: str) -> tuple[int, str]:
+    """A new temporary file in `directory`, (fd, path), named `.{stem}~{host}~{pid}~...` so
+    that a later run on this host can tell a killed writer's leftover from a live one's."""
+    return tempfile.mkstemp(dir=directory, prefix=f".{stem}~{socket.gethostname()}~{os.getpid()}~",
+                            suffix=".tmp")
+
+
+def remove_orphaned_temp_files(directory: str) -> int:
+    """Delete the temporary files in `directory` (see `temp_file`) whose writer on this host
+    has exited (a kill -9 leaves them behind); returns how many."""
+    removed = 0
+    for path in glob.glob(os.path.join(glob.escape(directory), ".*~*~*~*.tmp")):
+        _, host, pid, _ = os.path.basename(path).split("~", 3)
+        if pid.isdigit() and holder_is_gone({"host": host, "pid": int(pid)}):
+            with contextlib.suppress(OSError):
+                os.remove(path)
+                removed += 1
+    return removed
+
+
 def atomic_write(path: str, data: bytes | str) -> None:
     """Write `path` so that readers see either nothing or the whole file (tmp + fsync + rename).
 
@@ -220,8 +240,7 @@ def atomic_write(path: str, data: bytes | str) -> None:
         fs.pipe_file(inner, data.encode("utf-8") if isinstance(data, str) else data)
         return
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".",
-                               prefix=f".{os.path.basename(path)}.tmp-")
+    fd, tmp = temp_file(os.path.dirname(path) or ".", os.path.basename(path))
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode("utf-8") if isinstance(data, str) else data)

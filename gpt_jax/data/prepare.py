@@ -47,6 +47,8 @@ from gpt_jax.data.files import (
     filesystem,
     is_remote,
     read_json,
+    remove_orphaned_temp_files,
+    temp_file,
 )
 from gpt_jax.data.store import FORMAT, INDEX_COLUMNS, MANIFEST
 from gpt_jax.data.tokenizer_base import Tokenizer
@@ -136,7 +138,7 @@ class _SplitWriter:
     """Appends one split's tokens to a local temporary file, hashing as it goes."""
 
     def __init__(self, directory: str):
-        fd, self.tmp = tempfile.mkstemp(dir=directory, prefix=".shard-", suffix=".tmp")
+        fd, self.tmp = temp_file(directory, "shard")
         self.file = os.fdopen(fd, "wb")
         self.sha = hashlib.sha256()
         self.num_tokens = self.num_docs = self.num_bytes = 0
@@ -163,7 +165,7 @@ class _SplitWriter:
                   "num_bytes": self.num_bytes, "sha256": self.sha.hexdigest()}
         if self.index:
             data = np.asarray(self.index, np.uint32).reshape(-1, INDEX_COLUMNS).tobytes()
-            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(self.tmp), prefix=".index-")
+            fd, tmp = temp_file(os.path.dirname(self.tmp), "index")
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
             _publish(tmp, path[:-len(".tokens")] + ".index")
@@ -334,6 +336,8 @@ def prepare(d: DataConfig, store: str, tok: Tokenizer, num_workers: int = 0,
             logging.warning("%s: some shards are missing or damaged; preparing them again", store)
             filesystem(store)[0].rm(filesystem(os.path.join(store, MANIFEST))[1])
     _check_no_foreign_shards(store, plan, key)
+    if not is_remote(store):  # a killed build's half-written files go (live writers' stay)
+        remove_orphaned_temp_files(os.path.join(filesystem(store)[1], "shards"))
     mine = [i for i in range(len(plan.pieces)) if i % process_count == process_index]
     if done is None:
         done = {i for i in mine if shard_is_done(store, i, key, itemsize, verify=True)}

@@ -14,7 +14,6 @@ from __future__ import annotations
 import concurrent.futures as futures
 import os
 import resource
-import tempfile
 import threading
 
 import numpy as np
@@ -28,6 +27,8 @@ from gpt_jax.data.files import (
     filesystem,
     is_remote,
     read_json,
+    remove_orphaned_temp_files,
+    temp_file,
 )
 from gpt_jax.data.tokenizer_base import Tokenizer
 from gpt_jax.data.tokenizers import is_saved
@@ -201,6 +202,7 @@ class Store:
 def _copy_verified(store: str, shards: list[dict], local: str, itemsize: int) -> None:
     """Copy the shard files that are not yet local, checking each one's sha256 first."""
     os.makedirs(os.path.join(local, "shards"), exist_ok=True)
+    remove_orphaned_temp_files(os.path.join(local, "shards"))  # a killed copy's leftovers
     files = [(shard["file"], shard["sha256"], shard["num_tokens"] * itemsize)
              for shard in shards]
     files += [(shard["file"][:-len(".tokens")] + ".index", shard["index_sha256"], None)
@@ -211,7 +213,7 @@ def _copy_verified(store: str, shards: list[dict], local: str, itemsize: int) ->
         target = os.path.join(local, "shards", name)
         if os.path.exists(target) and (size is None or os.path.getsize(target) == size):
             return  # copied and checked before
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(target), prefix=".copy-")
+        fd, tmp = temp_file(os.path.dirname(target), "copy")
         with os.fdopen(fd, "wb") as out:
             copied = file_sha256(f"{store.rstrip('/')}/shards/{name}", copy_to=out)
         if copied != sha256:
