@@ -167,7 +167,7 @@ def test_a_flipped_byte_is_found_on_open_and_rebuilt_by_prepare(tmp_path, corpus
     assert store_bytes(str(store)) == whole
 
 
-def test_a_killed_writers_half_written_files_are_removed_by_the_rerun(tmp_path, corpus):  # noqa: F811
+def test_a_killed_writers_temp_files_go_on_rerun(tmp_path, corpus):  # noqa: F811
     folder, _ = corpus
     config = jsonl_config(tmp_path, str(folder))
     store = tmp_path / "s"
