@@ -27,7 +27,7 @@ _ITEMSIZE = {"pred": 1, "s4": 1, "u4": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5
 _ARRAY = re.compile(r"\b([a-z]+\d*[a-z0-9]*)\[([\d,]*)\](?:\{([^}]*)\})?")
 _COMPUTATION = re.compile(r"^(ENTRY )?%(\S+) ")
 _INSTRUCTION = re.compile(r"^\s+(?:ROOT )?%(\S+) = (.+?) ([a-z][a-z0-9-]*)\((.*)$")
-_CALLEE = re.compile(r"\b(body|true_computation|false_computation|to_apply|calls)="
+_CALLEE = re.compile(r"\b(body|condition|true_computation|false_computation|to_apply|calls)="
                      r"%([^\s,]+)")
 _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
@@ -131,28 +131,34 @@ class Profile:
     buffers: list[tuple[str, str, int]]  # (op label, shape, bytes), largest outputs first
 
 
-def profile(hlo_text: str, top: int = 8) -> Profile:
+def profile(hlo_text: str, top: int = 8, every_trip: bool = False) -> Profile:
     """HBM bytes per op label and the largest buffers of a compiled module (see module doc);
-    `top=0` keeps every op label (for extrapolation)."""
+    `top=0` keeps every op label (for extrapolation). `every_trip`: a loop body counts as many
+    times as the loop runs (`loop_trips`), not once as XLA's cost analysis counts it."""
     computations, entry = parse(hlo_text)
     sizes = {i.name: shape_bytes(i.shape) for body in computations.values() for i in body}
+    defs = {i.name: i for body in computations.values() for i in body}
     traffic: dict[str, float] = defaultdict(float)
     buffers: dict[tuple[str, str], int] = {}
-    todo = [entry]
+    todo = [(entry, 1)]
     while todo:
-        for ins in computations.get(todo.pop(), []):
+        name, times = todo.pop()
+        for ins in computations.get(name, []):
             callees = dict(_CALLEE.findall(ins.rest))
             if ins.opcode in ("while", "call", "conditional"):
-                todo += [callees[k] for k in ("body", "to_apply", "calls", "true_computation",
-                                              "false_computation") if k in callees]
+                trips = (loop_trips(ins, callees, computations, defs) or 1
+                         if every_trip and ins.opcode == "while" else 1)
+                todo += [(callees[k], times * trips) for k in (
+                    "body", "to_apply", "calls", "true_computation", "false_computation")
+                    if k in callees]
                 for group in _BRANCHES.findall(ins.rest):
-                    todo += [c.strip().lstrip("%") for c in group.split(",")]
+                    todo += [(c.strip().lstrip("%"), times) for c in group.split(",")]
             if ins.opcode in FREE or ins.opcode.endswith("-done"):
                 continue
             if ins.opcode == "custom-call" and _TARGET.search(ins.rest).group(1) in FREE_CALLS:
                 continue
             label = ins.label
-            traffic[label] += _bytes_moved(ins, sizes)
+            traffic[label] += times * _bytes_moved(ins, sizes)
             for array in _ARRAY.finditer(ins.results):
                 key = (label, f"{array.group(1)}[{array.group(2)}]")
                 buffers[key] = max(buffers.get(key, 0), shape_bytes(array.group(0)))
@@ -174,6 +180,36 @@ def _dims(shape: str) -> list[int]:
     return [int(d) for d in array.group(2).split(",") if d] if array else []
 
 
+_WINDOW = re.compile(r"window=\{([^}]*)\}")
+
+
+def _window(rest: str, rank: int) -> list[list]:
+    """[stride, (pad low, pad high), lhs dilation, rhs dilation] per spatial dimension."""
+    fields = dict(f.split("=", 1) for f in (_WINDOW.search(rest) or [None, ""])[1].split()
+                  if "=" in f)
+
+    def per_dim(key: str, default):
+        if key not in fields:
+            return [default] * rank
+        return [tuple(int(p) for p in v.split("_")) if "_" in v else int(v)
+                for v in fields[key].split("x")]
+    return [per_dim("stride", 1), per_dim("pad", (0, 0)), per_dim("lhs_dilate", 1),
+            per_dim("rhs_dilate", 1)]
+
+
+def _taps(size: int, out: int, window: int, stride: int, pad: tuple[int, int],
+          lhs_dilate: int, rhs_dilate: int) -> int:
+    """How many (output position, window position) pairs of one spatial dimension read a
+    real input element (not padding, not a hole of the input's dilation)."""
+    last = (size - 1) * lhs_dilate
+    count = 0
+    for o in range(out):
+        for k in range(window):
+            at = o * stride + k * rhs_dilate - pad[0]
+            count += 0 <= at <= last and at % lhs_dilate == 0
+    return count
+
+
 def _matmul_flops(ins: Instruction, shapes: dict[str, str]) -> float:
     """2 x output elements x contracted size of one dot or convolution (0 for other ops)."""
     out = math.prod(_dims(ins.results))
@@ -184,13 +220,72 @@ def _matmul_flops(ins: Instruction, shapes: dict[str, str]) -> float:
         size = math.prod(lhs[int(d)] for d in contracting.split(",") if d) if lhs else 0
         return 2.0 * out * size
     if ins.opcode == "convolution" and len(operands) > 1:
-        labels, kernel = _DIM_LABELS.search(ins.rest), _dims(shapes.get(operands[1], ""))
-        if not labels or len(kernel) != len(labels.group(2)):
+        labels = _DIM_LABELS.search(ins.rest)
+        lhs, kernel = _dims(shapes.get(operands[0], "")), _dims(shapes.get(operands[1], ""))
+        if not labels or len(kernel) != len(labels.group(2)) or len(lhs) != len(labels.group(1)):
             return 0.0
-        # the kernel's input-feature dimension is already per feature group
-        per_output = math.prod(n for n, label in zip(kernel, labels.group(2)) if label != "o")
-        return 2.0 * out * per_output
+        lhs_l, kernel_l, out_l = labels.groups()
+        outs = _dims(ins.results)
+        # per output element: the kernel's input features (per feature group) times the window
+        # taps that land on real input; TPU writes batched matmuls as convolutions whose
+        # windows, dilated and strided, hit one element each, so counting window sizes
+        # would overcount them many times over
+        per_output = kernel[kernel_l.index("i")]
+        spatial = sorted(c for c in out_l if c.isdigit())  # window entry i is dimension "i"
+        non_spatial = math.prod(n for n, c in zip(outs, out_l) if not c.isdigit())
+        window = _window(ins.rest, len(spatial))
+        taps = 1
+        for c in spatial:
+            taps *= _taps(lhs[lhs_l.index(c)], outs[out_l.index(c)], kernel[kernel_l.index(c)],
+                          *(w[int(c)] for w in window))
+        return 2.0 * non_spatial * per_output * taps
     return 0.0
+
+
+_INDEX = re.compile(r"\bindex=(\d+)")
+
+
+def _constant(name: str, defs: dict[str, Instruction]) -> int | None:
+    """The integer a scalar constant (or a copy/convert/bitcast of one) holds, else None."""
+    ins = defs.get(name)
+    while ins is not None and ins.opcode in ("copy", "convert", "bitcast") and ins.operands:
+        ins = defs.get(ins.operands[0])
+    if ins is None or ins.opcode != "constant":
+        return None
+    value = ins.rest.split(")", 1)[0].strip()
+    return int(value) if value.lstrip("-").isdigit() else None
+
+
+def _trip_count(loop: Instruction, callees: dict[str, str],
+                computations: dict[str, list[Instruction]],
+                defs: dict[str, Instruction]) -> int | None:
+    """The trip count of a `while i < C` loop whose counter starts at a constant and grows by
+    a constant (XLA's windowed einsum loops: collective matmuls over fsdp; they carry no
+    known_trip_count), or None for any other loop."""
+    cond, body = computations.get(callees.get("condition", "")), computations.get(callees["body"])
+    if not cond or not body or not loop.operands or "direction=LT" not in cond[-1].rest:
+        return None
+    counter, limit = (defs.get(n) for n in cond[-1].operands[:2])
+    if counter is None or counter.opcode != "get-tuple-element" or limit is None:
+        return None
+    slot, end = int(_INDEX.search(counter.rest).group(1)), _constant(limit.name, defs)
+    init = defs.get(loop.operands[0])
+    step = defs.get(body[-1].operands[slot]) if body[-1].opcode == "tuple" else None
+    if init is None or init.opcode != "tuple" or step is None or step.opcode != "add" or end is None:
+        return None
+    start = _constant(init.operands[slot], defs)
+    stride = max([c for c in (_constant(n, defs) for n in step.operands) if c] or [0])
+    if start is None or stride <= 0:
+        return None
+    return max(0, -(-(end - start) // stride))
+
+
+def loop_trips(loop: Instruction, callees: dict[str, str],
+               computations: dict[str, list[Instruction]],
+               defs: dict[str, Instruction]) -> int | None:
+    """How many times a while loop runs: its known_trip_count, else read from its counter."""
+    known = _TRIP_COUNT.search(loop.rest)
+    return int(known.group(1)) if known else _trip_count(loop, callees, computations, defs)
 
 
 def matmul_flops(hlo_text: str) -> tuple[float, int]:
@@ -199,6 +294,7 @@ def matmul_flops(hlo_text: str) -> tuple[float, int]:
     fused and called computations count where they are called."""
     computations, entry = parse(hlo_text)
     shapes = {i.name: i.shape for body in computations.values() for i in body}
+    defs = {i.name: i for body in computations.values() for i in body}
     total, unknown = 0.0, 0
     todo = [(entry, 1)]
     while todo:
@@ -207,9 +303,9 @@ def matmul_flops(hlo_text: str) -> tuple[float, int]:
             total += times * _matmul_flops(ins, shapes)
             callees = dict(_CALLEE.findall(ins.rest))
             if ins.opcode == "while" and "body" in callees:
-                trips = _TRIP_COUNT.search(ins.rest)
-                unknown += trips is None
-                todo.append((callees["body"], times * (int(trips.group(1)) if trips else 1)))
+                count = loop_trips(ins, callees, computations, defs)
+                unknown += count is None
+                todo.append((callees["body"], times * (count or 1)))
             elif ins.opcode in ("fusion", "call", "async-start", "custom-call") or \
                     ins.opcode.endswith("-start"):
                 todo += [(callees[k], times) for k in ("calls", "to_apply") if k in callees]

@@ -149,3 +149,74 @@ def test_a_compiled_train_step_counts_at_least_the_models_flops(scan_layers, los
     assert unknown == 0
     assert counted >= model, (counted, model)
     assert counted < 3 * model  # and not wildly over: each matmul counted where it runs
+
+
+WINDOWED_LOOP = """HloModule m
+
+%cond (p: (f32[2,3], u32[])) -> pred[] {
+  %p = (f32[2,3]{1,0}, u32[]) parameter(0)
+  %limit = u32[] constant(4)
+  %i = u32[] get-tuple-element(%p), index=1
+  ROOT %lt = pred[] compare(%i, %limit), direction=LT
+}
+
+%body (q: (f32[2,3], u32[])) -> (f32[2,3], u32[]) {
+  %q = (f32[2,3]{1,0}, u32[]) parameter(0)
+  %x = f32[2,3]{1,0} get-tuple-element(%q), index=0
+  %w = f32[3,3]{1,0} parameter(1)
+  %d = f32[2,3]{1,0} dot(%x, %w), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  %j = u32[] get-tuple-element(%q), index=1
+  %two = u32[] constant(2)
+  %next = u32[] add(%j, %two)
+  ROOT %t = (f32[2,3]{1,0}, u32[]) tuple(%d, %next)
+}
+
+ENTRY %main (a: f32[2,3]) -> f32[2,3] {
+  %a = f32[2,3]{1,0} parameter(0)
+  %zero = u32[] constant(0)
+  %start = u32[] copy(%zero)
+  %init = (f32[2,3]{1,0}, u32[]) tuple(%a, %start)
+  %loop = (f32[2,3]{1,0}, u32[]) while(%init), condition=%cond, body=%body
+  ROOT %out = f32[2,3]{1,0} get-tuple-element(%loop), index=0
+}
+"""
+
+
+def test_a_loop_without_a_known_trip_count_is_counted_from_its_counter():
+    """XLA's fsdp collective matmuls (windowed einsum) are `while i < C` loops, i += 2 on TPU,
+    with no known_trip_count: their trips come from the counter (0, 2: two), and a loop whose
+    counter cannot be read counts once and is reported."""
+    one = 2 * 2 * 3 * 3
+    assert hlo_profile.matmul_flops(WINDOWED_LOOP) == (2 * one, 0)
+    unreadable = WINDOWED_LOOP.replace("%start = u32[] copy(%zero)", "%start = u32[] parameter(1)")
+    assert hlo_profile.matmul_flops(unreadable) == (one, 1)
+    once, every = (hlo_profile.profile(WINDOWED_LOOP, top=0, every_trip=e).total_bytes
+                   for e in (False, True))
+    assert once < every < 2 * once  # the body's bytes twice, the entry's once
+
+
+def test_a_batched_matmul_written_as_a_dilated_convolution_counts_its_real_work():
+    """TPU writes attention's batched QK^T as a convolution whose batch and head axes are
+    spatial windows, dilated and strided so that each output reads one element of each
+    (line taken from a v5e compile, sizes shrunk): 2 B H T T D, not that times B H; a real
+    3-tap convolution with padding counts its 3N - 2 taps."""
+    B, H, T, D = 4, 12, 8, 16
+    hlo = f"""HloModule m
+
+ENTRY %main (a: f32[{B},{T},{H},{D}], b: f32[{B},{T},{H},{D}]) -> f32[{B},{H},{T},{T}] {{
+  %a = f32[{B},{T},{H},{D}]{{3,2,1,0}} parameter(0)
+  %b = f32[{B},{T},{H},{D}]{{3,2,1,0}} parameter(1)
+  ROOT %s = f32[{B},{H},{T},{T}]{{3,2,1,0}} convolution(%a, %b), window={{size=4x12 stride=3x11 lhs_dilate=4x12}}, dim_labels=0b1f_0o1i->01bf
+}}
+"""
+    assert hlo_profile.matmul_flops(hlo) == (2.0 * B * H * T * T * D, 0)
+    N, C = 10, 5
+    conv = f"""HloModule m
+
+ENTRY %main (x: f32[1,{N},{C}], k: f32[3,{C},{C}]) -> f32[1,{N},{C}] {{
+  %x = f32[1,{N},{C}]{{2,1,0}} parameter(0)
+  %k = f32[3,{C},{C}]{{2,1,0}} parameter(1)
+  ROOT %y = f32[1,{N},{C}]{{2,1,0}} convolution(%x, %k), window={{size=3 pad=1_1}}, dim_labels=b0f_0io->b0f
+}}
+"""
+    assert hlo_profile.matmul_flops(conv) == (2.0 * C * C * (3 * N - 2), 0)
