@@ -271,7 +271,8 @@ def _trip_count(loop: Instruction, callees: dict[str, str],
     slot, end = int(_INDEX.search(counter.rest).group(1)), _constant(limit.name, defs)
     init = defs.get(loop.operands[0])
     step = defs.get(body[-1].operands[slot]) if body[-1].opcode == "tuple" else None
-    if init is None or init.opcode != "tuple" or step is None or step.opcode != "add" or end is None:
+    if end is None or init is None or init.opcode != "tuple" or step is None \
+            or step.opcode != "add":
         return None
     start = _constant(init.operands[slot], defs)
     stride = max([c for c in (_constant(n, defs) for n in step.operands) if c] or [0])
