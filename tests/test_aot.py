@@ -2,6 +2,7 @@
 
 import math
 import re
+import sys
 
 import pytest
 
@@ -161,12 +162,13 @@ def test_serving_mesh_puts_heads_on_the_largest_dividing_tensor_axis():
     assert aot.serving_mesh(typed(load_preset("gpt2_1558m")), 8) == (8, 1, 1)  # 25 heads
 
 
-def test_a_preset_takes_the_command_lines_config_overrides():
+def test_a_preset_takes_the_command_lines_config_overrides(monkeypatch):
     from gpt_jax.commands.common import config_with_overrides
     from gpt_jax.presets import preset_path
 
-    config = config_with_overrides(preset_path("gpt2_124m"), [
-        "--topology=v5e-8", "--config.model.loss_chunks=8", "--config.model.dtype=bfloat16"])
+    argv = ["--topology=v5e-8", "--config.model.loss_chunks=8", "--config.model.dtype=bfloat16"]
+    monkeypatch.setattr(sys, "argv", ["gpt-jax", "aot", *argv])  # as the command line has them
+    config = config_with_overrides(preset_path("gpt2_124m"), argv)
     assert (config.model.loss_chunks, config.model.dtype) == (8, "bfloat16")
     assert typed(config).model.n_layer == 12  # the rest is the preset's
     with pytest.raises(Exception, match="nope"):

@@ -29,10 +29,11 @@ def config_with_overrides(path: str, argv: list[str]):
     """The config of file `path` with the `--config.section.field=value` arguments of `argv`
     applied (typed as the field, as --config parses them), e.g. for a --preset."""
     values = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", path, flag_values=values, lock_config=True)
     saved, sys.argv = sys.argv, ["gpt-jax", f"--config={path}",
                                  *(a for a in argv if a.startswith("--config."))]
-    try:  # ml_collections reads the overrides from sys.argv
+    try:  # ml_collections reads the overrides from sys.argv, also when a default is given,
+        # so none is: a default would define them once more when --config is parsed
+        config_flags.DEFINE_config_file("config", None, flag_values=values, lock_config=True)
         values(sys.argv)
         return values.config
     finally:
