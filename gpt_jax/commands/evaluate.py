@@ -16,7 +16,8 @@ flags.DEFINE_string("workdir", None, "A run directory or one checkpoint step dir
 flags.DEFINE_integer("eval_batches", None, "Validation batches (default: the run's config).")
 flags.DEFINE_string("tasks", None, "Downstream tasks, kind[:path] joined by commas: "
                     "hellaswag:FILE, hellaswag_preprocessed:FILE, choices:FILE, nextline[:TEXT], "
-                    "hellaswag_tfds (see docs/evaluation.md). Replaces the loss evaluation.")
+                    "hellaswag_tfds, generate:FILE, core:BUNDLE_DIR (see docs/evaluation.md). "
+                    "Replaces the loss evaluation.")
 flags.DEFINE_integer("task_examples", 0, "Examples per task (0: all).")
 flags.DEFINE_integer("batch_rows", 32, "Rows (context + one ending) per scoring batch.")
 flags.DEFINE_string("output", None, "JSON file for --tasks results "

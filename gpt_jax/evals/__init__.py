@@ -11,7 +11,7 @@ what the model writes (see docs/evaluation.md).
 from __future__ import annotations
 
 from gpt_jax.errors import EvalError
-from gpt_jax.evals import generative
+from gpt_jax.evals import core, generative
 from gpt_jax.evals.choice import METRICS, Example, score_examples, upgrade
 from gpt_jax.evals.scoring import Request, Score, loglikelihoods
 from gpt_jax.evals.tasks import KINDS, Task, load_tasks, parse_specs
@@ -28,6 +28,10 @@ def run_tasks(model_cfg, params, tokenizer, tasks: list[Task], *, batch_rows: in
     """{task name: {each of METRICS, "n"}} for each task."""
     results, engine = {}, None
     for task in tasks:
+        if task.kind == "core":  # its tasks' rows and the CORE row
+            results.update(core.evaluate(model_cfg, params, tokenizer, task.examples,
+                                         batch_rows=batch_rows, mesh=mesh, rules=rules))
+            continue
         if task.kind == "generate":
             if engine is None:
                 engine = generation_engine(model_cfg, params, tokenizer, mesh, rules)
@@ -55,8 +59,16 @@ def metric_events(results: dict[str, dict]) -> dict[str, float]:
 
 
 def format_table(results: dict[str, dict]) -> str:
-    """One markdown table per kind of task (multiple choice, generative)."""
+    """One markdown table per kind of task (multiple choice, generative, CORE)."""
     tables = []
+    centred = [(n, r) for n, r in results.items() if "centered" in r or "core" in r]
+    if centred:
+        rows = ["| CORE task | n | acc | centered |", "|---|---|---|---|"]
+        rows += [f"| {n} | {r['n']} | " + (f"{r['acc']:.4f} | {r['centered']:.4f} |"
+                                           if "acc" in r else f"– | {r['core']:.4f} |")
+                 for n, r in centred]
+        tables.append("\n".join(rows))
+    results = {n: r for n, r in results.items() if not ("centered" in r or "core" in r)}
     for metrics in (METRICS, generative.METRICS):
         named = [(n, upgrade(r)) for n, r in results.items()
                  if (metrics is generative.METRICS) == ("exact_match" in r)]

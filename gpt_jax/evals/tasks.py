@@ -31,12 +31,13 @@ from gpt_jax.data.documents import read_text, split_texts
 from gpt_jax.data.files import json_objects, list_files
 from gpt_jax.data.prepare import open_tfds
 from gpt_jax.errors import DataError, EvalError
+import gpt_jax.evals.core as core
 import gpt_jax.evals.generative as generative
 from gpt_jax.evals.choice import Example
 
 KINDS = ("hellaswag", "hellaswag_preprocessed", "choices", "nextline", "hellaswag_tfds",
-         "generate")
-NEEDS_PATH = ("hellaswag", "hellaswag_preprocessed", "choices", "generate")
+         "generate", "core")
+NEEDS_PATH = ("hellaswag", "hellaswag_preprocessed", "choices", "generate", "core")
 CHOICE_OPTIONS = ("shots", "separator", "seed")
 NEXTLINE_CONTEXT_LINES = 6
 NEXTLINE_CHOICES = 4
@@ -240,6 +241,8 @@ def load_tasks(spec: str, *, limit: int = 0, config=None) -> list[Task]:
             options = generative.parse_options(query)
             examples = generative.load(path)
             examples = examples[:limit] if limit else examples
+        elif kind == "core":  # a bundle of tasks (evals/core.py): `limit` lines of each
+            options, examples = generative.Options(), core.load_bundle(path, limit)
         else:
             options = generative.parse_options(query, CHOICE_OPTIONS)
             examples = load_task(kind, path, limit=limit, config=config)
