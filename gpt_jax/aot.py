@@ -332,7 +332,7 @@ def cost_report(cost: dict[str, float], model_flops_per_chip: float, peak: float
     """XLA's FLOPs and estimated seconds per chip (from `xla_cost`); MFU if the step ran so.
 
     The estimate is XLA's `optimal_seconds` where it gives a plausible one (at most 10x the
-    roofline), else the roofline FLOPs / peak + XLA bytes accessed / HBM bandwidth, with
+    roofline) for all the work that runs (the counted FLOPs and bytes below), else the roofline FLOPs / peak + XLA bytes accessed / HBM bandwidth, with
     FLOPs = XLA's count or the model's where XLA counted less (its cost analysis misses the
     matmuls of some fsdp programs); `estimate_source` says which. The roofline adds the two
     terms (no overlap) because XLA's own TPU estimate does: on the v5p rows of BENCHMARKS.md
@@ -352,7 +352,10 @@ def cost_report(cost: dict[str, float], model_flops_per_chip: float, peak: float
     seconds, source = cost.get("optimal_seconds"), "xla optimal_seconds"
     if seconds and seconds > 0 and extra_flops and peak:
         seconds += extra_flops / peak
-    if not (seconds and seconds > 0) or (roofline and seconds > 10 * roofline):
+    # XLA's own estimate is of the work it counted: where it missed some (loops counted once,
+    # see hlo_profile.matmul_flops), the roofline of the counted work replaces it
+    missed = counted_flops + extra_flops > 1.02 * flops or counted_bytes > 1.02 * bytes_accessed
+    if not (seconds and seconds > 0) or (roofline and seconds > 10 * roofline) or missed:
         seconds, source = roofline, "roofline"
     seconds = float(seconds) if seconds and seconds > 0 else None
     out = {"xla_flops_per_chip": flops, "xla_bytes_accessed_per_chip": bytes_accessed,
