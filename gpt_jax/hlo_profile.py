@@ -2,11 +2,14 @@
 
 XLA's cost analysis gives one total of bytes accessed. To say *where* they go, this walks the
 compiled module's text: every instruction that runs (the entry computation and what it calls,
-loop bodies once, as XLA's cost analysis counts them), its bytes as output + operands (fused
+loop bodies once as XLA's cost analysis counts them, or with `every_trip` as many times as
+they run), its bytes as output + operands (fused
 computations are inside their fusion, so never counted twice), grouped by the JAX op that
 produced it (`metadata={op_name=...}`), layers merged. The total is an estimate of the same
-kind as XLA's (tests compare the two on a compiled step). A scanned model's traffic comes from
-unscanned 1- and 2-layer compiles, extrapolated like its cost (`aot.layer_extrapolated_cost`).
+kind as XLA's (tests compare the two on a compiled step). `aot` counts every trip: the fsdp
+collective matmuls are loops XLA counts once (see `matmul_flops`). A scanned model's traffic
+comes from unscanned 1- and 2-layer compiles, extrapolated like its cost
+(`aot.layer_extrapolated_cost`).
 """
 
 from __future__ import annotations
