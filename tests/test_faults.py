@@ -12,7 +12,6 @@ import os
 import resource
 import signal
 import socket
-import subprocess
 import time
 
 import jax
@@ -174,13 +173,12 @@ def test_a_killed_writers_temp_files_go_on_rerun(tmp_path, corpus):  # noqa: F81
     make_store(config, str(store), num_workers=1)
     whole = store_bytes(str(store))
     shards = str(store / "shards")
-    dead = subprocess.Popen(["true"])
-    dead.wait()
-    for pid, stem in [(dead.pid, "shard"), (dead.pid, "000001.json")]:  # a kill -9's leftovers
+    dead = dead_pid()
+    for pid, stem in [(dead, "shard"), (dead, "000001.json")]:  # a kill -9's leftovers
         path = os.path.join(shards, f".{stem}~{socket.gethostname()}~{pid}~abc.tmp")
         open(path, "wb").write(b"half")
     live_fd, live = files.temp_file(shards, "shard")  # this process writes it still
-    other = os.path.join(shards, f".shard~another-host~{dead.pid}~abc.tmp")  # can't tell: kept
+    other = os.path.join(shards, f".shard~another-host~{dead}~abc.tmp")  # can't tell: kept
     open(other, "wb").write(b"?")
     (store / "shards" / sorted(os.listdir(shards))[-1]).unlink()  # and one shard to rebuild
     make_store(config, str(store), num_workers=1)
