@@ -119,6 +119,9 @@ def test_a_missing_or_bad_bundle_is_one_line(tmp_path):
     with pytest.raises(EvalError, match=r"lm.jsonl:1: a language_modeling line needs context, "
                        "continuation; missing continuation"):
         core.load_bundle(bundle)
+    with pytest.raises(EvalError, match=r"CORE task 'mc': num_fewshot 2 needs more than its 2 "
+                       r"lines"):
+        core.load_bundle(write_bundle(tmp_path / "c"), max_per_task=2)
     (tmp_path / "b" / "eval_meta_data.csv").write_text("Eval Task,Random baseline\nmc,25\n")
     with pytest.raises(EvalError, match="no random baseline for 'schema'"):
         core.load_bundle(bundle)

@@ -69,9 +69,13 @@ def load_bundle(path: str, max_per_task: int = 0) -> list[CoreTask]:
         shots = entry.get("num_fewshot", [0])
         items = _items(os.path.join(path, "eval_data", entry["dataset_uri"]), kind)
         random.Random(1337).shuffle(items)
-        tasks.append(CoreTask(label, kind, int(shots[0] if isinstance(shots, list) else shots),
-                              entry.get("continuation_delimiter", " "), baselines[label],
-                              items[:max_per_task] if max_per_task else items))
+        shots = int(shots[0] if isinstance(shots, list) else shots)
+        items = items[:max_per_task] if max_per_task else items
+        if shots >= len(items):
+            raise EvalError(f"CORE task {label!r}: num_fewshot {shots} needs more than its "
+                            f"{len(items)} lines (drawn from the others); raise --task_examples")
+        tasks.append(CoreTask(label, kind, shots, entry.get("continuation_delimiter", " "),
+                              baselines[label], items))
     if not tasks:
         raise EvalError(f"{index} lists no icl_tasks")
     return tasks
