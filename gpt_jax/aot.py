@@ -332,17 +332,18 @@ def cost_report(cost: dict[str, float], model_flops_per_chip: float, peak: float
     """XLA's FLOPs and estimated seconds per chip (from `xla_cost`); MFU if the step ran so.
 
     The estimate is XLA's `optimal_seconds` where it gives a plausible one (at most 10x the
-    roofline) for all the work that runs (the counted FLOPs and bytes below), else the roofline FLOPs / peak + XLA bytes accessed / HBM bandwidth, with
-    FLOPs = XLA's count or the model's where XLA counted less (its cost analysis misses the
-    matmuls of some fsdp programs); `estimate_source` says which. The roofline adds the two
-    terms (no overlap) because XLA's own TPU estimate does: on the v5p rows of BENCHMARKS.md
-    `optimal_seconds` is 1.01-1.07x their sum. `extra_flops`: work XLA cannot see (Pallas
-    kernels): added to its FLOPs, and to its estimate at peak. `counted_flops`: the matmul
-    FLOPs of the compiled program with every loop trip counted (`hlo_profile.matmul_flops`),
-    which the compute term also never goes below; `counted_bytes`: HBM bytes with every loop
-    trip counted (`hlo_profile.profile(every_trip=True)`), which the HBM term never goes below.
-    On TPU both matter: XLA's cost analysis counts each fsdp collective-matmul loop (windowed
-    einsum, no known trip count) once, 0.67x of the 124M v5e-8 step's FLOPs (#30).
+    roofline) for all the work that runs (the counted FLOPs and bytes below), else the roofline
+    FLOPs / peak + XLA bytes accessed / HBM bandwidth, with FLOPs = XLA's count or the model's
+    where XLA counted less (its cost analysis misses the matmuls of some fsdp programs);
+    `estimate_source` says which. The roofline adds the two terms (no overlap) because XLA's own
+    TPU estimate does: on the v5p rows of BENCHMARKS.md `optimal_seconds` is 1.01-1.07x their
+    sum. `extra_flops`: work XLA cannot see (Pallas kernels): added to its FLOPs, and to its
+    estimate at peak. `counted_flops`: the matmul FLOPs of the compiled program with every loop
+    trip counted (`hlo_profile.matmul_flops`), which the compute term also never goes below;
+    `counted_bytes`: HBM bytes with every loop trip counted
+    (`hlo_profile.profile(every_trip=True)`), which the HBM term never goes below. On TPU both
+    matter: XLA's cost analysis counts each fsdp collective-matmul loop (windowed einsum, no
+    known trip count) once, 0.67x of the 124M v5e-8 step's FLOPs (#30).
     """
     flops, bytes_accessed = cost.get("flops", 0.0) + extra_flops, cost.get("bytes accessed", 0.0)
     work = max(flops, model_flops_per_chip, counted_flops + extra_flops)

@@ -213,8 +213,8 @@ def json_objects(path: str, error: type[ValueError] = DataError
 def temp_file(directory: str, stem: str) -> tuple[int, str]:
     """A new temporary file in `directory`, (fd, path), named `.{stem}~{host}~{pid}~...` so
     that a later run on this host can tell a killed writer's leftover from a live one's."""
-    return tempfile.mkstemp(dir=directory, prefix=f".{stem}~{socket.gethostname()}~{os.getpid()}~",
-                            suffix=".tmp")
+    prefix = f".{stem}~{socket.gethostname()}~{os.getpid()}~"
+    return tempfile.mkstemp(dir=directory, prefix=prefix, suffix=".tmp")
 
 
 def remove_orphaned_temp_files(directory: str) -> int:

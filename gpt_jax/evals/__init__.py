@@ -61,14 +61,14 @@ def metric_events(results: dict[str, dict]) -> dict[str, float]:
 def format_table(results: dict[str, dict]) -> str:
     """One markdown table per kind of task (multiple choice, generative, CORE)."""
     tables = []
-    centred = [(n, r) for n, r in results.items() if "centered" in r or "core" in r]
+    centred = {n: r for n, r in results.items() if "centered" in r or "core" in r}
     if centred:
         rows = ["| CORE task | n | acc | centered |", "|---|---|---|---|"]
         rows += [f"| {n} | {r['n']} | " + (f"{r['acc']:.4f} | {r['centered']:.4f} |"
                                            if "acc" in r else f"– | {r['core']:.4f} |")
-                 for n, r in centred]
+                 for n, r in centred.items()]
         tables.append("\n".join(rows))
-    results = {n: r for n, r in results.items() if not ("centered" in r or "core" in r)}
+    results = {n: r for n, r in results.items() if n not in centred}
     for metrics in (METRICS, generative.METRICS):
         named = [(n, upgrade(r)) for n, r in results.items()
                  if (metrics is generative.METRICS) == ("exact_match" in r)]

@@ -28,7 +28,7 @@ import random
 import numpy as np
 import yaml
 
-from gpt_jax.data.files import exists, read_bytes
+from gpt_jax.data.files import exists, json_objects, read_bytes
 from gpt_jax.errors import EvalError
 from gpt_jax.evals.scoring import Request, loglikelihoods
 
@@ -66,10 +66,10 @@ def load_bundle(path: str, max_per_task: int = 0) -> list[CoreTask]:
                             f"{', '.join(KINDS)}")
         if label not in baselines:
             raise EvalError(f"{path}/eval_meta_data.csv has no random baseline for {label!r}")
-        shots = entry.get("num_fewshot", [0])
+        shots = entry.get("num_fewshot", [0])  # a list of one in DCLM's files
+        shots = int(shots[0] if isinstance(shots, list) else shots)
         items = _items(os.path.join(path, "eval_data", entry["dataset_uri"]), kind)
         random.Random(1337).shuffle(items)
-        shots = int(shots[0] if isinstance(shots, list) else shots)
         items = items[:max_per_task] if max_per_task else items
         if shots >= len(items):
             raise EvalError(f"CORE task {label!r}: num_fewshot {shots} needs more than its "
@@ -93,8 +93,6 @@ def _baselines(path: str) -> dict[str, float]:
 
 
 def _items(path: str, kind: str) -> list[dict]:
-    from gpt_jax.data.documents import json_objects
-
     items = []
     for where, obj in json_objects(path, EvalError):
         missing = [f for f in FIELDS[kind] if f not in obj]
