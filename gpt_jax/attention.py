@@ -98,7 +98,24 @@ def einsum_attention(q_BTHK, k_BSGK, v_BSGK, mask_BTS=None, *, probs_dtype, kv_l
     return out_BTHK.astype(q_BTHK.dtype)
 
 
-DECODE_CHUNK = 256  # cache slots per step of `decode_attention`
+DECODE_CHUNK = 256  # cache slots per step of `decode_attention`'s loop
+DECODE_FIRST = 16  # the shortest cache prefix `decode_attention` reads
+
+
+def _online_softmax_step(carry, q_BGQK, k_BGCK, v_BGCK, start, positions_B):
+    """(running max, sum, output) after the cache slots start..start+C-1; slots past a row's
+    position are masked, and a chunk wholly past it leaves that row's carry bitwise unchanged."""
+    m_BGQ, l_BGQ, acc_BGQK = carry
+    s_BGQC = jnp.einsum("bgqk,bgck->bgqc", q_BGQK, k_BGCK.astype(jnp.float32))
+    seen_BC = start + jnp.arange(k_BGCK.shape[2])[None] <= positions_B[:, None]
+    s_BGQC = jnp.where(seen_BC[:, None, None], s_BGQC, jnp.finfo(jnp.float32).min)
+    m_new = jnp.maximum(m_BGQ, jnp.max(s_BGQC, axis=-1))
+    p_BGQC = jnp.exp(s_BGQC - m_new[..., None])
+    scale = jnp.exp(m_BGQ - m_new)
+    l_BGQ = l_BGQ * scale + jnp.sum(p_BGQC, axis=-1)
+    acc_BGQK = acc_BGQK * scale[..., None] + jnp.einsum(
+        "bgqc,bgck->bgqk", p_BGQC, v_BGCK.astype(jnp.float32))
+    return m_new, l_BGQ, acc_BGQK
 
 
 def decode_attention(q_B1HK: jax.Array, k_BGSK: jax.Array, v_BGSK: jax.Array,
@@ -106,11 +123,13 @@ def decode_attention(q_B1HK: jax.Array, k_BGSK: jax.Array, v_BGSK: jax.Array,
     """One new query per row against its cache slots 0..positions_B[b] (heads-major cache;
     the cache may have more rows than the batch: row b of the batch is its row b).
 
-    The slots are read in chunks of DECODE_CHUNK with an online softmax, only as many chunks as
-    the longest row needs: a row's result does not depend on how far the other rows reach (a
-    chunk past its position leaves its running max, sum and output bitwise unchanged), so
-    every row of a batch of decode slots computes exactly what it would alone, and a batch
-    of short rows never reads the whole cache.
+    Reading the cache is most of this op's time, so it reads only what the longest row needs:
+    the shortest of the prefixes DECODE_FIRST, 2*DECODE_FIRST, ... < DECODE_CHUNK that holds
+    every row's position (one branch of a `lax.switch`), past that a loop over chunks of
+    DECODE_CHUNK slots with an online softmax. A row's result does not depend on how far the
+    other rows reach (a slot past its position is masked, and a chunk wholly past it leaves its
+    carry bitwise unchanged), so every row of a batch of decode slots computes what it would
+    alone.
     """
     B, _, H, K = q_B1HK.shape
     _, G, S, _ = k_BGSK.shape  # [R >= B, G, S, K]
@@ -119,29 +138,28 @@ def decode_attention(q_B1HK: jax.Array, k_BGSK: jax.Array, v_BGSK: jax.Array,
     while S % chunk:
         chunk //= 2
     q_BGQK = q_B1HK.reshape(B, G, Q, K).astype(jnp.float32) / jnp.sqrt(jnp.float32(K))
-    floor = jnp.finfo(jnp.float32).min
+    init = (jnp.full((B, G, Q), jnp.finfo(jnp.float32).min, jnp.float32),
+            jnp.zeros((B, G, Q), jnp.float32), jnp.zeros((B, G, Q, K), jnp.float32))
+    need = jnp.max(positions_B) + 1  # slots the longest row reads
 
-    def body(c, carry):
-        m_BGQ, l_BGQ, acc_BGQK = carry
-        start = c * chunk
-        # rows and slots cut in one slice: a cache[:B] outside the loop is a copy of it
-        k_BGCK = jax.lax.dynamic_slice(k_BGSK, (0, 0, start, 0), (B, G, chunk, K))
-        v_BGCK = jax.lax.dynamic_slice(v_BGSK, (0, 0, start, 0), (B, G, chunk, K))
-        s_BGQC = jnp.einsum("bgqk,bgck->bgqc", q_BGQK, k_BGCK.astype(jnp.float32))
-        seen_BC = start + jnp.arange(chunk)[None] <= positions_B[:, None]
-        s_BGQC = jnp.where(seen_BC[:, None, None], s_BGQC, floor)
-        m_new = jnp.maximum(m_BGQ, jnp.max(s_BGQC, axis=-1))
-        p_BGQC = jnp.exp(s_BGQC - m_new[..., None])
-        scale = jnp.exp(m_BGQ - m_new)
-        l_BGQ = l_BGQ * scale + jnp.sum(p_BGQC, axis=-1)
-        acc_BGQK = acc_BGQK * scale[..., None] + jnp.einsum(
-            "bgqc,bgck->bgqk", p_BGQC, v_BGCK.astype(jnp.float32))
-        return m_new, l_BGQ, acc_BGQK
+    def prefix(size):  # rows and slots cut in one slice: a cache[:B] alone would be a copy
+        return lambda: _online_softmax_step(init, q_BGQK, k_BGSK[:B, :, :size],
+                                            v_BGSK[:B, :, :size], 0, positions_B)
 
-    chunks = jnp.minimum(jnp.max(positions_B) // chunk + 1, S // chunk)
-    init = (jnp.full((B, G, Q), floor, jnp.float32), jnp.zeros((B, G, Q), jnp.float32),
-            jnp.zeros((B, G, Q, K), jnp.float32))
-    _, l_BGQ, acc_BGQK = jax.lax.fori_loop(0, chunks, body, init)
+    def chunks():
+        def body(c, carry):
+            start = c * chunk
+            k_BGCK = jax.lax.dynamic_slice(k_BGSK, (0, 0, start, 0), (B, G, chunk, K))
+            v_BGCK = jax.lax.dynamic_slice(v_BGSK, (0, 0, start, 0), (B, G, chunk, K))
+            return _online_softmax_step(carry, q_BGQK, k_BGCK, v_BGCK, start, positions_B)
+
+        return jax.lax.fori_loop(0, jnp.minimum((need - 1) // chunk + 1, S // chunk), body, init)
+
+    sizes = []
+    while (size := DECODE_FIRST * 2 ** len(sizes)) < chunk:
+        sizes.append(size)
+    branch = jnp.sum(need > jnp.array(sizes, jnp.int32)) if sizes else 0
+    _, l_BGQ, acc_BGQK = jax.lax.switch(branch, [prefix(s) for s in sizes] + [chunks])
     out_BGQK = acc_BGQK / l_BGQ[..., None]
     return out_BGQK.reshape(B, 1, H, K).astype(q_B1HK.dtype)
 

@@ -65,3 +65,35 @@ def test_overrides_and_presets():
     assert load_preset("gpt2_124m").model.dtype == "float32"  # the preset itself is untouched
     with pytest.raises(aot.AotError, match=r"unknown preset '999M'; one of: 124M, 350M"):
         aot.resolve_preset("999M")
+
+
+@pytest.mark.parametrize("use_bias", [True, False])
+def test_nanogpts_torch_iteration_has_our_shape_and_trains(use_bias):
+    pytest.importorskip("torch")
+    from gpt_jax.bench.torch_baseline import torch_iteration
+
+    cfg = typed(load_preset("tiny")).replace({"model.use_bias": use_bias}).model
+    iteration, _, threads, n_params = torch_iteration(cfg.n_layer, cfg.n_head, cfg.n_embd,
+                                                      cfg.block_size, 8, cfg.vocab_size,
+                                                      use_bias)
+    from gpt_jax.flops import count_params
+
+    assert n_params == count_params(cfg, padding=False) and threads >= 1
+    first = iteration()  # uniform random tokens: the loss starts at ln(vocab)
+    assert abs(first - math.log(cfg.vocab_size)) < 0.3
+    assert all(math.isfinite(iteration()) for _ in range(3))
+
+
+def test_the_step_the_loop_and_torch_are_timed_in_turns():
+    pytest.importorskip("torch")
+    config = aot.apply_overrides(load_preset("tiny"), batch_size=8)
+    record = bench.bench_train(config, steps=2, warmup=1, name="tiny", rounds=2,
+                               torch_baseline=True, loop_steps=10)
+    assert record["rounds"] == 2 and record["loop_steps"] == 10
+    for key in ("loop_step_time_s", "loop_wall_s", "torch_step_time_s"):
+        assert math.isfinite(record[key]) and record[key] > 0, key
+    assert record["loop_wall_s"] > 10 * record["loop_step_time_s"]
+    assert record["loop_over_step_time"] == pytest.approx(
+        record["loop_step_time_s"] / record["step_time_s"])
+    assert record["loop_over_torch_time"] == pytest.approx(
+        record["loop_step_time_s"] / record["torch_step_time_s"])

@@ -13,6 +13,11 @@ random prompt ids, all compiled before timing (medians of `--bench_repeats` runs
 
 Rows: each of `--bench_batch_sizes` at prompt + new tokens, and batch 1 at
 `--bench_long_total` total tokens (prompt = total - new).
+
+`--bench_hf_baseline` (needs the hf extra's torch and transformers) adds Hugging Face's
+`GPT2LMHeadModel.generate` on the same weights (`gpt_jax.hf.mapping`), greedy, the same prompts
+and new tokens, timed in turns with the cached runs (one of ours, one of theirs, `--bench_repeats`
+times, after one untimed run of each), and the share of generated tokens both agree on.
 """
 
 from __future__ import annotations
@@ -47,6 +52,8 @@ flags.DEFINE_integer("bench_baseline_repeats", 0, "Timed no-cache runs (0: 1 on 
                      "--bench_repeats).")
 flags.DEFINE_integer("bench_long_total", 512, "Also compare at batch 1 with this many total "
                      "tokens (0: skip).")
+flags.DEFINE_bool("bench_hf_baseline", False, "Also time Hugging Face `generate` on the same "
+                  "weights, in turns with the cached runs (needs torch and transformers).")
 flags.DEFINE_string("bench_json", "", "Also write the results to this JSON file.")
 
 FLAGS = flags.FLAGS
@@ -66,15 +73,50 @@ def _prompts(batch: int, prompt_len: int, vocab_size: int, seed: int = 0) -> lis
     return rng.integers(0, vocab_size, (batch, prompt_len)).tolist()
 
 
-def cached_tokens_per_s(cfg, params, batch: int, prompt_len: int, new_tokens: int,
-                        repeats: int) -> float:
-    prompts = _prompts(batch, prompt_len, cfg.vocab_size)
-    engine = Engine(cfg, params, config=EngineConfig(slots=batch))
-    run = functools.partial(sample.generate, engine, prompts, max_new_tokens=new_tokens,
-                            temperature=0.0)
-    out = run()  # compile
-    assert [len(t) for t in out.tokens] == [new_tokens] * batch
-    return batch * new_tokens / _median_seconds(run, repeats)
+def cached_run(cfg, params, prompts: list[list[int]], new_tokens: int):
+    """A function that generates `new_tokens` greedy tokens per prompt on a fresh engine with
+    one slot per row (compiled on its first call), returning the tokens."""
+    engine = Engine(cfg, params, config=EngineConfig(slots=len(prompts)))
+    return lambda: sample.generate(engine, prompts, max_new_tokens=new_tokens,
+                                   temperature=0.0, stop_at_eos=False).tokens
+
+
+def hf_run(cfg, params, prompts: list[list[int]], new_tokens: int):
+    """The same as `cached_run` with Hugging Face `generate` on the same weights."""
+    try:  # optional: the hf extra
+        import torch
+        from transformers import GPT2Config, GPT2LMHeadModel
+    except ImportError as e:
+        raise SystemExit(f"--bench_hf_baseline needs torch and transformers "
+                         f"(pip install 'gpt_jax[hf]'): {e}") from None
+    from gpt_jax.hf.mapping import hf_config_from_model, hf_from_params
+
+    model = GPT2LMHeadModel(GPT2Config(**hf_config_from_model(cfg, None))).eval()
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in
+                           hf_from_params(jax.device_get(params), cfg).items()}, strict=False)
+    ids = torch.tensor(prompts)
+
+    def run():
+        with torch.inference_mode():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                 max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                 pad_token_id=0)
+        return out[:, ids.shape[1]:].tolist()
+
+    return run
+
+
+def _in_turns(runs: dict, repeats: int) -> tuple[dict, dict]:
+    """({name: median seconds}, {name: tokens}): each run once untimed, then `repeats` rounds
+    of one timed call of each in turn (so a busy moment of the machine hits all of them)."""
+    tokens = {name: run() for name, run in runs.items()}
+    times = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}, tokens
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "steps"))
@@ -102,7 +144,8 @@ def no_cache_tokens_per_s(cfg, params, batch: int, prompt_len: int, new_tokens: 
 
 
 def measure(config, batch_sizes: list[int], prompt_len: int, new_tokens: int, repeats: int,
-            baseline_steps: int, baseline_repeats: int, long_total: int) -> list[dict]:
+            baseline_steps: int, baseline_repeats: int, long_total: int,
+            hf_baseline: bool = False) -> list[dict]:
     cfg = typed(config).model
     params = jax.jit(functools.partial(init_params, GPT(cfg)))(jax.random.key(0))
     cases = [(b, prompt_len) for b in batch_sizes]
@@ -111,20 +154,33 @@ def measure(config, batch_sizes: list[int], prompt_len: int, new_tokens: int, re
     rows = []
     for batch, plen in cases:
         steps = min(baseline_steps, new_tokens) if baseline_steps else new_tokens
-        cached = cached_tokens_per_s(cfg, params, batch, plen, new_tokens, repeats)
+        prompts = _prompts(batch, plen, cfg.vocab_size)
+        runs = {"cached": cached_run(cfg, params, prompts, new_tokens)}
+        if hf_baseline:
+            runs["hf"] = hf_run(cfg, params, prompts, new_tokens)
+        seconds, tokens = _in_turns(runs, repeats)
+        assert [len(t) for t in tokens["cached"]] == [new_tokens] * batch
         baseline = no_cache_tokens_per_s(cfg, params, batch, plen, new_tokens, steps,
                                          baseline_repeats)
-        rows.append(dict(batch=batch, prompt=plen, new=new_tokens, total=plen + new_tokens,
-                         cached_tok_s=cached, no_cache_tok_s=baseline,
-                         speedup=cached / baseline, baseline_steps=steps))
+        cached = batch * new_tokens / seconds["cached"]
+        row = dict(batch=batch, prompt=plen, new=new_tokens, total=plen + new_tokens,
+                   cached_tok_s=cached, no_cache_tok_s=baseline,
+                   speedup=cached / baseline, baseline_steps=steps)
+        if hf_baseline:
+            same = np.mean(np.array(tokens["cached"]) == np.array(tokens["hf"]))
+            row.update(hf_tok_s=batch * new_tokens / seconds["hf"], same_tokens=float(same))
+            row["over_hf"] = cached / row["hf_tok_s"]
+        rows.append(row)
         print(_row(rows[-1]), flush=True)
     return rows
 
 
 def _row(r: dict) -> str:
+    hf = (f" {r['hf_tok_s']:.1f} | {r['over_hf']:.2f}x | {100 * r['same_tokens']:.0f}% |"
+          if "hf_tok_s" in r else "")
     return (f"| {r['batch']} | {r['prompt']} + {r['new']} = {r['total']} | "
             f"{r['cached_tok_s']:.1f} | {r['no_cache_tok_s']:.2f} "
-            f"(over {r['baseline_steps']} steps) | {r['speedup']:.1f}x |")
+            f"(over {r['baseline_steps']} steps) | {r['speedup']:.1f}x |{hf}")
 
 
 def run(argv: list[str]) -> None:
@@ -138,11 +194,14 @@ def run(argv: list[str]) -> None:
     print(f"# sampler benchmark: {config.model.n_layer} layers, width {config.model.n_embd}, "
           f"vocab {config.model.vocab_size}, {config.model.dtype}; {jax.devices()[0].device_kind}"
           f" x{jax.device_count()}, {platform.processor() or platform.machine()}")
-    print("| batch | prompt + new = total | cached tok/s | no-cache tok/s | cached / no-cache |")
-    print("|---|---|---|---|---|")
+    hf = (" HF generate tok/s | cached / HF | same tokens |", "---|---|---|")
+    hf = hf if FLAGS.bench_hf_baseline else ("", "")
+    print("| batch | prompt + new = total | cached tok/s | no-cache tok/s | cached / no-cache |"
+          + hf[0])
+    print("|---|---|---|---|---|" + hf[1])
     rows = measure(config, batch_sizes, FLAGS.bench_prompt_len, FLAGS.bench_new_tokens,
                    FLAGS.bench_repeats, baseline_steps, baseline_repeats,
-                   FLAGS.bench_long_total)
+                   FLAGS.bench_long_total, FLAGS.bench_hf_baseline)
     by_batch = {r["batch"]: r for r in rows if r["prompt"] == FLAGS.bench_prompt_len}
     if 1 in by_batch and 8 in by_batch:
         print(f"batch 8 / batch 1 (cached): "

@@ -1,19 +1,29 @@
-"""A PyTorch GPT of nanoGPT's shape, timed like `bench train`, for a same-machine comparison.
+"""nanoGPT's training iteration in PyTorch, of a config's shape, for a same-machine comparison.
 
-Only for `gpt-jax bench train --torch_baseline` (needs the `hf` extra's torch): the same
-layers, heads, width, context, batch and vocabulary as the config, pre-LayerNorm blocks,
-`F.scaled_dot_product_attention(is_causal=True)` (what nanoGPT uses), tied head, AdamW, one
-forward + backward + optimizer step per iteration, the median over `steps`.
+Only for `gpt-jax bench train --torch_baseline` (needs the `hf` extra's torch). What nanoGPT's
+`train.py` does per iteration on a CPU (`--device=cpu --compile=False`), written here for this
+comparison: sample the batch (a fresh `np.memmap` of uint16 tokens, `torch.randint` offsets,
+`torch.stack` of int64 windows), forward (pre-LayerNorm blocks,
+`F.scaled_dot_product_attention(is_causal=True)`, tied head), cross-entropy, backward,
+`clip_grad_norm_(1.0)`, AdamW (weight decay 0.1 on the matrices only, betas (0.9, 0.99); the
+fused kernel only where nanoGPT asks for it, on CUDA), `zero_grad(set_to_none=True)` and
+`loss.item()` (its `--log_interval=1`); nanoGPT's initialisation. The tokens are uniform
+random, like `bench train`'s.
 """
 
 from __future__ import annotations
 
-import statistics
+import os
+import tempfile
 import time
 
+import numpy as np
 
-def time_torch_step(n_layer: int, n_head: int, n_embd: int, seq_len: int, batch_size: int,
-                    vocab_size: int, *, steps: int = 20, warmup: int = 3) -> dict:
+
+def torch_iteration(n_layer: int, n_head: int, n_embd: int, seq_len: int, batch_size: int,
+                    vocab_size: int, use_bias: bool = True):
+    """(one nanoGPT iteration as a function returning its loss, torch's version, its thread
+    count, the model's parameter count)."""
     try:  # optional: torch comes with the hf extra
         import torch
         import torch.nn.functional as F
@@ -24,9 +34,11 @@ def time_torch_step(n_layer: int, n_head: int, n_embd: int, seq_len: int, batch_
     class Block(nn.Module):
         def __init__(self):
             super().__init__()
-            self.ln_1, self.ln_2 = nn.LayerNorm(n_embd), nn.LayerNorm(n_embd)
-            self.qkv, self.proj = nn.Linear(n_embd, 3 * n_embd), nn.Linear(n_embd, n_embd)
-            self.fc, self.out = nn.Linear(n_embd, 4 * n_embd), nn.Linear(4 * n_embd, n_embd)
+            norm = lambda: nn.LayerNorm(n_embd, bias=use_bias)  # noqa: E731
+            linear = lambda i, o: nn.Linear(i, o, bias=use_bias)  # noqa: E731
+            self.ln_1, self.ln_2 = norm(), norm()
+            self.qkv, self.proj = linear(n_embd, 3 * n_embd), linear(n_embd, n_embd)
+            self.fc, self.out = linear(n_embd, 4 * n_embd), linear(4 * n_embd, n_embd)
 
         def forward(self, x):
             B, T, D = x.shape
@@ -41,7 +53,7 @@ def time_torch_step(n_layer: int, n_head: int, n_embd: int, seq_len: int, batch_
             super().__init__()
             self.wte, self.wpe = nn.Embedding(vocab_size, n_embd), nn.Embedding(seq_len, n_embd)
             self.blocks = nn.ModuleList(Block() for _ in range(n_layer))
-            self.ln_f = nn.LayerNorm(n_embd)
+            self.ln_f = nn.LayerNorm(n_embd, bias=use_bias)
 
         def forward(self, tokens):
             x = self.wte(tokens) + self.wpe(torch.arange(tokens.shape[1]))
@@ -51,25 +63,47 @@ def time_torch_step(n_layer: int, n_head: int, n_embd: int, seq_len: int, batch_
 
     torch.manual_seed(0)
     model = GPT()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.99))
-    tokens = torch.randint(0, vocab_size, (batch_size, seq_len + 1))
-    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    for name, p in model.named_parameters():  # nanoGPT's init: N(0, 0.02), residual outputs
+        if p.dim() >= 2:                       # scaled by 1/sqrt(2 n_layer), zero biases
+            residual = name.endswith(("proj.weight", "out.weight"))
+            nn.init.normal_(p, 0.0, 0.02 / (2 * n_layer) ** 0.5 if residual else 0.02)
+        elif ".ln_" not in name and not name.startswith("ln_"):
+            nn.init.zeros_(p)
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=1e-3, betas=(0.9, 0.99))
+    path = os.path.join(tempfile.mkdtemp(prefix="gpt_jax-torch-"), "train.bin")
+    rng = np.random.default_rng(0)
+    rng.integers(0, vocab_size, 1_000_000 + seq_len + 1, dtype=np.uint16).tofile(path)
 
-    def step():
+    def get_batch():
+        data = np.memmap(path, dtype=np.uint16, mode="r")
+        ix = torch.randint(len(data) - seq_len, (batch_size,))
+        x = torch.stack([torch.from_numpy(data[i:i + seq_len].astype(np.int64)) for i in ix])
+        y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + seq_len].astype(np.int64))
+                         for i in ix])
+        return x, y
+
+    def iteration() -> float:
+        inputs, targets = get_batch()
         logits = model(inputs)
         loss = F.cross_entropy(logits.reshape(-1, vocab_size), targets.reshape(-1))
-        optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        return loss
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
 
-    for _ in range(warmup):
-        step()
+    n_params = sum(p.numel() for p in params)
+    return iteration, torch.__version__, torch.get_num_threads(), n_params
+
+
+def time_iterations(iteration, steps: int) -> list[float]:
+    """Seconds of each of `steps` calls."""
     times_s = []
     for _ in range(steps):
         t0 = time.perf_counter()
-        step()
+        iteration()
         times_s.append(time.perf_counter() - t0)
-    return {"torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-            "torch_step_time_s": statistics.median(times_s),
-            "torch_step_time_min_s": min(times_s)}
+    return times_s

@@ -18,6 +18,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -29,7 +30,7 @@ from ml_collections import config_flags
 from gpt_jax import sharding
 from gpt_jax.aot import PRESETS, AotError, apply_overrides, resolve_preset
 from gpt_jax.commands.common import define_config_flag, print_record
-from gpt_jax.config import Config, validate
+from gpt_jax.config import Config, typed, validate
 from gpt_jax.flops import count_params, flops_per_token
 from gpt_jax.hardware import peak_flops
 from gpt_jax.model import ATTENTION_IMPLS, DTYPES, REMAT_POLICIES
@@ -56,7 +57,13 @@ def _define_flags() -> None:
         (flags.DEFINE_integer, "warmup", 3, "Untimed steps after compilation."),
         (flags.DEFINE_string, "json_out", "", "Also append the JSON line to this file."),
         (flags.DEFINE_bool, "torch_baseline", False,
-         "Also time a PyTorch GPT of the same shape (nanoGPT-style) in this run; needs torch."),
+         "Also time nanoGPT's training iteration in PyTorch, same shape, in turns with the "
+         "step; needs torch."),
+        (flags.DEFINE_integer, "loop_steps", 0,
+         "Also time the real training loop (`gpt-jax train` on the config's data, in a "
+         "temporary workdir) for this many steps per round (0: not)."),
+        (flags.DEFINE_integer, "rounds", 1,
+         "Rounds of (step, torch iteration, loop) measurements taken in turns."),
     ]
     for define, name, default, help_text, *enum in defs:
         if name not in FLAGS:
@@ -90,9 +97,27 @@ def _peak_memory_bytes(compiled) -> tuple[int | None, str]:
     return int(planned), "compiled.memory_analysis (args + outputs - aliased + temps)"
 
 
+def _loop_step_times(config, steps: int) -> tuple[list[float], float]:
+    """(seconds per step of each logged interval, wall seconds) of `gpt_jax.train.train` for
+    `steps` steps of `config` in a fresh temporary workdir: what `gpt-jax train` reports."""
+    from gpt_jax.metrics import read_metrics
+    from gpt_jax.train import train
+
+    loop_config = typed(config).replace({"train.num_steps": steps})
+    with tempfile.TemporaryDirectory(prefix="gpt_jax-bench-loop-") as workdir:
+        start = time.perf_counter()
+        train(loop_config, workdir)
+        wall_s = time.perf_counter() - start
+        times = [e["step_time_s"] for e in read_metrics(workdir) if "step_time_s" in e]
+    return times, wall_s
+
+
 def bench_train(config, *, steps: int = 20, warmup: int = 3, seq_len: int | None = None,
-                name: str = "") -> dict[str, Any]:
-    """Compile, warm up and time the real sharded train step of `config`; returns the record."""
+                name: str = "", rounds: int = 1, torch_baseline: bool = False,
+                loop_steps: int = 0) -> dict[str, Any]:
+    """Compile, warm up and time the real sharded train step of `config`; returns the record.
+    With `torch_baseline` / `loop_steps`, each of `rounds` rounds also times nanoGPT's PyTorch
+    iteration and the real training loop, in turns with the step."""
     config = validate(config, jax.device_count())
     seq_len = seq_len or config.model.block_size
     mesh = config.mesh.make()
@@ -107,17 +132,32 @@ def bench_train(config, *, steps: int = 20, warmup: int = 3, seq_len: int | None
     for _ in range(warmup):
         state, metrics = compiled(state, batch)
     jax.block_until_ready(state)
-    times_s = []
-    for _ in range(steps):  # each step blocked on: the time a training loop sees per step
-        t0 = time.perf_counter()
-        state, metrics = compiled(state, batch)
+    iteration = None
+    if torch_baseline:
+        from gpt_jax.bench.torch_baseline import time_iterations, torch_iteration
+
+        iteration, torch_version, torch_threads, _ = torch_iteration(
+            model_cfg.n_layer, model_cfg.n_head, model_cfg.n_embd, seq_len,
+            config.train.global_batch_size, model_cfg.vocab_size, model_cfg.use_bias)
+        time_iterations(iteration, warmup)
+    times_s, torch_s, loop_s, loop_walls, pipelined = [], [], [], [], []
+    for _ in range(rounds):
+        for _ in range(steps):  # each step blocked on: the time a training loop sees per step
+            t0 = time.perf_counter()
+            state, metrics = compiled(state, batch)
+            jax.block_until_ready((state, metrics))
+            times_s.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()  # the same steps dispatched back to back (host work overlapped)
+        for _ in range(steps):
+            state, metrics = compiled(state, batch)
         jax.block_until_ready((state, metrics))
-        times_s.append(time.perf_counter() - t0)
-    t0 = time.perf_counter()  # the same steps dispatched back to back (host work overlapped)
-    for _ in range(steps):
-        state, metrics = compiled(state, batch)
-    jax.block_until_ready((state, metrics))
-    pipelined_s = (time.perf_counter() - t0) / steps
+        pipelined.append((time.perf_counter() - t0) / steps)
+        if iteration is not None:
+            torch_s += time_iterations(iteration, steps)
+        if loop_steps:
+            times, wall_s = _loop_step_times(config, loop_steps)
+            loop_s += times
+            loop_walls.append(wall_s)
 
     loss = float(metrics["loss"])
     step_s = statistics.median(times_s)
@@ -128,7 +168,7 @@ def bench_train(config, *, steps: int = 20, warmup: int = 3, seq_len: int | None
     peak = peak_flops(device.device_kind)
     tflops_dev = tokens * fpt / step_s / n_dev / 1e12
     mem_bytes, mem_source = _peak_memory_bytes(compiled)
-    return {
+    record = {
         "bench": "train", "name": name, "date": datetime.date.today().isoformat(),
         "platform": device.platform, "device_kind": device.device_kind, "devices": n_dev,
         "host": platform.node(), "cpu_count": os.cpu_count(),
@@ -140,14 +180,28 @@ def bench_train(config, *, steps: int = 20, warmup: int = 3, seq_len: int | None
         "dtype": model_cfg.dtype, "param_dtype": model_cfg.param_dtype,
         "attention_impl": model_cfg.attention_impl, "remat_policy": model_cfg.remat_policy,
         "scan_layers": model_cfg.scan_layers, "steps": steps, "warmup": warmup,
-        "step_time_s": step_s, "step_time_min_s": min(times_s), "step_time_max_s": max(times_s),
-        "step_time_pipelined_s": pipelined_s, "tokens_per_s": tokens / step_s,
+        "rounds": rounds, "step_time_s": step_s, "step_time_min_s": min(times_s),
+        "step_time_max_s": max(times_s),
+        "step_time_pipelined_s": statistics.median(pipelined), "tokens_per_s": tokens / step_s,
         "flops_per_token": fpt, "tflops_per_device": tflops_dev,
         "peak_tflops_per_device": peak / 1e12 if peak else None,
         "mfu": tflops_dev * 1e12 / peak if peak else None,
         "compile_s": compile_s, "peak_memory_bytes": mem_bytes, "memory_source": mem_source,
         "final_loss": loss,
     }
+    if torch_s:
+        record.update(torch=torch_version, torch_threads=torch_threads,
+                      torch_step_time_s=statistics.median(torch_s),
+                      torch_step_time_min_s=min(torch_s),
+                      jax_over_torch_time=step_s / statistics.median(torch_s))
+    if loop_s:
+        record.update(loop_steps=loop_steps, loop_step_time_s=statistics.median(loop_s),
+                      loop_wall_s=statistics.median(loop_walls),
+                      loop_over_step_time=statistics.median(loop_s) / step_s)
+        if torch_s:
+            record["loop_over_torch_time"] = record["loop_step_time_s"] / statistics.median(
+                torch_s)
+    return record
 
 
 def format_record(r: dict[str, Any]) -> str:
@@ -157,9 +211,19 @@ def format_record(r: dict[str, Any]) -> str:
             f"{r['seq_len']}, {r['dtype']}, attention={r['attention_impl']}, "
             f"remat={r['remat_policy']}, scan={r['scan_layers']} on {r['devices']} x "
             f"{r['device_kind']}\n  step {1e3 * r['step_time_s']:.2f} ms (median of "
-            f"{r['steps']}; {1e3 * r['step_time_pipelined_s']:.2f} ms back to back), "
+            f"{r['steps'] * r['rounds']}; {1e3 * r['step_time_pipelined_s']:.2f} ms back to "
+            "back), "
             f"{r['tokens_per_s']:,.0f} tokens/s, {r['tflops_per_device']:.3f} TFLOP/s/device, "
-            f"MFU {mfu}, compile {r['compile_s']:.1f} s, peak memory {mem}")
+            f"MFU {mfu}, compile {r['compile_s']:.1f} s, peak memory {mem}"
+            + (f"\n  PyTorch {r['torch']} ({r['torch_threads']} threads), nanoGPT's iteration: "
+               f"{1e3 * r['torch_step_time_s']:.2f} ms (median); step / torch = "
+               f"{r['jax_over_torch_time']:.2f}" if "torch_step_time_s" in r else "")
+            + (f"\n  training loop ({r['loop_steps']} steps a round, the config's data): "
+               f"{1e3 * r['loop_step_time_s']:.2f} ms per step (median of its logged "
+               f"intervals), {r['loop_wall_s']:.1f} s wall; loop / step = "
+               f"{r['loop_over_step_time']:.2f}" if "loop_step_time_s" in r else "")
+            + (f"; loop / torch = {r['loop_over_torch_time']:.2f}"
+               if "loop_over_torch_time" in r else ""))
 
 
 def run(argv: list[str]) -> None:
@@ -178,21 +242,14 @@ def run(argv: list[str]) -> None:
                              dtype=FLAGS.dtype)
     if FLAGS.steps < 1 or FLAGS.warmup < 0:
         raise SystemExit(f"--steps={FLAGS.steps} must be >= 1 and --warmup={FLAGS.warmup} >= 0")
+    if FLAGS.rounds < 1 or FLAGS.loop_steps < 0:
+        raise SystemExit(f"--rounds={FLAGS.rounds} must be >= 1 and --loop_steps="
+                         f"{FLAGS.loop_steps} >= 0")
     record = bench_train(config, steps=FLAGS.steps, warmup=FLAGS.warmup, seq_len=FLAGS.seq_len,
-                         name=name)
+                         name=name, rounds=FLAGS.rounds, torch_baseline=FLAGS.torch_baseline,
+                         loop_steps=FLAGS.loop_steps)
     record["command"] = "gpt-jax " + " ".join(sys.argv[1:])
     print(format_record(record), file=sys.stderr)
-    if FLAGS.torch_baseline:
-        from gpt_jax.bench.torch_baseline import time_torch_step  # optional: needs torch
-
-        record.update(time_torch_step(record["n_layer"], record["n_head"], record["n_embd"],
-                                      record["seq_len"], record["batch_size"],
-                                      config.model.vocab_size, steps=FLAGS.steps,
-                                      warmup=FLAGS.warmup))
-        record["jax_over_torch_time"] = record["step_time_s"] / record["torch_step_time_s"]
-        print(f"  PyTorch {record['torch']} ({record['torch_threads']} threads), same shape: "
-              f"step {1e3 * record['torch_step_time_s']:.2f} ms (median); gpt_jax / torch "
-              f"step time = {record['jax_over_torch_time']:.2f}", file=sys.stderr)
     print_record(record, FLAGS.json_out)
 
 

@@ -8,7 +8,8 @@
 
 Device state: one KV cache of `slots` rows of the full context (sharded by the model's cache
 axes: slots over the batch axes, heads over `tensor`), and per slot its last token, position,
-generated count, PRNG key and sampling settings. Three compiled functions move it:
+generated count, PRNG key, sampling settings and how many top log-probs it wants. Three
+compiled functions move it:
 
 - `prefill(params, prompt)`: the prompt right-padded to a power-of-two bucket (>= 16) through
   the model with a cache of the bucket's length: that cache and the logits at the last prompt
@@ -17,7 +18,7 @@ generated count, PRNG key and sampling settings. Three compiled functions move i
   index: one compile per bucket) and samples the request's first token there;
 - `decode_step(params, state)`: the next token of every active slot at its own position,
   over the first `rows` slots: one compile per power-of-two row count, so one request alone
-  does not pay for all slots; each row reads its cache only up to its position.
+  does not pay for all slots; it reads the cache only as far as the longest row has reached.
 
 A loop iteration (`step`) admits at most one waiting request (one prefill, so running slots
 wait for at most one bucket) into free slots, then runs one decode step for the active slots;
@@ -223,7 +224,7 @@ def _row_key(seed, prompt_hash_, index):
 @functools.partial(jax.jit, static_argnames=("cfg", "k_bucket", "cache_sharding"),
                    donate_argnums=(0,))
 def _insert(state, pcache, logits_V, slot, prompt_len, seed, prompt_hash_, index, temperature,
-            top_k, top_p, *, cfg: ModelConfig, k_bucket: int, cache_sharding):
+            top_k, top_p, logprobs, *, cfg: ModelConfig, k_bucket: int, cache_sharding):
     """`state` with the prefill cache in row `slot`, the row's settings and first token."""
     def write(big, small):
         start = (slot,) + (0,) * (big.ndim - 1) if not cfg.scan_layers else (0, slot, 0, 0, 0)
@@ -241,7 +242,7 @@ def _insert(state, pcache, logits_V, slot, prompt_len, seed, prompt_hash_, index
     state = {"cache": cache, "token": put("token", tok[0]), "position": put("position", prompt_len),
              "count": put("count", 1), "key": put("key", jax.random.key_data(key)),
              "temperature": put("temperature", temperature), "top_k": put("top_k", top_k),
-             "top_p": put("top_p", top_p)}
+             "top_p": put("top_p", top_p), "logprobs": put("logprobs", logprobs)}
     return state, _whole((tok[0], logp[0], ids[0], top_lp[0]), cache_sharding)
 
 
@@ -251,8 +252,8 @@ def decode_step(params, state, active_S, *, cfg: ModelConfig, k_bucket: int, cac
                 rows: int | None = None):
     """The next token of every active slot among the first `rows` (None: all), each at its
     own position (a free slot computes at position 0 and is ignored); the outputs have `rows`
-    rows. The cache stays whole: the model writes rows 0..rows-1 and reads, per row, only the
-    chunks up to its position (`attention.decode_attention`)."""
+    rows. The cache stays whole: the model writes rows 0..rows-1 and reads only the prefix of
+    slots the longest row has reached (`attention.decode_attention`)."""
     rows = rows or state["token"].shape[0]
     cache = state["cache"]
     if cache_sharding is not None:
@@ -266,7 +267,12 @@ def decode_step(params, state, active_S, *, cfg: ModelConfig, k_bucket: int, cac
         head["key"], head["count"])
     tok_R, logp_R = sampling_filters.choose(keys_R, logits_RV, head["temperature"],
                                             head["top_k"], head["top_p"], k_bucket=k_bucket)
-    ids_RK, top_RK = _top(jax.nn.log_softmax(logits_RV, axis=-1))
+    # the alternatives only when an active row asked for them: a top-k over the vocabulary
+    wanted = jnp.any(active_S[:rows] & (head["logprobs"] > 0))
+    K = min(TOP_LOGPROBS, logits_RV.shape[-1])
+    ids_RK, top_RK = jax.lax.cond(
+        wanted, lambda: _top(jax.nn.log_softmax(logits_RV, axis=-1)),
+        lambda: (jnp.zeros((rows, K), jnp.int32), jnp.zeros((rows, K), jnp.float32)))
     state = {**state, "cache": cache, "token": state["token"].at[:rows].set(tok_R),
              "position": state["position"].at[:rows].set(position_R + 1),
              "count": state["count"].at[:rows].add(1)}
@@ -275,20 +281,21 @@ def decode_step(params, state, active_S, *, cfg: ModelConfig, k_bucket: int, cac
 
 def initial_state(cfg: ModelConfig, slots: int) -> dict:
     """The engine's device state: the KV cache of `slots` rows of the full context, and per
-    slot its last token, position, generated count, PRNG key and sampling settings."""
+    slot its last token, position, generated count, PRNG key, sampling settings and how many
+    alternatives' log-probs it wants (0: the decode step skips their top-k)."""
     S, key = slots, jax.random.key_data(jax.random.key(0))
     return {"cache": init_kv_cache(cfg, S, cfg.block_size),
             "token": jnp.zeros((S,), jnp.int32), "position": jnp.zeros((S,), jnp.int32),
             "count": jnp.zeros((S,), jnp.int32), "key": jnp.broadcast_to(key, (S,) + key.shape),
             "temperature": jnp.zeros((S,), jnp.float32), "top_k": jnp.zeros((S,), jnp.int32),
-            "top_p": jnp.ones((S,), jnp.float32)}
+            "top_p": jnp.ones((S,), jnp.float32), "logprobs": jnp.zeros((S,), jnp.int32)}
 
 
 def state_shardings(mesh: Mesh, cache_sharding) -> dict:
     """`initial_state`'s shardings: the cache by the model's cache axes, the rest replicated."""
     repl = NamedSharding(mesh, P())
     shardings = {k: repl for k in ("token", "position", "count", "key", "temperature", "top_k",
-                                   "top_p")}
+                                   "top_p", "logprobs")}
     return {**shardings, "cache": KVCache(cache_sharding, cache_sharding)}
 
 
@@ -349,13 +356,14 @@ class Engine:
                             cache_sharding=self.cache_sharding)
 
     def _insert(self, pcache, logits_V, slot: int, prompt: list[int], seed: int, index: int,
-                s: Sampling):
+                s: Sampling, logprobs: int = 0):
         with self._context():
             self.state, out = _insert(
                 self.state, pcache, logits_V, np.int32(slot), np.int32(len(prompt)),
                 np.int32(seed), np.uint32(prompt_hash(prompt)), np.int32(index),
                 np.float32(s.temperature), np.int32(s.top_k), np.float32(s.top_p),
-                cfg=self.cfg, k_bucket=self.config.k_bucket, cache_sharding=self.cache_sharding)
+                np.int32(logprobs), cfg=self.cfg, k_bucket=self.config.k_bucket,
+                cache_sharding=self.cache_sharding)
         return out
 
     def _decode(self, rows: int | None = None):
@@ -543,7 +551,8 @@ class Engine:
             if r.stop or self.tokenizer is not None:
                 handle.choices[index].stream = TextStream(self.tokenizer, r.stop)
             tok, logp, ids, top = jax.device_get(
-                self._insert(pcache, logits_V, slot, r.prompt, seed, index, r.sampling))
+                self._insert(pcache, logits_V, slot, r.prompt, seed, index, r.sampling,
+                         r.logprobs or 0))
             if handle.first_token_at is None:
                 handle.first_token_at = time.monotonic()
             self._accept(slot, int(tok), float(logp), ids, top)
