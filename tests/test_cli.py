@@ -50,7 +50,7 @@ OWN_FLAGS = {
     "bench": set(),
     "bench train": {"config", "preset", "batch_size", "seq_len", "attention_impl",
                     "remat_policy", "scan_layers", "dtype", "steps", "warmup", "json_out",
-                    "torch_baseline"},
+                    "torch_baseline", "loop_steps", "rounds"},
 }
 
 
