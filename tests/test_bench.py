@@ -97,3 +97,21 @@ def test_the_step_the_loop_and_torch_are_timed_in_turns():
         record["loop_step_time_s"] / record["step_time_s"])
     assert record["loop_over_torch_time"] == pytest.approx(
         record["loop_step_time_s"] / record["torch_step_time_s"])
+
+
+def test_bench_sample_and_hugging_face_generate_make_the_same_greedy_tokens():
+    pytest.importorskip("transformers")
+    import jax
+
+    from gpt_jax.bench import sample as bench_sample
+    from gpt_jax.model import GPT, init_params
+
+    cfg = typed(load_preset("tiny")).model
+    params = init_params(GPT(cfg), jax.random.key(0))
+    prompts = bench_sample._prompts(2, 5, cfg.vocab_size)
+    runs = {"cached": bench_sample.cached_run(cfg, params, prompts, 12),
+            "hf": bench_sample.hf_run(cfg, params, prompts, 12)}
+    seconds, tokens = bench_sample._in_turns(runs, 2)
+    assert tokens["cached"] == tokens["hf"]  # Hugging Face is the reference
+    assert [len(t) for t in tokens["hf"]] == [12, 12] and len(set(map(tuple, prompts))) == 2
+    assert all(s > 0 for s in seconds.values())

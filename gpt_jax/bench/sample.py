@@ -92,8 +92,11 @@ def hf_run(cfg, params, prompts: list[list[int]], new_tokens: int):
     from gpt_jax.hf.mapping import hf_config_from_model, hf_from_params
 
     model = GPT2LMHeadModel(GPT2Config(**hf_config_from_model(cfg, None))).eval()
-    model.load_state_dict({k: torch.from_numpy(v) for k, v in
-                           hf_from_params(jax.device_get(params), cfg).items()}, strict=False)
+    loaded = model.load_state_dict({k: torch.from_numpy(v) for k, v in
+                                    hf_from_params(jax.device_get(params), cfg).items()},
+                                   strict=False)  # the tied head is the embedding: not saved
+    if loaded.unexpected_keys or set(loaded.missing_keys) - {"lm_head.weight"}:
+        raise SystemExit(f"--bench_hf_baseline: the weights do not fit GPT2LMHeadModel: {loaded}")
     ids = torch.tensor(prompts)
 
     def run():
