@@ -11,7 +11,7 @@ import pytest
 from gpt_jax import aot
 from gpt_jax.bench import train as bench
 from gpt_jax.config import load_preset, typed
-from gpt_jax.flops import flops_per_token
+from gpt_jax.flops import count_params, flops_per_token
 
 pytestmark = pytest.mark.e2e  # every test here runs a training run or a process
 
@@ -76,8 +76,6 @@ def test_nanogpts_torch_iteration_has_our_shape_and_trains(use_bias):
     iteration, _, threads, n_params = torch_iteration(cfg.n_layer, cfg.n_head, cfg.n_embd,
                                                       cfg.block_size, 8, cfg.vocab_size,
                                                       use_bias)
-    from gpt_jax.flops import count_params
-
     assert n_params == count_params(cfg, padding=False) and threads >= 1
     first = iteration()  # uniform random tokens: the loss starts at ln(vocab)
     assert abs(first - math.log(cfg.vocab_size)) < 0.3

@@ -73,7 +73,8 @@ def torch_iteration(n_layer: int, n_head: int, n_embd: int, seq_len: int, batch_
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW(groups, lr=1e-3, betas=(0.9, 0.99))
-    path = os.path.join(tempfile.mkdtemp(prefix="gpt_jax-torch-"), "train.bin")
+    folder = tempfile.TemporaryDirectory(prefix="gpt_jax-torch-")  # held by `iteration` below
+    path = os.path.join(folder.name, "train.bin")
     rng = np.random.default_rng(0)
     rng.integers(0, vocab_size, 1_000_000 + seq_len + 1, dtype=np.uint16).tofile(path)
 
@@ -95,6 +96,7 @@ def torch_iteration(n_layer: int, n_head: int, n_embd: int, seq_len: int, batch_
         optimizer.zero_grad(set_to_none=True)
         return loss.item()
 
+    iteration.folder = folder  # the token file goes when the iteration does
     n_params = sum(p.numel() for p in params)
     return iteration, torch.__version__, torch.get_num_threads(), n_params
 

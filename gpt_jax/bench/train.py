@@ -189,18 +189,18 @@ def bench_train(config, *, steps: int = 20, warmup: int = 3, seq_len: int | None
         "compile_s": compile_s, "peak_memory_bytes": mem_bytes, "memory_source": mem_source,
         "final_loss": loss,
     }
+    torch_step_s = statistics.median(torch_s) if torch_s else None
     if torch_s:
         record.update(torch=torch_version, torch_threads=torch_threads,
-                      torch_step_time_s=statistics.median(torch_s),
-                      torch_step_time_min_s=min(torch_s),
-                      jax_over_torch_time=step_s / statistics.median(torch_s))
+                      torch_step_time_s=torch_step_s, torch_step_time_min_s=min(torch_s),
+                      jax_over_torch_time=step_s / torch_step_s)
     if loop_s:
-        record.update(loop_steps=loop_steps, loop_step_time_s=statistics.median(loop_s),
+        loop_step_s = statistics.median(loop_s)
+        record.update(loop_steps=loop_steps, loop_step_time_s=loop_step_s,
                       loop_wall_s=statistics.median(loop_walls),
-                      loop_over_step_time=statistics.median(loop_s) / step_s)
+                      loop_over_step_time=loop_step_s / step_s)
         if torch_s:
-            record["loop_over_torch_time"] = record["loop_step_time_s"] / statistics.median(
-                torch_s)
+            record["loop_over_torch_time"] = loop_step_s / torch_step_s
     return record
 
 
