@@ -33,6 +33,7 @@ from gpt_jax import config as config_lib
 from gpt_jax.data.files import atomic_write_json, read_json
 from gpt_jax.errors import ConfigError, SweepError
 from gpt_jax.metrics import read_metrics
+from gpt_jax.processes import process_exited
 from gpt_jax.report.runs import MEMBER_FILE, SUMMARY_FILE
 from gpt_jax.run import RESOLVED_FIELDS
 from gpt_jax.train import train
@@ -231,21 +232,11 @@ def last_step(workdir: str) -> int:
     return max((int(e.get("step", 0)) for e in read_metrics(workdir)), default=0)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def member_state(member: Member) -> dict:
     """The member's record; a 'running' left by a dead process on this host -> 'interrupted'."""
     info = read_json(os.path.join(member.workdir, MEMBER_FILE)) or {"state": "pending"}
     if (info.get("state") == "running" and info.get("host") == socket.gethostname()
-            and info.get("pid") != os.getpid() and not _pid_alive(int(info.get("pid", 0)))):
+            and info.get("pid") != os.getpid() and process_exited(int(info.get("pid", 0)))):
         info = {**info, "state": "interrupted", "error": "the process running it died"}
     return info
 

@@ -7,6 +7,7 @@ import gzip
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -226,6 +227,35 @@ def test_workers_die_with_a_killed_prepare_and_the_rerun_is_identical(tmp_path, 
     assert not (store / MANIFEST).exists()
     make_store(config, str(store), num_workers=2)
     assert store_bytes(str(store)) == store_bytes(str(tmp_path / "whole"))
+
+
+@pytest.mark.e2e
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_zombie_writer_counts_as_exited(tmp_path):
+    """Where PID 1 reaps no orphans, a killed prepare's workers stay zombies: their temporary
+    files are still orphans and their locks stale (kill(pid, 0) alone calls them alive)."""
+    zombie = subprocess.Popen([sys.executable, "-c", "pass"])  # not waited for: a zombie
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline and _alive(zombie.pid):
+            time.sleep(0.05)
+        assert os.path.exists(f"/proc/{zombie.pid}") and not _alive(zombie.pid)
+        paths = {}
+        for name, proc in [("zombie", zombie), ("live", live)]:  # as if each had written one
+            fd, ours = files.temp_file(str(tmp_path), "shard")
+            os.close(fd)
+            paths[name] = ours.replace(f"~{os.getpid()}~", f"~{proc.pid}~")
+            os.rename(ours, paths[name])
+        assert files.remove_orphaned_temp_files(str(tmp_path)) == 1
+        assert not os.path.exists(paths["zombie"]) and os.path.exists(paths["live"])
+        host = {"host": socket.gethostname()}
+        assert files.holder_is_gone({**host, "pid": zombie.pid}) is True
+        assert files.holder_is_gone({**host, "pid": live.pid}) is False
+    finally:
+        live.kill()
+        live.wait()
+        zombie.wait()
 
 
 def test_jsonl_gz_zst_and_parquet_sources(tmp_path):

@@ -22,6 +22,7 @@ import fsspec
 from absl import logging
 
 from gpt_jax.errors import DataError, DataFileNotFoundError
+from gpt_jax.processes import process_exited
 
 STALE_LOCK_SECONDS = 120.0  # another host's lock not refreshed for this long: its builder died
 HEARTBEAT_SECONDS = 10.0  # a builder's lock is touched this often, by a thread of its own
@@ -271,13 +272,7 @@ def holder_is_gone(info: dict) -> bool | None:
     this host, None for another host's (or a record without them)."""
     if info.get("host") != socket.gethostname() or not isinstance(info.get("pid"), int):
         return None
-    try:
-        os.kill(info["pid"], 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        pass
-    return False  # alive, however long it takes
+    return process_exited(info["pid"])  # alive: False, however long it takes
 
 
 def _lock_is_stale(lock_path: str) -> bool:
