@@ -5,7 +5,9 @@
 
 Each copy gets `--coordinator_address=127.0.0.1:<free port> --num_processes=N --process_id=i`
 appended (and the same values as GPT_JAX_COORDINATOR / _NUM_PROCESSES / _PROCESS_ID), runs on
-the CPU with `devices_per_process` simulated devices, and prints its lines prefixed `[pI]`.
+the CPU with `devices_per_process` simulated devices, and has its stdout and stderr lines printed
+to ours, prefixed `[pI]`. (The two streams stay apart: in one pipe a C++ library's log line,
+written in pieces to stderr, would split a line the program prints.)
 SIGTERM / SIGINT are forwarded to every copy. If one copy fails the others are stopped; the
 exit code is the first failure's (0 when all succeed).
 """
@@ -75,11 +77,11 @@ def child_env(base: dict[str, str], devices: int, address: str, num: int, pid: i
     return env
 
 
-def _pump(proc: subprocess.Popen, prefix: str, lock: threading.Lock) -> None:
-    for line in proc.stdout:  # type: ignore[union-attr]
+def _pump(source, sink, prefix: str, lock: threading.Lock) -> None:
+    for line in source:
         with lock:
-            sys.stdout.write(f"{prefix}{line}" if line.endswith("\n") else f"{prefix}{line}\n")
-            sys.stdout.flush()
+            sink.write(f"{prefix}{line}" if line.endswith("\n") else f"{prefix}{line}\n")
+            sink.flush()
 
 
 def _die_with_parent() -> None:
@@ -98,7 +100,7 @@ def start(command: list[str], num: int, devices: int, add_flags: bool) -> list[s
                   f"--process_id={i}"] if add_flags else [])
         procs.append(subprocess.Popen(
             command + extra, env=child_env(dict(os.environ), devices, address, num, i),
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1,
             start_new_session=True,  # signals reach children only through us
             preexec_fn=_die_with_parent))
     return procs
@@ -143,8 +145,9 @@ def run(command: list[str], num_processes: int = 2, devices_per_process: int = 4
     # line may signal us at once (a handler installed after the pumps start could miss it).
     old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
     lock = threading.Lock()
-    pumps = [threading.Thread(target=_pump, args=(p, f"[p{i}] ", lock), daemon=True)
-             for i, p in enumerate(procs)]
+    pumps = [threading.Thread(target=_pump, args=(source, sink, f"[p{i}] ", lock), daemon=True)
+             for i, p in enumerate(procs)
+             for source, sink in ((p.stdout, sys.stdout), (p.stderr, sys.stderr))]
     try:
         for t in pumps:
             t.start()
