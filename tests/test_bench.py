@@ -113,3 +113,30 @@ def test_bench_sample_and_hugging_face_generate_make_the_same_greedy_tokens():
     assert tokens["cached"] == tokens["hf"]  # Hugging Face is the reference
     assert [len(t) for t in tokens["hf"]] == [12, 12] and len(set(map(tuple, prompts))) == 2
     assert all(s > 0 for s in seconds.values())
+
+
+def test_bench_serve_mixed_lengths_serve_and_static_make_every_requested_token(tmp_path):
+    """`gpt-jax bench serve` end to end on a tiny model: each request asks for its own number
+    of tokens (--bench_new_tokens_min); the server and the static batches (which run to their
+    longest row) both return exactly those, since the EOS row is zero."""
+    import numpy as np
+
+    out = tmp_path / "serve.json"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    proc = subprocess.run(
+        [sys.executable, "-m", "gpt_jax.cli", "bench", "serve", "--config=configs/tiny.py",
+         "--config.model.vocab_size=320", "--config.model.block_size=64",
+         "--bench_concurrency=1,3", "--bench_systems=serve,static",
+         "--bench_prompt_min=4", "--bench_prompt_max=12", "--bench_new_tokens=9",
+         "--bench_new_tokens_min=2", "--bench_slots=4", "--bench_memory_requests=0",
+         f"--bench_workdir={tmp_path / 'work'}", f"--bench_json={out}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    results = json.loads(out.read_text())["results"]
+    for c in (1, 3):
+        n = max(4, 2 * c)
+        want = int(np.random.default_rng(1000 + c).integers(2, 10, n).sum())
+        for system in ("serve", "static"):
+            row = results[system][str(c)]
+            assert (row["requests"], row["tokens"]) == (n, want), (system, c, row)
+    assert "serve / static output tok/s at concurrency 3:" in proc.stdout

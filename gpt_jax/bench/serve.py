@@ -1,8 +1,9 @@
 """`gpt-jax bench serve`: an OpenAI-API load test of three ways to serve the same weights.
 
 The same prompts (random text of `--bench_prompt_min`-`--bench_prompt_max` tokens) and lengths
-(`--bench_new_tokens` new tokens, greedy) at each concurrency of `--bench_concurrency`, a
-closed loop (each of C clients sends its next request when its last one ends):
+(`--bench_new_tokens` new tokens, greedy; or, with `--bench_new_tokens_min`, each request's
+own length drawn from that range) at each concurrency of `--bench_concurrency`, a closed loop
+(each of C clients sends its next request when its last one ends):
 
 - serve: `gpt-jax serve` in its own process, `--bench_slots` slots, streamed completions;
 - static: the same requests through static `generate` batches (`bench/static_sampler.py`):
@@ -50,6 +51,9 @@ flags.DEFINE_integer("bench_requests", 0, "Requests per concurrency (0: max(4, 2
 flags.DEFINE_integer("bench_prompt_min", 64, "Shortest prompt, in tokens.")
 flags.DEFINE_integer("bench_prompt_max", 256, "Longest prompt, in tokens.")
 flags.DEFINE_integer("bench_new_tokens", 128, "New tokens per request.")
+flags.DEFINE_integer("bench_new_tokens_min", 0, "If set: each request's new tokens are drawn "
+                     "uniformly from [this, --bench_new_tokens] (mixed lengths, where a static "
+                     "batch waits for its longest row).")
 flags.DEFINE_integer("bench_slots", 32, "The server's decode slots.")
 flags.DEFINE_integer("bench_memory_requests", 1000, "Short requests (16-token prompt, 4 new "
                      "tokens) after the table, the server's memory read every quarter (0: skip).")
@@ -154,26 +158,28 @@ async def _one(client, url: str, model: str, prompt: str, max_tokens: int) -> Re
     return Result(sent, times, tokens)
 
 
-async def _closed_loop(url: str, model: str, prompts: list[str], concurrency: int,
-                       max_tokens: int) -> tuple[list[Result], float]:
+Request = tuple[str, int]  # (prompt, max_tokens)
+
+
+async def _closed_loop(url: str, model: str, requests: list[Request],
+                       concurrency: int) -> tuple[list[Result], float]:
     import httpx
 
-    queue = list(reversed(prompts))
+    queue = list(reversed(requests))
     results: list[Result] = []
     limits = httpx.Limits(max_connections=concurrency + 4)
     async with httpx.AsyncClient(timeout=httpx.Timeout(1800.0), limits=limits) as client:
         async def worker():
             while queue:
-                results.append(await _one(client, url, model, queue.pop(), max_tokens))
+                results.append(await _one(client, url, model, *queue.pop()))
 
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         return results, time.perf_counter() - start
 
 
-def load_test(url: str, model: str, prompts: list[str], concurrency: int,
-              max_tokens: int) -> dict:
-    results, wall = asyncio.run(_closed_loop(url, model, prompts, concurrency, max_tokens))
+def load_test(url: str, model: str, requests: list[Request], concurrency: int) -> dict:
+    results, wall = asyncio.run(_closed_loop(url, model, requests, concurrency))
     ttft = [r.chunk_times[0] - r.sent for r in results if r.chunk_times]
     itl = [b - a for r in results for a, b in zip(r.chunk_times, r.chunk_times[1:])]
     return _row(len(results), sum(r.tokens for r in results), wall, ttft, itl)
@@ -238,19 +244,19 @@ def _rss_mib(pid: int) -> float:
     return kb / 1024
 
 
-def bench_serve(run_dir: str, prompts_by_c: dict, new_tokens: int, slots: int,
-                memory_prompts: list[str], log_dir: str) -> tuple[dict, dict]:
+def bench_serve(run_dir: str, requests_by_c: dict, slots: int, memory_prompts: list[str],
+                log_dir: str) -> tuple[dict, dict]:
     port = _free_port()
     command = [sys.executable, "-m", "gpt_jax.cli", "serve", f"--workdir={run_dir}",
                f"--port={port}", f"--slots={slots}", f"--served_model_name={MODEL}",
-               f"--max_queue={max(len(p) for p in prompts_by_c.values()) + 64}"]
+               f"--max_queue={max(len(r) for r in requests_by_c.values()) + 64}"]
     rows, extra = {}, {}
     with server(command, port, os.path.join(log_dir, "serve.log")) as (proc, url):
-        load_test(url, MODEL, prompts_by_c[min(prompts_by_c)][:1], 1, 4)  # first HTTP request
-        for c, prompts in prompts_by_c.items():
+        load_test(url, MODEL, [(requests_by_c[min(requests_by_c)][0][0], 4)], 1)  # first one
+        for c, requests in requests_by_c.items():
             before = [_metric(url, f"gpt_jax_engine_{k}") for k in ("decode_seconds",
                                                                     "host_seconds", "steps")]
-            rows[c] = load_test(url, MODEL, prompts, c, new_tokens)
+            rows[c] = load_test(url, MODEL, requests, c)
             after = [_metric(url, f"gpt_jax_engine_{k}") for k in ("decode_seconds",
                                                                    "host_seconds", "steps")]
             device, host, steps = (a - b for a, b in zip(after, before))
@@ -261,35 +267,37 @@ def bench_serve(run_dir: str, prompts_by_c: dict, new_tokens: int, slots: int,
             quarter = len(memory_prompts) // 4
             for i in range(4):
                 extra["memory_mib"].append(_rss_mib(proc.pid))
-                load_test(url, MODEL, memory_prompts[i * quarter:(i + 1) * quarter], 32, 4)
+                load_test(url, MODEL, [(p, 4) for p in
+                                       memory_prompts[i * quarter:(i + 1) * quarter]], 32)
             extra["memory_mib"].append(_rss_mib(proc.pid))
             extra["compilations"] = _metric(url, "gpt_jax_compilations")
     return rows, extra
 
 
-def bench_static(run_dir: str, prompts_by_c: dict, new_tokens: int) -> dict:
+def bench_static(run_dir: str, requests_by_c: dict) -> dict:
     from gpt_jax import api
     from gpt_jax.bench.static_sampler import static_generate
 
     lm = api.load(run_dir)
     rows = {}
-    for c, prompts in prompts_by_c.items():
-        ids = [lm.tokenizer.encode(p) for p in prompts]
-        batches = [ids[i:i + c] for i in range(0, len(ids), c)]
-        for batch in batches:  # compile every shape first (one token: the loop stops at once)
+    for c, requests in requests_by_c.items():
+        ids = [lm.tokenizer.encode(p) for p, _ in requests]
+        batches = [(ids[i:i + c], [n for _, n in requests[i:i + c]])
+                   for i in range(0, len(ids), c)]
+        for batch, _ in batches:  # compile every shape first (one token: the loop stops at once)
             static_generate(lm.model_cfg, lm.params, batch, 1)
         start, ttft, tokens = time.perf_counter(), [], 0
-        for batch in batches:
+        for batch, lengths in batches:  # the batch runs until its longest row is done
             sent = time.perf_counter()
-            out = static_generate(lm.model_cfg, lm.params, batch, new_tokens)
+            out = static_generate(lm.model_cfg, lm.params, batch, max(lengths))
             ttft += [time.perf_counter() - sent] * len(batch)
-            tokens += sum(len(o) for o in out)
+            tokens += sum(min(len(o), n) for o, n in zip(out, lengths))
         rows[c] = _row(len(ids), tokens, time.perf_counter() - start, ttft, [])
         print(_line("static", c, rows[c]), flush=True)
     return rows
 
 
-def bench_hf(hf_dir: str, prompts_by_c: dict, new_tokens: int, log_dir: str) -> dict:
+def bench_hf(hf_dir: str, requests_by_c: dict, log_dir: str) -> dict:
     port = _free_port()
     exe = shutil.which("transformers", path=os.path.dirname(sys.executable)) or "transformers"
     command = [exe, "serve", "--continuous-batching", "--device", "cpu", "--host", "127.0.0.1",
@@ -297,16 +305,17 @@ def bench_hf(hf_dir: str, prompts_by_c: dict, new_tokens: int, log_dir: str) -> 
     rows = {}
     with server(command, port, os.path.join(log_dir, "hf.log"),
                 env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}) as (_, url):
-        load_test(url, hf_dir, prompts_by_c[min(prompts_by_c)][:1], 1, 4)  # loads the model
-        for c, prompts in prompts_by_c.items():
-            rows[c] = load_test(url, hf_dir, prompts, c, new_tokens)
+        load_test(url, hf_dir, [(requests_by_c[min(requests_by_c)][0][0], 4)], 1)  # loads it
+        for c, requests in requests_by_c.items():
+            rows[c] = load_test(url, hf_dir, requests, c)
             print(_line("hf", c, rows[c]), flush=True)
     return rows
 
 
 def _line(system: str, c: int, r: dict) -> str:
     ms = lambda x: "-" if x != x else f"{1e3 * x:.0f}"  # noqa: E731 -- nan: not measured
-    return (f"| {system} | {c} | {r['requests']} | {r['tokens']} | {r['tok_s']:.1f} | {r['req_s']:.3f} | "
+    return (f"| {system} | {c} | {r['requests']} | {r['tokens']} | {r['tok_s']:.1f} | "
+            f"{r['req_s']:.3f} | "
             f"{ms(r['ttft_p50'])} / {ms(r['ttft_p99'])} | {ms(r['itl_p50'])} / "
             f"{ms(r['itl_p99'])} |")
 
@@ -322,39 +331,46 @@ def run(argv: list[str]) -> None:
         print("# hf skipped: no `transformers` command (pip install 'gpt_jax[hf]')")
         systems.remove("hf")
     cs = [int(c) for c in FLAGS.bench_concurrency.split(",") if c.strip()]
+    lo, hi = FLAGS.bench_new_tokens_min or FLAGS.bench_new_tokens, FLAGS.bench_new_tokens
+    if not 1 <= lo <= hi:
+        raise ValueError(f"--bench_new_tokens_min={lo} must be in [1, --bench_new_tokens={hi}]")
     root = FLAGS.bench_workdir or tempfile.mkdtemp(prefix="gpt_jax_bench_serve_")
     m = config.model
     print(f"# serving benchmark: {m.n_layer} layers, width {m.n_embd}, vocab {m.vocab_size}, "
           f"context {m.block_size}, {m.dtype}, random init; prompts {FLAGS.bench_prompt_min}-"
-          f"{FLAGS.bench_prompt_max} tokens, {FLAGS.bench_new_tokens} new, greedy; "
+          f"{FLAGS.bench_prompt_max} tokens, {lo if lo == hi else f'{lo}-{hi}'} new, greedy; "
           f"{FLAGS.bench_slots} slots; {jax.devices()[0].device_kind}, "
           f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}", flush=True)
     start = time.perf_counter()
     run_dir, hf_dir = make_model(config, root)
-    prompts_by_c = {c: make_prompts(hf_dir, FLAGS.bench_requests or max(4, 2 * c),
-                                    FLAGS.bench_prompt_min, FLAGS.bench_prompt_max, seed=c)
-                    for c in cs}
+    requests_by_c = {}
+    for c in cs:
+        n = FLAGS.bench_requests or max(4, 2 * c)
+        prompts = make_prompts(hf_dir, n, FLAGS.bench_prompt_min, FLAGS.bench_prompt_max, seed=c)
+        lengths = np.random.default_rng(1000 + c).integers(lo, hi + 1, n).tolist()
+        requests_by_c[c] = list(zip(prompts, lengths))
     memory = make_prompts(hf_dir, FLAGS.bench_memory_requests, 16, 16, seed=99)
     print(f"# model written to {root} in {time.perf_counter() - start:.0f} s")
     print("| system | concurrency | requests | output tokens | output tok/s | req/s | "
           "TTFT p50 / p99 ms | ITL p50 / p99 ms |")
     print("|---|---|---|---|---|---|---|---|")
     results, extra = {}, {}
-    if "serve" in systems:
-        results["serve"], extra = bench_serve(run_dir, prompts_by_c, FLAGS.bench_new_tokens,
-                                              FLAGS.bench_slots, memory, root)
-    if "static" in systems:
-        results["static"] = bench_static(run_dir, prompts_by_c, FLAGS.bench_new_tokens)
-    if "hf" in systems:
-        results["hf"] = bench_hf(hf_dir, prompts_by_c, FLAGS.bench_new_tokens, root)
+    runs = {"serve": lambda: bench_serve(run_dir, requests_by_c, FLAGS.bench_slots, memory, root),
+            "static": lambda: (bench_static(run_dir, requests_by_c), {}),
+            "hf": lambda: (bench_hf(hf_dir, requests_by_c, root), {})}
+    for system in systems:  # one system failing (e.g. a missing extra) keeps the others' rows
+        try:
+            results[system], more = runs[system]()
+            extra.update(more)
+        except Exception as e:  # noqa: BLE001 -- reported, the benchmark goes on
+            print(f"# {system} failed: {type(e).__name__}: {e}", flush=True)
     top = max(cs)
     for other in ("static", "hf"):
-        if "serve" in results and other in results:
+        if top in results.get("serve", {}) and top in results.get(other, {}):
             print(f"serve / {other} output tok/s at concurrency {top}: "
                   f"{results['serve'][top]['tok_s'] / results[other][top]['tok_s']:.2f}x")
     if "serve" in results:
-        for c in cs:
-            r = results["serve"][c]
+        for c, r in results["serve"].items():
             print(f"serve, concurrency {c}: decode step {r['step_ms']:.1f} ms, host work "
                   f"{100 * r['host_share']:.1f}% of it")
     if extra.get("memory_mib"):
