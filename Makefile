@@ -23,7 +23,7 @@ install: $(BIN)/gpt-jax
 # can be had, torch + transformers for the Hugging Face conversion tests (skipped otherwise).
 $(VENV)/.test-extras: $(BIN)/gpt-jax
 	$(BIN)/pip install -q $(PINS) -e '.[dev,tpu,eval]'
-	$(BIN)/pip install -q 'torch==2.13.0+cpu' 'transformers>=4.40' safetensors 2>/dev/null \
+	$(BIN)/pip install -q 'torch==2.13.0+cpu' 'transformers>=4.40' accelerate 2>/dev/null \
 	  || echo "note: no CPU-only torch wheel here; the Hugging Face tests will be skipped"
 	touch $@
 

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from safetensors.numpy import load_file, save_file
 
 from gpt_jax import checkpoint
 from gpt_jax import config as config_lib
@@ -49,8 +50,6 @@ def read_hf_config(hf_dir: str) -> dict:
 
 
 def _read_safetensors(path: str) -> dict[str, np.ndarray]:
-    from safetensors.numpy import load_file  # optional: the gpt_jax[hf] extra
-
     try:
         return load_file(path)
     except Exception as e:  # noqa: BLE001 -- corrupt file, unsupported dtype (bf16) ...
@@ -147,8 +146,6 @@ def _train_state(config: Config, params: dict, seed: int) -> dict:
 
 
 def save_safetensors(tensors: dict[str, np.ndarray], path: str) -> None:
-    from safetensors.numpy import save_file  # optional: the gpt_jax[hf] extra
-
     save_file(tensors, path, metadata={"format": "pt"})
 
 
