@@ -666,25 +666,6 @@ def test_failed_train_records_the_one_line_error_in_status_json(tmp_path):
     assert record["error"] in out.stderr
 
 
-def test_every_launcher_command_in_docs_tpu_md_parses(monkeypatch):
-    """The commands in docs/tpu.md are valid launcher input (parsed, nothing run)."""
-    monkeypatch.delenv("CLOUDSDK_CORE_PROJECT", raising=False)
-    monkeypatch.delenv("CLOUDSDK_COMPUTE_ZONE", raising=False)
-    with open(os.path.join(REPO, "docs", "tpu.md")) as f:
-        text = f.read().replace("\\\n", " ").replace("PROJECT", "my-project")
-    env = {}
-    found = 0
-    for line in text.splitlines():
-        line = line.split("  #", 1)[0].strip()
-        if line.startswith('T="'):
-            env["T"] = line[3:-1]
-        if line.startswith("python launch/tpu.py"):
-            argv = shlex.split(line.replace("$T", env.get("T", "")).replace("BUCKET", "bkt"))[2:]
-            tpu.parse(argv)
-            found += 1
-    assert found >= 13
-
-
 @pytest.mark.e2e
 def test_local_multihost_children_die_with_a_killed_launcher():
     code = "import os, time\nprint('pid', os.getpid(), flush=True)\ntime.sleep(60)\n"
