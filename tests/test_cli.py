@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import pathlib
 import re
@@ -75,6 +76,7 @@ def fresh_commands():
                    if m.startswith("gpt_jax.")}
     saved_modules = {k: v for k, v in sys.modules.items() if _is_command_module(k)}
     verbosity = absl_logging.get_verbosity()
+    absl_level = logging.getLogger("absl").level  # set_verbosity(-1) would leave WARNING
     _drop_our_flags()
     for name in saved_modules:
         del sys.modules[name]
@@ -97,6 +99,7 @@ def fresh_commands():
                 FLAGS.register_flag_by_module(module, flag)
         FLAGS.unparse_flags()
         absl_logging.set_verbosity(verbosity)
+        logging.getLogger("absl").setLevel(absl_level)
 
 
 @dataclasses.dataclass
