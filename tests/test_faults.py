@@ -116,12 +116,13 @@ def test_a_checkpoint_cut_off_by_a_file_size_limit_is_one_line(tmp_path, async_s
         every=1, keep=3, async_save=async_save))
     ckpt.save(tiny_state(2), {"step": 2}, {"a": 1})
     ckpt.wait()
+    state = tiny_state(3)  # (made before the limit: only the save's writes meet it)
     previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     limit = resource.getrlimit(resource.RLIMIT_FSIZE)
     resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, limit[1]))
     try:
         with pytest.raises(DiskFullError) as e:
-            ckpt.save(tiny_state(3), {"step": 3}, {"a": 1})
+            ckpt.save(state, {"step": 3}, {"a": 1})
             ckpt.wait()
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, limit)
