@@ -41,7 +41,7 @@ from gpt_jax.model import REMAT_POLICIES, ModelConfig
 from gpt_jax.processes import die_with_parent
 
 GiB = aot.GiB
-CACHE_VERSION = 2  # 2: the summed roofline, records carry the HLO profile
+CACHE_VERSION = 3  # 2: the summed roofline, records carry the HLO profile; 3: every loop counted
 MAX_TENSOR = 4
 LOSS_CHUNKS = (0, 8)
 # Fraction of a layer's forward matmul FLOPs recomputed in the backward pass.
