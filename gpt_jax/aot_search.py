@@ -448,13 +448,14 @@ def table(rows: list[Row], tpu: aot.TpuSlice) -> str:
 def commands(winner: Row, config_arg: str, topology: str,
              user_overrides: tuple[str, ...] = ()) -> list[str]:
     """The `gpt-jax train` and `launch/tpu.py train` command lines of the winner: the config,
-    the `--config.x=v` the search was given, then the winner's own."""
+    the `--config.x=v` the search was given, then the winner's own. The launcher's names are
+    shell variables (NAME, PROJECT, ZONE, BUCKET: docs/pretraining.md sets them)."""
     overrides = [*user_overrides,
                  *(f"--config.{k}={v}" for k, v in winner.candidate.overrides().items())]
     acc = topology.replace("v5e-", "v5litepod-")
     train = " ".join(["gpt-jax train", f"--config={config_arg}", *overrides])
-    launch = " ".join(["python launch/tpu.py train --name=NAME --project=PROJECT --zone=ZONE",
-                       f"--accelerator={acc} --workdir=gs://BUCKET/runs/NAME --",
+    launch = " ".join(["python launch/tpu.py train --name=$NAME --project=$PROJECT --zone=$ZONE",
+                       f"--accelerator={acc} --workdir=$BUCKET/runs/$NAME --",
                        f"--config={config_arg}", *overrides])
     return [train, launch]
 

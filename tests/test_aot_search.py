@@ -155,6 +155,7 @@ def test_tiny_search_compiles_the_winner_and_a_second_run_is_cached():
     train, launch = aot_search.commands(winner, "configs/tiny.py", "v5e-4")
     assert train.startswith("gpt-jax train --config=configs/tiny.py --config.mesh.data=")
     assert "--accelerator=v5litepod-4" in launch and "--config.model.remat_policy=" in launch
+    assert launch.startswith("python launch/tpu.py train --name=$NAME --project=$PROJECT ")
     # What the search was given (e.g. --config.model.vocab_multiple=128) comes first, in both.
     given = ("--config.model.vocab_multiple=128",)
     for line in aot_search.commands(winner, "configs/tiny.py", "v5e-4", given):

@@ -155,11 +155,10 @@ def _search() -> None:
     config_arg = (f"configs/{aot.PRESETS.get(FLAGS.preset, FLAGS.preset)}.py" if FLAGS.preset
                   else FLAGS["config"].config_filename)
     given = tuple(a for a in sys.argv[1:] if a.startswith("--config."))
+    given += (f"--config.model.dtype={FLAGS.dtype}",) if FLAGS.dtype else ()
     if winner:
         print("\nwinner:\n  " + "\n  ".join(aot_search.commands(winner, config_arg,
                                                                  FLAGS.topology, given)))
-        if FLAGS.dtype:
-            print(f"  (add --config.model.dtype={FLAGS.dtype} to both)")
         print("bound by " + aot.bound(winner.record))
     else:
         print("\nno compiled candidate fits yet (budget spent?); rows above are estimates")
