@@ -15,6 +15,7 @@ import logging as py_logging
 import os
 import shutil
 import sys
+import time
 from typing import Any
 
 import jax
@@ -155,6 +156,8 @@ class Checkpointer:
         except Exception as e:
             if not is_disk_full(e):
                 raise
+            with contextlib.suppress(Exception):  # the save's other threads stop writing first
+                self.manager.wait_until_finished()
             removed = {s: _remove_partial(_absolute(self.directory), s) for s in candidates}
             failed = next((s for s in candidates if removed[s]), candidates[-1] if candidates
                           else None)
@@ -216,8 +219,12 @@ def _remove_partial(directory: str, step: int | None) -> str:
         return ""
     for name in os.listdir(directory):
         if name.startswith(f"{step}.") and "tmp" in name:
-            shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
-            return os.path.join(directory, name)
+            path, deadline = os.path.join(directory, name), time.monotonic() + 10
+            while True:  # a write of the failed save still in flight can create it again
+                shutil.rmtree(path, ignore_errors=True)
+                time.sleep(0.2)
+                if not os.path.exists(path) or time.monotonic() > deadline:
+                    return path
     return ""
 
 
