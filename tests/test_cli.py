@@ -207,6 +207,7 @@ BAD_INPUTS = [
     ("sample --workdir=W --max_new_tokens=ten", 2, "ten"),
     ("compare W --smoothing=high", 2, "high"),
     ("bench train --steps=many", 2, "many"),
+    ("bench serve --bench_new_tokens_min=300", 2, "--bench_new_tokens_min=300 must be in [1,"),
     ("aot --topology=v5e-8 --batch_size=1.5", 2, "1.5"),
 ]
 

@@ -40,7 +40,7 @@ import jax
 import numpy as np
 from absl import flags
 
-from gpt_jax.commands.common import define_config_flag
+from gpt_jax.commands.common import define_config_flag, usage_error
 from gpt_jax.config import typed
 
 if "config" not in flags.FLAGS:
@@ -325,7 +325,7 @@ def run(argv: list[str]) -> None:
     config, systems = FLAGS.config, FLAGS.bench_systems.split(",")
     unknown = set(systems) - {"serve", "static", "hf"}
     if unknown:
-        raise ValueError(f"--bench_systems: {sorted(unknown)} unknown; allowed: serve, static, hf")
+        raise usage_error(f"--bench_systems: {sorted(unknown)} unknown; allowed: serve, static, hf")
     if "hf" in systems and shutil.which("transformers",
                                         path=os.path.dirname(sys.executable)) is None:
         print("# hf skipped: no `transformers` command (pip install 'gpt_jax[hf]')")
@@ -333,7 +333,7 @@ def run(argv: list[str]) -> None:
     cs = [int(c) for c in FLAGS.bench_concurrency.split(",") if c.strip()]
     lo, hi = FLAGS.bench_new_tokens_min or FLAGS.bench_new_tokens, FLAGS.bench_new_tokens
     if not 1 <= lo <= hi:
-        raise ValueError(f"--bench_new_tokens_min={lo} must be in [1, --bench_new_tokens={hi}]")
+        raise usage_error(f"--bench_new_tokens_min={lo} must be in [1, --bench_new_tokens={hi}]")
     root = FLAGS.bench_workdir or tempfile.mkdtemp(prefix="gpt_jax_bench_serve_")
     m = config.model
     print(f"# serving benchmark: {m.n_layer} layers, width {m.n_embd}, vocab {m.vocab_size}, "
