@@ -6,8 +6,8 @@
 Each copy gets `--coordinator_address=127.0.0.1:<free port> --num_processes=N --process_id=i`
 appended (and the same values as GPT_JAX_COORDINATOR / _NUM_PROCESSES / _PROCESS_ID), runs on
 the CPU with `devices_per_process` simulated devices, and has its stdout and stderr lines printed
-to ours, prefixed `[pI]`. (The two streams stay apart: in one pipe a C++ library's log line,
-written in pieces to stderr, would split a line the program prints.)
+to ours, prefixed `[pI]`. The two streams stay apart, so a log line on stderr never splits a
+line the program prints (a library that writes to stdout in pieces, as Gloo does, still can).
 SIGTERM / SIGINT are forwarded to every copy. If one copy fails the others are stopped; the
 exit code is the first failure's (0 when all succeed).
 """
@@ -15,6 +15,7 @@ exit code is the first failure's (0 when all succeed).
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import signal
 import socket
@@ -27,6 +28,7 @@ import time
 if __package__ in (None, ""):  # run as a script: the repository root holds gpt_jax
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from gpt_jax.errors import LaunchError  # noqa: E402  (stdlib only)
+from gpt_jax.processes import die_with_parent  # noqa: E402  (stdlib only)
 
 DISTRIBUTED_FLAGS = ("--coordinator_address", "--num_processes", "--process_id")
 
@@ -84,14 +86,6 @@ def _pump(source, sink, prefix: str, lock: threading.Lock) -> None:
             sink.flush()
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: get SIGKILL if the launcher dies (Linux), so none is orphaned."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        ctypes.CDLL(None).prctl(1, int(signal.SIGKILL))  # 1 = PR_SET_PDEATHSIG
-
-
 def start(command: list[str], num: int, devices: int, add_flags: bool) -> list[subprocess.Popen]:
     address = f"127.0.0.1:{free_port()}"
     procs = []
@@ -102,7 +96,7 @@ def start(command: list[str], num: int, devices: int, add_flags: bool) -> list[s
             command + extra, env=child_env(dict(os.environ), devices, address, num, i),
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1,
             start_new_session=True,  # signals reach children only through us
-            preexec_fn=_die_with_parent))
+            preexec_fn=functools.partial(die_with_parent, os.getpid())))  # none orphaned
     return procs
 
 
