@@ -130,11 +130,8 @@ def test_the_download_commands_are_those_the_hf_extra_installs():
     `huggingface-cli` is gone from current releases."""
     used = {argv[0] for path in RUNBOOKS for argv in commands(path)}
     assert "huggingface-cli" not in used and "hf" in used
-    try:
-        scripts = {e.name for e in importlib.metadata.entry_points(group="console_scripts")
-                   if e.dist is not None and e.dist.name.replace("_", "-") == "huggingface-hub"}
-    except importlib.metadata.PackageNotFoundError:
-        pytest.skip("huggingface_hub is not installed (the hf extra)")
+    scripts = {e.name for e in importlib.metadata.entry_points(group="console_scripts")
+               if e.dist is not None and e.dist.name.replace("_", "-") == "huggingface-hub"}
     if not scripts:
         pytest.skip("huggingface_hub is not installed (the hf extra)")
     assert "hf" in scripts
