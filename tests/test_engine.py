@@ -78,6 +78,28 @@ def test_prompt_logprobs_for_echo_equal_the_full_forward_pass():
         assert [i for i, _ in top] == list(np.argsort(-np.asarray(logp[t]))[:2])
 
 
+def test_generate_prefills_several_prompts_in_one_call_as_each_alone():
+    """`generate` takes every request that fits (prompts of one bucket prefilled together,
+    up to prefill_rows), with an echo-scored prompt, a zero-token request and n=2 among them:
+    each gets what it gets alone, and the slots end free."""
+    asks = [Request([5, 9, 13], 6, Sampling(0.0)),
+            Request([5, 9, 13, 7, 1, 2], 0, Sampling(0.0), logprobs=2, echo=True),
+            Request([7, 1, 2, 3], 5, Sampling(0.8, seed=3), n=2),
+            Request(list(range(1, 20)), 4, Sampling(0.0)),  # another bucket
+            Request([2, 4, 6, 8], 3, Sampling(0.0), logprobs=1, echo=True),
+            Request([11, 12], 7, Sampling(1.0, top_k=5, seed=9))]
+    together = engine(slots=8, prefill_rows=4).generate(asks)
+    for ask, got in zip(asks, together):
+        (alone,) = engine(slots=8, prefill_rows=1).generate([ask])
+        assert [c.tokens for c in got.choices] == [c.tokens for c in alone.choices]
+        for a, b in zip(got.choices, alone.choices):
+            np.testing.assert_allclose(a.logprobs, b.logprobs, rtol=1e-5, atol=1e-6)
+        if ask.echo:
+            np.testing.assert_allclose(got.prompt_logprobs[1:], alone.prompt_logprobs[1:],
+                                       atol=1e-6)
+    assert together[2].choices[0].tokens != together[2].choices[1].tokens
+
+
 def test_events_stream_each_choice_and_end_it_once():
     events: list[Event] = []
     eng = engine()

@@ -493,10 +493,28 @@ def test_lm_eval_rolling_and_generation(hf_run):
         logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
         by_hand += sum(logp[len(c) - 1 + i, t] for i, t in enumerate(x))
     assert rolling == pytest.approx(by_hand, abs=1e-3)
+    # one engine call for all of them, each with its own stops and length, against one
+    # `generate` per prompt cut by hand at the first stop
+    asks = [("import", ["\n"], 12), ("def", ["(", "e"], 9), ("class", [], 5)]
     out = harness.generate_until([Instance("generate_until", {}, (
-        "import", {"until": ["\n"], "max_gen_toks": 12}), 0)])
-    want = lm.generate(["import"], max_new_tokens=12, temperature=0.0)[0].split("\n")[0]
-    assert out == [want]
+        prompt, {"until": until, "max_gen_toks": n}), i) for i, (prompt, until, n) in
+        enumerate(asks)])
+    want = []
+    for prompt, until, n in asks:
+        text = lm.generate([prompt], max_new_tokens=n, temperature=0.0)[0]
+        cuts = [text.index(u) for u in until if u in text]
+        want.append(text[:min(cuts)] if cuts else text)
+    assert out == want and len(set(want)) == 3
+
+
+def test_generations_cross_to_the_followers_whole():
+    pytest.importorskip("lm_eval", reason="needs the eval extra: pip install 'gpt_jax[eval]'")
+    from gpt_jax.evals.harness import Generation, pack_generations, unpack_generations
+
+    # temperatures cross as float32 (what the engine samples with): 0.75 and 1.25 exactly
+    gens = [Generation([5, 6, 7], 12, 0.0, ("\n", "Question:")),
+            Generation([1], 3, 0.75, ()), Generation([9, 9], 1, 1.25, ("é\u00e9",))]
+    assert unpack_generations(pack_generations(gens)) == gens
 
 
 def gpt_jax_logits(lm, seq: list[int]) -> np.ndarray:
@@ -554,6 +572,23 @@ def test_bench_evals_measures_and_projects(tmp_path):
     assert tpu["hellaswag_batches"] == math.ceil(10_042 * 4 / 16)
     assert tpu["hellaswag_s"] == pytest.approx(tpu["batch_s"] * tpu["hellaswag_batches"])
     assert tpu["batch_s"] > 0
+
+
+def test_bench_generate_engine_and_static_batches_answer_alike(tmp_path, text_corpus):
+    """`bench evals --bench_generate`: the engine's answers and the static batches' (run to
+    each batch's longest answer, cut at the newline) are the same, the static batches decode
+    at least as many tokens, and the engine compiles nothing after its warm-up."""
+    from conftest import tiny_run_config
+    from gpt_jax import train
+    from gpt_jax.bench import evals as bench
+
+    config = tiny_run_config(text_corpus, tmp_path / "cache", num_steps=30, log_every=30)
+    train.train(config, str(tmp_path / "run"))
+    g = bench.measure_generate(str(tmp_path / "run"), "", 24, slots=4, rounds=1)
+    assert g["examples"] >= 8 and g["same_answers"] == g["examples"]  # all the split has
+    assert g["engine_tokens_decoded"] <= g["static_tokens_decoded"]
+    assert g["engine_compilations_after"] == g["engine_compilations"]
+    assert g["engine_examples_per_s"] > 0 and g["static_examples_per_s"] > 0
 
 
 LEARNABLE = """

@@ -5,6 +5,12 @@ Random-init params of the config (default: GPT-2 124M) score synthetic 4-ending 
 first batch compiles and is timed apart. With `--bench_tpu=v5e-8` the scoring batch is also
 compiled for that TPU slice on this host (libtpu, no TPU needed) and XLA's cost model projects
 the time for HellaSwag's 10,042 validation examples at `--bench_tpu_rows` rows per batch.
+
+`--bench_generate=N` times a generative task (greedy answers cut at a stop string) on a
+trained run, in turns: through the serving engine (what `gpt-jax eval` uses: continuous
+batching, a slot freed as soon as its answer stops) and through static batches of the same
+rows, each run until its longest answer is done (the best a static batch can do: it is told
+each batch's longest answer, as if it stopped on the device). Both are compiled first.
 """
 
 from __future__ import annotations
@@ -23,7 +29,9 @@ from jax.sharding import PartitionSpec as P
 from gpt_jax import aot, sharding
 from gpt_jax.commands.common import define_config_flag
 from gpt_jax.config import typed
+from gpt_jax.evals import generative
 from gpt_jax.evals.scoring import Request, loglikelihoods, score_fn
+from gpt_jax.evals.tasks import load_task, load_tasks
 from gpt_jax.flops import count_params
 from gpt_jax.hardware import peak_flops
 from gpt_jax.model import GPT
@@ -37,6 +45,17 @@ flags.DEFINE_integer("bench_rows", 16, "Rows per scoring batch on the local devi
 flags.DEFINE_string("bench_tpu", "", "Also project for this TPU slice, e.g. v5e-8 ('': skip).")
 flags.DEFINE_integer("bench_tpu_rows", 256, "Rows per batch for the TPU projection.")
 flags.DEFINE_integer("bench_tpu_length", 128, "Padded row length for the TPU projection.")
+flags.DEFINE_integer("bench_generate", 0, "Also time this many examples of a generative task "
+                     "through the serving engine and through static batches (0: skip).")
+flags.DEFINE_string("bench_run", "runs/demo", "The trained run --bench_generate loads (`make "
+                    "train` writes runs/demo).")
+flags.DEFINE_string("bench_task", "", "A generate task (JSONL, options after '?') for "
+                    "--bench_generate; '': the next line after 6 lines of the run's validation "
+                    "text, up to the newline.")
+flags.DEFINE_integer("bench_slots", 16, "--bench_generate: the engine's slots, and the rows of "
+                     "a static batch.")
+flags.DEFINE_integer("bench_rounds", 5, "--bench_generate: timed runs of each system, in "
+                     "turns (the medians are reported).")
 flags.DEFINE_string("bench_evals_json", "", "Also write the results to this JSON file.")
 FLAGS = flags.FLAGS
 
@@ -101,6 +120,72 @@ def project_tpu(config, slice_name: str, rows: int, length: int) -> dict:
             "examples_per_s": rows / 4 / step_s if step_s else None}
 
 
+def generate_task(run_dir: str, spec: str, n: int, config) -> tuple[list, generative.Options]:
+    """The examples and options of --bench_task, or next lines of the run's validation text."""
+    if spec:
+        task = load_tasks(f"generate:{spec}", limit=n)[0]
+        return list(task.examples), task.options
+    examples = load_task("nextline", "", limit=n, config=config)
+    o = generative.Options(max_tokens=min(64, config.model.block_size // 2))
+    return [generative.GenExample(e.context + "\n", (e.endings[e.label],), e.source)
+            for e in examples], o
+
+
+def measure_generate(run_dir: str, spec: str, n: int, slots: int, rounds: int) -> dict:
+    """Examples/s of the task through the engine and through static batches, in turns
+    (`rounds` of each; medians), both compiled first."""
+    from gpt_jax import api
+    from gpt_jax.bench.static_sampler import static_generate
+
+    lm = api.load(run_dir, slots=slots)
+    examples, o = generate_task(run_dir, spec, n, lm.config)
+    tok, cfg, engine = lm.tokenizer, lm.model_cfg, lm.engine
+    references = [e.references for e in examples]
+    warm_up_s = engine.warm_up()
+    compiled = engine.compilations()
+    generative.score(["a"], [["a"]])  # imports the scorers' libraries outside the timing
+    served = generative.evaluate(engine, tok, examples, o)
+
+    ids = generative.prompt_ids(tok, examples, o, cfg.block_size)
+    batches = [range(i, min(i + slots, len(ids))) for i in range(0, len(ids), slots)]
+    longest = [max(served["answer_tokens"][i] for i in b) for b in batches]
+    eos = int(getattr(tok, "eos_id", -1))
+
+    def static_run() -> list[str]:
+        answers = []
+        for b, new in zip(batches, longest):
+            for out in static_generate(cfg, lm.params, [ids[i] for i in b], new, eos_id=eos):
+                text = tok.decode([t for t in out if t != eos])
+                cuts = [text.index(s) for s in o.stop if s in text]
+                answers.append(text[:min(cuts)] if cuts else text)
+        generative.score(answers, references)
+        return answers
+
+    answers = static_run()  # compiles every shape
+    seconds: dict[str, list[float]] = {"engine": [], "static": []}
+    for _ in range(rounds):
+        for system, call in (("engine", lambda: generative.evaluate(engine, tok, examples, o)),
+                             ("static", static_run)):
+            start = time.perf_counter()
+            call()
+            seconds[system].append(time.perf_counter() - start)
+    tokens = served["answer_tokens"]
+    engine_s, static_s = (float(np.median(seconds[k])) for k in ("engine", "static"))
+    return {"run": run_dir, "task": spec or "next line of the validation text",
+            "examples": len(examples), "slots": slots, "max_tokens": o.max_tokens,
+            "rounds": rounds, "answer_tokens_mean": float(np.mean(tokens)),
+            "answer_tokens_max": max(tokens), "engine_tokens_decoded": sum(tokens),
+            "static_tokens_decoded": sum(n * len(b) for b, n in zip(batches, longest)),
+            "engine_warm_up_s": warm_up_s, "engine_compilations": compiled,
+            "engine_compilations_after": engine.compilations(), "seconds": seconds,
+            "engine_s": engine_s, "static_s": static_s,
+            "engine_examples_per_s": len(examples) / engine_s,
+            "static_examples_per_s": len(examples) / static_s,
+            "same_answers": sum(a == b for a, b in zip(answers, served["predictions"])),
+            "engine_exact_match": served["exact_match"],
+            "static_exact_match": generative.score(answers, references)["exact_match"]}
+
+
 def run(argv: list[str]) -> None:
     del argv
     config, results = FLAGS.config, {}
@@ -118,6 +203,19 @@ def run(argv: list[str]) -> None:
               f"[{p['rows_per_batch']}, {p['length']}] batch {p['batch_s'] * 1e3:.2f} ms; "
               f"HellaSwag val ({HELLASWAG_VAL} examples, {p['hellaswag_batches']} batches): "
               f"{p['hellaswag_s']:.2f} s ({p['examples_per_s']:,.0f} examples/s)")
+    if FLAGS.bench_generate:
+        g = results["generate"] = measure_generate(FLAGS.bench_run, FLAGS.bench_task,
+                                                   FLAGS.bench_generate, FLAGS.bench_slots,
+                                                   FLAGS.bench_rounds)
+        print(f"generate ({g['task']}, {g['examples']} examples, answers "
+              f"{g['answer_tokens_mean']:.1f} tokens on average, at most {g['max_tokens']}): "
+              f"engine ({g['slots']} slots) {g['engine_examples_per_s']:.2f} examples/s, "
+              f"static batches of {g['slots']} {g['static_examples_per_s']:.2f} examples/s "
+              f"({g['engine_examples_per_s'] / g['static_examples_per_s']:.2f}x; medians of "
+              f"{g['rounds']}); tokens decoded {g['engine_tokens_decoded']:,} / "
+              f"{g['static_tokens_decoded']:,}; "
+              f"{g['same_answers']}/{g['examples']} answers the same; exact match "
+              f"{g['engine_exact_match']:.3f} / {g['static_exact_match']:.3f}")
     if FLAGS.bench_evals_json:
         with open(FLAGS.bench_evals_json, "w") as f:
             json.dump(results, f, indent=2)

@@ -57,8 +57,9 @@ def main(argv: list[str]) -> None:
     lm = api.load(FLAGS.workdir, shard=FLAGS.shard)
     engine = Engine(lm.model_cfg, lm.params, lm.tokenizer,
                     EngineConfig(slots=FLAGS.slots, max_queue=FLAGS.max_queue,
-                                 batch_invariant=FLAGS.batch_invariant), lm.mesh,
-                    lm.rules)
+                                 batch_invariant=FLAGS.batch_invariant,
+                                 prefill_rows=1),  # it admits one request per step
+                    lm.mesh, lm.rules)
     names = (FLAGS.served_model_name or os.path.basename(os.path.normpath(FLAGS.workdir)))
     name, *aliases = [n.strip() for n in names.split(",") if n.strip()]
     key = FLAGS.api_key if FLAGS.api_key is not None else os.environ.get("GPT_JAX_API_KEY", "")

@@ -144,19 +144,26 @@ def score(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> di
             "bleu": float(bleu)}
 
 
+def prompt_ids(tokenizer, examples: Sequence[GenExample], o: Options,
+               block_size: int) -> list[list[int]]:
+    """Each example's prompt (after its shots) as token ids, the last ones that leave room for
+    `o.max_tokens` in the context."""
+    room = block_size - o.max_tokens
+    if room < 1:
+        raise EvalError(f"max_tokens={o.max_tokens} leaves no room for a prompt in the "
+                        f"context of {block_size}")
+    return [(list(tokenizer.encode(text)) or [int(tokenizer.bos_id)])[-room:]
+            for text in prompts(examples, o)]
+
+
 def evaluate(engine, tokenizer, examples: Sequence[GenExample], o: Options) -> dict:
-    """{each of METRICS, "n", "predictions"}: greedy answers through `engine`."""
+    """{each of METRICS, "n", "predictions", "answer_tokens"}: greedy answers through
+    `engine` (and how many tokens each took, up to and including its stop)."""
     from gpt_jax.serve.engine import Request, Sampling
 
-    block = engine.cfg.block_size
-    requests = []
-    for e, text in zip(examples, prompts(examples, o)):
-        ids = list(tokenizer.encode(text)) or [int(tokenizer.bos_id)]
-        room = block - o.max_tokens
-        if room < 1:
-            raise EvalError(f"max_tokens={o.max_tokens} leaves no room for a prompt in the "
-                            f"context of {block}")
-        requests.append(Request(ids[-room:], o.max_tokens, Sampling(0.0), stop=o.stop))
-    answers = [h.choices[0].text for h in engine.generate(requests)]
+    requests = [Request(ids, o.max_tokens, Sampling(0.0), stop=o.stop)
+                for ids in prompt_ids(tokenizer, examples, o, engine.cfg.block_size)]
+    handles = engine.generate(requests)
+    answers = [h.choices[0].text for h in handles]
     return {**score(answers, [e.references for e in examples]), "n": len(examples),
-            "predictions": answers}
+            "predictions": answers, "answer_tokens": [len(h.choices[0].tokens) for h in handles]}

@@ -20,8 +20,9 @@ compiled functions move it:
   over the first `rows` slots: one compile per power-of-two row count, so one request alone
   does not pay for all slots; it reads the cache only as far as the longest row has reached.
 
-A loop iteration (`step`) admits at most one waiting request (one prefill, so running slots
-wait for at most one bucket) into free slots, then runs one decode step for the active slots;
+A loop iteration (`step`) admits waiting requests into free slots (the server one per step, so
+running slots wait for at most one prefill; `generate`, offline, as many as fit), then runs one
+decode step for the active slots;
 finished slots (EOS, max_tokens, a stop string, a full context, a cancelled request) are freed
 on the host. A row's tokens depend only on its own prompt, settings and seed: the same
 whether it runs alone or beside others (`attention.decode_attention`, `sampling_filters`).
@@ -66,9 +67,12 @@ class EngineConfig:
     # runs the smallest power-of-two number of slots that holds the active ones (faster when
     # few are busy; the matmuls' rounding then depends on that number).
     batch_invariant: bool = False
+    # Prompts of one bucket prefilled in one call, up to this many (a power-of-two row count
+    # each, so 1, 2, 4, ...); `generate` uses it, the server admits one request per step.
+    prefill_rows: int = 4
 
     def __post_init__(self):
-        for name in ("slots", "max_queue", "k_bucket"):
+        for name in ("slots", "max_queue", "k_bucket", "prefill_rows"):
             if getattr(self, name) < 1:
                 raise SamplingError(f"{name}={getattr(self, name)} must be >= 1")
 
@@ -198,22 +202,24 @@ def _whole(tree, cache_sharding):
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "with_logprobs", "cache_sharding"))
-def _prefill(params, tokens_1P, last_1, *, cfg: ModelConfig, with_logprobs: bool,
+def _prefill(params, tokens_NP, last_N, *, cfg: ModelConfig, with_logprobs: bool,
              cache_sharding=None):
-    """(prefill cache, logits at the last prompt token [V], prompt log-probs or None)."""
-    P_ = tokens_1P.shape[1]
-    model, cache = GPT(cfg), init_kv_cache(cfg, 1, P_)
-    positions_1P = jnp.arange(P_)[None]
+    """(prefill cache of the N prompts, logits at each one's last token [N, V], and with
+    `with_logprobs` (N = 1) the prompt's log-probs)."""
+    N, P_ = tokens_NP.shape
+    model, cache = GPT(cfg), init_kv_cache(cfg, N, P_)
+    positions_NP = jnp.broadcast_to(jnp.arange(P_), (N, P_))
     if not with_logprobs:
-        logits_11V, cache = model.apply({"params": params}, tokens_1P, positions_1P, cache,
-                                        last_1)
-        return cache, logits_11V[0, 0, :cfg.vocab_size].astype(jnp.float32), None
-    logits_1PV, cache = model.apply({"params": params}, tokens_1P, positions_1P, cache)
+        logits_N1V, cache = model.apply({"params": params}, tokens_NP, positions_NP, cache,
+                                        last_N)
+        return cache, logits_N1V[:, 0, :cfg.vocab_size].astype(jnp.float32), None
+    logits_1PV, cache = model.apply({"params": params}, tokens_NP, positions_NP, cache)
     logits_PV = logits_1PV[0, :, :cfg.vocab_size].astype(jnp.float32)
     logprobs_PV = jax.nn.log_softmax(logits_PV, axis=-1)
-    next_P = jnp.concatenate([tokens_1P[0, 1:], jnp.zeros((1,), jnp.int32)])
+    next_P = jnp.concatenate([tokens_NP[0, 1:], jnp.zeros((1,), jnp.int32)])
     chosen_P = jnp.take_along_axis(logprobs_PV, next_P[:, None], -1)[:, 0]  # of token t+1
-    return cache, logits_PV[last_1[0]], _whole((chosen_P, *_top(logprobs_PV)), cache_sharding)
+    return (cache, logits_PV[last_N[0]][None],
+            _whole((chosen_P, *_top(logprobs_PV)), cache_sharding))
 
 
 def _row_key(seed, prompt_hash_, index):
@@ -223,27 +229,41 @@ def _row_key(seed, prompt_hash_, index):
 
 @functools.partial(jax.jit, static_argnames=("cfg", "k_bucket", "cache_sharding"),
                    donate_argnums=(0,))
-def _insert(state, pcache, logits_V, slot, prompt_len, seed, prompt_hash_, index, temperature,
-            top_k, top_p, logprobs, *, cfg: ModelConfig, k_bucket: int, cache_sharding):
-    """`state` with the prefill cache in row `slot`, the row's settings and first token."""
-    def write(big, small):
-        start = (slot,) + (0,) * (big.ndim - 1) if not cfg.scan_layers else (0, slot, 0, 0, 0)
-        return jax.lax.dynamic_update_slice(big, small.astype(big.dtype), start)
+def _insert(state, pcache, logits_NV, count, row_S, slot_S, prompt_len_S, seed_S, hash_S,
+            index_S, temperature_S, top_k_S, top_p_S, logprobs_S, *, cfg: ModelConfig,
+            k_bucket: int, cache_sharding):
+    """`state` with the first `count` inserts done: insert i puts prefill row `row_S[i]`'s
+    cache into slot `slot_S[i]` with its settings and samples its first token there. The
+    per-insert arrays have one entry per slot (the traced `count` says how many are real),
+    so one compile per prefill shape serves any number of inserts."""
+    def write(i, cache):
+        def one(big, small):
+            axis = 1 if cfg.scan_layers else 0  # the batch axis: [(layers,) B, G, S, K]
+            row = jax.lax.dynamic_slice_in_dim(small, row_S[i], 1, axis)
+            start = [0] * big.ndim
+            start[axis] = slot_S[i]
+            return jax.lax.dynamic_update_slice(big, row.astype(big.dtype), start)
+        return KVCache(*(jax.tree.map(one, getattr(cache, f), getattr(pcache, f))
+                         for f in ("keys", "values")))
 
-    cache = KVCache(*(jax.tree.map(write, getattr(state["cache"], f), getattr(pcache, f))
-                      for f in ("keys", "values")))
+    cache = jax.lax.fori_loop(0, count, write, state["cache"])
     if cache_sharding is not None:
         cache = jax.lax.with_sharding_constraint(cache, KVCache(cache_sharding, cache_sharding))
-    key = _row_key(seed, prompt_hash_, index)
-    tok, logp = sampling_filters.choose(jax.random.fold_in(key, 0)[None], logits_V[None],
-                                        temperature, top_k, top_p, k_bucket=k_bucket)
-    ids, top_lp = _top(jax.nn.log_softmax(logits_V)[None])
-    put = lambda name, value: state[name].at[slot].set(value)  # noqa: E731
-    state = {"cache": cache, "token": put("token", tok[0]), "position": put("position", prompt_len),
-             "count": put("count", 1), "key": put("key", jax.random.key_data(key)),
-             "temperature": put("temperature", temperature), "top_k": put("top_k", top_k),
-             "top_p": put("top_p", top_p), "logprobs": put("logprobs", logprobs)}
-    return state, _whole((tok[0], logp[0], ids[0], top_lp[0]), cache_sharding)
+    keys_S = jax.vmap(_row_key)(seed_S, hash_S, index_S)
+    logits_SV = logits_NV[row_S]
+    first_keys = jax.vmap(lambda k: jax.random.fold_in(k, 0))(keys_S)
+    tok_S, logp_S = sampling_filters.choose(first_keys, logits_SV, temperature_S, top_k_S,
+                                            top_p_S, k_bucket=k_bucket)
+    ids_SK, top_SK = _top(jax.nn.log_softmax(logits_SV, axis=-1))
+    S = state["token"].shape[0]
+    target_S = jnp.where(jnp.arange(S) < count, slot_S, S)  # past the end: dropped
+    put = lambda name, v: state[name].at[target_S].set(v, mode="drop")  # noqa: E731
+    state = {"cache": cache, "token": put("token", tok_S),
+             "position": put("position", prompt_len_S), "count": put("count", jnp.ones_like(
+                 prompt_len_S)), "key": put("key", jax.vmap(jax.random.key_data)(keys_S)),
+             "temperature": put("temperature", temperature_S), "top_k": put("top_k", top_k_S),
+             "top_p": put("top_p", top_p_S), "logprobs": put("logprobs", logprobs_S)}
+    return state, _whole((tok_S, logp_S, ids_SK, top_SK), cache_sharding)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "k_bucket", "cache_sharding", "rows"),
@@ -319,7 +339,9 @@ class Engine:
         self.cache_sharding = None if mesh is None else named(mesh, rules, kv_cache_axes(model_cfg))
         self.rows = ([S] if config.batch_invariant else
                      row_buckets(S, 1 if mesh is None else batch_shards(mesh, rules)))
-        # A prefill is one row: its batch axis stays whole (heads still split over `tensor`).
+        rows = 1 if config.batch_invariant else min(config.prefill_rows, S)
+        self.prefill_rows = [2 ** k for k in range(rows.bit_length()) if 2 ** k <= rows]
+        # A prefill's rows are not split over the mesh (heads still are, over `tensor`).
         self.prefill_rules = None if rules is None else LogicalRules(
             tuple((n, None if n == ACT_BATCH else a) for n, a in rules))
         self.state = self._new_state()
@@ -346,24 +368,36 @@ class Engine:
             return _Null()
         return activate(self.mesh, rules or self.rules)
 
-    def _prefill(self, prompt: list[int], with_logprobs: bool):
-        P_ = bucket(len(prompt), self.cfg.block_size)
-        tokens = np.zeros((1, P_), np.int32)
-        tokens[0, :len(prompt)] = prompt
+    def _prefill(self, prompts: list[list[int]], with_logprobs: bool, rows: int = 0):
+        """One prefill call for `prompts` (of one bucket), padded to `rows` rows (default
+        the smallest prefill row count that holds them)."""
+        P_ = bucket(max(len(p) for p in prompts), self.cfg.block_size)
+        N = rows or next(n for n in self.prefill_rows if n >= len(prompts))
+        tokens, last = np.zeros((N, P_), np.int32), np.zeros((N,), np.int32)
+        for row, prompt in enumerate(prompts):
+            tokens[row, :len(prompt)], last[row] = prompt, len(prompt) - 1
         with self._context(self.prefill_rules):
-            return _prefill(self.params, tokens, np.array([len(prompt) - 1], np.int32),
-                            cfg=self.cfg, with_logprobs=with_logprobs,
+            return _prefill(self.params, tokens, last, cfg=self.cfg, with_logprobs=with_logprobs,
                             cache_sharding=self.cache_sharding)
 
-    def _insert(self, pcache, logits_V, slot: int, prompt: list[int], seed: int, index: int,
-                s: Sampling, logprobs: int = 0):
+    def _insert(self, pcache, logits_NV, inserts: list[tuple]):
+        """One insert call: each of `inserts` is (prefill row, slot, prompt, seed, choice
+        index, Sampling, logprobs); the first tokens' outputs, still on the device."""
+        S = self.config.slots
+        cols = [np.zeros(S, dtype) for dtype in (np.int32, np.int32, np.int32, np.int32,
+                                                 np.uint32, np.int32, np.float32, np.int32,
+                                                 np.float32, np.int32)]
+        cols[6][:] = 0.0
+        cols[8][:] = 1.0
+        for i, (row, slot, prompt, seed, index, sampling, logprobs) in enumerate(inserts):
+            values = (row, slot, len(prompt), seed, prompt_hash(prompt), index,
+                      sampling.temperature, sampling.top_k, sampling.top_p, logprobs)
+            for col, value in zip(cols, values):
+                col[i] = value
         with self._context():
-            self.state, out = _insert(
-                self.state, pcache, logits_V, np.int32(slot), np.int32(len(prompt)),
-                np.int32(seed), np.uint32(prompt_hash(prompt)), np.int32(index),
-                np.float32(s.temperature), np.int32(s.top_k), np.float32(s.top_p),
-                np.int32(logprobs), cfg=self.cfg, k_bucket=self.config.k_bucket,
-                cache_sharding=self.cache_sharding)
+            self.state, out = _insert(self.state, pcache, logits_NV, np.int32(len(inserts)),
+                                      *cols, cfg=self.cfg, k_bucket=self.config.k_bucket,
+                                      cache_sharding=self.cache_sharding)
         return out
 
     def _decode(self, rows: int | None = None):
@@ -384,15 +418,17 @@ class Engine:
         return sum(f._cache_size() for f in (_prefill, _insert, decode_step))
 
     def warm_up(self) -> float:
-        """Compile every shape the engine runs (each prompt bucket's prefill, with and without
-        prompt log-probs, and insert; the decode step); returns the seconds it took. The slots
-        are left free."""
+        """Compile every shape the engine runs (each prompt bucket's prefill at each prefill
+        row count and with prompt log-probs, and its insert; the decode step at each row
+        count); returns the seconds it took. The slots are left free."""
         start = time.perf_counter()
         for size in prompt_buckets(self.cfg.block_size):
             prompt = [0] * size
-            for with_logprobs in (False, True):
-                pcache, logits_V, _ = self._prefill(prompt, with_logprobs)
-            self._insert(pcache, logits_V, 0, prompt, 0, 0, Sampling(0.0))
+            shapes = [(rows, False) for rows in self.prefill_rows] + [(1, True)]
+            for rows, with_logprobs in shapes:
+                pcache, logits_NV, _ = self._prefill([prompt], with_logprobs, rows)
+                if not with_logprobs:
+                    self._insert(pcache, logits_NV, [(0, 0, prompt, 0, 0, Sampling(0.0), 0)])
         for rows in self.rows:
             jax.block_until_ready(self._decode(rows))
         return time.perf_counter() - start
@@ -429,8 +465,8 @@ class Engine:
         handle = Handle(request, on_event)
         with self._lock:
             if len(self.waiting) >= self.config.max_queue:
-                raise OverloadedError(f"the engine's queue is full ({self.config.max_queue} waiting "
-                                 "requests); retry later")
+                raise OverloadedError(f"the engine's queue is full ({self.config.max_queue} "
+                                      "waiting requests); retry later")
             self.waiting.append(handle)
             self._lock.notify()
         return handle
@@ -441,20 +477,26 @@ class Engine:
 
     # -- the loop ------------------------------------------------------------------------
 
-    def step(self) -> bool:
-        """Admit at most one waiting request, then decode one token for every active slot;
-        False when there was nothing to do."""
+    def step(self, admit: int = 1) -> bool:
+        """Admit up to `admit` waiting requests, then decode one token for every active slot;
+        False when there was nothing to do. The server admits one per step, so running slots
+        wait for at most one prefill; `generate`, which has no one waiting on each token,
+        fills every free slot."""
         start = time.perf_counter()
         self._drop_cancelled()
         host = time.perf_counter() - start
-        admitted = self._admit()
+        admitted, calls = self._admit(admit)
         if not self.active:
-            return admitted
+            self._accept_first(calls)
+            return admitted > 0
         start = time.perf_counter()
-        tok_R, logp_R, ids_RK, top_RK = jax.device_get(self._decode())
+        owners = list(self.slots)
+        decoded = self._decode()  # queued behind the inserts: it runs while their first
+        self._accept_first(calls)  # tokens are read and handled here
+        tok_R, logp_R, ids_RK, top_RK = jax.device_get(decoded)
         middle = time.perf_counter()
-        for slot, owner in enumerate(self.slots[:len(tok_R)]):
-            if owner is not None:
+        for slot, owner in enumerate(owners[:len(tok_R)]):
+            if owner is not None and self.slots[slot] is owner:  # not ended by its first token
                 self._accept(slot, int(tok_R[slot]), float(logp_R[slot]), ids_RK[slot],
                              top_RK[slot])
         self.steps += 1
@@ -478,7 +520,7 @@ class Engine:
         while pending or self.waiting or self.active:
             while pending and len(self.waiting) < self.config.max_queue:
                 self.waiting.append(pending.popleft())
-            self.step()
+            self.step(admit=self.config.slots)
         return handles
 
     def start(self) -> None:
@@ -525,38 +567,71 @@ class Engine:
             if owner is not None and owner[0].cancelled:
                 self._release(slot, "cancelled")
 
-    def _admit(self) -> bool:
+    def _admit(self, limit: int = 1) -> tuple[int, list]:
+        """Take up to `limit` waiting requests (in order) while free slots hold them, prefill
+        them (prompts of one bucket together, up to `prefill_rows` per call) and insert each
+        choice into a slot. Returns how many were taken and [(slots, first-token outputs
+        still on the device)] per insert call."""
         free = [i for i, s in enumerate(self.slots) if s is None]
+        taken = []
         with self._lock:
-            if not self.waiting or len(free) < self.waiting[0].request.n:
-                return False
-            handle = self.waiting.popleft()
-        r = handle.request
-        scored = r.echo and r.logprobs is not None
-        pcache, logits_V, prompt_lp = self._prefill(r.prompt, scored)
-        if prompt_lp is not None:
-            chosen, ids, top = jax.device_get(prompt_lp)
-            n = len(r.prompt)
-            handle.prompt_logprobs = [None] + [float(x) for x in chosen[:n - 1]]
-            handle.prompt_top_logprobs = [None] + [
-                list(zip(ids[t].tolist(), top[t].tolist()))[:r.logprobs] for t in range(n - 1)]
-        if r.max_tokens == 0:
-            for index in range(r.n):
-                self._finish(handle, index, "length")
-            return True
-        seed = r.sampling.seed if r.sampling.seed is not None else secrets.randbits(31)
-        for index in range(r.n):
-            slot = free[index]
-            self.slots[slot] = (handle, index)
-            if r.stop or self.tokenizer is not None:
-                handle.choices[index].stream = TextStream(self.tokenizer, r.stop)
-            tok, logp, ids, top = jax.device_get(
-                self._insert(pcache, logits_V, slot, r.prompt, seed, index, r.sampling,
-                         r.logprobs or 0))
-            if handle.first_token_at is None:
-                handle.first_token_at = time.monotonic()
-            self._accept(slot, int(tok), float(logp), ids, top)
-        return True
+            while (len(taken) < limit and self.waiting
+                   and len(free) >= self.waiting[0].request.n):
+                handle = self.waiting.popleft()
+                room = handle.request.n if handle.request.max_tokens else 0
+                taken.append((handle, free[:room]))
+                free = free[room:]
+        groups, by_bucket = [], {}
+        for handle, slots in taken:
+            r = handle.request
+            if r.echo and r.logprobs is not None:  # scored prompt: a call of its own
+                groups.append((True, [(handle, slots)]))
+            else:
+                by_bucket.setdefault(bucket(len(r.prompt), self.cfg.block_size),
+                                     []).append((handle, slots))
+        most = self.prefill_rows[-1]
+        groups += [(False, g[i:i + most]) for g in by_bucket.values()
+                   for i in range(0, len(g), most)]
+        calls = []
+        for scored, group in groups:
+            pcache, logits_NV, prompt_lp = self._prefill([h.request.prompt for h, _ in group],
+                                                         scored)
+            if prompt_lp is not None:
+                self._keep_prompt_logprobs(group[0][0], prompt_lp)
+            inserts = []
+            for row, (handle, slots) in enumerate(group):
+                r = handle.request
+                if not slots:  # max_tokens=0: the prompt's log-probs only
+                    for index in range(r.n):
+                        self._finish(handle, index, "length")
+                    continue
+                seed = r.sampling.seed if r.sampling.seed is not None else secrets.randbits(31)
+                for index, slot in enumerate(slots):
+                    self.slots[slot] = (handle, index)
+                    if r.stop or self.tokenizer is not None:
+                        handle.choices[index].stream = TextStream(self.tokenizer, r.stop)
+                    inserts.append((row, slot, r.prompt, seed, index, r.sampling,
+                                    r.logprobs or 0))
+            if inserts:
+                calls.append(([i[1] for i in inserts],
+                              self._insert(pcache, logits_NV, inserts)))
+        return len(taken), calls
+
+    def _keep_prompt_logprobs(self, handle: Handle, prompt_lp) -> None:
+        chosen, ids, top = jax.device_get(prompt_lp)
+        r, n = handle.request, len(handle.request.prompt)
+        handle.prompt_logprobs = [None] + [float(x) for x in chosen[:n - 1]]
+        handle.prompt_top_logprobs = [None] + [
+            list(zip(ids[t].tolist(), top[t].tolist()))[:r.logprobs] for t in range(n - 1)]
+
+    def _accept_first(self, calls: list) -> None:
+        for (slots, _), (tok_S, logp_S, ids_SK, top_SK) in zip(
+                calls, jax.device_get([out for _, out in calls])):
+            for i, slot in enumerate(slots):
+                handle = self.slots[slot][0]
+                if handle.first_token_at is None:
+                    handle.first_token_at = time.monotonic()
+                self._accept(slot, int(tok_S[i]), float(logp_S[i]), ids_SK[i], top_SK[i])
 
     def _accept(self, slot: int, token: int, logprob: float, ids, top) -> None:
         handle, index = self.slots[slot]
