@@ -207,7 +207,8 @@ def serving_mesh(config: Config, chips: int) -> tuple[int, int, int]:
     return chips // tensor, 1, tensor
 
 
-def project_serving(config, slice_name: str, slots: int, *, mesh: tuple[int, int, int] | None = None,
+def project_serving(config, slice_name: str, slots: int, *,
+                    mesh: tuple[int, int, int] | None = None,
                     overlap_flags: bool = True) -> dict[str, Any]:
     """The serving decode step of `config` with `slots` slots of the full context on the
     slice: memory per chip, XLA's estimated step, decode tokens/s per chip, and the bound
@@ -243,7 +244,7 @@ def project_serving(config, slice_name: str, slots: int, *, mesh: tuple[int, int
         "hlo_bytes_total": sum(traffic.values())}
     record.update(memory_report(compiled, tpu.hbm_bytes))
     record.update(cost_report(cost, 2 * count_params(m) * slots / n_dev, peak,
-                              tpu.hbm_bytes_per_s))
+                              tpu.hbm_bytes_per_s, roofline_only=True))
     record["hbm_bound_s"] = (weights + cache) / tpu.hbm_bytes_per_s
     step = record["xla_estimated_step_s"]
     if step:
@@ -328,7 +329,8 @@ def layer_extrapolated_cost(config: Config, compile_fn: Callable) -> tuple[dict[
 
 def cost_report(cost: dict[str, float], model_flops_per_chip: float, peak: float | None,
                 hbm_bytes_per_s: float, extra_flops: float = 0.0,
-                counted_flops: float = 0.0, counted_bytes: float = 0.0) -> dict[str, Any]:
+                counted_flops: float = 0.0, counted_bytes: float = 0.0,
+                roofline_only: bool = False) -> dict[str, Any]:
     """XLA's FLOPs and estimated seconds per chip (from `xla_cost`); MFU if the step ran so.
 
     The estimate is XLA's `optimal_seconds` where it gives a plausible one (at most 10x the
@@ -343,7 +345,8 @@ def cost_report(cost: dict[str, float], model_flops_per_chip: float, peak: float
     `counted_bytes`: HBM bytes with every loop trip counted
     (`hlo_profile.profile(every_trip=True)`), which the HBM term never goes below. On TPU both
     matter: XLA's cost analysis counts each fsdp collective-matmul loop (windowed einsum, no
-    known trip count) once, 0.67x of the 124M v5e-8 step's FLOPs (#30).
+    known trip count) once, 0.67x of the 124M v5e-8 step's FLOPs (#30). `roofline_only`: the
+    roofline whatever XLA says (one method for every row of a table).
     """
     flops, bytes_accessed = cost.get("flops", 0.0) + extra_flops, cost.get("bytes accessed", 0.0)
     work = max(flops, model_flops_per_chip, counted_flops + extra_flops)
@@ -356,7 +359,8 @@ def cost_report(cost: dict[str, float], model_flops_per_chip: float, peak: float
     # XLA's own estimate is of the work it counted: where it missed some (loops counted once,
     # see hlo_profile.matmul_flops), the roofline of the counted work replaces it
     missed = counted_flops + extra_flops > 1.02 * flops or counted_bytes > 1.02 * bytes_accessed
-    if not (seconds and seconds > 0) or (roofline and seconds > 10 * roofline) or missed:
+    if (not (seconds and seconds > 0) or (roofline and seconds > 10 * roofline) or missed
+            or roofline_only):
         seconds, source = roofline, "roofline"
     seconds = float(seconds) if seconds and seconds > 0 else None
     out = {"xla_flops_per_chip": flops, "xla_bytes_accessed_per_chip": bytes_accessed,

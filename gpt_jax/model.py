@@ -313,9 +313,20 @@ class CausalSelfAttention(nn.Module):
         return checkpoint_name(y_BTD, "out_proj"), layer_cache
 
 
-def _write_cache(layer_cache, positions_BT, k_BTGK, v_BTGK):
-    """This layer's (k_BGSK, v_BGSK) with the new keys/values written at `positions_BT`."""
-    rows_B1 = jnp.arange(k_BTGK.shape[0])[:, None]
+def _write_cache(layer_cache, positions_BT, k_BTGK, v_BTGK, whole: bool | None = None):
+    """This layer's (k_BGSK, v_BGSK) with the new keys/values written at `positions_BT`: a
+    scatter, or for one token per row with `whole` (default on TPU, see
+    `attention.whole_cache_decode`) a select over the first B rows of the cache."""
+    B, T = k_BTGK.shape[:2]
+    if T == 1 and (whole if whole is not None else attention.whole_cache_decode()):
+        hit_B1S1 = (jnp.arange(layer_cache[0].shape[2]) == positions_BT)[:, None, :, None]
+
+        def put(cache_BGSK, new_B1GK):
+            new_BG1K = jnp.swapaxes(new_B1GK, 1, 2).astype(cache_BGSK.dtype)
+            return cache_BGSK.at[:B].set(jnp.where(hit_B1S1, new_BG1K, cache_BGSK[:B]))
+
+        return put(layer_cache[0], k_BTGK), put(layer_cache[1], v_BTGK)
+    rows_B1 = jnp.arange(B)[:, None]
     # Row b, every head, slot positions_BT[b, t]: the indexed values come out as [B, T, G, K].
     index = (rows_B1, slice(None), positions_BT)
     k_BGSK, v_BGSK = layer_cache
@@ -389,7 +400,8 @@ class GPT(nn.Module):
         B, T = tokens_BT.shape
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(jnp.arange(T), (B, T))
-        wte = nn.Embed(cfg.padded_vocab_size, cfg.n_embd, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+        wte = nn.Embed(cfg.padded_vocab_size, cfg.n_embd, dtype=cfg.dtype,
+                       param_dtype=cfg.param_dtype,
                        embedding_init=_param(nn.initializers.normal(cfg.init_std),
                                              (VOCAB, EMBED)), name="wte")
         x_BTD = wte(tokens_BT)

@@ -153,6 +153,13 @@ def test_serving_step_of_tiny_on_v5e_4_counts_weights_and_cache():
             "v5e-4").hbm_bytes_per_s)
     assert r["fits"] and r["xla_estimated_step_s"] >= r["hbm_bound_s"]
     assert r["tokens_per_s_per_chip"] == pytest.approx(8 / r["xla_estimated_step_s"] / 4)
+    # one method for every row: the roofline sum; and no copy of a cache layer (the TPU path
+    # reads and writes the cache whole: a switch over prefixes and a scatter copied it)
+    assert r["estimate_source"] == "roofline"
+    assert r["xla_estimated_step_s"] == pytest.approx(r["compute_s"] + r["hbm_s"])
+    layer = f"[{8 // int(r['mesh'].split('x')[0])},"
+    assert not any(label.startswith("copy ") and layer in label for label, _ in
+                   r["hlo_bytes_by_op"]), r["hlo_bytes_by_op"]
     assert "serving decode step" in aot.format_serving(r)
 
 

@@ -153,16 +153,36 @@ def _decode_reference(q_B1HK, k_BGSK, v_BGSK, positions_B):
     return out
 
 
+@pytest.mark.parametrize("whole", [False, True])  # True: the TPU path, one pass over all
 @pytest.mark.parametrize("positions", [[0, 5], [15, 3], [16, 17], [40, 2], [63, 63]])
-def test_decode_attention_matches_numpy_in_every_branch(positions):
+def test_decode_attention_matches_numpy_in_every_branch(positions, whole):
     # S=64: prefixes of 16 and 32 slots, then the chunk loop (one 64-slot chunk)
     rng = np.random.default_rng(0)
     B, H, G, S, K = 2, 4, 2, 64, 8
     q, k, v = (rng.standard_normal(s).astype(np.float32)
                for s in ((B, 1, H, K), (B + 1, G, S, K), (B + 1, G, S, K)))
-    got = attention.decode_attention(q, k, v, jnp.array(positions, jnp.int32))
+    got = attention.decode_attention(q, k, v, jnp.array(positions, jnp.int32), whole=whole)
     np.testing.assert_allclose(np.asarray(got), _decode_reference(q, k, v, positions),
                                rtol=1e-5, atol=1e-6)
+
+
+def test_the_tpu_cache_write_by_select_equals_the_scatter():
+    """One new key/value per row written by a select over the first B rows of a larger cache
+    (the TPU path) gives the scatter's cache exactly; other rows and slots are untouched."""
+    from gpt_jax.model import _write_cache
+
+    rng = np.random.default_rng(2)
+    R, B, G, S, K = 4, 3, 2, 16, 8
+    cache = tuple(jnp.asarray(rng.standard_normal((R, G, S, K)), jnp.float32) for _ in "kv")
+    new = tuple(jnp.asarray(rng.standard_normal((B, 1, G, K)), jnp.bfloat16) for _ in "kv")
+    positions = jnp.array([[0], [7], [15]], jnp.int32)
+    scattered = _write_cache(cache, positions, *new, whole=False)
+    selected = _write_cache(cache, positions, *new, whole=True)
+    for a, b, old, fresh in zip(scattered, selected, cache, new):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        np.testing.assert_array_equal(np.asarray(b[1, :, 7]), np.asarray(fresh[1, 0], np.float32))
+        np.testing.assert_array_equal(np.asarray(b[3]), np.asarray(old[3]))
+        assert int((np.asarray(b) != np.asarray(old)).any(axis=(1, 3)).sum()) <= B
 
 
 def test_a_decode_row_is_bitwise_the_same_beside_a_longer_row():
