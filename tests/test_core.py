@@ -125,3 +125,25 @@ def test_a_missing_or_bad_bundle_is_one_line(tmp_path):
     (tmp_path / "b" / "eval_meta_data.csv").write_text("Eval Task,Random baseline\nmc,25\n")
     with pytest.raises(EvalError, match="no random baseline for 'schema'"):
         core.load_bundle(bundle)
+
+
+def test_the_tpu_projection_counts_each_tasks_rows_at_its_longest_rows_bucket(tmp_path):
+    """`bench evals --bench_core`: per task the rows its one scoring call packs (a row per
+    choice, per context option, one per language-modelling line) and their padded length, by
+    hand from the same requests."""
+    from gpt_jax.bench.evals import core_shapes
+    from gpt_jax.config import load_preset
+
+    config = load_preset("tiny")
+    config.model.block_size = 64
+    bundle = write_bundle(tmp_path)
+    shapes = {t["task"]: t for t in core_shapes(config, bundle, BYTE)}
+    assert [shapes[k]["rows"] for k in ("mc", "schema", "lm")] == [
+        3 * len(MC), sum(len(r["context_options"]) for r in SCHEMA), len(LM)]
+    for task in core.load_bundle(bundle):
+        rows = [r for i in range(len(task.items)) for r in core.requests(task, i, BYTE)]
+        longest = max(min(len(c) + len(x), 65) - 1 for c, x in rows)
+        want = min(max(16, 1 << (longest - 1).bit_length()), 64)
+        assert shapes[task.label]["length"] == want
+        assert shapes[task.label]["rows_cut"] == sum(len(c) + len(x) > 65 for c, x in rows)
+    assert shapes["mc"]["rows_cut"] > 0  # two shots of ~25 bytes each do not fit 64

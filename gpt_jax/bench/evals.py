@@ -11,6 +11,11 @@ trained run, in turns: through the serving engine (what `gpt-jax eval` uses: con
 batching, a slot freed as soon as its answer stops) and through static batches of the same
 rows, each run until its longest answer is done (the best a static batch can do: it is told
 each batch's longest answer, as if it stopped on the device). Both are compiled first.
+
+`--bench_core=BUNDLE --bench_tpu=v5e-8` projects CORE (gpt_jax.evals.core) on the slice: each
+task of the bundle is rendered and tokenized (`--bench_tokenizer`: a folder with GPT-2's
+vocab.json and merges.txt) into the rows its one scoring call packs, at the power-of-two length
+of its longest row, and each length's [rows, length] batch is compiled for the slice.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from gpt_jax import aot, sharding
-from gpt_jax.commands.common import define_config_flag
+from gpt_jax.commands.common import define_config_flag, usage_error
 from gpt_jax.config import typed
 from gpt_jax.evals import generative
 from gpt_jax.evals.scoring import Request, loglikelihoods, score_fn
@@ -56,6 +61,10 @@ flags.DEFINE_integer("bench_slots", 16, "--bench_generate: the engine's slots, a
                      "a static batch.")
 flags.DEFINE_integer("bench_rounds", 5, "--bench_generate: timed runs of each system, in "
                      "turns (the medians are reported).")
+flags.DEFINE_string("bench_core", "", "With --bench_tpu: project CORE on this bundle (a "
+                    "folder laid out as for --tasks=core:BUNDLE).")
+flags.DEFINE_string("bench_tokenizer", "", "--bench_core: a folder with the model's GPT-2 BPE "
+                    "(vocab.json + merges.txt).")
 flags.DEFINE_string("bench_evals_json", "", "Also write the results to this JSON file.")
 FLAGS = flags.FLAGS
 
@@ -186,6 +195,37 @@ def measure_generate(run_dir: str, spec: str, n: int, slots: int, rounds: int) -
             "static_exact_match": generative.score(answers, references)["exact_match"]}
 
 
+def core_shapes(config, bundle: str, tokenizer) -> list[dict]:
+    """Per task of the CORE bundle: its lines, the rows its scoring call packs, and their
+    padded length (the bucket of the longest row, at most block_size)."""
+    from gpt_jax.evals import core
+    from gpt_jax.serve.engine import bucket
+
+    block, out = typed(config).model.block_size, []
+    for task in core.load_bundle(bundle):
+        rows = [r for i in range(len(task.items)) for r in core.requests(task, i, tokenizer)]
+        lengths = [min(len(c) + len(x), block + 1) - 1 for c, x in rows]
+        out.append({"task": task.label, "kind": task.kind, "shots": task.shots,
+                    "lines": len(task.items), "rows": len(rows),
+                    "length": bucket(max(lengths), block), "tokens": int(sum(lengths)),
+                    "rows_cut": int(sum(len(c) + len(x) > block + 1 for c, x in rows))})
+    return out
+
+
+def project_core(config, slice_name: str, bundle: str, tokenizer, rows: int) -> dict:
+    """XLA's estimated time to score every CORE task of `bundle` on the slice."""
+    tasks = core_shapes(config, bundle, tokenizer)
+    batch_s = {L: project_tpu(config, slice_name, rows, L)["batch_s"]
+               for L in sorted({t["length"] for t in tasks})}
+    for t in tasks:
+        t["batches"] = math.ceil(t["rows"] / rows)
+        t["seconds"] = t["batches"] * batch_s[t["length"]]
+    return {"topology": slice_name, "rows_per_batch": rows, "batch_s_by_length": batch_s,
+            "tasks": tasks, "rows": sum(t["rows"] for t in tasks),
+            "batches": sum(t["batches"] for t in tasks),
+            "seconds": sum(t["seconds"] for t in tasks)}
+
+
 def run(argv: list[str]) -> None:
     del argv
     config, results = FLAGS.config, {}
@@ -203,6 +243,19 @@ def run(argv: list[str]) -> None:
               f"[{p['rows_per_batch']}, {p['length']}] batch {p['batch_s'] * 1e3:.2f} ms; "
               f"HellaSwag val ({HELLASWAG_VAL} examples, {p['hellaswag_batches']} batches): "
               f"{p['hellaswag_s']:.2f} s ({p['examples_per_s']:,.0f} examples/s)")
+    if FLAGS.bench_core:
+        if not FLAGS.bench_tpu:
+            raise usage_error("--bench_core needs --bench_tpu (the slice to project for)")
+        from gpt_jax.data.gpt2_bpe import load_dir
+        c = results["core"] = project_core(config, FLAGS.bench_tpu, FLAGS.bench_core,
+                                           load_dir(FLAGS.bench_tokenizer), FLAGS.bench_tpu_rows)
+        for t in c["tasks"]:
+            print(f"  {t['task']}: {t['lines']} lines, {t['rows']} rows at {t['length']} "
+                  f"({t['rows_cut']} cut to the context), {t['batches']} batches, "
+                  f"{t['seconds']:.2f} s")
+        print(f"CORE on {c['topology']} (XLA cost model): {len(c['tasks'])} tasks, "
+              f"{c['rows']:,} rows in {c['batches']} batches of {c['rows_per_batch']}: "
+              f"{c['seconds']:.1f} s")
     if FLAGS.bench_generate:
         g = results["generate"] = measure_generate(FLAGS.bench_run, FLAGS.bench_task,
                                                    FLAGS.bench_generate, FLAGS.bench_slots,
