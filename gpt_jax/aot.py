@@ -442,6 +442,9 @@ def project(config, slice_name: str, *, decode_batch_size: int = 0,
                                counted_bytes=record["train_hlo_bytes_total"]).items()})
     if record["train_xla_estimated_step_s"]:
         record["projected_tokens_per_s"] = B * T / record["train_xla_estimated_step_s"]
+    if record["train_projected_mfu"] is not None:  # the same step, MaxText's numerator
+        record["train_projected_mfu_causal_half"] = record["train_projected_mfu"] * (
+            flops_per_token(model_cfg, T, causal_half=True) / flops_per_token(model_cfg, T))
     if decode:
         decode_b = decode_batch_size or 8 * data * fsdp
         dec, dec_s, _, _ = compile_decode_step(config, mesh, decode_b)
@@ -512,7 +515,8 @@ def format_report(r: dict[str, Any]) -> str:
         f"  XLA: {r['train_xla_flops_per_chip'] / 1e12:.2f} TFLOP per chip (model "
         f"{r['train_model_flops_per_chip'] / 1e12:.2f}; matmuls of the HLO, every loop trip: "
         f"{r.get('train_hlo_matmul_flops_per_chip', 0) / 1e12:.2f}), estimated step "
-        + (f"{1e3 * est:.1f} ms -> projected MFU {100 * mfu:.1f}%" if est and mfu is not None
+        + (f"{1e3 * est:.1f} ms -> projected MFU {100 * mfu:.1f}% (PaLM's count; causal half: "
+           f"{100 * r['train_projected_mfu_causal_half']:.1f}%)" if est and mfu is not None
            else "n/a") + f" ({r['train_estimate_source']}; XLA cost from {r['cost_source']}); "
         f"compiled in "
         f"{r['train_compile_s']:.1f} s",

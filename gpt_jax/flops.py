@@ -22,8 +22,10 @@ def count_position_params(cfg: ModelConfig) -> int:
     return cfg.block_size * cfg.n_embd if cfg.position == "learned" else 0
 
 
-def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> float:
-    """Training FLOPs per token, PaLM appendix B: 6N + 12 L D T.
+def flops_per_token(cfg: ModelConfig, seq_len: int | None = None, *,
+                    causal_half: bool = False) -> float:
+    """Training FLOPs per token, PaLM appendix B: 6N + 12 L D T (`causal_half`: 6N + 6 L D T,
+    attention's unmasked half only, as MaxText counts it).
 
     N counts the matmul weights a token passes through: every parameter except the position
     table, the value-embedding table and, when untied, the input embedding table (all
@@ -39,4 +41,4 @@ def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> float:
         n -= cfg.vocab_size * cfg.n_embd  # the input table is looked up, not multiplied
     if cfg.value_embeddings:
         n -= cfg.vocab_size * cfg.kv_heads * cfg.head_dim  # so is the value-embedding table
-    return 6 * n + 12 * cfg.n_layer * cfg.n_embd * seq_len
+    return 6 * n + (6 if causal_half else 12) * cfg.n_layer * cfg.n_embd * seq_len

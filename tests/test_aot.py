@@ -8,7 +8,7 @@ import pytest
 
 from gpt_jax import aot, hlo_profile
 from gpt_jax.config import load_preset, typed
-from gpt_jax.flops import count_params
+from gpt_jax.flops import count_params, flops_per_token
 
 requires_libtpu = pytest.mark.skipif(
     not aot.libtpu_available(),
@@ -44,6 +44,10 @@ def test_tiny_compiles_for_v5e_4_with_a_sane_memory_report():
     # XLA counts the matmuls (and more): at least the model's 6N + attention FLOPs per chip.
     assert r["train_xla_flops_per_chip"] >= 0.9 * r["train_model_flops_per_chip"]
     assert r["train_xla_estimated_step_s"] > 0 and 0 < r["train_projected_mfu"] <= 1
+    cfg = typed(config).model  # the same step, attention's causal half only
+    assert r["train_projected_mfu_causal_half"] == pytest.approx(
+        r["train_projected_mfu"] * flops_per_token(cfg, r["seq_len"], causal_half=True)
+        / flops_per_token(cfg, r["seq_len"]))
     assert r["peak_tflops_per_chip"] == 197
     assert math.isfinite(r["projected_tokens_per_s"])
     assert "fits" in aot.format_report(r)

@@ -112,6 +112,9 @@ def test_flops_per_token_gpt2_124m_closed_form():
     L, D, V, T = 12, 768, 50257, 1024
     n = 12 * L * D**2 + 13 * L * D + V * D + 2 * D
     assert flops.flops_per_token(preset_model("gpt2_124m")) == 6 * n + 12 * L * D * T
+    # MaxText's count: attention's causal half only
+    assert flops.flops_per_token(preset_model("gpt2_124m"), causal_half=True) == (
+        6 * n + 6 * L * D * T)
 
 
 @pytest.mark.parametrize("tie", [True, False])
