@@ -45,8 +45,10 @@ STOP, SCORE, GENERATE = 0, 1, 2  # what process 0 asks the followers to do
 
 class Message(NamedTuple):
     op: int  # STOP, SCORE or GENERATE
-    sizes: np.ndarray  # per request; SCORE: len(context), len(continuation); GENERATE: see
-    tokens: np.ndarray  # the token ids, concatenated                    `pack_generations`
+    # SCORE: len(context), len(continuation) per request, and the ids concatenated;
+    # GENERATE: see `pack_generations`
+    sizes: np.ndarray
+    tokens: np.ndarray
 
 
 def exchange(message: Message | None) -> Message:

@@ -383,17 +383,13 @@ class Engine:
     def _insert(self, pcache, logits_NV, inserts: list[tuple]):
         """One insert call: each of `inserts` is (prefill row, slot, prompt, seed, choice
         index, Sampling, logprobs); the first tokens' outputs, still on the device."""
-        S = self.config.slots
-        cols = [np.zeros(S, dtype) for dtype in (np.int32, np.int32, np.int32, np.int32,
-                                                 np.uint32, np.int32, np.float32, np.int32,
-                                                 np.float32, np.int32)]
-        cols[6][:] = 0.0
-        cols[8][:] = 1.0
-        for i, (row, slot, prompt, seed, index, sampling, logprobs) in enumerate(inserts):
-            values = (row, slot, len(prompt), seed, prompt_hash(prompt), index,
-                      sampling.temperature, sampling.top_k, sampling.top_p, logprobs)
-            for col, value in zip(cols, values):
-                col[i] = value
+        rows = [(row, slot, len(prompt), seed, prompt_hash(prompt), index, s.temperature,
+                 s.top_k, s.top_p, logprobs)
+                for row, slot, prompt, seed, index, s, logprobs in inserts]
+        rows += [(0, 0, 0, 0, 0, 0, 0.0, 0, 1.0, 0)] * (self.config.slots - len(rows))
+        dtypes = (np.int32,) * 4 + (np.uint32, np.int32, np.float32, np.int32, np.float32,
+                  np.int32)  # the order of _insert's per-insert arguments
+        cols = [np.array(col, dtype) for col, dtype in zip(zip(*rows), dtypes)]
         with self._context():
             self.state, out = _insert(self.state, pcache, logits_NV, np.int32(len(inserts)),
                                       *cols, cfg=self.cfg, k_bucket=self.config.k_bucket,
