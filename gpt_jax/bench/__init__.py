@@ -7,5 +7,7 @@ KINDS = {
     "prepare": "tokenization MB/s of `prepare` per tokenizer, worker count and corpus size",
     "serve": "output tok/s, req/s, TTFT and inter-token latency of `gpt-jax serve` against "
              "static batches and `transformers serve` at several concurrencies",
-    "evals": "examples/s of the multiple-choice scorer (and a TPU projection with --bench_tpu)",
+    "evals": "examples/s of the multiple-choice scorer, a generative task through the engine "
+             "vs static batches (--bench_generate), and TPU projections (--bench_tpu, "
+             "--bench_core)",
 }

@@ -1,4 +1,4 @@
-"""`gpt-jax bench evals`: examples/s of the multiple-choice scorer (gpt_jax.evals).
+"""`gpt-jax bench evals`: examples/s of evaluation (gpt_jax.evals), on CPU and projected for TPU.
 
 Random-init params of the config (default: GPT-2 124M) score synthetic 4-ending examples
 (context 30-60 tokens, endings 10-30: rows of HellaSwag's size) on the local devices; the
