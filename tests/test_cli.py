@@ -208,6 +208,7 @@ BAD_INPUTS = [
     ("compare W --smoothing=high", 2, "high"),
     ("bench train --steps=many", 2, "many"),
     ("bench serve --bench_new_tokens_min=300", 2, "--bench_new_tokens_min=300 must be in [1,"),
+    ("bench evals --bench_examples=0 --bench_core=B", 2, "--bench_core needs --bench_tpu"),
     ("aot --topology=v5e-8 --batch_size=1.5", 2, "1.5"),
 ]
 

@@ -129,7 +129,7 @@ def project_tpu(config, slice_name: str, rows: int, length: int) -> dict:
             "examples_per_s": rows / 4 / step_s if step_s else None}
 
 
-def generate_task(run_dir: str, spec: str, n: int, config) -> tuple[list, generative.Options]:
+def generate_task(spec: str, n: int, config) -> tuple[list, generative.Options]:
     """The examples and options of --bench_task, or next lines of the run's validation text."""
     if spec:
         task = load_tasks(f"generate:{spec}", limit=n)[0]
@@ -147,7 +147,7 @@ def measure_generate(run_dir: str, spec: str, n: int, slots: int, rounds: int) -
     from gpt_jax.bench.static_sampler import static_generate
 
     lm = api.load(run_dir, slots=slots)
-    examples, o = generate_task(run_dir, spec, n, lm.config)
+    examples, o = generate_task(spec, n, lm.config)
     tok, cfg, engine = lm.tokenizer, lm.model_cfg, lm.engine
     references = [e.references for e in examples]
     warm_up_s = engine.warm_up()
@@ -244,8 +244,9 @@ def run(argv: list[str]) -> None:
               f"HellaSwag val ({HELLASWAG_VAL} examples, {p['hellaswag_batches']} batches): "
               f"{p['hellaswag_s']:.2f} s ({p['examples_per_s']:,.0f} examples/s)")
     if FLAGS.bench_core:
-        if not FLAGS.bench_tpu:
-            raise usage_error("--bench_core needs --bench_tpu (the slice to project for)")
+        if not FLAGS.bench_tpu or not FLAGS.bench_tokenizer:
+            raise usage_error("--bench_core needs --bench_tpu (the slice to project for) and "
+                              "--bench_tokenizer (a folder with vocab.json and merges.txt)")
         from gpt_jax.data.gpt2_bpe import load_dir
         c = results["core"] = project_core(config, FLAGS.bench_tpu, FLAGS.bench_core,
                                            load_dir(FLAGS.bench_tokenizer), FLAGS.bench_tpu_rows)
