@@ -577,19 +577,8 @@ class Engine:
                 room = handle.request.n if handle.request.max_tokens else 0
                 taken.append((handle, free[:room]))
                 free = free[room:]
-        groups, by_bucket = [], {}
-        for handle, slots in taken:
-            r = handle.request
-            if r.echo and r.logprobs is not None:  # scored prompt: a call of its own
-                groups.append((True, [(handle, slots)]))
-            else:
-                by_bucket.setdefault(bucket(len(r.prompt), self.cfg.block_size),
-                                     []).append((handle, slots))
-        most = self.prefill_rows[-1]
-        groups += [(False, g[i:i + most]) for g in by_bucket.values()
-                   for i in range(0, len(g), most)]
         calls = []
-        for scored, group in groups:
+        for scored, group in self._prefill_groups(taken):
             pcache, logits_NV, prompt_lp = self._prefill([h.request.prompt for h, _ in group],
                                                          scored)
             if prompt_lp is not None:
@@ -609,9 +598,24 @@ class Engine:
                     inserts.append((row, slot, r.prompt, seed, index, r.sampling,
                                     r.logprobs or 0))
             if inserts:
-                calls.append(([i[1] for i in inserts],
-                              self._insert(pcache, logits_NV, inserts)))
+                slots_used = [slot for _, slot, *_ in inserts]
+                calls.append((slots_used, self._insert(pcache, logits_NV, inserts)))
         return len(taken), calls
+
+    def _prefill_groups(self, taken: list) -> list[tuple[bool, list]]:
+        """[(scored, [(handle, slots)])] per prefill call: a prompt scored for `echo` alone,
+        the others by bucket, at most `prefill_rows` per call."""
+        groups, by_bucket = [], {}
+        for handle, slots in taken:
+            r = handle.request
+            if r.echo and r.logprobs is not None:
+                groups.append((True, [(handle, slots)]))
+            else:
+                by_bucket.setdefault(bucket(len(r.prompt), self.cfg.block_size),
+                                     []).append((handle, slots))
+        most = self.prefill_rows[-1]
+        return groups + [(False, g[i:i + most]) for g in by_bucket.values()
+                         for i in range(0, len(g), most)]
 
     def _keep_prompt_logprobs(self, handle: Handle, prompt_lp) -> None:
         chosen, ids, top = jax.device_get(prompt_lp)
