@@ -16,6 +16,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from typing import Any
 
 import jax
@@ -116,6 +117,7 @@ class Checkpointer:
                 logging.warning("checkpoint %d in %s is unreadable (%s); %s", step,
                                 self.directory, _short(e), then)
                 errors.append(f"step {step}: {type(e).__name__}")
+                _drop_unawaited_reads()
         if steps:
             raise UnreadableCheckpointsError(
                 f"no checkpoint in {self.directory} could be restored ({'; '.join(errors)}); "
@@ -286,6 +288,18 @@ def _drop_abandoned_read_errors(directory: str) -> None:
 
     sys.excepthook, sys.unraisablehook = on_exception, on_unraisable
     py_logging.getLogger("asyncio").addFilter(_StrayReadFilter())
+
+
+def _drop_unawaited_reads() -> None:
+    """After a restore failed: the reads Orbax had queued but never started are dropped too.
+
+    Their coroutines are collected unawaited, and Python warns of each ("coroutine
+    'Store._get_array_metadatas' was never awaited"); which ones, and whether any, depends on
+    timing. Only training restores this way, and it awaits no coroutine of this project, so from
+    here on in this process such a warning is a stray of the abandoned read.
+    """
+    warnings.filterwarnings("ignore", message=r"coroutine '[\w.<>]+' was never awaited",
+                            category=RuntimeWarning)
 
 
 class _StrayReadFilter(py_logging.Filter):
