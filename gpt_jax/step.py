@@ -214,7 +214,8 @@ class Trainer:
                     jnp.float32(0))
             (grad_sum, loss_sum, _, count), _ = jax.lax.scan(micro, init, micro_batches)
         count = jnp.maximum(count, 1.0)
-        return loss_sum / count, jax.tree.map(lambda g: g / count, grad_sum)
+        # the gradient keeps each param's dtype (bf16 params: bf16 grads and AdamW moments)
+        return loss_sum / count, jax.tree.map(lambda g: (g / count).astype(g.dtype), grad_sum)
 
     def _train_step(self, state: TrainState, batch) -> tuple[TrainState, dict]:
         rng = jax.random.fold_in(state["rng"], state["step"])
