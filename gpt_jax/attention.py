@@ -15,7 +15,6 @@ h reads key/value head h // (H / G) (group-major, as `jax.nn.dot_product_attenti
 
 from __future__ import annotations
 
-import functools
 
 import flax.linen as nn
 import jax
@@ -222,7 +221,10 @@ def splash_attention(q_BTHK, k_BSHK, v_BSHK, interpret: bool = False):
                          check_vma=False)(q_BTHK, k_BSHK, v_BSHK)
 
 
-@functools.lru_cache(maxsize=None)
 def _splash_kernel(num_heads, seq_len, sk, sm, interpret=False):
+    """A kernel made for the trace that calls it. Its mask arrays belong to that trace: a kernel
+    kept for later traces (it was, in an lru_cache) carried flax scan's partial-eval tracers
+    into the next compile (UnexpectedTracerError); the mask's block analysis, the costly part,
+    is cached by Pallas itself."""
     mask = sm.MultiHeadMask([sm.CausalMask((seq_len, seq_len)) for _ in range(num_heads)])
     return sk.make_splash_mha(mask, head_shards=1, q_seq_shards=1, interpret=interpret)

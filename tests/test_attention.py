@@ -100,6 +100,23 @@ def test_the_splash_kernel_and_its_wrapper_match_numpy_in_the_interpreter():
     np.testing.assert_allclose(np.asarray(out), want, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.e2e  # the Pallas interpreter
+def test_splash_inside_a_scan_under_grad_leaves_nothing_for_the_next_trace():
+    """A kernel made inside a scan under grad (microbatches over scanned layers) holds that
+    trace's tracers: kept for the next trace (the next compile), it failed there with
+    UnexpectedTracerError."""
+    q = jnp.full((1, 128, 2, 64), 0.1, jnp.float32)
+
+    def loss(q):
+        def body(c, _):
+            return c + attention.splash_attention(q, q, q, interpret=True).sum(), None
+        return jax.lax.scan(body, 0.0, None, length=2)[0]
+
+    first = jax.jit(jax.grad(jax.checkpoint(loss)))(q)
+    again = jax.jit(jax.grad(loss))(q)  # a new trace
+    np.testing.assert_allclose(np.asarray(again), np.asarray(first), rtol=1e-5)
+
+
 def test_cudnn_fails_clearly_on_cpu():
     if jax.devices()[0].platform != "cpu":
         pytest.skip("checks the error on CPU")
