@@ -26,7 +26,7 @@ from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from gpt_jax import hardware, hlo_profile, sharding, tpu_flags
+from gpt_jax import hardware, hlo_profile, projection, sharding, tpu_flags
 from gpt_jax.attention import resolve_impl
 from gpt_jax.axes import MESH_AXES
 from gpt_jax.config import Config, list_presets, load_preset, typed
@@ -114,9 +114,13 @@ def topology_devices(tpu: TpuSlice, overlap_flags: bool = True) -> list:
         LIBTPU_ARGS_AT_INIT = tpu_flags.apply_to_environ(tpu.name, on=overlap_flags)
     from jax.experimental import topologies  # after the lines above, which libtpu reads
 
+    # The compile-only topology is built of hosts of 2x2 chips; a slice smaller than that (one
+    # chip: v5e-1, v6e-1) is one host of its own size.
+    grid = [int(d) for d in tpu.topology.split(":")[1].split("x")] + [1]
+    host = tuple(min(h, d) for h, d in zip((2, 2, 1), grid))
     desc = topologies.get_topology_desc(topology_name=tpu.topology, platform="tpu",
                                         chip_config_name=tpu.chip_config,
-                                        chips_per_host_bounds=(2, 2, 1), num_slices=1,
+                                        chips_per_host_bounds=host, num_slices=1,
                                         wrap=tpu.wrap)
     return list(desc.devices)
 
@@ -422,8 +426,12 @@ def project(config, slice_name: str, *, decode_batch_size: int = 0,
     record.update({f"train_{k}": v for k, v in memory_report(compiled, tpu.hbm_bytes).items()})
     scanned = model_cfg.scan_layers
     hlo = hlo_profile.profile(compiled.as_text(), top=0, every_trip=True)
-    train_cost, traffic = (layer_extrapolated_cost(config, lambda c: compile_train_step(c, mesh)[0])
-                           if scanned else (xla_cost(compiled), dict(hlo.by_op)))
+    try:
+        train_cost, traffic = (
+            layer_extrapolated_cost(config, lambda c: compile_train_step(c, mesh)[0])
+            if scanned else (xla_cost(compiled), dict(hlo.by_op)))
+    except jax.errors.JaxRuntimeError as e:  # a probe's compile (1 or 2 unscanned layers)
+        raise _out_of_memory(e, tpu.name) from None
     record["train_hlo_bytes_by_op"] = sorted(traffic.items(), key=lambda kv: -kv[1])[:TOP_OPS]
     record["train_hlo_bytes_total"] = sum(traffic.values())
     record["train_hlo_largest_buffers"] = hlo.buffers[:TOP_OPS]
@@ -445,6 +453,7 @@ def project(config, slice_name: str, *, decode_batch_size: int = 0,
     if record["train_projected_mfu"] is not None:  # the same step, MaxText's numerator
         record["train_projected_mfu_causal_half"] = record["train_projected_mfu"] * (
             flops_per_token(model_cfg, T, causal_half=True) / flops_per_token(model_cfg, T))
+    record.update(projection.realistic(record, model_cfg))
     if decode:
         decode_b = decode_batch_size or 8 * data * fsdp
         dec, dec_s, _, _ = compile_decode_step(config, mesh, decode_b)
@@ -459,10 +468,16 @@ def project(config, slice_name: str, *, decode_batch_size: int = 0,
     return record
 
 
-def _out_of_memory(error: Exception, slice_name: str) -> OutOfMemory:
-    """XLA's refusal to compile a step over HBM as one line with the overshoot, else re-raise."""
+def _out_of_memory(error: Exception, slice_name: str) -> AotError:
+    """XLA's refusal to compile a step over HBM as one line with the overshoot (OutOfMemory),
+    over a kernel's on-chip VMEM as one line naming it (AotError), else re-raise."""
     found = re.search(r"required for (.*?) \(([\d.]+)G\) exceeds available HBM \(([\d.]+)G\)",
                       str(error))
+    vmem = re.search(r"Ran out of memory in memory space vmem\.[^\n]*", str(error))
+    if "RESOURCE_EXHAUSTED" in str(error) and vmem and not found:
+        return AotError(f"XLA cannot compile this step for {slice_name}: {vmem.group(0).strip()}"
+                        " (a fusion's on-chip buffers, not HBM); try another --attention_impl "
+                        "(splash), --remat_policy or a smaller batch per chip")
     if "RESOURCE_EXHAUSTED" not in str(error) or not found:
         raise error
     what, need, have = found.group(1), float(found.group(2)), float(found.group(3))
@@ -514,13 +529,23 @@ def format_report(r: dict[str, Any]) -> str:
         f"{gib(r['opt_state_bytes_per_chip'])}, temps {gib(r['train_temp_bytes'])}",
         f"  XLA: {r['train_xla_flops_per_chip'] / 1e12:.2f} TFLOP per chip (model "
         f"{r['train_model_flops_per_chip'] / 1e12:.2f}; matmuls of the HLO, every loop trip: "
-        f"{r.get('train_hlo_matmul_flops_per_chip', 0) / 1e12:.2f}), estimated step "
+        f"{r.get('train_hlo_matmul_flops_per_chip', 0) / 1e12:.2f}), "
+        + ("XLA's estimated step " if str(r["train_estimate_source"]).startswith("xla")
+           else "summed roofline step (FLOPs term + HBM term, no overlap) ")
         + (f"{1e3 * est:.1f} ms -> projected MFU {100 * mfu:.1f}% (PaLM's count; causal half: "
            f"{100 * r['train_projected_mfu_causal_half']:.1f}%)" if est and mfu is not None
            else "n/a") + f" ({r['train_estimate_source']}; XLA cost from {r['cost_source']}); "
         f"compiled in "
         f"{r['train_compile_s']:.1f} s",
     ]
+    if r.get("train_realistic_step_s"):
+        lines.append(
+            f"  range: {1e3 * r['train_bound_step_s']:.1f} ms (bound: FLOPs at peak under HBM "
+            f"traffic at full bandwidth; MFU {100 * r['train_bound_mfu']:.1f}%) to "
+            f"{1e3 * r['train_realistic_step_s']:.1f} ms (realistic, calibrated on published "
+            f"runs: MFU {100 * r['train_realistic_mfu']:.1f}%, "
+            f"{r['train_realistic_tokens_per_s_per_chip']:,.0f} tokens/s per chip; "
+            f"{projection.describe(projection.EFFICIENCY)})")
     if r.get("train_flops_added_back_per_chip"):
         lines.append(f"  attention FLOPs added back: "
                      f"{r['train_flops_added_back_per_chip'] / 1e12:.2f} TFLOP per chip (splash "

@@ -7,14 +7,16 @@
 2. Prune with pure-Python estimates: per-chip memory (params + grads + AdamW state over fsdp x
    tensor, activations per token per layer for the remat policy, logits unless chunked)
    against HBM, and a roofline step time FLOPs / peak + bytes / HBM bandwidth, overlapped
-   with collectives / ICI bandwidth. Keep the best few per (mesh, batch) and rank.
+   with collectives / ICI bandwidth. Keep the best few per (mesh, batch), in that order.
 3. Compile the best ones (`aot.project`, each in its own spawned process, up to --workers at
    once) until --top of them fit, the list ends, or --budget_s is spent; results are cached
    under $GPT_JAX_CACHE/aot (default ~/.cache/gpt_jax/aot), keyed by the resolved config,
    the slice, the libtpu and jax versions and the overlap flags.
 
 The estimates are rough (memory scaled by MEMORY_CALIBRATION, XLA's measured excess);
-they only order and prune. The table's memory, fit and step time are the compiler's.
+they only order and prune. The table's memory and fit are the compiler's; its steps are the
+compiled step's roofline (the bound) and realistic estimate (`projection.realistic`: per op
+class efficiencies calibrated on published runs), and the compiled rows rank by the latter.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from gpt_jax import aot, hardware, tpu_flags
+from gpt_jax import aot, hardware, projection, tpu_flags
 from gpt_jax.attention import resolve_impl
 from gpt_jax.config import Config, to_json, typed
 from gpt_jax.data.files import cache_root
@@ -170,17 +172,11 @@ def estimate(config, tpu: aot.TpuSlice, c: Candidate,
     # ... and recomputed activations are written and read again in the backward pass.
     recomputed = tokens * L * every * REMAT_RECOMPUTE[c.remat]
     hbm_traffic = 3 * state + 2 * (acts + recomputed + logits) + 3 * n_params * b / t
-    comm = 0.0
-    if f > 1:  # fsdp: all-gather weights (fwd, bwd) and reduce-scatter grads
-        comm += 3 * n_params * b / t * (f - 1) / f
-    if d > 1:  # data: all-reduce grads
-        comm += 2 * n_params * pb / (f * t) * (d - 1) / d
-    if t > 1:  # tensor: two all-reduces of [tokens, D] per layer forward, two backward
-        comm += 4 * L * tokens * D * b * 2 * (t - 1) / t
-    # FLOPs and HBM traffic add up, as in XLA's TPU estimate (`aot.cost_report`); collectives
-    # overlap with them but for a quarter.
+    comm = projection.collective_bytes(n_params, L, D, c.mesh, tokens, b, pb)
+    # FLOPs and HBM traffic add up, as in the roofline (`aot.cost_report`); collectives
+    # overlap with them but for a part (`projection.overlapped`).
     local, comm_s = flops / peak + hbm_traffic / tpu.hbm_bytes_per_s, comm / gen.ici_bytes_per_s
-    step = max(local, comm_s) + 0.25 * min(local, comm_s)
+    step = projection.overlapped(local, comm_s, projection.EXPOSED)
     return Estimate(memory, step, flops, c.batch * T / step / chips,
                     model_flops / (step * peak))
 
@@ -271,6 +267,20 @@ def compile_record(config_json: str, topology: str, overlap: bool) -> dict:
     return record
 
 
+def cached_compile(config, topology: str, overlap: bool = True) -> tuple[dict, bool]:
+    """(`compile_record` of `config` on `topology`, whether it came from the cache): compiled in
+    a fresh process (libtpu takes its flags once per process) and cached as the search's are."""
+    key = cache_key(config, topology, overlap)
+    hit = cache_get(key)
+    if hit is not None:
+        return hit, True
+    with _spawn_pool(1) as pool:
+        record = pool.submit(compile_record, to_json(config), topology, overlap).result()
+    if "error" not in record or record.get("train_fits") is False:
+        cache_put(key, record)
+    return record, False
+
+
 def _spawn_pool(workers: int) -> cf.Executor:
     return cf.ProcessPoolExecutor(max_workers=workers, max_tasks_per_child=1,
                                   mp_context=multiprocessing.get_context("spawn"),
@@ -291,10 +301,8 @@ class Row:
 
     @property
     def tokens_per_s_per_chip(self) -> float | None:
-        r = self.record or {}
-        if r.get("projected_tokens_per_s") and r.get("chips"):
-            return r["projected_tokens_per_s"] / r["chips"]
-        return None
+        """The realistic estimate's (`projection.realistic`), which ranks the compiled rows."""
+        return (self.record or {}).get("train_realistic_tokens_per_s_per_chip")
 
 
 def search(config, topology: str, *, tokens_per_step: int | None = None, top: int = 8,
@@ -332,6 +340,7 @@ def search(config, topology: str, *, tokens_per_step: int | None = None, top: in
         row.record, row.cached = record, cached
         if not cached and ("error" not in record or record.get("train_fits") is False):
             cache_put(key, record)  # a compile or a refusal over HBM; not a crash
+        record.update(projection.realistic(record, config.model))  # today's factors
         if not cached:
             done += 1
         elapsed = time.monotonic() - t0
@@ -420,7 +429,8 @@ def _nothing_fits(tpu: aot.TpuSlice, c: Candidate, need: float, how: str) -> str
 
 def table(rows: list[Row], tpu: aot.TpuSlice) -> str:
     head = ("| rank | mesh d x f x t | batch | remat | scan | attention | loss_chunks | "
-            "memory / chip | fits? | est. step | projected MFU | tokens/s/chip | source |")
+            "memory / chip | fits? | bound: step, MFU | realistic: step, MFU | tokens/s/chip "
+            "(realistic) | source |")
     lines = [head, "|" + "---|" * 13]
     for i, r in enumerate(rows, 1):
         c, e, rec = r.candidate, r.estimate, r.record or {}
@@ -429,14 +439,15 @@ def table(rows: list[Row], tpu: aot.TpuSlice) -> str:
         else:
             mem = f"~{e.memory_bytes / GiB:.2f} of {tpu.hbm_bytes / GiB:.0f} GiB (est.)"
         fits = {True: "yes", False: "NO", None: "?"}[r.fits]
-        if rec.get("train_xla_estimated_step_s"):
-            how = "XLA" if rec["train_estimate_source"].startswith("xla") else "roofline"
-            step = f"{1e3 * rec['train_xla_estimated_step_s']:.1f} ms ({how})"
-            mfu = f"{100 * rec['train_projected_mfu']:.1f}%"
+        if rec.get("train_realistic_step_s"):
+            step = (f"{1e3 * rec['train_bound_step_s']:.1f} ms, "
+                    f"{100 * rec['train_bound_mfu']:.1f}%")
+            mfu = (f"{1e3 * rec['train_realistic_step_s']:.1f} ms, "
+                   f"{100 * rec['train_realistic_mfu']:.1f}%")
             tps = f"{r.tokens_per_s_per_chip:,.0f}"
         else:
-            step, mfu = f"~{1e3 * e.step_s:.1f} ms (est.)", f"~{100 * e.mfu:.1f}%"
-            tps = f"~{e.tokens_per_s_per_chip:,.0f}"
+            step, mfu = f"~{1e3 * e.step_s:.1f} ms, ~{100 * e.mfu:.1f}% (est.)", "n/a"
+            tps = f"~{e.tokens_per_s_per_chip:,.0f} (bound)"
         source = ("cached" if r.cached else "compiled" if r.record and "error" not in rec
                   else "error" if r.record else "estimate")
         lines.append(f"| {i} | {c.mesh_str} | {c.batch} | {c.remat} | {c.scan} | {c.attention}"

@@ -42,6 +42,7 @@ class TpuGeneration:
     hbm_bytes: int  # per chip
     hbm_bytes_per_s: float  # per chip
     ici_bytes_per_s: float  # per chip, all links, one direction
+    mxu_dim: int  # the systolic array's side: a matmul contracting fewer fills it partly
     sizes: tuple[int, ...]  # the slice sizes gcloud offers (in the name's unit)
     chips_per_host: int  # chips per TPU VM in a multi-host slice
     single_host_max_chips: int  # the largest slice on one VM
@@ -55,20 +56,20 @@ class TpuGeneration:
 
 TPUS: dict[str, TpuGeneration] = {t.name: t for t in (
     TpuGeneration("v4", "v4", (), ("TPU v4",), "v4", 2, "megacore", 275e12, 32 * GiB, 1228e9,
-                  270e9, (8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096), 4, 4,
+                  270e9, 128, (8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096), 4, 4,
                   "tpu-ubuntu2204-base", ("2x2x1", "2x2x2", "2x2x4", "2x4x4", "4x4x4"),
                   _OVERLAP),
     TpuGeneration("v5e", "v5litepod", ("v5litepod", "v5lite"), ("TPU v5 lite", "TPU v5e"),
-                  "v5e", 1, "default", 197e12, 16 * GiB, 819e9, 200e9,
+                  "v5e", 1, "default", 197e12, 16 * GiB, 819e9, 200e9, 128,
                   (1, 4, 8, 16, 32, 64, 128, 256), 4, 8, "v2-alpha-tpuv5-lite",
                   ("1x1", "2x2", "2x4", "4x4", "4x8", "8x8", "8x16", "16x16"), _OVERLAP),
     TpuGeneration("v5p", "v5p", ("v5",), ("TPU v5p", "TPU v5"), "v5", 2, "megacore", 459e12,
-                  95 * GiB, 2765e9, 600e9,
+                  95 * GiB, 2765e9, 600e9, 128,
                   (8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 12288), 4, 4,
                   "v2-alpha-tpuv5", ("2x2x1", "2x2x2", "2x2x4", "2x4x4", "4x4x4"), _OVERLAP),
     # v6e (Trillium): MaxText's dense-model scoped VMEM limit (96 MiB) as well.
     TpuGeneration("v6e", "v6e", ("v6", "trillium"), ("TPU v6 lite", "TPU v6e"), "v6e", 1,
-                  "default", 918e12, 32 * GiB, 1640e9, 400e9, (1, 4, 8, 16, 32, 64, 128, 256),
+                  "default", 918e12, 32 * GiB, 1640e9, 400e9, 256, (1, 4, 8, 16, 32, 64, 128, 256),
                   4, 8, "v2-alpha-tpuv6e", ("1x1", "2x2", "2x4", "4x4", "8x8", "16x16"),
                   _OVERLAP + ("--xla_tpu_scoped_vmem_limit_kib=98304",)),
 )}

@@ -53,6 +53,34 @@ def test_tiny_compiles_for_v5e_4_with_a_sane_memory_report():
     assert "fits" in aot.format_report(r)
 
 
+def test_a_vmem_refusal_is_one_line_naming_it():
+    error = RuntimeError("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory"
+                         " in memory space vmem. Used 17.96M of 16.00M vmem. Exceeded vmem "
+                         "capacity by 1.96M.\n\nProgram vmem requirement 17.96M:\n ...")
+    err = aot._out_of_memory(error, "v4-8")
+    assert type(err) is aot.AotError and "\n" not in str(err)
+    assert str(err).startswith("XLA cannot compile this step for v4-8: Ran out of memory in "
+                               "memory space vmem. Used 17.96M of 16.00M vmem.")
+    assert "--attention_impl" in str(err)
+    with pytest.raises(RuntimeError, match="INTERNAL"):
+        aot._out_of_memory(RuntimeError("INTERNAL: something else"), "v4-8")
+
+
+@pytest.mark.e2e
+@requires_libtpu
+def test_a_single_chip_slice_compiles_splash_in_scanned_layers_and_microbatches():
+    """One chip: splash runs outside shard_map, inside flax's scan (whose partial-eval trace
+    once leaked into a cached kernel) and the microbatch loop."""
+    config = load_preset("tiny")
+    config.model.update(attention_impl="splash", scan_layers=True, block_size=256,
+                        n_embd=128, n_head=2)
+    config.train.update(global_batch_size=4, microbatches=2)
+    config.mesh.update(data=1, fsdp=1, tensor=1)
+    r = aot.project(config, "v6e-1", decode=False)
+    assert (r["chips"], r["device_kind"], r["peak_tflops_per_chip"]) == (1, "TPU v6 lite", 918)
+    assert r["train_fits"] and r["train_xla_estimated_step_s"] > 0
+
+
 @requires_libtpu
 def test_megacore_slice_has_one_device_per_chip():
     devices = aot.topology_devices(aot.get_slice("v4-8"))

@@ -14,7 +14,8 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 PACKAGES = ("gpt_jax", "launch")
 
 # The tools: everything else under gpt_jax/ is the core (docs/architecture.md draws both).
-TOOLS = ("gpt_jax.aot", "gpt_jax.aot_search", "gpt_jax.hlo_profile", "gpt_jax.tpu_flags",
+TOOLS = ("gpt_jax.aot", "gpt_jax.aot_search", "gpt_jax.hlo_profile", "gpt_jax.projection",
+         "gpt_jax.tpu_flags",
          "gpt_jax.bench", "gpt_jax.sweep", "gpt_jax.report", "gpt_jax.hf", "gpt_jax.commands",
          "gpt_jax.cli", "gpt_jax.evals.harness", "gpt_jax.serve.http", "launch")
 

@@ -8,6 +8,7 @@ Needs libtpu (`pip install 'libtpu==0.0.42.*'`); no TPU is touched.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -42,11 +43,15 @@ flags.DEFINE_integer("serve_slots", 0, "Compile the serving engine's decode step
                      "chip, decode tokens/s per chip and the HBM bound (mesh: heads over the "
                      "largest tensor axis that divides them, slots over the rest).")
 flags.DEFINE_string("json_out", "", "Also append the JSON record (--search: the ranking) to "
-                    "this file.")
+                    "this file (--published: write the runs and the fit to it).")
 flags.DEFINE_bool("xla_overlap_flags", True, "Compile with gpt_jax.tpu_flags' libtpu "
                   "collective-overlap flags (LIBTPU_INIT_ARGS; yours are appended and win).")
 flags.DEFINE_bool("search", False, "Search meshes, batches, remat, scan, attention and "
                   "loss_chunks for the fastest config that fits (gpt_jax/aot_search.py).")
+flags.DEFINE_bool("published", False, "Compile the published measured runs of "
+                  "configs/published/ (cached), print each one's measured tokens/s per chip "
+                  "beside the roofline bound and the realistic estimate, and fit the estimate's "
+                  "efficiencies to them (gpt_jax/projection.py).")
 flags.DEFINE_integer("tokens_per_step", None, "--search: fix the global batch to this many "
                      "tokens (else powers of two up to the config's batch).")
 flags.DEFINE_float("budget_s", 1200.0, "--search: start no compile after this many seconds.")
@@ -74,6 +79,8 @@ def main(argv: list[str]) -> None:
     # Imported here, not at the top: flag parsing and --help stay fast.
     from gpt_jax import aot
 
+    if FLAGS.published:
+        return _published()
     if not FLAGS.topology:
         raise usage_error(f"--topology is required; one of: {', '.join(aot.SLICES)}")
     if FLAGS.search:
@@ -169,3 +176,34 @@ def _search() -> None:
             "search_s": time.monotonic() - t0})
         with open(FLAGS.json_out, "a") as fh:
             fh.write(json.dumps(out) + "\n")
+
+
+def _published() -> None:
+    from gpt_jax import aot_search, projection
+    from gpt_jax.config import typed
+
+    given = [name for name in ("topology", "preset", "config", "search", "serve_slots", "mesh",
+                               "batch_size") if FLAGS[name].present]
+    if given:
+        raise usage_error(f"--{given[0]} has no meaning for --published (each published run "
+                          "is its own config and slice)")
+    runs = []
+    for path, topology, measured in projection.published_runs():
+        config = typed(config_with_overrides(path, []))
+        print(f"{path} on {topology} ...", file=sys.stderr, flush=True)
+        record, cached = aot_search.cached_compile(config, topology, FLAGS.xla_overlap_flags)
+        if "error" in record:
+            raise CommandError(f"{path} on {topology}: {record['error']}")
+        tokens = record["batch_size"] * record["seq_len"] / record["chips"]
+        runs.append(projection.Calibration(path, topology, measured,
+                                           projection.terms(record, config.model), tokens))
+        print(f"  {'cached' if cached else 'compiled in %.0f s' % record.get('wall_s', 0)}",
+              file=sys.stderr)
+    fitted, held_out = projection.calibrate(runs)
+    print(projection.calibration_table(runs, fitted, held_out))
+    if FLAGS.json_out:  # what the fit saw: tests/test_projection.py refits it
+        with open(FLAGS.json_out, "w") as fh:
+            json.dump({"command": "gpt-jax " + " ".join(sys.argv[1:]),
+                       "runs": [dataclasses.asdict(r) for r in runs],
+                       "fit": dataclasses.asdict(fitted)}, fh, indent=1)
+            fh.write("\n")
