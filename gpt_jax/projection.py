@@ -9,12 +9,14 @@ attention's FLOPs, HBM bytes) and the collectives its mesh implies:
     local   = max(compute, memory) + overlap x min(compute, memory)
     step    = max(local, ici) + exposed x min(local, ici),  ici = collective bytes / ICI bandwidth
 
-The bound is `local` with every factor 1 and no overlap cost (FLOPs at peak under the HBM
-traffic at full bandwidth, collectives free); the realistic estimate uses `EFFICIENCY`. Its
+The bound is the step with every factor 1, splash at full fill and nothing exposed (FLOPs at
+peak under the HBM traffic at full bandwidth, the collectives under both); the realistic
+estimate uses `EFFICIENCY`. Its
 matmul, hbm and overlap factors are fitted (least squares on log tokens/s) to the published
 runs of `configs/published/` by `gpt-jax aot --published`, which compiles each and prints the
-projection beside the measurement (BENCHMARKS.md has the table); `exposed` is a prior, as no
-published run here spends more than 3% of its step on collectives. An hbm factor above 1 says
+projection beside the measurement (BENCHMARKS.md has the table); `exposed` is a prior, as the
+published runs here spend at most about 3% of a step on collectives (Llama-3.1-8B: 105 ms of
+3.44 s), too little to fit it. An hbm factor above 1 would say
 the counted bytes overstate what the measured program moved. Plain Python on an `aot.project`
 record and the model config, so a cached record gets the same estimate as a fresh one.
 """
@@ -45,7 +47,6 @@ class Efficiency:
 
 
 EXPOSED = 0.25  # the prior `aot_search.estimate` also uses
-BOUND = Efficiency(matmul=1.0, hbm=1.0, overlap=0.0, exposed=0.0)
 # The fit of `gpt-jax aot --published` (2026-12-03; its runs and terms are in
 # docs/aot_search/published.json, which tests/test_projection.py refits)
 EFFICIENCY = Efficiency(matmul=0.63, hbm=0.96, overlap=0.0, exposed=EXPOSED)
@@ -67,10 +68,10 @@ def collective_bytes(n_params: int, n_layer: int, n_embd: int, mesh: tuple[int, 
     return sent
 
 
-def overlapped(local_s: float, collective_s: float, exposed: float) -> float:
-    """A step whose collectives run under its compute: the longer of the two, plus `exposed` of
-    the shorter (async collectives never hide completely)."""
-    return max(local_s, collective_s) + exposed * min(local_s, collective_s)
+def overlapped(a_s, b_s, exposed):
+    """Two kinds of work run at once: the longer, plus `exposed` of the shorter (neither hides
+    the other completely). Floats or numpy arrays (the fit evaluates a grid at once)."""
+    return np.maximum(a_s, b_s) + exposed * np.minimum(a_s, b_s)
 
 
 def terms(record: dict[str, Any], model_cfg) -> dict[str, float] | None:
@@ -94,11 +95,17 @@ def terms(record: dict[str, Any], model_cfg) -> dict[str, float] | None:
 
 
 def step_seconds(t: dict[str, float], eff: Efficiency) -> float:
-    """The step of `terms` at `eff` (BOUND: the roofline bound)."""
-    splash = t["splash_full"] if eff == BOUND else t["splash"]
-    compute, memory = (t["matmul"] + splash) / eff.matmul, t["hbm"] / eff.hbm
-    local = max(compute, memory) + eff.overlap * min(compute, memory)
-    return overlapped(local, t["ici"], eff.exposed)
+    """The realistic step of `terms` at `eff` (its fields may be numpy arrays)."""
+    local = overlapped((t["matmul"] + t["splash"]) / eff.matmul, t["hbm"] / eff.hbm,
+                       eff.overlap)
+    step = overlapped(local, t["ici"], eff.exposed)
+    return float(step) if np.ndim(step) == 0 else step
+
+
+def bound_seconds(t: dict[str, float]) -> float:
+    """The bound of `terms`: FLOPs at peak (splash at full fill), HBM traffic at full bandwidth
+    and the collectives, each hidden under the longest."""
+    return max(t["matmul"] + t["splash_full"], t["hbm"], t["ici"])
 
 
 def realistic(record: dict[str, Any], model_cfg,
@@ -112,8 +119,7 @@ def realistic(record: dict[str, Any], model_cfg,
     tokens = record["batch_size"] * record["seq_len"] / record["chips"]
     peak = record["peak_tflops_per_chip"] * 1e12
     out = {}
-    for name, e in (("bound", BOUND), ("realistic", eff)):
-        step = step_seconds(t, e)
+    for name, step in (("bound", bound_seconds(t)), ("realistic", step_seconds(t, eff))):
         out.update({f"train_{name}_step_s": step,
                     f"train_{name}_mfu": record["train_model_flops_per_chip"] / (step * peak),
                     f"train_{name}_tokens_per_s_per_chip": tokens / step})
@@ -140,12 +146,9 @@ def fit(points: list[tuple[dict[str, float], float, float]],
     m, h, o = np.meshgrid(np.round(np.arange(0.30, 1.0001, 0.01), 2),
                           np.round(np.arange(0.50, 2.0001, 0.01), 2),
                           np.round(np.arange(0.0, 1.0001, 0.01), 2), indexing="ij")
-    err = np.zeros_like(m)
-    for t, tokens, measured in points:
-        compute, memory = (t["matmul"] + t["splash"]) / m, t["hbm"] / h
-        local = np.maximum(compute, memory) + o * np.minimum(compute, memory)
-        step = np.maximum(local, t["ici"]) + exposed * np.minimum(local, t["ici"])
-        err += np.log(tokens / step / measured) ** 2
+    grid = Efficiency(m, h, o, exposed)
+    err = sum(np.log(tokens / step_seconds(t, grid) / measured) ** 2
+              for t, tokens, measured in points)
     i = np.unravel_index(np.argmin(err), err.shape)
     return Efficiency(float(m[i]), float(h[i]), float(o[i]), exposed)
 
@@ -161,6 +164,9 @@ class Calibration:
 
     def estimate(self, eff: Efficiency) -> float:
         return self.tokens / step_seconds(self.terms, eff)
+
+    def bound(self) -> float:
+        return self.tokens / bound_seconds(self.terms)
 
 
 def calibrate(runs: list[Calibration]) -> tuple[Efficiency, list[float]]:
@@ -185,7 +191,7 @@ def calibration_table(runs: list[Calibration], fitted: Efficiency,
     lines = ["| run | slice | measured tokens/s/chip | bound | bound / measured | estimate | "
              "estimate / measured | fit without it / measured |", "|---" * 8 + "|"]
     for r, out in zip(runs, held_out or [math.nan] * len(runs)):
-        bound, est = r.estimate(BOUND), r.estimate(EFFICIENCY)
+        bound, est = r.bound(), r.estimate(EFFICIENCY)
         lines.append(f"| {r.run} | {r.topology} | {r.measured:,.0f} | {bound:,.0f} | "
                      f"{bound / r.measured:.2f} | {est:,.0f} | {est / r.measured:.2f} | "
                      f"{out / r.measured:.2f} |")
