@@ -430,8 +430,9 @@ def project(config, slice_name: str, *, decode_batch_size: int = 0,
         train_cost, traffic = (
             layer_extrapolated_cost(config, lambda c: compile_train_step(c, mesh)[0])
             if scanned else (xla_cost(compiled), dict(hlo.by_op)))
-    except jax.errors.JaxRuntimeError as e:  # a probe's compile (1 or 2 unscanned layers)
-        raise _out_of_memory(e, tpu.name) from None
+    except jax.errors.JaxRuntimeError as e:
+        raise _out_of_memory(e, tpu.name, "the unscanned 1- and 2-layer cost probes of this "
+                             "step (the step itself compiled)") from None
     record["train_hlo_bytes_by_op"] = sorted(traffic.items(), key=lambda kv: -kv[1])[:TOP_OPS]
     record["train_hlo_bytes_total"] = sum(traffic.values())
     record["train_hlo_largest_buffers"] = hlo.buffers[:TOP_OPS]
@@ -468,14 +469,14 @@ def project(config, slice_name: str, *, decode_batch_size: int = 0,
     return record
 
 
-def _out_of_memory(error: Exception, slice_name: str) -> AotError:
+def _out_of_memory(error: Exception, slice_name: str, what: str = "this step") -> AotError:
     """XLA's refusal to compile a step over HBM as one line with the overshoot (OutOfMemory),
     over a kernel's on-chip VMEM as one line naming it (AotError), else re-raise."""
     found = re.search(r"required for (.*?) \(([\d.]+)G\) exceeds available HBM \(([\d.]+)G\)",
                       str(error))
     vmem = re.search(r"Ran out of memory in memory space vmem\.[^\n]*", str(error))
     if "RESOURCE_EXHAUSTED" in str(error) and vmem and not found:
-        return AotError(f"XLA cannot compile this step for {slice_name}: {vmem.group(0).strip()}"
+        return AotError(f"XLA cannot compile {what} for {slice_name}: {vmem.group(0).strip()}"
                         " (a fusion's on-chip buffers, not HBM); try another --attention_impl "
                         "(splash), --remat_policy or a smaller batch per chip")
     if "RESOURCE_EXHAUSTED" not in str(error) or not found:
@@ -504,9 +505,11 @@ def bound(r: dict[str, Any], top: int = 3) -> str:
             name = label if label.endswith(shape) else f"{label} {shape}"
             shown.append(f"{name} {b / GiB:.2f} GiB")
     bufs = ", ".join(shown)
-    return (f"{'HBM bytes' if hbm > compute else 'compute'} ({1e3 * hbm:.1f} ms of HBM traffic"
-            f" vs {1e3 * compute:.1f} ms of FLOPs at peak); top traffic: {ops}; largest "
-            f"buffers: {bufs}")
+    realistic = (f"; the realistic estimate is {r['train_realistic_limit']}-bound"
+                 if r.get("train_realistic_limit") else "")
+    return (f"{'HBM bytes' if hbm > compute else 'compute'} at peak rates ({1e3 * hbm:.1f} ms "
+            f"of HBM traffic vs {1e3 * compute:.1f} ms of FLOPs at peak){realistic}; top "
+            f"traffic: {ops}; largest buffers: {bufs}")
 
 
 def format_report(r: dict[str, Any]) -> str:

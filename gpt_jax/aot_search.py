@@ -447,7 +447,7 @@ def table(rows: list[Row], tpu: aot.TpuSlice) -> str:
             tps = f"{r.tokens_per_s_per_chip:,.0f}"
         else:
             step, mfu = f"~{1e3 * e.step_s:.1f} ms, ~{100 * e.mfu:.1f}% (est.)", "n/a"
-            tps = f"~{e.tokens_per_s_per_chip:,.0f} (bound)"
+            tps = f"~{e.tokens_per_s_per_chip:,.0f} (est.)"
         source = ("cached" if r.cached else "compiled" if r.record and "error" not in rec
                   else "error" if r.record else "estimate")
         lines.append(f"| {i} | {c.mesh_str} | {c.batch} | {c.remat} | {c.scan} | {c.attention}"

@@ -15,7 +15,6 @@ h reads key/value head h // (H / G) (group-major, as `jax.nn.dot_product_attenti
 
 from __future__ import annotations
 
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp

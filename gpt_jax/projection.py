@@ -9,16 +9,17 @@ attention's FLOPs, HBM bytes) and the collectives its mesh implies:
     local   = max(compute, memory) + overlap x min(compute, memory)
     step    = max(local, ici) + exposed x min(local, ici),  ici = collective bytes / ICI bandwidth
 
-The bound is the step with every factor 1, splash at full fill and nothing exposed (FLOPs at
-peak under the HBM traffic at full bandwidth, the collectives under both); the realistic
-estimate uses `EFFICIENCY`. Its
-matmul, hbm and overlap factors are fitted (least squares on log tokens/s) to the published
-runs of `configs/published/` by `gpt-jax aot --published`, which compiles each and prints the
-projection beside the measurement (BENCHMARKS.md has the table); `exposed` is a prior, as the
-published runs here spend at most about 3% of a step on collectives (Llama-3.1-8B: 105 ms of
-3.44 s), too little to fit it. An hbm factor above 1 would say
-the counted bytes overstate what the measured program moved. Plain Python on an `aot.project`
-record and the model config, so a cached record gets the same estimate as a fresh one.
+The bound is the step with every factor 1, splash at full fill and nothing exposed: FLOPs at
+peak, HBM traffic at full bandwidth and the collectives, each hidden under the longest. The
+realistic estimate uses `EFFICIENCY`. Its matmul, hbm and overlap factors are fitted (least
+squares on log tokens/s) to the published runs of `configs/published/` by `gpt-jax aot
+--published`, which compiles each and prints the projection beside the measurement
+(BENCHMARKS.md has the table). `exposed` is a prior: the published runs here spend at most
+about 3% of a step on collectives (Llama-3.1-8B: 105 ms of 3.44 s), too little to fit it. An
+hbm factor above 1 would say the counted bytes overstate what a measured program moves.
+
+Plain Python on an `aot.project` record and the model config, so a cached record gets the same
+estimate as a fresh one.
 """
 
 from __future__ import annotations
@@ -26,13 +27,17 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from gpt_jax import hardware
 
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# The `aot.project` record fields `terms` reads.
+TERM_FIELDS = ("train_compute_s", "train_hbm_s", "peak_tflops_per_chip",
+               "train_flops_added_back_per_chip", "device_kind", "mesh", "batch_size", "seq_len",
+               "params", "dtype", "param_dtype", "chips")
 # The published measured runs (configs/published/<name>.py: the config, its source, what it
 # states and assumes, and MEASURED_TOKENS_PER_S_PER_CHIP per slice).
 PUBLISHED = ("tpu_50usd_163m", "modded_nanogpt_jax", "maxtext_llama3_8b")
@@ -123,17 +128,27 @@ def realistic(record: dict[str, Any], model_cfg,
         out.update({f"train_{name}_step_s": step,
                     f"train_{name}_mfu": record["train_model_flops_per_chip"] / (step * peak),
                     f"train_{name}_tokens_per_s_per_chip": tokens / step})
+    limits = {"compute": (t["matmul"] + t["splash"]) / eff.matmul, "HBM": t["hbm"] / eff.hbm,
+              "ICI": t["ici"]}
+    out["train_realistic_limit"] = max(limits, key=limits.get)
     return out
 
 
 # ------------------------------------------------------------------------------ calibration
 
-def published_runs() -> list[tuple[str, str, float]]:
-    """(config file, slice, measured tokens/s per chip) of every published run."""
+class PublishedRun(NamedTuple):
+    run: str  # configs/published/<name>.py, as the docs name it
+    file: str  # that file where it is installed
+    topology: str
+    measured: float  # tokens/s per chip
+
+
+def published_runs() -> list[PublishedRun]:
+    """Every published run, one per measured slice."""
     runs = []
     for name in PUBLISHED:
         module = importlib.import_module(f"configs.published.{name}")
-        runs += [(f"configs/published/{name}.py", topology, measured)
+        runs += [PublishedRun(f"configs/published/{name}.py", module.__file__, topology, measured)
                  for topology, measured in module.MEASURED_TOKENS_PER_S_PER_CHIP.items()]
     return runs
 
@@ -161,6 +176,7 @@ class Calibration:
     measured: float  # tokens/s per chip
     terms: dict[str, float]
     tokens: float  # per step per chip
+    record: dict[str, Any] = dataclasses.field(default_factory=dict)  # what `terms` read
 
     def estimate(self, eff: Efficiency) -> float:
         return self.tokens / step_seconds(self.terms, eff)

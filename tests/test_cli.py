@@ -199,6 +199,7 @@ BAD_INPUTS = [
     ("aot --topology=v5e-8 --mesh=1,2", 2, "1,2"),
     ("aot", 2, "--topology"),
     ("aot --published --topology=v5e-8", 2, "--topology has no meaning for --published"),
+    ("aot --published --config.model.n_embd=8", 2, "--config.model.n_embd has no meaning"),
     ("bench nope", 2, "nope"),
     ("convert --from=xx", 2, "xx"),
     ("sweep --config=X --workdir=W --set=novalue", 2, "novalue"),

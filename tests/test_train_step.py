@@ -34,7 +34,8 @@ def random_batches(config, n, seed=0):
         yield {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
 
 
-def run_steps(config, mesh, batches):
+def run_steps(config, mesh, batches, opt_state=False):
+    """(losses, params) after the steps; with `opt_state`, the optimizer state as well."""
     trainer = Trainer.for_config(typed(config), mesh)
     with sharding.activate(mesh, trainer.rules):
         state = trainer.init_state(config.train.seed)
@@ -44,7 +45,10 @@ def run_steps(config, mesh, batches):
             batch = {k: jax.device_put(v, trainer.batch_sharding) for k, v in host.items()}
             state, metrics = step(state, batch)
             losses.append(float(metrics["loss"]))
-    return np.array(losses), jax.device_get(state["params"])
+    params = jax.device_get(state["params"])
+    if opt_state:
+        return np.array(losses), params, jax.device_get(state["opt_state"])
+    return np.array(losses), params
 
 
 def assert_trees_close(a, b, **tol):
@@ -97,9 +101,12 @@ def test_bfloat16_params_train_like_float32_ones_and_keep_their_dtype():
     ref_losses, _ = run_steps(tiny_config(microbatches=2), mesh_of(2, 1, 1), batches)
     config = tiny_config(microbatches=2)
     config.model.param_dtype = "bfloat16"
-    losses, params = run_steps(config, mesh_of(2, 1, 1), batches)
+    losses, params, opt_state = run_steps(config, mesh_of(2, 1, 1), batches, opt_state=True)
     np.testing.assert_allclose(losses, ref_losses, rtol=2e-2)
-    assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(jnp.bfloat16)}
+    bf16 = jnp.dtype(jnp.bfloat16)
+    assert {x.dtype for x in jax.tree.leaves(params)} == {bf16}
+    moments = [x for x in jax.tree.leaves(opt_state) if np.ndim(x) > 0]  # mu, nu (not counts)
+    assert moments and {x.dtype for x in moments} == {bf16}
     assert losses[-1] < losses[0]
 
 

@@ -183,20 +183,25 @@ def _published() -> None:
     from gpt_jax.config import typed
 
     given = [name for name in ("topology", "preset", "config", "search", "serve_slots", "mesh",
-                               "batch_size") if FLAGS[name].present]
+                               "batch_size", "dtype", "remat_policy", "attention_impl",
+                               "scan_layers", "decode", "decode_batch_size", "tokens_per_step",
+                               "budget_s", "workers", "top") if FLAGS[name].present]
+    given += [a.split("=")[0][2:] for a in sys.argv[1:] if a.startswith("--config.")]
     if given:
         raise usage_error(f"--{given[0]} has no meaning for --published (each published run "
                           "is its own config and slice)")
     runs = []
-    for path, topology, measured in projection.published_runs():
-        config = typed(config_with_overrides(path, []))
-        print(f"{path} on {topology} ...", file=sys.stderr, flush=True)
-        record, cached = aot_search.cached_compile(config, topology, FLAGS.xla_overlap_flags)
+    for run in projection.published_runs():
+        config = typed(config_with_overrides(run.file, []))
+        print(f"{run.run} on {run.topology} ...", file=sys.stderr, flush=True)
+        record, cached = aot_search.cached_compile(config, run.topology,
+                                                   FLAGS.xla_overlap_flags)
         if "error" in record:
-            raise CommandError(f"{path} on {topology}: {record['error']}")
+            raise CommandError(f"{run.run} on {run.topology}: {record['error']}")
         tokens = record["batch_size"] * record["seq_len"] / record["chips"]
-        runs.append(projection.Calibration(path, topology, measured,
-                                           projection.terms(record, config.model), tokens))
+        runs.append(projection.Calibration(
+            run.run, run.topology, run.measured, projection.terms(record, config.model), tokens,
+            {k: record[k] for k in projection.TERM_FIELDS}))
         print(f"  {'cached' if cached else 'compiled in %.0f s' % record.get('wall_s', 0)}",
               file=sys.stderr)
     fitted, held_out = projection.calibrate(runs)
