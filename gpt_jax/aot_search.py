@@ -276,9 +276,14 @@ def cached_compile(config, topology: str, overlap: bool = True) -> tuple[dict, b
         return hit, True
     with _spawn_pool(1) as pool:
         record = pool.submit(compile_record, to_json(config), topology, overlap).result()
+    _keep(key, record)
+    return record, False
+
+
+def _keep(key: str, record: dict) -> None:
+    """Cache a compile or a refusal over HBM; not a crash (the next search tries again)."""
     if "error" not in record or record.get("train_fits") is False:
         cache_put(key, record)
-    return record, False
 
 
 def _spawn_pool(workers: int) -> cf.Executor:
@@ -338,8 +343,8 @@ def search(config, topology: str, *, tokens_per_step: int | None = None, top: in
     def finish(row: Row, key: str, record: dict, cached: bool) -> None:
         nonlocal done
         row.record, row.cached = record, cached
-        if not cached and ("error" not in record or record.get("train_fits") is False):
-            cache_put(key, record)  # a compile or a refusal over HBM; not a crash
+        if not cached:
+            _keep(key, record)
         record.update(projection.realistic(record, config.model))  # today's factors
         if not cached:
             done += 1
